@@ -1,0 +1,53 @@
+# worldloop — two commands: `make demo` and `make test`. Both set up the environment first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# The CPU build of torch: this machine kind keeps its wheel in /opt/wheels (see STACK.md). Elsewhere,
+# point TORCH_FIND_LINKS at a folder with a torch 2.13 CPU wheel, or UV_INDEX at a CPU index.
+TORCH_FIND_LINKS ?= $(wildcard /opt/wheels)
+UV_FLAGS := --python $(BIN)/python --compile-bytecode $(if $(TORCH_FIND_LINKS),--find-links $(TORCH_FIND_LINKS))
+LAKE    ?= ./lake
+LANDING ?= ./landing
+CONFIG  ?= default
+TURNS   ?= 1
+export SDL_VIDEODRIVER := dummy
+export HF_HUB_OFFLINE := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+.PHONY: setup demo test test-all serve prefect-server deploy worker clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check uv
+	$(BIN)/uv pip install $(UV_FLAGS) -q "torch==2.13.0"    # first, so nothing pulls a CUDA build
+	$(BIN)/uv pip install $(UV_FLAGS) -q -r requirements.txt
+	$(BIN)/uv pip install $(UV_FLAGS) -q --no-deps -e .
+	touch $(STAMP)
+
+demo: $(STAMP)   ## one full turn on the embedded default; LAKE=... LANDING=... TURNS=... CONFIG=...
+	$(BIN)/worldloop run --turns $(TURNS) --config $(CONFIG) --lake $(LAKE) --landing $(LANDING)
+
+test: $(STAMP)   ## the default suite (skips `slow` and `gpu`)
+	$(BIN)/python -m pytest
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -m "not gpu"
+
+serve: $(STAMP)  ## keep the champion's endpoint up
+	$(BIN)/worldloop serve --lake $(LAKE) --landing $(LANDING)
+
+prefect-server: $(STAMP)  ## a real Prefect server with the UI on http://127.0.0.1:4200
+	$(BIN)/prefect server start --host 127.0.0.1 --port 4200
+
+deploy: $(STAMP)  ## register prefect.yaml's deployments with the server at PREFECT_API_URL
+	$(BIN)/prefect work-pool create worldloop-process --type process --overwrite
+	WORLDLOOP_HOME=$(CURDIR) $(BIN)/prefect --no-prompt deploy --all
+
+worker: $(STAMP)
+	$(BIN)/prefect worker start --pool worldloop-process
+
+clean:
+	rm -rf $(LAKE) $(LANDING) .worldloop

@@ -1,0 +1,153 @@
+"""`worldloop`: run the flywheel, or any one stage, from the command line.
+
+    worldloop run --turns 1 --config default      # whole turns
+    worldloop fleet | curate | synthesize | train | evaluate | promote   # one stage each
+    worldloop serve                               # keep the champion's endpoint up
+
+Every command takes --lake and --landing (local paths or s3:// URIs; credentials come from the
+AWS_* environment), --config {tiny,default,gpu}, and --json (one JSON object on stdout).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+
+
+def _environment() -> None:
+    """Quiet, offline defaults; set before Prefect, Ray or the Hugging Face libraries import."""
+    os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_HOME", os.path.abspath(os.path.join(".worldloop", "prefect")))
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default="default", choices=["tiny", "default", "gpu"],
+                        help="named config preset (default: %(default)s)")
+    common.add_argument("--lake", default="./lake", help="Lance lake: a path or s3:// URI")
+    common.add_argument("--landing", default="./landing", help="landing zone of raw logs: a path or s3:// URI")
+    common.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
+    turn = argparse.ArgumentParser(add_help=False)
+    turn.add_argument("--turn", type=int, default=None, help="flywheel turn (default: the open one)")
+    version = argparse.ArgumentParser(add_help=False)
+    version.add_argument("--version", type=int, default=None, help="policy version (default: the latest)")
+
+    parser = argparse.ArgumentParser(prog="worldloop", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", parents=[common], help="run whole turns of the flywheel")
+    run.add_argument("--turns", type=int, default=1)
+    run.add_argument("--no-serve", action="store_true", help="do not deploy the champion to Ray Serve")
+    fleet = sub.add_parser("fleet", parents=[common, turn], help="drive episodes and log them as MCAP")
+    fleet.add_argument("--endpoint", default=None, help="drive with the policy served at this URL")
+    sub.add_parser("curate", parents=[common, turn], help="ingest new logs into Lance tables")
+    sub.add_parser("synthesize", parents=[common, turn], help="generate synthetic variants with the world model")
+    train = sub.add_parser("train", parents=[common, turn], help="post-train on Ray Train")
+    train.add_argument("--model", default="policy", choices=["policy", "world_model"])
+    sub.add_parser("evaluate", parents=[common, turn, version], help="closed-loop evaluation")
+    promote = sub.add_parser("promote", parents=[common, version], help="gate and roll out to Ray Serve")
+    promote.add_argument("--no-serve", action="store_true")
+    serve = sub.add_parser("serve", parents=[common], help="serve the champion until interrupted")
+    serve.add_argument("--port", type=int, default=None)
+    return parser
+
+
+def _dispatch(args: argparse.Namespace) -> dict:
+    from flows import curate, evaluate, fleet, flywheel, promote, synthesize, train
+
+    common = {"config": args.config, "lake": args.lake, "landing": args.landing}
+    if args.command == "run":
+        return flywheel.flywheel_flow(**common, turns=args.turns, serve=not args.no_serve)
+    if args.command == "fleet":
+        return fleet.fleet_flow(**common, turn=args.turn, endpoint=args.endpoint)
+    if args.command == "curate":
+        return curate.curate_flow(**common, turn=args.turn)
+    if args.command == "synthesize":
+        return synthesize.synthesize_flow(**common, turn=args.turn)
+    if args.command == "train":
+        return train.train_flow(**common, model=args.model, turn=args.turn)
+    if args.command == "evaluate":
+        return evaluate.evaluate_flow(**common, version=args.version, turn=args.turn)
+    if args.command == "promote":
+        return promote.promote_flow(**common, version=args.version, serve=not args.no_serve)
+    return _serve(args)
+
+
+def _serve(args: argparse.Namespace) -> dict:
+    import dataclasses
+
+    from flows.promote import serve_champion
+    from flows.runtime import Context, ensure_ray
+
+    ctx = Context.create(config=args.config, lake=args.lake, landing=args.landing)
+    if args.port:
+        ctx.config = dataclasses.replace(ctx.config, serve=dataclasses.replace(ctx.config.serve, port=args.port))
+    if ctx.registry.get("policy", alias="champion") is None:
+        raise ValueError(f"no champion in {ctx.lake_uri}: run `worldloop run` first")
+    ensure_ray()
+    info = serve_champion.fn(ctx)
+    print(f"serving {info['health']['model_name']}:v{info['health']['model_version']} at {info['url']} "
+          "(Ctrl-C to stop)", file=sys.stderr, flush=True)
+    if not args.json:
+        with contextlib.suppress(KeyboardInterrupt):
+            while True:
+                time.sleep(3600)
+    return info
+
+
+def render(summary: dict) -> str:
+    """A short human-readable account of a stage or of whole turns."""
+    if "turns" in summary:
+        return "\n\n".join(_render_turn(t) for t in summary["turns"])
+    return json.dumps(summary, indent=2, default=str)
+
+
+def _render_turn(turn: dict) -> str:
+    s = turn["stages"]
+    ev, pr = s["evaluate"]["results"], s["promote"]
+    lines = [f"turn {turn['turn']}",
+             f"  fleet       {s['fleet']['episodes']} episodes by {s['fleet']['driver']}, mean score "
+             f"{s['fleet']['mean_score']:.0f}, {s['fleet']['interventions']} interventions  ({s['fleet']['wall_s']} s)",
+             f"  curate      seen {s['curate']['seen']} = kept {s['curate']['kept']} + rejected "
+             f"{s['curate']['rejected']}, +{s['curate']['rows_added']['frames']} frames  ({s['curate']['wall_s']} s)",
+             f"  world model v{s['train_world_model']['version']}, loss "
+             f"{s['train_world_model']['metrics'].get('train_loss', float('nan')):.4f}  ({s['train_world_model']['wall_s']} s)",
+             f"  synthesize  {s['synthesize']['generated']} variants: kept {s['synthesize']['kept']}, rejected "
+             f"{s['synthesize']['rejected']}, +{s['synthesize']['synthetic_frames']} frames  ({s['synthesize']['wall_s']} s)",
+             f"  policy      v{s['train_policy']['version']}, loss "
+             f"{s['train_policy']['metrics'].get('train_loss', float('nan')):.4f}  ({s['train_policy']['wall_s']} s)",
+             f"  evaluate    ({s['evaluate']['wall_s']} s)"]
+    for role, r in ev.items():
+        lines.append(f"    {role:<10} {r['model']:<18} {r['mean']:7.1f}  95% CI [{r['ci95'][0]:.1f}, "
+                     f"{r['ci95'][1]:.1f}]  off-track {r['off_track_rate']:.2f}  "
+                     f"interventions needed {r['interventions_per_episode']:.1f}")
+    lines.append(f"  promote     {'PROMOTED' if pr['promote'] else 'kept champion'}: {pr['reason']}")
+    if "endpoint" in pr:
+        lines.append(f"  endpoint    {pr['endpoint']['url']}  champion policy:v{pr['champion_version']} "
+                     f"score {pr['champion_score']:.1f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    _environment()
+    args = _parser().parse_args(argv)
+    real_stdout = sys.stdout
+    try:
+        with contextlib.redirect_stdout(sys.stderr if args.json else real_stdout):
+            summary = _dispatch(args)
+    except ValueError as err:
+        print(f"worldloop {args.command}: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, default=str) if args.json else render(summary), file=real_stdout, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Evaluate flow: closed-loop rollouts of the candidate, the champion and two references.
+
+All drivers run on the same held-out seeds (never driven by the fleet), in parallel on Ray, with
+the safety driver in shadow mode: it never acts, it counts the takeovers it would have made
+("interventions needed"). Results go to the Lance `evaluations` table, one row per (model version,
+seed); a version already evaluated on a seed is not driven again, so the champion and the
+references (privileged expert, random policy) are driven once and reused by later turns.
+"""
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime, timezone
+
+import pyarrow as pa
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from flows.runtime import POLICY, Context, ensure_ray
+from stages import adapters
+from stages.evaluate import paired, summarize
+from stages.lake import EVALUATIONS
+
+REFERENCES = {"expert": {"kind": "expert", "noise": None}, "random": {"kind": "random"}}
+
+
+def eval_id(ctx: Context, model_name: str, model_version: str, seed: int) -> str:
+    w = ctx.config.world
+    key = f"{model_name}|{model_version}|{seed}|{w.world}|{w.image_size}|{w.max_steps}"
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def _driver(ctx: Context, name: str, version: str) -> dict:
+    if name in REFERENCES:
+        return REFERENCES[name]
+    return {"kind": "policy", "registry_uri": ctx.lake_uri, "storage_options": ctx.storage_options,
+            "name": name, "version": int(version)}
+
+
+@task(name="closed-loop-rollouts", cache_policy=NO_CACHE)
+def evaluate_driver(ctx: Context, name: str, version: str, role: str, turn: int) -> list[dict]:
+    """Per-seed rows for one driver, from the table where present, else by driving."""
+    seeds = list(ctx.config.eval.seeds)
+    ids = {s: eval_id(ctx, name, version, s) for s in seeds}
+    have = {}
+    if ctx.lake.exists("evaluations"):
+        quoted = ", ".join(f"'{i}'" for i in ids.values())
+        have = {r["eval_id"]: r for r in ctx.lake.read("evaluations", filter=f"eval_id IN ({quoted})").to_pylist()}
+    missing = [s for s in seeds if ids[s] not in have]
+    if missing:
+        results = adapters.run_rollouts(missing, spec=_driver(ctx, name, version), world=ctx.config.world,
+                                        safety="shadow",
+                                        storage_options=ctx.storage_options, parallelism=ctx.config.eval.parallelism)
+        now = datetime.now(timezone.utc)
+        rows = [{"eval_id": ids[r["seed"]], "model_name": name, "model_version": version, "role": role,
+                 "seed": r["seed"], "score": float(r["score"]), "steps": int(r["steps"]),
+                 "off_track_rate": float(r["off_track_rate"]), "interventions": int(r["interventions"]),
+                 "turn": turn, "created_at": now} for r in results]
+        ctx.lake.append("evaluations", pa.Table.from_pylist(rows, schema=EVALUATIONS),
+                        key="eval_id")
+        have.update({row["eval_id"]: row for row in rows})
+    return [have[ids[s]] for s in seeds]
+
+
+@flow(name="evaluate")
+def evaluate_flow(config: str = "default", lake: str = "./lake", landing: str = "./landing",
+                  version: int | None = None, turn: int | None = None) -> dict:
+    """Evaluate a policy version (default: the latest) against the champion and the references."""
+    ctx = Context.create(config=config, lake=lake, landing=landing)
+    ensure_ray()
+    turn = ctx.current_turn() if turn is None else turn
+    versions = ctx.registry.versions(POLICY)
+    if not versions:
+        raise ValueError("no policy in the registry: run `worldloop train --model policy` first")
+    candidate = ctx.registry.get(POLICY, version=version) if version is not None else versions[-1]
+    if candidate is None:
+        raise ValueError(f"policy version {version} is not in the registry")
+    champion = ctx.registry.get(POLICY, alias="champion")
+    drivers = {"candidate": (POLICY, str(candidate.version)), "expert": ("expert", "privileged"),
+               "random": ("random", "uniform")}
+    if champion is not None and champion.version != candidate.version:
+        drivers["champion"] = (POLICY, str(champion.version))
+    rows = {role: evaluate_driver(ctx, name, v, role, turn) for role, (name, v) in drivers.items()}
+    resamples = ctx.config.eval.bootstrap
+    results = {role: dict(summarize(r, resamples=resamples), model=f"{drivers[role][0]}:{drivers[role][1]}")
+               for role, r in rows.items()}
+    reference = "champion" if "champion" in rows else "random"
+    scores = {role: {r["seed"]: r["score"] for r in rs} for role, rs in rows.items()}
+    comparison = paired(scores["candidate"], scores[reference], resamples=resamples)
+    ctx.registry.update_metrics(POLICY, candidate.version, {
+        "eval_mean": results["candidate"]["mean"], "eval_ci95": results["candidate"]["ci95"],
+        "eval_seeds": list(ctx.config.eval.seeds), "eval_off_track_rate": results["candidate"]["off_track_rate"]})
+    summary = {"stage": "evaluate", "turn": turn, "candidate_version": candidate.version,
+               "reference": reference, "results": results, "comparison": comparison}
+    get_run_logger().info("evaluate: %s", {r: round(v["mean"], 1) for r, v in results.items()})
+    return summary

@@ -1,0 +1,66 @@
+"""Fleet flow: drive a turn's episodes in the world and write them as MCAP logs to the landing zone.
+
+Turn 0 is driven by the privileged expert with action noise and steer pulses (so recoveries are in
+the data); later turns by the current champion through its served endpoint, with the privileged
+expert as safety driver (its takeovers are flagged as interventions in the logs).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from flows.runtime import POLICY, Context, ensure_ray
+from stages import adapters, storage
+
+
+def fleet_seeds(ctx: Context, turn: int) -> list[int]:
+    f = ctx.config.fleet
+    seeds = [f.seed_base + 1000 * turn + i for i in range(f.episodes)]
+    if set(seeds) & set(ctx.config.eval.seeds):
+        raise ValueError("fleet seeds overlap the held-out evaluation seeds; change fleet.seed_base")
+    return seeds
+
+
+def driver_spec(ctx: Context, endpoint: str | None) -> dict:
+    """Who drives this turn: the champion's endpoint when there is one, else the noisy expert."""
+    champion = ctx.registry.get(POLICY, alias="champion")
+    if champion is None or endpoint is None:
+        return {"kind": "expert", "noise": dataclasses.asdict(ctx.config.fleet.noise)}
+    return {"kind": "endpoint", "url": endpoint, "history": champion.config["history"],
+            "version": f"{POLICY}:v{champion.version}"}
+
+
+@task(name="drive-episodes", cache_policy=NO_CACHE)
+def drive(ctx: Context, turn: int, spec: dict) -> list[dict]:
+    seeds = fleet_seeds(ctx, turn)
+    who = "expert" if spec["kind"] == "expert" else "champion"
+    uris = [storage.join(ctx.landing_uri, f"turn-{turn:04d}", f"{who}-seed-{s}.mcap") for s in seeds]
+    return adapters.run_rollouts(seeds, spec=spec, world=ctx.config.world, safety="active",
+                                 log_uris=uris, storage_options=ctx.storage_options,
+                                 parallelism=ctx.config.fleet.parallelism)
+
+
+@flow(name="fleet")
+def fleet_flow(config: str = "default", lake: str = "./lake", landing: str = "./landing",
+               turn: int | None = None, endpoint: str | None = None) -> dict:
+    """Drive `config.fleet.episodes` episodes and log them; returns a summary."""
+    ctx = Context.create(config=config, lake=lake, landing=landing)
+    ensure_ray()
+    turn = ctx.current_turn() if turn is None else turn
+    spec = driver_spec(ctx, endpoint)
+    summaries = drive(ctx, turn, spec)
+    n = len(summaries)
+    summary = {
+        "stage": "fleet", "turn": turn, "driver": spec.get("version", spec["kind"]), "episodes": n,
+        "mean_score": sum(s["score"] for s in summaries) / n,
+        "interventions": sum(s["interventions"] for s in summaries),
+        "frames": sum(s["steps"] for s in summaries),
+        "landing": storage.join(ctx.landing_uri, f"turn-{turn:04d}"),
+    }
+    get_run_logger().info("fleet: %s", summary)
+    return summary
+
+

@@ -1,0 +1,79 @@
+"""Promote flow: the gate, the `champion` alias, and the Ray Serve rollout.
+
+The candidate is compared, on the same held-out seeds, with the champion (or, for the first
+candidate, with a random policy), from the rows of the `evaluations` table. A winner gets the
+`champion` alias; the endpoint is then (re)deployed in place — the URL stays the same — and
+checked with a real request built from a real frame of the lake.
+"""
+from __future__ import annotations
+
+import numpy as np
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from flows.runtime import POLICY, Context, ensure_ray
+from stages.evaluate import paired
+from stages.lake import images
+from stages.promote import gate
+
+
+def scores(ctx: Context, name: str, version: str) -> dict[int, float]:
+    seeds = set(ctx.config.eval.seeds)
+    if not ctx.lake.exists("evaluations"):
+        return {}
+    rows = ctx.lake.read("evaluations", columns=["seed", "score"],
+                         filter=f"model_name = '{name}' AND model_version = '{version}'").to_pylist()
+    return {r["seed"]: r["score"] for r in rows if r["seed"] in seeds}
+
+
+@task(name="serve-champion", cache_policy=NO_CACHE)
+def serve_champion(ctx: Context) -> dict:
+    """(Re)deploy the champion and check it answers a real frame from the lake."""
+    from serving.app import deploy
+    from serving.client import ActClient
+
+    s = ctx.config.serve
+    url = deploy(registry_uri=ctx.lake_uri, model_name=POLICY, alias="champion",
+                 storage_options=ctx.storage_options, host=s.host, port=s.port, app_name=s.app_name,
+                 num_replicas=s.num_replicas)
+    champion = ctx.registry.get(POLICY, alias="champion")
+    k = champion.config["history"]
+    frames = ctx.lake.read("frames", columns=["image"], filter="origin = 'real' AND step >= 60 AND step < 64")
+    client = ActClient(url)
+    action = client.act(images(frames.column("image"))[:k])
+    health = client.health()
+    return {"url": url, "health": health, "probe_action": [round(float(a), 4) for a in action]}
+
+
+@flow(name="promote")
+def promote_flow(config: str = "default", lake: str = "./lake", landing: str = "./landing",
+                 version: int | None = None, serve: bool = True) -> dict:
+    """Gate a policy version (default: the latest) and roll the champion out to Ray Serve."""
+    ctx = Context.create(config=config, lake=lake, landing=landing)
+    versions = ctx.registry.versions(POLICY)
+    if not versions:
+        raise ValueError("no policy in the registry: run `worldloop train --model policy` first")
+    candidate = ctx.registry.get(POLICY, version=version) if version is not None else versions[-1]
+    champion = ctx.registry.get(POLICY, alias="champion")
+    cand = scores(ctx, POLICY, str(candidate.version))
+    if len(cand) < len(ctx.config.eval.seeds):
+        raise ValueError(f"policy v{candidate.version} is not evaluated on all held-out seeds: "
+                         f"run `worldloop evaluate --version {candidate.version}` first")
+    if champion is not None and champion.version == candidate.version:
+        decision = {"promote": False, "reason": "candidate is already the champion"}
+    elif champion is not None:
+        decision = gate(paired(cand, scores(ctx, POLICY, str(champion.version))), reference_role="champion")
+    else:
+        decision = gate(paired(cand, scores(ctx, "random", "uniform")), reference_role="random policy")
+    if decision["promote"]:
+        ctx.registry.set_alias(POLICY, "champion", candidate.version)
+    champion = ctx.registry.get(POLICY, alias="champion")
+    summary = {"stage": "promote", "candidate_version": candidate.version, **decision,
+               "champion_version": champion.version if champion else None,
+               "champion_score": float(np.mean(list(scores(ctx, POLICY, str(champion.version)).values())))
+               if champion else None}
+    if serve and champion is not None:
+        ensure_ray()
+        summary["endpoint"] = serve_champion(ctx)
+    get_run_logger().info("promote: %s", summary)
+    return summary

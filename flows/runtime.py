@@ -1,0 +1,92 @@
+"""What every flow needs: the resolved config, the lake and landing URIs, Ray, the registry.
+
+Credentials never travel as flow parameters (they would show in the Prefect UI): storage options
+for `s3://` URIs come from the standard AWS_* environment variables.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from functools import cached_property
+
+from flows.config import FlywheelConfig, preset
+
+POLICY, WORLD_MODEL = "policy", "world_model"
+
+
+def storage_options_from_env(*uris: str) -> dict | None:
+    """Lance-style storage options for s3:// URIs, read from AWS_* variables; None for local paths."""
+    if not any(u.startswith("s3://") for u in uris):
+        return None
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    options = {k: os.environ[v] for k, v in (("access_key_id", "AWS_ACCESS_KEY_ID"),
+                                             ("secret_access_key", "AWS_SECRET_ACCESS_KEY"))
+               if v in os.environ}
+    options["region"] = os.environ.get("AWS_REGION", os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+    if endpoint:
+        options["endpoint"] = endpoint
+        if endpoint.startswith("http://"):
+            options["allow_http"] = "true"
+    return options
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Connect to RAY_ADDRESS / `address` if given, else start (or reuse) a local cluster."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    kwargs = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:  # 2 cores: oversubscribe logically so Train workers and rollouts can share (STACK.md)
+        ray.init(num_cpus=max(4, os.cpu_count() or 1), **kwargs)
+
+
+@dataclass
+class Context:
+    config: FlywheelConfig
+    lake_uri: str
+    landing_uri: str
+    storage_options: dict | None = None
+
+    @classmethod
+    def create(cls, *, config: str, lake: str, landing: str) -> "Context":
+        """Resolve a preset; WORLDLOOP_SERVE_PORT overrides the endpoint's port (a deployment detail)."""
+        lake, landing = _absolute(lake), _absolute(landing)
+        resolved = preset(config)
+        if os.environ.get("WORLDLOOP_SERVE_PORT"):
+            port = int(os.environ["WORLDLOOP_SERVE_PORT"])
+            resolved = replace(resolved, serve=replace(resolved.serve, port=port))
+        return cls(resolved, lake, landing, storage_options_from_env(lake, landing))
+
+    @cached_property
+    def lake(self):
+        from stages.lake import Lake
+
+        return Lake(self.lake_uri, storage_options=self.storage_options)
+
+    @cached_property
+    def registry(self):
+        from models.registry import Registry
+
+        return Registry(self.lake_uri, storage_options=self.storage_options)
+
+    @property
+    def work_dir(self) -> str:
+        """Local scratch (Ray Train results) — never the lake itself."""
+        path = os.path.abspath(os.environ.get("WORLDLOOP_WORK_DIR", ".worldloop"))
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    def current_turn(self) -> int:
+        """The open turn: one past the last turn that finished (the `turns` table), 0 at first."""
+        if not self.lake.exists("turns"):
+            return 0
+        turns = self.lake.read("turns", columns=["turn"]).column("turn").to_pylist()
+        return max(turns) + 1 if turns else 0
+
+
+def _absolute(uri: str) -> str:
+    return uri if "://" in uri else os.path.abspath(uri)

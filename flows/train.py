@@ -1,0 +1,81 @@
+"""Train flow: post-train the world model or the policy on Ray Train and register the checkpoint.
+
+The policy warm-starts from the champion and the world model from its latest version, when their
+config matches the preset in force. Lineage records the table versions, the config digest, the
+parent version and the git commit; the resolved config is saved beside the weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from flows.runtime import POLICY, WORLD_MODEL, Context, ensure_ray
+from stages.train import train_model
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _same(a: dict, b: dict) -> bool:
+    return json.loads(json.dumps(a)) == json.loads(json.dumps(b))
+
+
+def warm_start(ctx: Context, kind: str, config: dict):
+    """The registry version to continue from, if its config matches `config`."""
+    if not ctx.config.train.warm_start:
+        return None
+    mv = ctx.registry.get(kind, alias="champion") if kind == POLICY else None
+    if mv is None:
+        versions = ctx.registry.versions(kind)
+        mv = versions[-1] if versions else None
+    return mv if mv is not None and _same(mv.config, config) else None
+
+
+@task(name="ray-train", cache_policy=NO_CACHE)
+def run_training(ctx: Context, kind: str, turn: int, init_dir: str | None) -> dict:
+    t = ctx.config.train
+    model_config = ctx.config.policy if kind == POLICY else ctx.config.world_model
+    return train_model(
+        kind, frames_uri=ctx.lake.table_uri("frames"), model_config=model_config,
+        storage_path=os.path.join(ctx.work_dir, "ray_results"), storage_options=ctx.storage_options,
+        num_workers=t.num_workers, cpus_per_worker=t.cpus_per_worker, use_gpu=t.use_gpu,
+        synthetic_fraction=t.synthetic_fraction if kind == POLICY else 0.0, init_dir=init_dir,
+        filter=None if kind == POLICY else "origin = 'real'", seed=turn, run_name=f"{kind}-turn{turn}")
+
+
+@flow(name="train")
+def train_flow(config: str = "default", lake: str = "./lake", landing: str = "./landing",
+               model: str = POLICY, turn: int | None = None) -> dict:
+    """Train `model` ("policy" or "world_model") and register a new version; returns a summary."""
+    if model not in (POLICY, WORLD_MODEL):
+        raise ValueError(f"model must be {POLICY!r} or {WORLD_MODEL!r}, got {model!r}")
+    ctx = Context.create(config=config, lake=lake, landing=landing)
+    if not ctx.lake.exists("frames"):
+        raise ValueError(f"no frames table in {ctx.lake_uri}: run `worldloop curate` first")
+    ensure_ray()
+    turn = ctx.current_turn() if turn is None else turn
+    model_config = dataclasses.asdict(ctx.config.policy if model == POLICY else ctx.config.world_model)
+    parent = warm_start(ctx, model, model_config)
+    result = run_training(ctx, model, turn, ctx.registry.fetch(parent) if parent else None)
+    lineage = {"turn": turn, "config": ctx.config.name, "config_digest": ctx.config.digest(),
+               "tables": {n: ctx.lake.version(n) for n in ("frames", "episodes")},
+               "parent_version": parent.version if parent else None, "git_commit": git_commit()}
+    metrics = {f"train_{k}": v for k, v in result["metrics"].items() if isinstance(v, (int, float))}
+    mv = ctx.registry.register(model, result["checkpoint_dir"], kind=model, metrics=metrics,
+                               lineage=lineage, config=model_config)
+    summary = {"stage": "train", "model": model, "turn": turn, "version": mv.version,
+               "warm_start_from": lineage["parent_version"], "metrics": metrics,
+               "artifact_uri": mv.artifact_uri}
+    get_run_logger().info("train: %s", summary)
+    return summary

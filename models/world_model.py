@@ -1,0 +1,396 @@
+"""Action-conditioned world model: the next frame from the last K frames and the action taken.
+
+A small diffusion generator built from diffusers blocks, following
+* EDM (Karras et al. 2022): Karras preconditioning (c_skip, c_out, c_in, c_noise), loss weighted
+  to unit variance of the network target, the rho-spaced sigma schedule and the Euler sampler;
+* DIAMOND (Alonso et al. 2024): EDM for world modelling with the K context frames stacked on the
+  channel axis beside the noisy target, the action added to the noise-level embedding, and
+  few-step sampling (sigma_max 5, sigma_min 2e-3, rho 7). The training noise-level distribution
+  is shifted: a share of samples sits exactly at sigma_max, where 1-step sampling evaluates
+  the denoiser (the lognormal rarely visits it);
+* GameNGen (Valevski et al. 2024): Gaussian noise augmentation of the context frames during
+  training, with its level given to the network, so autoregressive rollouts survive their own
+  errors;
+* Cosmos (NVIDIA 2025) framing: a world model is f(past frames, action) -> future frames that is
+  post-trained on domain data and doubles as a neural simulator (`rollout`).
+
+The denoiser is a diffusers `UNet2DModel` over `pixel_unshuffle`d inputs (a large CPU speed-up);
+the action (and the context-noise level) go through a small MLP into `class_labels` with
+`class_embed_type="identity"`, i.e. they are added to the time embedding, which modulates every
+ResNet block (`resnet_time_scale_shift="scale_shift"`). EDM's c_noise = ln(sigma)/4 is scaled
+x1000 before diffusers' sinusoidal embedding, whose frequencies assume timesteps in the 1000s.
+
+Alignment: history = frames o[t-K+1..t] (oldest first), action = a[t] (applied at o[t]),
+target = o[t+1]. Frames are uint8 HWC RGB; actions float (steer, gas, brake).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DModel
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+@dataclass(frozen=True)
+class WorldModelConfig:
+    """Architecture, EDM noise levels, sampling and training hyper-parameters."""
+
+    image_size: int = 64
+    history: int = 4  # K context frames, oldest first
+    action_dim: int = 3
+    channels: tuple[int, ...] = (32, 64, 96)  # U-Net widths, one resolution level each
+    layers: int = 2  # ResNet blocks per level
+    attention: bool = True  # self-attention at the lowest resolution and in the mid block
+    norm_groups: int = 32
+    unshuffle: int = 2  # pixel_unshuffle factor before the U-Net
+    # EDM / DIAMOND noise levels (frames are normalised to [-1, 1])
+    sigma_data: float = 0.5
+    sigma_min: float = 2e-3
+    sigma_max: float = 5.0
+    rho: float = 7.0
+    train_sigma_mean: float = -0.4  # lognormal training distribution of sigma
+    train_sigma_std: float = 1.2
+    train_sigma_max_prob: float = 0.2  # share of training samples at exactly sigma_max (1-step sampling)
+    context_noise_max: float = 0.3  # GameNGen augmentation: context sigma ~ U(0, max) in training
+    sampling_steps: int = 1
+    # training recipe (used by the post-training stage / recipe scripts)
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 32
+    steps: int = 2000
+
+    def __post_init__(self) -> None:
+        if self.history < 1 or self.action_dim < 1 or self.layers < 1 or not self.channels:
+            raise ValueError("history, action_dim, layers must be >= 1 and channels non-empty")
+        factor = self.unshuffle * 2 ** (len(self.channels) - 1)
+        if self.unshuffle < 1 or self.image_size % factor:
+            raise ValueError(f"image_size {self.image_size} must be divisible by unshuffle * 2**(levels-1) "
+                             f"= {factor}")
+        if any(c % self.norm_groups for c in self.channels):
+            raise ValueError(f"channels {self.channels} must be multiples of norm_groups {self.norm_groups}")
+        if not 0 < self.sigma_min < self.sigma_max:
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}")
+        if self.sampling_steps < 1:
+            raise ValueError(f"sampling_steps must be >= 1, got {self.sampling_steps}")
+
+
+_DEFAULT = WorldModelConfig()
+_TINY = dataclasses.replace(_DEFAULT, channels=(8, 16), layers=1, attention=False, norm_groups=8,
+                            batch_size=4, steps=50)
+_GPU = dataclasses.replace(_DEFAULT, channels=(64, 128, 256, 256), batch_size=128, lr=2e-4,
+                           steps=50_000, sampling_steps=3)
+PRESETS = {"tiny": _TINY, "default": _DEFAULT, "gpu": _GPU}
+
+
+def preset(name: str) -> WorldModelConfig:
+    """Named config: "tiny" (tests), "default" (CPU demo), "gpu"."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown world-model preset {name!r}; choose from {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+def config_from_dict(d: dict) -> WorldModelConfig:
+    """Rebuild a config from its JSON form (lists back to tuples; unknown keys are an error)."""
+    unknown = set(d) - {f.name for f in dataclasses.fields(WorldModelConfig)}
+    if unknown:
+        raise ValueError(f"unknown WorldModelConfig fields: {sorted(unknown)}")
+    return WorldModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def _to_tensor(x: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, bool]:
+    """(tensor, was_numpy) for a torch tensor or anything numpy can read."""
+    if isinstance(x, torch.Tensor):
+        return x, False
+    return torch.from_numpy(np.ascontiguousarray(x)), True
+
+
+def _normalise(frames_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., H, W, 3] -> float [..., 3, H, W] in [-1, 1]."""
+    return frames_uint8.movedim(-1, -3).float() / 127.5 - 1.0
+
+
+def _to_uint8(x_BCHW: torch.Tensor) -> torch.Tensor:
+    """float [B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3]."""
+    return ((x_BCHW.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).movedim(1, -1)
+
+
+class WorldModel(nn.Module):
+    """EDM denoiser D(x_sigma; sigma, context frames, action) and its few-step sampler."""
+
+    def __init__(self, config: WorldModelConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        r2 = c.unshuffle ** 2
+        levels = len(c.channels)
+        down = ("DownBlock2D",) * (levels - 1) + ("AttnDownBlock2D" if c.attention else "DownBlock2D",)
+        up = tuple("AttnUpBlock2D" if b == "AttnDownBlock2D" else "UpBlock2D" for b in reversed(down))
+        self.unet = UNet2DModel(
+            sample_size=c.image_size // c.unshuffle, in_channels=3 * (c.history + 1) * r2,
+            out_channels=3 * r2, block_out_channels=c.channels, layers_per_block=c.layers,
+            down_block_types=down, up_block_types=up, add_attention=c.attention,
+            attention_head_dim=min(32, c.channels[-1]), norm_num_groups=c.norm_groups,
+            resnet_time_scale_shift="scale_shift", class_embed_type="identity",
+        )
+        emb_dim = 4 * c.channels[0]  # UNet2DModel's time-embedding width
+        self.cond_mlp = nn.Sequential(nn.Linear(c.action_dim + 1, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # ---- input checks -------------------------------------------------------------------------
+
+    def _check_frames(self, frames: torch.Tensor, name: str, lead: str, ndim: int) -> None:
+        c = self.config
+        if frames.dtype != torch.uint8:
+            raise ValueError(f"{name} must be uint8 frames, got {frames.dtype}")
+        if frames.ndim != ndim or tuple(frames.shape[-3:]) != (c.image_size, c.image_size, 3):
+            raise ValueError(f"{name} must be [{lead}, {c.image_size}, {c.image_size}, 3], "
+                             f"got {tuple(frames.shape)}")
+
+    def _check_history(self, history_BKHWC: torch.Tensor) -> None:
+        self._check_frames(history_BKHWC, "history", f"B, {self.config.history}", 5)
+        if history_BKHWC.shape[1] != self.config.history:
+            raise ValueError(f"history must hold {self.config.history} frames, got {history_BKHWC.shape[1]}")
+
+    def _check_actions(self, actions: torch.Tensor, batch: int, ndim: int) -> torch.Tensor:
+        if actions.ndim != ndim or actions.shape[0] != batch or actions.shape[-1] != self.config.action_dim:
+            lead = "B" if ndim == 2 else "B, T"
+            raise ValueError(f"actions must be [{lead}, {self.config.action_dim}] with B={batch}, "
+                             f"got {tuple(actions.shape)}")
+        actions = actions.to(self.device, torch.float32)
+        if not torch.isfinite(actions).all():
+            raise ValueError("actions contain NaN or inf")
+        return actions
+
+    # ---- EDM denoiser -------------------------------------------------------------------------
+
+    def _network(self, x_in_BCHW: torch.Tensor, sigma_B: torch.Tensor, context_BKCHW: torch.Tensor,
+                 action_BA: torch.Tensor, context_sigma_B: torch.Tensor) -> torch.Tensor:
+        """F_theta on the preconditioned input c_in * x_sigma (full resolution in and out)."""
+        r = self.config.unshuffle
+        stacked = torch.cat([context_BKCHW.flatten(1, 2), x_in_BCHW], dim=1)
+        c_noise_B = 1000.0 * sigma_B.log() / 4  # EDM's ln(sigma)/4, scaled for sinusoidal embeddings
+        cond = self.cond_mlp(torch.cat([action_BA, context_sigma_B[:, None]], dim=1))
+        out = self.unet(F.pixel_unshuffle(stacked, r), c_noise_B, class_labels=cond).sample
+        return F.pixel_shuffle(out, r)
+
+    def _precondition(self, sigma_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """EDM's (c_skip, c_out, c_in) as [B, 1, 1, 1]."""
+        sd = self.config.sigma_data
+        s = sigma_B[:, None, None, None]
+        denom = (s ** 2 + sd ** 2).sqrt()
+        return sd ** 2 / denom ** 2, s * sd / denom, 1 / denom
+
+    def denoise(self, x_BCHW: torch.Tensor, sigma_B: torch.Tensor, context_BKCHW: torch.Tensor,
+                action_BA: torch.Tensor, context_sigma_B: torch.Tensor | None = None) -> torch.Tensor:
+        """D(x_sigma) = c_skip x + c_out F(c_in x): the clean-frame estimate, normalised [-1, 1]."""
+        if context_sigma_B is None:
+            context_sigma_B = torch.zeros_like(sigma_B)
+        c_skip, c_out, c_in = self._precondition(sigma_B)
+        return c_skip * x_BCHW + c_out * self._network(c_in * x_BCHW, sigma_B, context_BKCHW, action_BA,
+                                                       context_sigma_B)
+
+    def sigmas(self, steps: int) -> torch.Tensor:
+        """Karras rho-spaced noise levels from sigma_max down to sigma_min, then 0: [steps + 1]."""
+        c = self.config
+        ramp = torch.linspace(0, 1, steps)
+        lo, hi = c.sigma_min ** (1 / c.rho), c.sigma_max ** (1 / c.rho)
+        return torch.cat([(hi + ramp * (lo - hi)) ** c.rho, torch.zeros(1)])
+
+    def sample_sigma(self, batch: int) -> torch.Tensor:
+        """Training noise levels: clamped lognormal, with a share exactly at sigma_max."""
+        c = self.config
+        sigma = (c.train_sigma_mean + c.train_sigma_std * torch.randn(batch, device=self.device)).exp()
+        at_max = torch.rand(batch, device=self.device) < c.train_sigma_max_prob
+        return torch.where(at_max, torch.full_like(sigma, c.sigma_max), sigma).clamp(c.sigma_min, c.sigma_max)
+
+    def loss(self, history_BKHWC: torch.Tensor, action_BA: torch.Tensor,
+             target_BHWC: torch.Tensor) -> torch.Tensor:
+        """EDM denoising loss (MSE on the network's unit-variance target) for one batch of transitions."""
+        history, _ = _to_tensor(history_BKHWC)
+        target, _ = _to_tensor(target_BHWC)
+        action, _ = _to_tensor(action_BA)
+        self._check_history(history)
+        self._check_frames(target, "target", "B", 4)
+        B = history.shape[0]
+        if target.shape[0] != B:
+            raise ValueError(f"target batch {target.shape[0]} does not match history batch {B}")
+        action = self._check_actions(action, B, 2)
+        context = _normalise(history.to(self.device))
+        x0 = _normalise(target.to(self.device))
+        context_sigma = torch.rand(B, device=self.device) * self.config.context_noise_max
+        context = context + context_sigma[:, None, None, None, None] * torch.randn_like(context)
+        sigma = self.sample_sigma(B)
+        noisy = x0 + sigma[:, None, None, None] * torch.randn_like(x0)
+        c_skip, c_out, c_in = self._precondition(sigma)
+        out = self._network(c_in * noisy, sigma, context, action, context_sigma)
+        return F.mse_loss(out, (x0 - c_skip * noisy) / c_out)
+
+    # ---- sampling -----------------------------------------------------------------------------
+
+    def _sample(self, context_BKCHW: torch.Tensor, action_BA: torch.Tensor, steps: int,
+                generator: torch.Generator | None) -> torch.Tensor:
+        """Euler sampler (EDM Alg. 1 without churn) -> normalised next frame [B, 3, H, W]."""
+        B, _, C, H, W = context_BKCHW.shape
+        sigmas = self.sigmas(steps).to(self.device)
+        x = sigmas[0] * torch.randn((B, C, H, W), generator=generator, device=self.device)
+        for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+            denoised = self.denoise(x, s.expand(B), context_BKCHW, action_BA)
+            x = x + (x - denoised) / s * (s_next - s)
+        return x
+
+    def _steps(self, steps: int | None) -> int:
+        steps = self.config.sampling_steps if steps is None else int(steps)
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        return steps
+
+    @torch.no_grad()
+    def predict(self, history_BKHWC: torch.Tensor | np.ndarray, action_BA: torch.Tensor | np.ndarray,
+                steps: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor | np.ndarray:
+        """Next frame uint8 [B, H, W, 3] (numpy in -> numpy out; torch in -> torch on the model's device)."""
+        history, as_numpy = _to_tensor(history_BKHWC)
+        self._check_history(history)
+        action = self._check_actions(_to_tensor(action_BA)[0], history.shape[0], 2)
+        frame = _to_uint8(self._sample(_normalise(history.to(self.device)), action, self._steps(steps), generator))
+        return frame.cpu().numpy() if as_numpy else frame
+
+    @torch.no_grad()
+    def rollout(self, history_BKHWC: torch.Tensor | np.ndarray, actions_BTA: torch.Tensor | np.ndarray,
+                steps: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor | np.ndarray:
+        """Autoregressive frames uint8 [B, T, H, W, 3], each fed back (quantised) as context for the next."""
+        history, as_numpy = _to_tensor(history_BKHWC)
+        self._check_history(history)
+        actions = self._check_actions(_to_tensor(actions_BTA)[0], history.shape[0], 3)
+        if actions.shape[1] < 1:
+            raise ValueError("actions must hold at least one step")
+        steps = self._steps(steps)
+        context = _normalise(history.to(self.device))
+        frames = []
+        for t in range(actions.shape[1]):
+            frame = _to_uint8(self._sample(context, actions[:, t], steps, generator))
+            frames.append(frame)
+            context = torch.cat([context[:, 1:], _normalise(frame)[:, None]], dim=1)
+        out = torch.stack(frames, dim=1)
+        return out.cpu().numpy() if as_numpy else out
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW with the config's learning rate and weight decay."""
+        return torch.optim.AdamW(self.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
+
+
+# ---- checkpoints --------------------------------------------------------------------------------
+
+
+def save(model: WorldModel, dir: str | os.PathLike, *, storage_options: dict | None = None) -> str:
+    """Write model.safetensors + config.json to a local dir or an s3:// prefix; returns the location."""
+    import pyarrow.fs as pafs
+
+    from stages.storage import pyarrow_fs
+
+    target = str(dir)
+    fs, path = pyarrow_fs(target, storage_options)
+    remote = not isinstance(fs, pafs.LocalFileSystem)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) if remote else Path(path)
+        local.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                  str(local / WEIGHTS_NAME))
+        (local / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(model.config), indent=2))
+        if remote:
+            pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    return target
+
+
+def load(uri: str | os.PathLike, storage_options: dict | None = None, *, device: str = "cpu") -> WorldModel:
+    """Load a world model saved by `save` (or real pretrained weights laid out the same way) from a
+    local dir or an s3:// prefix; returned in eval mode."""
+    import pyarrow.fs as pafs
+
+    from stages.storage import pyarrow_fs
+
+    fs, path = pyarrow_fs(str(uri), storage_options)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(path)
+        if not isinstance(fs, pafs.LocalFileSystem):
+            local = Path(tmp)
+            if fs.get_file_info(path).type != pafs.FileType.Directory:
+                raise ValueError(f"{uri} does not exist")
+            pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        if not (local / CONFIG_NAME).is_file() or not (local / WEIGHTS_NAME).is_file():
+            raise ValueError(f"{uri} is not a world-model checkpoint (needs {WEIGHTS_NAME} and {CONFIG_NAME})")
+        model = WorldModel(config_from_dict(json.loads((local / CONFIG_NAME).read_text())))
+        model.load_state_dict(load_file(str(local / WEIGHTS_NAME)))
+    return model.to(device).eval()
+
+
+# ---- evaluation ---------------------------------------------------------------------------------
+
+
+def copy_last_baseline(history_BKHWC: torch.Tensor | np.ndarray, horizon: int) -> torch.Tensor | np.ndarray:
+    """The trivial predictor: the last context frame repeated `horizon` times -> [B, T, H, W, 3]."""
+    if horizon < 1:
+        raise ValueError(f"horizon must be >= 1, got {horizon}")
+    last = history_BKHWC[:, -1:]
+    return np.repeat(last, horizon, axis=1) if isinstance(last, np.ndarray) else last.repeat_interleave(horizon, 1)
+
+
+def _ssim_BC(x_NCHW: torch.Tensor, y_NCHW: torch.Tensor) -> torch.Tensor:
+    """Mean SSIM per image (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, 'valid') on [0, 255]."""
+    size = min(11, x_NCHW.shape[-1], x_NCHW.shape[-2])
+    g = torch.exp(-((torch.arange(size) - (size - 1) / 2) ** 2) / (2 * 1.5 ** 2))
+    g = g / g.sum()
+    C = x_NCHW.shape[1]
+    window = (g[:, None] * g[None, :]).expand(C, 1, size, size).to(x_NCHW)
+    blur = lambda z: F.conv2d(z, window, groups=C)  # noqa: E731
+    mx, my = blur(x_NCHW), blur(y_NCHW)
+    vx, vy, cxy = blur(x_NCHW ** 2) - mx ** 2, blur(y_NCHW ** 2) - my ** 2, blur(x_NCHW * y_NCHW) - mx * my
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    ssim = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    return ssim.mean(dim=(1, 2, 3))
+
+
+def frame_metrics(pred_BTHWC: torch.Tensor | np.ndarray, true_BTHWC: torch.Tensor | np.ndarray) -> dict:
+    """Per-horizon image metrics of predicted vs true uint8 frames [B, T, H, W, 3].
+
+    Returns {"horizon": [1..T], "mse": [...], "psnr": [...] (dB, from the MSE averaged over the
+    batch at that horizon, so identical frames do not make it infinite), "ssim": [...] (mean
+    per-frame SSIM)}; lists of Python floats, one per horizon.
+    """
+    pred = _to_tensor(pred_BTHWC)[0].detach().cpu()
+    true = _to_tensor(true_BTHWC)[0].detach().cpu()
+    if pred.shape != true.shape or pred.ndim != 5 or pred.shape[-1] != 3:
+        raise ValueError(f"pred and true must both be [B, T, H, W, 3], got {tuple(pred.shape)} and {tuple(true.shape)}")
+    B, T = pred.shape[:2]
+    p, t = pred.double(), true.double()
+    mse_T = ((p - t) ** 2).mean(dim=(0, 2, 3, 4))
+    psnr_T = 10 * torch.log10(255.0 ** 2 / mse_T.clamp_min(1e-10))
+    ssim_T = _ssim_BC(p.flatten(0, 1).movedim(-1, 1), t.flatten(0, 1).movedim(-1, 1)).view(B, T).mean(0)
+    return {"horizon": list(range(1, T + 1)), "mse": mse_T.tolist(), "psnr": psnr_T.tolist(),
+            "ssim": ssim_T.tolist()}
+
+
+def rollout_metrics(model: WorldModel, history_BKHWC: torch.Tensor | np.ndarray,
+                    actions_BTA: torch.Tensor | np.ndarray, future_BTHWC: torch.Tensor | np.ndarray,
+                    steps: int | None = None, generator: torch.Generator | None = None) -> dict:
+    """Open-loop rollout of the logged actions scored against the logged future, beside copy-last-frame:
+    {"model": frame_metrics, "copy_last": frame_metrics, "sampling_steps": n}."""
+    pred = model.rollout(history_BKHWC, actions_BTA, steps=steps, generator=generator)
+    future = _to_tensor(future_BTHWC)[0]
+    baseline = copy_last_baseline(_to_tensor(history_BKHWC)[0], future.shape[1])
+    return {"model": frame_metrics(pred, future), "copy_last": frame_metrics(baseline, future),
+            "sampling_steps": model._steps(steps)}

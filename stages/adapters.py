@@ -1,0 +1,124 @@
+"""Thin Ray adapters: map the pure stages over sources, seeds and batches on a Ray cluster.
+
+Resources are declared here, beside the adapters. Everything a task needs travels as plain,
+picklable arguments (URIs, config dicts, driver specs), so the same code runs on a laptop's local
+cluster and on a multi-node cluster with the lake on S3.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import ray
+
+from stages import curate, storage
+
+CURATE_CPUS = 1
+ROLLOUT_CPUS = 1
+SYNTH_CPUS = 1
+
+
+def _bounded(submit, items: list, parallelism: int) -> list:
+    """Run `submit(item) -> ObjectRef` over items with at most `parallelism` in flight, in order."""
+    results, pending = [None] * len(items), {}
+    for i, item in enumerate(items):
+        if len(pending) >= max(1, parallelism):
+            done, _ = ray.wait(list(pending), num_returns=1)
+            results[pending.pop(done[0])] = ray.get(done[0])
+        pending[submit(item)] = i
+    for ref, i in pending.items():
+        results[i] = ray.get(ref)
+    return results
+
+
+@ray.remote(num_cpus=CURATE_CPUS)
+def _curate_source(source: dict, storage_options: dict | None, params: dict) -> dict:
+    try:
+        data = storage.read_bytes(source["uri"], storage_options)
+    except OSError as err:  # unreadable object: a reject, not a crash
+        return {"source": source, "episode": None, "frames": None,
+                "reject": curate.reject_row(source_uri=source["uri"], stage="curate",
+                                            reason="unreadable", detail=str(err), turn=params["turn"])}
+    result = curate.curate_log(data, source_uri=source["uri"], **params)
+    result["source"] = dict(source, content_hash=curate.content_hash(data))
+    return result
+
+
+def curate_sources(sources: list[dict], *, storage_options: dict | None, turn: int, image_size: int,
+                   min_length: int, val_fraction: float, parallelism: int = 2) -> list[dict]:
+    """Parse, validate and tabulate each log in its own Ray task; one result per source."""
+    params = {"turn": turn, "image_size": image_size, "min_length": min_length, "val_fraction": val_fraction}
+    return _bounded(lambda s: _curate_source.remote(s, storage_options, params), sources, parallelism)
+
+
+def _build_driver(spec: dict):
+    """A driver from a picklable spec: expert | random | policy (registry) | endpoint (HTTP)."""
+    from sim import expert, rollout
+
+    kind = spec["kind"]
+    if kind == "expert":
+        if spec.get("noise") is None:
+            return rollout.ExpertDriver(expert.Expert())
+        return rollout.ExpertDriver(expert.NoisyExpert(expert.NoiseConfig(**spec["noise"])))
+    if kind == "random":
+        return rollout.RandomDriver()
+    if kind == "policy":
+        from models import policy as policy_model
+        from models.registry import Registry
+
+        registry = Registry(spec["registry_uri"], storage_options=spec.get("storage_options"))
+        mv = registry.get(spec["name"], version=spec["version"])
+        model = policy_model.load(registry.fetch(mv))
+        return rollout.PolicyDriver(model.act, history=model.config.history, name="policy",
+                                    policy_version=f"{spec['name']}:v{mv.version}")
+    if kind == "endpoint":
+        from serving.client import ActClient
+
+        client = ActClient(spec["url"])
+        return rollout.PolicyDriver(lambda frames_BKHWC: client.act(frames_BKHWC[0])[None],
+                                    history=spec["history"], name="champion-endpoint",
+                                    policy_version=spec.get("version", spec["url"]))
+    raise ValueError(f"unknown driver kind {kind!r}")
+
+
+@ray.remote(num_cpus=ROLLOUT_CPUS)
+def _rollout(seed: int, spec: dict, world: dict, safety: str, log_uri: str | None,
+             storage_options: dict | None) -> dict:
+    import torch
+
+    from sim import carracing, rollout
+    from stages import mcap_log
+
+    torch.set_num_threads(1)
+    os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+    episode, summary = rollout.run_episode(world=carracing.WorldConfig(**world), seed=seed,
+                                           driver=_build_driver(spec), safety=safety,
+                                           record=log_uri is not None)
+    if log_uri is not None:
+        mcap_log.write_episode(episode, log_uri, storage_options)
+        summary["log_uri"] = log_uri
+    return summary
+
+
+def run_rollouts(seeds: list[int], *, spec: dict, world, safety: str, log_uris: list[str] | None = None,
+                 storage_options: dict | None = None, parallelism: int = 2) -> list[dict]:
+    """Drive one episode per seed, `parallelism` at a time; with `log_uris`, each is logged as MCAP."""
+    world_dict = dataclasses.asdict(world)
+    items = list(zip(seeds, log_uris or [None] * len(seeds)))
+    return _bounded(lambda it: _rollout.remote(it[0], spec, world_dict, safety, it[1], storage_options),
+                    items, parallelism)
+
+
+def synthesize_batches(model_dir: str, batches: list[dict], *, params: dict[str, Any], seed: int,
+                       parallelism: int = 1) -> list[dict]:
+    """Hold the world model in `parallelism` Ray actors and synthesize the batches across them."""
+    from ray.util import ActorPool
+
+    from stages.synthesize import WorldModelActor
+
+    actor = ray.remote(num_cpus=SYNTH_CPUS)(WorldModelActor)
+    pool = ActorPool([actor.remote(model_dir, threads=SYNTH_CPUS) for _ in range(max(1, parallelism))])
+    items = list(enumerate(batches))
+    return list(pool.map(lambda a, item: a.synthesize.remote(item[1], **params, seed=seed + item[0]),
+                         items))

@@ -1,0 +1,55 @@
+"""Closed-loop evaluation statistics: pure functions over per-seed rollout summaries.
+
+Scores are CarRacing episode returns. Candidate and champion are driven on the same held-out
+seeds, so comparisons are paired (STACK.md: evaluation noise is large, std 200-270 over 10 seeds).
+Confidence intervals are percentile bootstraps over seeds, with a fixed generator so that the
+same scores always give the same interval.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def bootstrap_ci(values: Sequence[float], *, resamples: int = 10_000, level: float = 0.95,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of the mean."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        raise ValueError("bootstrap_ci needs at least one value")
+    if x.size == 1:
+        return float(x[0]), float(x[0])
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(resamples, x.size))].mean(axis=1)
+    alpha = (1.0 - level) / 2.0
+    return float(np.quantile(means, alpha)), float(np.quantile(means, 1.0 - alpha))
+
+
+def summarize(rows: Sequence[dict], *, resamples: int = 10_000) -> dict:
+    """Aggregate per-seed rows (score, off_track_rate, interventions, steps) of one driver."""
+    if not rows:
+        raise ValueError("summarize needs at least one rollout")
+    scores = np.array([r["score"] for r in rows], dtype=np.float64)
+    lo, hi = bootstrap_ci(scores, resamples=resamples)
+    return {
+        "n": int(scores.size),
+        "mean": float(scores.mean()),
+        "std": float(scores.std(ddof=1)) if scores.size > 1 else 0.0,
+        "ci95": [lo, hi],
+        "off_track_rate": float(np.mean([r["off_track_rate"] for r in rows])),
+        "interventions_per_episode": float(np.mean([r["interventions"] for r in rows])),
+        "mean_steps": float(np.mean([r["steps"] for r in rows])),
+    }
+
+
+def paired(candidate: dict[int, float], reference: dict[int, float], *,
+           resamples: int = 10_000) -> dict:
+    """Paired difference candidate - reference over the seeds both were driven on."""
+    seeds = sorted(set(candidate) & set(reference))
+    if not seeds:
+        raise ValueError("no common seeds between candidate and reference")
+    diff = np.array([candidate[s] - reference[s] for s in seeds], dtype=np.float64)
+    lo, hi = bootstrap_ci(diff, resamples=resamples)
+    return {"seeds": seeds, "mean_diff": float(diff.mean()), "ci95": [lo, hi],
+            "wins": int((diff > 0).sum()), "n": len(seeds)}

@@ -1,0 +1,156 @@
+"""The Lance lake adapter: versioned tables at ``<uri>/<name>.lance`` (local dir or s3://).
+
+This is the one place (with ``stages.sampler``) that imports Lance. Writes go from the driver
+with ``lance.write_dataset`` / ``merge_insert`` (Ray 2.60's ``write_lance`` is broken with
+pylance >= 6). Appends are idempotent on a key column. Resolved configs are saved beside each
+table version at ``<uri>/_configs/<name>/v<version>.json``.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import lance
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from stages import storage
+from stages.curate import EPISODES, REJECTS, frames_schema  # the lake's table schemas
+
+__all__ = ["EPISODES", "EVALUATIONS", "REJECTS", "Lake", "frames_schema"]
+
+EVALUATIONS = pa.schema([
+    ("eval_id", pa.string()), ("model_name", pa.string()), ("model_version", pa.string()),
+    ("role", pa.string()), ("seed", pa.int64()), ("score", pa.float64()), ("steps", pa.int64()),
+    ("off_track_rate", pa.float64()), ("interventions", pa.int64()), ("turn", pa.int64()),
+    ("created_at", pa.timestamp("us", tz="UTC")),
+])
+_SECRET_KEYS = ("secret", "password", "token", "access_key", "credential")
+
+
+def _redact(value: Any) -> Any:
+    """Config with credential-like keys replaced, so secrets are never written."""
+    if isinstance(value, dict):
+        return {k: "***" if any(s in str(k).lower() for s in _SECRET_KEYS) else _redact(v)
+                for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_redact(v) for v in value]
+    return value
+
+
+class Lake:
+    """Named Lance tables under one root URI."""
+
+    def __init__(self, uri: str, storage_options: dict[str, str] | None = None) -> None:
+        self.uri = uri.rstrip("/")
+        self.storage_options = storage.resolve_options(storage_options) if storage.is_s3(uri) else None
+
+    def __repr__(self) -> str:  # no storage options: they hold credentials
+        return f"Lake({self.uri!r})"
+
+    def table_uri(self, name: str) -> str:
+        return storage.join(self.uri, f"{name}.lance")
+
+    def dataset(self, name: str, version: int | str | None = None) -> lance.LanceDataset:
+        """The Lance dataset (latest, or at a version number or tag)."""
+        return lance.dataset(self.table_uri(name), version=version,
+                             storage_options=self.storage_options)
+
+    def exists(self, name: str) -> bool:
+        try:
+            self.dataset(name)
+        except ValueError as exc:
+            if "not found" in str(exc).lower():
+                return False
+            raise
+        return True
+
+    def append(self, name: str, table: pa.Table, *, key: str) -> int:
+        """Add the rows of ``table`` whose ``key`` is not in the table yet; returns rows added.
+
+        Creates the table if absent. Duplicate keys inside ``table`` keep their first row.
+        Nothing is committed when every key is already present.
+        """
+        if table.num_rows == 0:
+            return 0
+        if table.column(key).null_count:
+            raise ValueError(f"{name}: {table.column(key).null_count} rows have a null {key!r}")
+        first: dict[Any, int] = {}
+        for i, k in enumerate(table.column(key).to_pylist()):
+            first.setdefault(k, i)
+        if len(first) < table.num_rows:
+            table = table.take(sorted(first.values()))
+        if not self.exists(name):
+            lance.write_dataset(table, self.table_uri(name), mode="create",
+                                storage_options=self.storage_options)
+            return table.num_rows
+        ds = self.dataset(name)
+        if set(table.schema.names) != set(ds.schema.names):
+            raise ValueError(f"{name}: columns {sorted(table.schema.names)} do not match the "
+                             f"table's {sorted(ds.schema.names)}")
+        table = table.select(ds.schema.names).cast(ds.schema)
+        known = ds.to_table(columns=[key]).column(key)
+        table = table.filter(pc.invert(pc.is_in(table.column(key), value_set=known)))
+        if table.num_rows == 0:
+            return 0
+        result = ds.merge_insert(key).when_not_matched_insert_all().execute(table)
+        return int(result["num_inserted_rows"])
+
+    def read(self, name: str, *, columns: list[str] | None = None, filter: str | None = None,
+             version: int | str | None = None) -> pa.Table:
+        """Rows of a table (optionally at a version or tag) as Arrow."""
+        return self.dataset(name, version).to_table(columns=columns, filter=filter)
+
+    def count(self, name: str, filter: str | None = None) -> int:
+        """Row count; 0 for a table that does not exist yet."""
+        return self.dataset(name).count_rows(filter) if self.exists(name) else 0
+
+    def version(self, name: str) -> int:
+        """Latest version number; 0 for a table that does not exist yet."""
+        return self.dataset(name).version if self.exists(name) else 0
+
+    def tag(self, name: str, tag: str, version: int | None = None) -> int:
+        """Point ``tag`` at ``version`` (default latest), moving it if it exists; returns the version."""
+        ds = self.dataset(name)
+        version = ds.version if version is None else int(version)
+        if tag in ds.tags.list():
+            ds.tags.update(tag, version)
+        else:
+            ds.tags.create(tag, version)
+        return version
+
+    def tags(self, name: str) -> dict[str, int]:
+        return {t: info["version"] for t, info in self.dataset(name).tags.list().items()}
+
+    def checkout(self, name: str, tag_or_version: int | str) -> lance.LanceDataset:
+        """The dataset as of a tag or version number (``.to_table()`` for Arrow)."""
+        return self.dataset(name, tag_or_version)
+
+    def config_uri(self, name: str, version: int) -> str:
+        return storage.join(self.uri, "_configs", name, f"v{int(version)}.json")
+
+    def save_config(self, name: str, config: dict[str, Any], version: int | None = None) -> str:
+        """Write ``config`` (credentials redacted) as JSON beside a table version; returns its URI."""
+        version = self.version(name) if version is None else version
+        uri = self.config_uri(name, version)
+        data = json.dumps(_redact(config), indent=2, sort_keys=True, default=str).encode()
+        storage.write_bytes(uri, data, self.storage_options)
+        return uri
+
+    def load_config(self, name: str, version: int | None = None) -> dict[str, Any]:
+        """The config saved beside a table version (default latest)."""
+        version = self.version(name) if version is None else version
+        return json.loads(storage.read_bytes(self.config_uri(name, version), self.storage_options))
+
+
+def images(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A fixed-shape tensor image column as uint8 [N, H, W, 3]."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    return np.ascontiguousarray(arr.to_numpy_ndarray(), dtype=np.uint8)
+
+
+def vectors(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A fixed-size-list column (actions, labels, states) as float32 [N, D]."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    return arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), -1).astype(np.float32)

@@ -1,0 +1,154 @@
+"""Training batches of frame histories from the Lance frames table, by random access.
+
+The index is built from the light columns only (episode_id, step, origin); images are fetched
+per batch with ``dataset.take``. Rows are ordered by (episode_id, step) from the columns, never
+by their physical position, and every fetched row is checked against the index.
+"""
+from __future__ import annotations
+
+import lance
+import numpy as np
+import pyarrow as pa
+
+from stages import storage
+
+_LIGHT = ["episode_id", "step", "origin"]
+
+
+class _Pool:
+    """Window ids drawn without replacement, reshuffled each time the pool is exhausted."""
+
+    def __init__(self, ids: np.ndarray, rng: np.random.Generator) -> None:
+        self.ids, self.rng, self.order, self.cursor = ids, rng, ids[:0], 0
+
+    def draw(self, n: int) -> np.ndarray:
+        out: list[np.ndarray] = []
+        while n > 0:
+            if self.cursor >= len(self.order):
+                self.order, self.cursor = self.rng.permutation(self.ids), 0
+            take = self.order[self.cursor:self.cursor + n]
+            self.cursor += len(take)
+            n -= len(take)
+            out.append(take)
+        return np.concatenate(out) if out else self.ids[:0]
+
+
+class HistorySampler:
+    """Windows of ``history`` consecutive steps of one episode, ending at step t.
+
+    A window that reaches before the episode's first step repeats that first frame. Windows
+    that would span a gap in the steps (e.g. rows excluded by ``filter``) are left out of the
+    index and counted in ``skipped_windows``. With ``require_next`` only windows whose step
+    t+1 exists in the same episode are kept, and batches carry that next frame.
+    Windows (ordered by episode_id, step) are sharded round-robin over ``world_size`` ranks.
+    """
+
+    def __init__(self, frames_uri: str, *, history: int, storage_options: dict[str, str] | None = None,
+                 filter: str | None = None, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 require_next: bool = False) -> None:
+        if history < 1:
+            raise ValueError(f"history must be >= 1, got {history}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        options = storage.resolve_options(storage_options) if storage.is_s3(frames_uri) else None
+        self.dataset = lance.dataset(frames_uri, storage_options=options)
+        self.require_next = require_next
+        positions, episode, step, origin = self._light_index(filter)
+        where = f"{frames_uri} (filter {filter!r}, history {history}, require_next {require_next})"
+        if len(step) == 0:
+            raise ValueError(f"no windows: no rows in {where}")
+        order = np.lexsort((step, episode))
+        positions, episode, step, origin = positions[order], episode[order], step[order], origin[order]
+        # slots[j, k]: sorted-row index of history slot k of the window ending at sorted row j
+        rows = np.arange(len(step))
+        starts = np.flatnonzero(np.r_[True, episode[1:] != episode[:-1]])
+        first = starts[np.searchsorted(starts, rows, side="right") - 1]
+        back = np.arange(history - 1, -1, -1)
+        slots = np.maximum(rows[:, None] - back[None, :], first[:, None])
+        expected = np.maximum(step[:, None] - back[None, :], step[first][:, None])
+        valid = (step[slots] == expected).all(axis=1)
+        self.skipped_windows = int((~valid).sum())
+        nxt = np.minimum(rows + 1, len(rows) - 1)
+        if require_next:
+            valid &= (nxt > rows) & (episode[nxt] == episode) & (step[nxt] == step + 1)
+        ids = np.flatnonzero(valid)[rank::world_size]
+        if len(ids) == 0:
+            raise ValueError(f"no windows for rank {rank}/{world_size} in {where}")
+        self._rows = positions[slots[ids]]  # dataset offsets, [W, K]
+        self._next = positions[nxt[ids]]
+        synthetic = origin[ids] == "synthetic"
+        rng = np.random.default_rng([seed, rank])
+        self._all = _Pool(np.arange(len(ids)), rng)
+        self._real = _Pool(np.flatnonzero(~synthetic), rng)
+        self._synthetic = _Pool(np.flatnonzero(synthetic), rng)
+        self.n_synthetic, self.n_real = int(synthetic.sum()), int((~synthetic).sum())
+        by_offset = np.argsort(positions)
+        self._offsets, self._offset_keys = positions[by_offset], (episode[by_offset], step[by_offset])
+
+    def _light_index(self, filter: str | None) -> tuple[np.ndarray, ...]:
+        """Dataset offsets and light columns of the rows that pass ``filter``."""
+        table = self.dataset.to_table(columns=_LIGHT, filter=filter, with_row_address=True)
+        if filter is None:
+            offsets = np.arange(table.num_rows)
+        else:  # offsets count live rows in scan order: map the filtered rows' addresses onto them
+            address = self.dataset.to_table(columns=[], with_row_address=True).column("_rowaddr")
+            address = address.to_numpy()
+            sorter = np.argsort(address)
+            offsets = sorter[np.searchsorted(address, table.column("_rowaddr").to_numpy(),
+                                             sorter=sorter)]
+        return (offsets.astype(np.int64), np.asarray(table.column("episode_id").to_pylist(), object),
+                table.column("step").to_numpy().astype(np.int64),
+                np.asarray(table.column("origin").to_pylist(), object))
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def _draw(self, batch_size: int, synthetic_fraction: float | None) -> np.ndarray:
+        if synthetic_fraction is None or self.n_synthetic == 0 or self.n_real == 0:
+            return self._all.draw(batch_size)
+        if not 0.0 <= synthetic_fraction <= 1.0:
+            raise ValueError(f"synthetic_fraction must be in [0, 1], got {synthetic_fraction}")
+        n_syn = int(round(batch_size * synthetic_fraction))
+        return np.concatenate([self._synthetic.draw(n_syn), self._real.draw(batch_size - n_syn)])
+
+    def batch(self, batch_size: int, *, synthetic_fraction: float | None = None) -> dict[str, np.ndarray]:
+        """A random batch: frames_BKHWC uint8, label_B3, action_B3 float32 (+ next_BHWC).
+
+        ``synthetic_fraction`` of the batch comes from windows ending on synthetic rows
+        (None: the natural proportion; all real when there are no synthetic rows).
+        """
+        picks = self._draw(batch_size, synthetic_fraction)
+        rows = self._rows[picks]
+        wanted = [rows.reshape(-1), rows[:, -1]] + ([self._next[picks]] if self.require_next else [])
+        unique, inverse = np.unique(np.concatenate(wanted), return_inverse=True)
+        fetched = self.dataset.take(pa.array(unique), columns=["episode_id", "step", "image",
+                                                               "label", "action"])
+        self._check(unique, fetched)
+        images = fetched.column("image").combine_chunks().to_numpy_ndarray()
+        labels = _fixed(fetched.column("label"))
+        actions = _fixed(fetched.column("action"))
+        b, k = rows.shape
+        history_idx = inverse[:b * k].reshape(b, k)
+        end_idx = inverse[b * k:b * k + b]
+        out = {"frames_BKHWC": images[history_idx], "label_B3": labels[end_idx],
+               "action_B3": actions[end_idx]}
+        if self.require_next:
+            out["next_BHWC"] = images[inverse[b * k + b:]]
+        return out
+
+    def _check(self, offsets: np.ndarray, fetched: pa.Table) -> None:
+        """Every fetched row must be the (episode_id, step) the index holds for its offset."""
+        at = np.searchsorted(self._offsets, offsets)
+        episode, step = self._offset_keys[0][at], self._offset_keys[1][at]
+        got_episode = np.asarray(fetched.column("episode_id").to_pylist(), object)
+        got_step = fetched.column("step").to_numpy().astype(np.int64)
+        bad = np.flatnonzero((got_episode != episode) | (got_step != step))
+        if len(bad):
+            i = bad[0]
+            raise RuntimeError(f"row {offsets[i]} is {got_episode[i]}:{got_step[i]}, the index "
+                               f"expected {episode[i]}:{step[i]}: the table changed under the sampler")
+
+
+def _fixed(column: pa.ChunkedArray) -> np.ndarray:
+    arr = column.combine_chunks()
+    return arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), -1).astype(np.float32)

@@ -1,0 +1,159 @@
+"""Post-training on Ray Train: one TorchTrainer adapter for the world model and the policy.
+
+Workers read random frame histories straight from the Lance `frames` table (each worker its own
+shard, `stages.sampler.HistorySampler`), so no Ray Data read competes with the workers for the
+two cores (STACK.md). Each worker wraps the model's own `loss` in a module so that DDP's
+gradient hooks see it. Rank 0 saves the checkpoint (safetensors + resolved config.json).
+Resources are declared here: `num_workers`, `cpus_per_worker`, `use_gpu`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from stages.sampler import HistorySampler
+
+# kind -> (module path, whether the sampler must provide the next frame)
+MODEL_KINDS = {"policy": ("models.policy", False), "world_model": ("models.world_model", True)}
+
+
+def _model_module(kind: str):
+    import importlib
+
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"unknown model kind {kind!r}; expected one of {sorted(MODEL_KINDS)}")
+    return importlib.import_module(MODEL_KINDS[kind][0])
+
+
+class _LossModule(nn.Module):
+    """Routes a model's `loss` through `forward`, so DistributedDataParallel syncs its gradients."""
+
+    def __init__(self, model: nn.Module, kind: str):
+        super().__init__()
+        self.model, self.kind = model, kind
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.kind == "policy":
+            return self.model.loss(batch["frames_BKHWC"], batch["label_B3"])
+        return self.model.loss(batch["frames_BKHWC"], batch["action_B3"], batch["next_BHWC"])
+
+
+def _to_torch(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(v).to(device) for k, v in batch.items()}
+
+
+def _build(kind: str, config: dict, init_dir: str | None) -> nn.Module:
+    module = _model_module(kind)
+    if init_dir:
+        return module.load(init_dir)
+    model_cls = module.Policy if kind == "policy" else module.WorldModel
+    return model_cls(module.config_from_dict(config))
+
+
+def _split_filter(split: str, base: str | None) -> str:
+    clause = f"split = '{split}'"
+    return f"({base}) AND {clause}" if base else clause
+
+
+def train_loop(cfg: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(cfg["threads"])))
+    torch.manual_seed(cfg["seed"] + rank)
+    device = ray.train.torch.get_device()
+    model = _build(cfg["kind"], cfg["model_config"], cfg.get("init_dir"))
+    hp = cfg["model_config"]
+    wrapped = ray.train.torch.prepare_model(_LossModule(model, cfg["kind"]))
+    sampler = HistorySampler(
+        cfg["frames_uri"], history=hp["history"], storage_options=cfg["storage_options"],
+        filter=_split_filter("train", cfg["filter"]), rank=rank, world_size=world,
+        seed=cfg["seed"], require_next=cfg["require_next"])
+    opt = torch.optim.AdamW(wrapped.parameters(), lr=hp["lr"], weight_decay=hp.get("weight_decay", 0.0))
+    steps, per_worker = cfg["steps"], max(1, hp["batch_size"] // world)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp["lr"], total_steps=steps, pct_start=0.1)
+    report_every, start, running = max(1, steps // 10), time.perf_counter(), []
+    for step in range(steps):
+        batch = _to_torch(sampler.batch(per_worker, synthetic_fraction=cfg["synthetic_fraction"]), device)
+        loss = wrapped(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(wrapped.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        running.append(float(loss.detach()))
+        last = step == steps - 1
+        if (step + 1) % report_every and not last:
+            continue
+        elapsed = time.perf_counter() - start
+        metrics = {"step": step + 1, "loss": sum(running) / len(running),
+                   "samples_per_s": (step + 1) * per_worker * world / elapsed, "wall_s": elapsed}
+        running = []
+        if not last:
+            ray.train.report(metrics)
+            continue
+        metrics["val_loss"] = _validate(model, cfg, device) if rank == 0 else None
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                _model_module(cfg["kind"]).save(model, tmp)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+
+@torch.no_grad()
+def _validate(model: nn.Module, cfg: dict, device: torch.device, batches: int = 4) -> float | None:
+    """Mean loss on the held-out `val` split of real frames (None when that split is empty)."""
+    try:
+        sampler = HistorySampler(
+            cfg["frames_uri"], history=cfg["model_config"]["history"],
+            storage_options=cfg["storage_options"], filter=_split_filter("val", "origin = 'real'"),
+            seed=cfg["seed"] + 7, require_next=cfg["require_next"])
+    except ValueError as err:  # no validation episodes (e.g. val_fraction = 0)
+        if "no windows" in str(err):
+            return None
+        raise
+    wrapped, losses = _LossModule(model, cfg["kind"]).eval(), []
+    for _ in range(batches):
+        losses.append(float(wrapped(_to_torch(sampler.batch(cfg["model_config"]["batch_size"]), device))))
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def train_model(kind: str, *, frames_uri: str, model_config, storage_path: str, steps: int | None = None,
+                storage_options: dict | None = None, num_workers: int = 2, cpus_per_worker: float = 1.0,
+                use_gpu: bool = False, synthetic_fraction: float | None = None, init_dir: str | None = None,
+                filter: str | None = None, seed: int = 0, run_name: str | None = None) -> dict:
+    """Train `kind` on the frames table with a TorchTrainer; returns metrics and the checkpoint dir."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    _model_module(kind)  # validates the kind
+    require_next = MODEL_KINDS[kind][1]
+    config = dataclasses.asdict(model_config)
+    loop_config = {
+        "kind": kind, "model_config": config, "frames_uri": frames_uri,
+        "storage_options": storage_options, "steps": int(steps or config["steps"]),
+        "synthetic_fraction": synthetic_fraction, "init_dir": init_dir, "filter": filter,
+        "seed": seed, "require_next": require_next, "threads": max(1, int(cpus_per_worker)),
+    }
+    trainer = TorchTrainer(
+        train_loop, train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=RunConfig(name=run_name or f"{kind}-{int(time.time())}",
+                             storage_path=os.path.abspath(storage_path)),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training {kind} produced no checkpoint: {result.error}")
+    return {"checkpoint_dir": result.checkpoint.path, "metrics": dict(result.metrics)}

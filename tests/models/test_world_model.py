@@ -1,0 +1,175 @@
+"""The world model: shapes and contracts, training signal, action conditioning, checkpoints, metrics."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from models.world_model import (
+    WorldModel,
+    WorldModelConfig,
+    config_from_dict,
+    copy_last_baseline,
+    frame_metrics,
+    load,
+    preset,
+    rollout_metrics,
+    save,
+)
+
+CFG = preset("tiny")
+S = CFG.image_size
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: tiny convolutions on 2 busy cores are many times slower with two."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def random_history(batch: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (batch, CFG.history, S, S, 3), dtype=np.uint8)
+
+
+def gas_task(batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A transition whose next frame is set by the action alone: white if gas is 1, black if 0."""
+    history = torch.from_numpy(random_history(batch, seed))
+    gas = (torch.arange(batch) % 2).float()
+    action = torch.stack([torch.zeros(batch), gas, torch.zeros(batch)], dim=1)
+    target = (gas * 255).to(torch.uint8)[:, None, None, None].expand(batch, S, S, 3).contiguous()
+    return history, action, target
+
+
+def seeded_loss(model: WorldModel, batch) -> float:
+    torch.manual_seed(123)  # the same noise levels and noise before and after training
+    with torch.no_grad():
+        return model.loss(*batch).item()
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny model overfitted on one batch of the gas task; (model, batch, loss before, loss after)."""
+    torch.manual_seed(0)
+    model = WorldModel(dataclasses.replace(CFG, lr=1e-2, train_sigma_max_prob=0.5))
+    batch = gas_task(8, seed=1)
+    before = seeded_loss(model, batch)
+    opt = model.make_optimizer()
+    for _ in range(40):
+        loss = model.loss(*batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), batch, before, seeded_loss(model, batch)
+
+
+def test_presets_derive_and_validate():
+    assert preset("default") == WorldModelConfig()
+    assert preset("tiny").image_size == preset("gpu").image_size == 64
+    assert config_from_dict(dataclasses.asdict(preset("gpu"))) == preset("gpu")
+    with pytest.raises(ValueError, match="unknown world-model preset"):
+        preset("huge")
+    with pytest.raises(ValueError, match="divisible"):
+        dataclasses.replace(CFG, image_size=30)
+    with pytest.raises(ValueError, match="unknown WorldModelConfig fields"):
+        config_from_dict({"image_size": 64, "bogus": 1})
+
+
+def test_predict_and_rollout_shapes_numpy_and_torch():
+    model = WorldModel(CFG)
+    history = random_history(2)
+    out = model.predict(history, np.zeros((2, 3), np.float32))
+    assert isinstance(out, np.ndarray) and out.dtype == np.uint8 and out.shape == (2, S, S, 3)
+    frames = model.rollout(history, np.zeros((2, 5, 3)), steps=2)
+    assert isinstance(frames, np.ndarray) and frames.dtype == np.uint8 and frames.shape == (2, 5, S, S, 3)
+    frames_t = model.rollout(torch.from_numpy(history), torch.zeros(2, 3, 3))
+    assert isinstance(frames_t, torch.Tensor) and frames_t.dtype == torch.uint8
+    assert frames_t.shape == (2, 3, S, S, 3)
+
+
+def test_bad_input_is_a_clear_error():
+    model = WorldModel(CFG)
+    history = random_history(2)
+    with pytest.raises(ValueError, match="uint8"):
+        model.predict(history.astype(np.float32), np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="history must"):
+        model.predict(history[:, :2], np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="actions must"):
+        model.predict(history, np.zeros((3, 3)))
+    with pytest.raises(ValueError, match="NaN"):
+        model.predict(history, np.full((2, 3), np.nan))
+    with pytest.raises(ValueError, match="target must"):
+        model.loss(torch.from_numpy(history), torch.zeros(2, 3), torch.zeros(2, 32, 32, 3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="steps"):
+        model.predict(history, np.zeros((2, 3)), steps=0)
+
+
+def test_gradients_reach_the_action_mlp():
+    model = WorldModel(CFG)
+    model.loss(*gas_task(4, seed=0)).backward()
+    for name, p in model.cond_mlp.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_loss_decreases_when_overfitting(trained):
+    _, _, before, after = trained
+    assert after < 0.5 * before, (before, after)
+
+
+def test_actions_condition_the_prediction(trained):
+    model, (history, _, _), _, _ = trained
+    brightness = {}
+    for gas in (0.0, 1.0):
+        action = torch.tensor([[0.0, gas, 0.0]]).expand(len(history), 3)
+        pred = model.predict(history, action, steps=1, generator=torch.Generator().manual_seed(0))
+        brightness[gas] = pred.float().mean().item()
+    assert brightness[1.0] - brightness[0.0] > 60, brightness
+
+
+def test_save_load_round_trip(trained, tmp_path):
+    model, (history, action, _), _, _ = trained
+    save(model, tmp_path / "wm")
+    assert {p.name for p in (tmp_path / "wm").iterdir()} == {"model.safetensors", "config.json"}
+    restored = load(tmp_path / "wm")
+    assert restored.config == model.config
+    a, b = (m.predict(history, action, steps=2, generator=torch.Generator().manual_seed(7)) for m in (model, restored))
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="not a world-model checkpoint"):
+        load(tmp_path)
+
+
+def test_load_from_s3(trained, tmp_path, s3_server):
+    import pyarrow.fs as pafs
+
+    endpoint, options = s3_server
+    model, (history, action, _), _, _ = trained
+    save(model, tmp_path / "wm")
+    scheme, host = endpoint.split("://")
+    s3 = pafs.S3FileSystem(access_key=options["access_key_id"], secret_key=options["secret_access_key"],
+                           endpoint_override=host, scheme=scheme, region=options["region"])
+    pafs.copy_files(str(tmp_path / "wm"), "lake/models/wm-test", destination_filesystem=s3)
+    restored = load("s3://lake/models/wm-test", storage_options=options)
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    assert torch.equal(model.predict(history, action, generator=g()), restored.predict(history, action, generator=g()))
+    with pytest.raises(ValueError, match="does not exist"):
+        load("s3://lake/models/missing", storage_options=options)
+
+
+def test_frame_metrics_and_copy_last_baseline():
+    history = random_history(2)
+    future = np.repeat(history[:, -1:], 3, axis=1)
+    baseline = copy_last_baseline(history, 3)
+    assert baseline.shape == (2, 3, S, S, 3) and np.array_equal(baseline, future)
+    perfect = frame_metrics(baseline, future)
+    assert perfect["horizon"] == [1, 2, 3] and min(perfect["psnr"]) > 100
+    assert np.allclose(perfect["ssim"], 1.0)
+    off = frame_metrics(np.clip(future.astype(int) + 10, 0, 255).astype(np.uint8), np.minimum(future, 245))
+    assert np.allclose(off["psnr"], 10 * np.log10(255 ** 2 / 100))
+    with pytest.raises(ValueError, match="pred and true"):
+        frame_metrics(baseline, future[:, :2])
+    report = rollout_metrics(WorldModel(CFG), history, np.zeros((2, 3, 3)), future, steps=1)
+    assert report["copy_last"] == perfect and len(report["model"]["psnr"]) == 3

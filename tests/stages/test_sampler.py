@@ -1,0 +1,138 @@
+"""HistorySampler: windows stay inside episodes, pad at the start, honour the real/synthetic mix."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from stages.curate import episode_to_tables
+from stages.lake import Lake
+from stages.sampler import HistorySampler
+
+SIZE = 8
+# (episode index, length, origin); channel 0 of every pixel = episode index, channel 1 = step
+EPISODES = [(1, 7, "real"), (2, 3, "real"), (3, 12, "real"), (4, 10, "synthetic"), (5, 1, "real")]
+
+
+def coded_episode(index: int, length: int) -> dict:
+    steps = np.arange(length)
+    frames = np.zeros((length, SIZE, SIZE, 3), np.uint8)
+    frames[..., 0], frames[..., 1] = index, steps[:, None, None]
+    actions = np.column_stack([np.full(length, index), steps, np.zeros(length)]).astype(np.float32)
+    return {"frames": frames, "actions": actions, "labels": actions + 0.5,
+            "timestamps_ns": steps.astype(np.int64) * 20_000_000}
+
+
+def decode(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(episode index, step) of each frame, from its pixels."""
+    return frames[..., 0, 0, 0].astype(int), frames[..., 0, 0, 1].astype(int)
+
+
+@pytest.fixture(scope="module")
+def frames_uri(tmp_path_factory) -> str:
+    """A frames table written in shuffled physical order, in two appends."""
+    tables = [episode_to_tables(coded_episode(i, n), episode_id=f"ep-{i}", source_uri="", content_hash="",
+                                turn=0, origin=origin, parent_episode_id="", generator_version="",
+                                label_source="privileged_expert", split="val" if i == 3 else "train")[1]
+              for i, n, origin in EPISODES]
+    table = pa.concat_tables(tables)
+    table = table.take(np.random.default_rng(0).permutation(table.num_rows))
+    lake = Lake(str(tmp_path_factory.mktemp("lake")))
+    lake.append("frames", table.slice(0, 15), key="frame_id")
+    lake.append("frames", table.slice(15), key="frame_id")
+    return lake.table_uri("frames")
+
+
+def check_windows(frames_bkhwc: np.ndarray) -> None:
+    """Every window is one episode, consecutive steps, padded with the first frame at the start."""
+    episode, step = decode(frames_bkhwc)
+    assert (episode == episode[:, -1:]).all()
+    k = frames_bkhwc.shape[1]
+    expected = np.maximum(step[:, -1:] - np.arange(k - 1, -1, -1)[None, :], 0)
+    np.testing.assert_array_equal(step, expected)
+
+
+def test_windows_stay_inside_episodes_and_pad_at_start(frames_uri):
+    sampler = HistorySampler(frames_uri, history=4, seed=1)
+    assert len(sampler) == sum(n for _, n, _ in EPISODES) and sampler.skipped_windows == 0
+    batch = sampler.batch(64)
+    assert batch["frames_BKHWC"].shape == (64, 4, SIZE, SIZE, 3)
+    assert batch["frames_BKHWC"].dtype == np.uint8 and batch["label_B3"].dtype == np.float32
+    check_windows(batch["frames_BKHWC"])
+    episode, step = decode(batch["frames_BKHWC"][:, -1])
+    np.testing.assert_array_equal(batch["action_B3"][:, :2], np.column_stack([episode, step]))
+    np.testing.assert_array_equal(batch["label_B3"], batch["action_B3"] + 0.5)
+    padded = step < 3
+    assert padded.any()  # windows at an episode start repeat its first frame
+    assert "next_BHWC" not in batch
+
+
+def test_draws_cover_every_window_once_per_epoch(frames_uri):
+    sampler = HistorySampler(frames_uri, history=1, seed=0)
+    frames = sampler.batch(len(sampler))["frames_BKHWC"][:, 0]
+    pairs = set(zip(*decode(frames)))
+    assert len(pairs) == len(sampler)
+
+
+def test_require_next(frames_uri):
+    sampler = HistorySampler(frames_uri, history=3, require_next=True, seed=2)
+    assert len(sampler) == sum(n - 1 for _, n, _ in EPISODES)
+    batch = sampler.batch(48)
+    check_windows(batch["frames_BKHWC"])
+    end_episode, end_step = decode(batch["frames_BKHWC"][:, -1])
+    next_episode, next_step = decode(batch["next_BHWC"])
+    np.testing.assert_array_equal(next_episode, end_episode)
+    np.testing.assert_array_equal(next_step, end_step + 1)
+
+
+def test_synthetic_fraction(frames_uri):
+    sampler = HistorySampler(frames_uri, history=2, seed=3)
+    assert (sampler.n_real, sampler.n_synthetic) == (23, 10)
+    for fraction in (0.0, 0.25, 1.0):
+        episode, _ = decode(sampler.batch(16, synthetic_fraction=fraction)["frames_BKHWC"][:, -1])
+        assert (episode == 4).sum() == round(16 * fraction)
+    with pytest.raises(ValueError, match="synthetic_fraction"):
+        sampler.batch(4, synthetic_fraction=1.5)
+    real_only = HistorySampler(frames_uri, history=2, filter="origin = 'real'")
+    episode, _ = decode(real_only.batch(16, synthetic_fraction=0.5)["frames_BKHWC"][:, -1])
+    assert (episode != 4).all()  # no synthetic rows: the whole batch is real
+
+
+def test_filter_and_shards(frames_uri):
+    val = HistorySampler(frames_uri, history=2, filter="split = 'val'")
+    episode, _ = decode(val.batch(8)["frames_BKHWC"])
+    assert len(val) == 12 and (episode == 3).all()
+    shards = [HistorySampler(frames_uri, history=1, rank=r, world_size=2) for r in range(2)]
+    seen = [set(zip(*decode(s.batch(len(s))["frames_BKHWC"][:, 0]))) for s in shards]
+    assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 33
+
+
+def test_gaps_from_deleted_rows_are_not_bridged(tmp_path):
+    lake = Lake(str(tmp_path))
+    _, table = episode_to_tables(coded_episode(7, 8), episode_id="ep-7", source_uri="",
+                                 content_hash="", turn=0, origin="real", parent_episode_id="",
+                                 generator_version="", label_source="executed", split="train")
+    lake.append("frames", table, key="frame_id")
+    lake.dataset("frames").delete("step = 4")
+    sampler = HistorySampler(lake.table_uri("frames"), history=3, filter="step >= 1")
+    # steps 1..3 and 5..7 remain; windows ending at 5 and 6 would bridge the gap
+    assert len(sampler) == 4 and sampler.skipped_windows == 2
+    _, steps = decode(sampler.batch(20)["frames_BKHWC"])
+    assert set(steps[:, -1]) == {1, 2, 3, 7}
+    assert np.isin(np.diff(steps, axis=1), [0, 1]).all()  # padded (1,1,2) or consecutive
+
+
+def test_sampler_on_s3(s3_server):
+    _, options = s3_server
+    lake = Lake("s3://lake/sampler-test", options)
+    _, table = episode_to_tables(coded_episode(9, 5), episode_id="ep-9", source_uri="",
+                                 content_hash="", turn=0, origin="real", parent_episode_id="",
+                                 generator_version="", label_source="executed", split="train")
+    lake.append("frames", table, key="frame_id")
+    sampler = HistorySampler(lake.table_uri("frames"), history=2, storage_options=options)
+    check_windows(sampler.batch(5)["frames_BKHWC"])
+
+
+def test_empty_selection_is_a_clear_error(frames_uri):
+    with pytest.raises(ValueError, match="no windows"):
+        HistorySampler(frames_uri, history=2, filter="split = 'nope'")
