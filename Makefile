@@ -39,7 +39,7 @@ test-all: $(STAMP)
 serve: $(STAMP)  ## keep the champion's endpoint up
 	$(BIN)/worldloop serve --lake $(LAKE) --landing $(LANDING)
 
-prefect-server: $(STAMP)  ## a real Prefect server with the UI on http://127.0.0.1:4200
+prefect-server: $(STAMP)  ## a real Prefect server with the UI on http://127.0.0.1:4200 (see infra/)
 	$(BIN)/prefect server start --host 127.0.0.1 --port 4200
 
 deploy: $(STAMP)  ## register prefect.yaml's deployments with the server at PREFECT_API_URL

@@ -70,6 +70,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     app_name: str = "act"
+    route_prefix: str = "/"  # POST /act, GET /healthz at the root; later apps take their own prefix
     num_replicas: int = 1
 
 

@@ -35,7 +35,7 @@ def serve_champion(ctx: Context) -> dict:
     s = ctx.config.serve
     url = deploy(registry_uri=ctx.lake_uri, model_name=POLICY, alias="champion",
                  storage_options=ctx.storage_options, host=s.host, port=s.port, app_name=s.app_name,
-                 num_replicas=s.num_replicas)
+                 num_replicas=s.num_replicas, route_prefix=s.route_prefix)
     champion = ctx.registry.get(POLICY, alias="champion")
     k = champion.config["history"]
     frames = ctx.lake.read("frames", columns=["image"], filter="origin = 'real' AND step >= 60 AND step < 64")

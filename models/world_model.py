@@ -14,6 +14,11 @@ A small diffusion generator built from diffusers blocks, following
 * Cosmos (NVIDIA 2025) framing: a world model is f(past frames, action) -> future frames that is
   post-trained on domain data and doubles as a neural simulator (`rollout`).
 
+By default the diffused quantity is the scaled change from the last context frame,
+(next - last) / delta_scale, not the frame itself: an untrained denoiser then starts at the
+copy-last-frame baseline, which on a few minutes of CPU training matters (frames change little per
+step; the scale brings the change to DIAMOND's sigma_data). delta_scale=None diffuses whole frames.
+
 The denoiser is a diffusers `UNet2DModel` over `pixel_unshuffle`d inputs (a large CPU speed-up);
 the action (and the context-noise level) go through a small MLP into `class_labels` with
 `class_embed_type="identity"`, i.e. they are added to the time embedding, which modulates every
@@ -57,6 +62,7 @@ class WorldModelConfig:
     norm_groups: int = 32
     unshuffle: int = 2  # pixel_unshuffle factor before the U-Net
     # EDM / DIAMOND noise levels (frames are normalised to [-1, 1])
+    delta_scale: float | None = 0.15  # diffuse (next - last) / delta_scale; None: the next frame itself
     sigma_data: float = 0.5
     sigma_min: float = 2e-3
     sigma_max: float = 5.0
@@ -83,6 +89,8 @@ class WorldModelConfig:
             raise ValueError(f"channels {self.channels} must be multiples of norm_groups {self.norm_groups}")
         if not 0 < self.sigma_min < self.sigma_max:
             raise ValueError(f"need 0 < sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}")
+        if self.delta_scale is not None and self.delta_scale <= 0:
+            raise ValueError(f"delta_scale must be positive or None, got {self.delta_scale}")
         if self.sampling_steps < 1:
             raise ValueError(f"sampling_steps must be >= 1, got {self.sampling_steps}")
 
@@ -188,6 +196,15 @@ class WorldModel(nn.Module):
         out = self.unet(F.pixel_unshuffle(stacked, r), c_noise_B, class_labels=cond).sample
         return F.pixel_shuffle(out, r)
 
+    def _frame_to_x(self, frame_BCHW: torch.Tensor, context_BKCHW: torch.Tensor) -> torch.Tensor:
+        """The diffused variable: the frame, or its scaled change from the last context frame."""
+        s = self.config.delta_scale
+        return frame_BCHW if s is None else (frame_BCHW - context_BKCHW[:, -1]) / s
+
+    def _x_to_frame(self, x_BCHW: torch.Tensor, context_BKCHW: torch.Tensor) -> torch.Tensor:
+        s = self.config.delta_scale
+        return x_BCHW if s is None else context_BKCHW[:, -1] + s * x_BCHW
+
     def _precondition(self, sigma_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """EDM's (c_skip, c_out, c_in) as [B, 1, 1, 1]."""
         sd = self.config.sigma_data
@@ -197,7 +214,7 @@ class WorldModel(nn.Module):
 
     def denoise(self, x_BCHW: torch.Tensor, sigma_B: torch.Tensor, context_BKCHW: torch.Tensor,
                 action_BA: torch.Tensor, context_sigma_B: torch.Tensor | None = None) -> torch.Tensor:
-        """D(x_sigma) = c_skip x + c_out F(c_in x): the clean-frame estimate, normalised [-1, 1]."""
+        """D(x_sigma) = c_skip x + c_out F(c_in x): the denoised estimate of the diffused variable."""
         if context_sigma_B is None:
             context_sigma_B = torch.zeros_like(sigma_B)
         c_skip, c_out, c_in = self._precondition(sigma_B)
@@ -231,7 +248,7 @@ class WorldModel(nn.Module):
             raise ValueError(f"target batch {target.shape[0]} does not match history batch {B}")
         action = self._check_actions(action, B, 2)
         context = _normalise(history.to(self.device))
-        x0 = _normalise(target.to(self.device))
+        x0 = self._frame_to_x(_normalise(target.to(self.device)), context)
         context_sigma = torch.rand(B, device=self.device) * self.config.context_noise_max
         context = context + context_sigma[:, None, None, None, None] * torch.randn_like(context)
         sigma = self.sample_sigma(B)
@@ -251,7 +268,7 @@ class WorldModel(nn.Module):
         for s, s_next in zip(sigmas[:-1], sigmas[1:]):
             denoised = self.denoise(x, s.expand(B), context_BKCHW, action_BA)
             x = x + (x - denoised) / s * (s_next - s)
-        return x
+        return self._x_to_frame(x, context_BKCHW)
 
     def _steps(self, steps: int | None) -> int:
         steps = self.config.sampling_steps if steps is None else int(steps)
@@ -376,7 +393,7 @@ def frame_metrics(pred_BTHWC: torch.Tensor | np.ndarray, true_BTHWC: torch.Tenso
     if pred.shape != true.shape or pred.ndim != 5 or pred.shape[-1] != 3:
         raise ValueError(f"pred and true must both be [B, T, H, W, 3], got {tuple(pred.shape)} and {tuple(true.shape)}")
     B, T = pred.shape[:2]
-    p, t = pred.double(), true.double()
+    p, t = pred.float(), true.float()
     mse_T = ((p - t) ** 2).mean(dim=(0, 2, 3, 4))
     psnr_T = 10 * torch.log10(255.0 ** 2 / mse_T.clamp_min(1e-10))
     ssim_T = _ssim_BC(p.flatten(0, 1).movedim(-1, 1), t.flatten(0, 1).movedim(-1, 1)).view(B, T).mean(0)

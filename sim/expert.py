@@ -7,7 +7,8 @@ curvature ahead, v ≤ √(a_lat/κ), propagated back with a braking deceleratio
 reads the simulator's own track and car state (privileged); it never looks at pixels.
 
 `NoisyExpert` is the turn-0 fleet driver: Gaussian action noise plus occasional steer pulses
-that push the car towards the edge, so recoveries appear in the logs (DART, Laskey et al. 2017).
+that push the car towards the edge and brake pulses that slow it down (sometimes to a halt), so
+recoveries from both appear in the logs (DART, Laskey et al. 2017).
 The training label stays the clean expert action for the observed state (rollout records it).
 """
 from __future__ import annotations
@@ -102,13 +103,16 @@ class Expert:
 
 @dataclass(frozen=True)
 class NoiseConfig:
-    """Exploration noise of the fleet expert (DART-style) and steer perturbation pulses."""
+    """Exploration noise of the fleet expert (DART-style): action noise, steer and brake pulses."""
 
-    steer_std: float = 0.1
+    steer_std: float = 0.05
     gas_std: float = 0.1
     pulse_prob: float = 0.01  # chance per step to start a steer pulse
     pulse_steps: tuple[int, int] = (5, 15)  # pulse length range (inclusive)
     pulse_steer: tuple[float, float] = (0.15, 0.4)  # pulse magnitude range, random sign
+    brake_prob: float = 0.003  # chance per step to start a brake pulse (slow and stopped states)
+    brake_steps: tuple[int, int] = (15, 50)
+    brake: float = 0.8
     start_step: int = 60  # no noise during the zoom-in intro
 
 
@@ -122,11 +126,12 @@ class NoisyExpert:
         self._t = 0
         self._pulse_left = 0
         self._pulse = 0.0
+        self._brake_left = 0
 
     def reset(self, env, seed: int | None = None) -> None:
         self.expert.reset(env)
         self._rng = np.random.default_rng(None if seed is None else [seed, 0x5EED])
-        self._t, self._pulse_left, self._pulse = 0, 0, 0.0
+        self._t, self._pulse_left, self._pulse, self._brake_left = 0, 0, 0.0, 0
 
     def act(self, env, frame: np.ndarray | None = None) -> np.ndarray:
         n, rng = self.noise, self._rng
@@ -137,10 +142,15 @@ class NoisyExpert:
         if self._pulse_left == 0 and rng.random() < n.pulse_prob:
             self._pulse_left = int(rng.integers(n.pulse_steps[0], n.pulse_steps[1] + 1))
             self._pulse = float(rng.uniform(*n.pulse_steer)) * rng.choice([-1.0, 1.0])
+        if self._brake_left == 0 and rng.random() < n.brake_prob:
+            self._brake_left = int(rng.integers(n.brake_steps[0], n.brake_steps[1] + 1))
         action += rng.normal(0.0, [n.steer_std, n.gas_std, 0.0])
         if self._pulse_left > 0:
             action[0] += self._pulse
             self._pulse_left -= 1
+        if self._brake_left > 0:
+            action[1:] = (0.0, n.brake)
+            self._brake_left -= 1
         return np.array([np.clip(action[0], -1, 1), np.clip(action[1], 0, 1), np.clip(action[2], 0, 1)],
                         dtype=np.float32)
 

@@ -88,6 +88,7 @@ class SafetyConfig:
     predict_s: float = 0.3  # horizon of the constant-yaw-rate position prediction, seconds
     edge_offset: float = 5.0  # predicted |lateral offset| that triggers (road half-width 6.67) ...
     min_offset: float = 2.5  # ... once the car is this far out (steer noise makes short yaw spikes)
+    min_heading: float = 0.3  # ... or turned this far (rad) from the road direction
     max_offset: float = 5.5  # current |lateral offset| that triggers (the expert cuts bends to ~3.8)
     heading_limit: float = 1.0  # |heading error| (rad) that triggers while moving
     stall_speed: float = 3.0  # units/s
@@ -134,8 +135,9 @@ class SafetyMonitor:
         reason = ""
         if is_off_track(env):
             reason = "off_track"
-        elif abs(offset) > c.max_offset or (abs(offset) > c.min_offset and
-                                            abs(self.predicted_offset(hull, track_index)) > c.edge_offset):
+        elif abs(offset) > c.max_offset or (
+                (abs(offset) > c.min_offset or abs(heading_err) > c.min_heading)
+                and abs(self.predicted_offset(hull, track_index)) > c.edge_offset):
             reason = "edge"
         elif abs(heading_err) > c.heading_limit and speed > c.stall_speed:
             reason = "heading"

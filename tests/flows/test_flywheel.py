@@ -80,7 +80,7 @@ def test_served_champion_answers_a_real_frame(turn):
     promote = turn["stages"]["promote"]
     if not promote["promote"]:
         pytest.fail(f"tiny candidate was not promoted, so nothing is served: {promote['reason']}")
-    url = promote["endpoint"]["url"]
+    url = promote["endpoint"]["url"].rstrip("/")
     champion = turn["ctx"].registry.get("policy", alias="champion")
     k = champion.config["history"]
     frames = turn["ctx"].lake.read("frames", columns=["image"], filter="origin = 'real' AND step < 8")
@@ -91,3 +91,5 @@ def test_served_champion_answers_a_real_frame(turn):
     assert reply.json()["model_version"] == champion.version
     bad = requests.post(f"{url}/act", json={"frames": ["@@@"], "encoding": "raw_base64"}, timeout=30)
     assert 400 <= bad.status_code < 500 and bad.json()
+    assert requests.get(f"{url}/healthz", timeout=30).json()["model_version"] == champion.version
+    assert "/act" in requests.get(f"{url}/openapi.json", timeout=30).json()["paths"]
