@@ -54,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("evaluate", parents=[common, turn, version], help="closed-loop evaluation")
     promote = sub.add_parser("promote", parents=[common, version], help="gate and roll out to Ray Serve")
     promote.add_argument("--no-serve", action="store_true")
+    sub.add_parser("status", parents=[common], help="tables, registry and turns of a lake")
     serve = sub.add_parser("serve", parents=[common], help="serve the champion until interrupted")
     serve.add_argument("--port", type=int, default=None)
     return parser
@@ -77,7 +78,26 @@ def _dispatch(args: argparse.Namespace) -> dict:
         return evaluate.evaluate_flow(**common, version=args.version, turn=args.turn)
     if args.command == "promote":
         return promote.promote_flow(**common, version=args.version, serve=not args.no_serve)
+    if args.command == "status":
+        return _status(args)
     return _serve(args)
+
+
+def _status(args: argparse.Namespace) -> dict:
+    """What the lake holds: table rows, versions and turn tags; registry versions and aliases."""
+    from flows.runtime import POLICY, WORLD_MODEL, Context
+
+    ctx = Context.create(config=args.config, lake=args.lake, landing=args.landing)
+    tables = {name: {"rows": ctx.lake.count(name), "version": ctx.lake.version(name),
+                     "tags": sorted(ctx.lake.tags(name))}
+              for name in ("episodes", "frames", "rejects", "sources", "evaluations", "turns")
+              if ctx.lake.exists(name)}
+    models = {}
+    for name in (POLICY, WORLD_MODEL):
+        champion = ctx.registry.get(name, alias="champion")
+        models[name] = {"versions": [mv.version for mv in ctx.registry.versions(name)],
+                        "champion": champion.version if champion else None}
+    return {"lake": ctx.lake_uri, "next_turn": ctx.current_turn(), "tables": tables, "models": models}
 
 
 def _serve(args: argparse.Namespace) -> dict:

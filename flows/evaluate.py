@@ -37,28 +37,30 @@ def _driver(ctx: Context, name: str, version: str) -> dict:
 
 
 @task(name="closed-loop-rollouts", cache_policy=NO_CACHE)
-def evaluate_driver(ctx: Context, name: str, version: str, role: str, turn: int) -> list[dict]:
-    """Per-seed rows for one driver, from the table where present, else by driving."""
+def evaluate_drivers(ctx: Context, drivers: dict[str, tuple[str, str]], turn: int) -> dict[str, list[dict]]:
+    """Per-seed rows for each role's driver: from the table where present, else by driving.
+
+    All missing (driver, seed) rollouts share one pool, so no driver waits for another's tail.
+    """
     seeds = list(ctx.config.eval.seeds)
-    ids = {s: eval_id(ctx, name, version, s) for s in seeds}
+    ids = {(role, s): eval_id(ctx, name, version, s) for role, (name, version) in drivers.items() for s in seeds}
     have = {}
     if ctx.lake.exists("evaluations"):
-        quoted = ", ".join(f"'{i}'" for i in ids.values())
+        quoted = ", ".join(f"'{i}'" for i in set(ids.values()))
         have = {r["eval_id"]: r for r in ctx.lake.read("evaluations", filter=f"eval_id IN ({quoted})").to_pylist()}
-    missing = [s for s in seeds if ids[s] not in have]
+    missing = [(role, s) for (role, s), i in ids.items() if i not in have]
     if missing:
-        results = adapters.run_rollouts(missing, spec=_driver(ctx, name, version), world=ctx.config.world,
-                                        safety="shadow",
-                                        storage_options=ctx.storage_options, parallelism=ctx.config.eval.parallelism)
+        results = adapters.run_rollouts([s for _, s in missing], spec=[_driver(ctx, *drivers[r]) for r, _ in missing],
+                                        world=ctx.config.world, safety="shadow", storage_options=ctx.storage_options,
+                                        parallelism=ctx.config.eval.parallelism)
         now = datetime.now(timezone.utc)
-        rows = [{"eval_id": ids[r["seed"]], "model_name": name, "model_version": version, "role": role,
-                 "seed": r["seed"], "score": float(r["score"]), "steps": int(r["steps"]),
+        rows = [{"eval_id": ids[(role, s)], "model_name": drivers[role][0], "model_version": drivers[role][1],
+                 "role": role, "seed": s, "score": float(r["score"]), "steps": int(r["steps"]),
                  "off_track_rate": float(r["off_track_rate"]), "interventions": int(r["interventions"]),
-                 "turn": turn, "created_at": now} for r in results]
-        ctx.lake.append("evaluations", pa.Table.from_pylist(rows, schema=EVALUATIONS),
-                        key="eval_id")
+                 "turn": turn, "created_at": now} for (role, s), r in zip(missing, results)]
+        ctx.lake.append("evaluations", pa.Table.from_pylist(rows, schema=EVALUATIONS), key="eval_id")
         have.update({row["eval_id"]: row for row in rows})
-    return [have[ids[s]] for s in seeds]
+    return {role: [have[ids[(role, s)]] for s in seeds] for role in drivers}
 
 
 @flow(name="evaluate")
@@ -79,7 +81,7 @@ def evaluate_flow(config: str = "default", lake: str = "./lake", landing: str = 
                "random": ("random", "uniform")}
     if champion is not None and champion.version != candidate.version:
         drivers["champion"] = (POLICY, str(champion.version))
-    rows = {role: evaluate_driver(ctx, name, v, role, turn) for role, (name, v) in drivers.items()}
+    rows = evaluate_drivers(ctx, drivers, turn)
     resamples = ctx.config.eval.bootstrap
     results = {role: dict(summarize(r, resamples=resamples), model=f"{drivers[role][0]}:{drivers[role][1]}")
                for role, r in rows.items()}

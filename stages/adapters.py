@@ -101,12 +101,17 @@ def _rollout(seed: int, spec: dict, world: dict, safety: str, log_uri: str | Non
     return summary
 
 
-def run_rollouts(seeds: list[int], *, spec: dict, world, safety: str, log_uris: list[str] | None = None,
-                 storage_options: dict | None = None, parallelism: int = 2) -> list[dict]:
-    """Drive one episode per seed, `parallelism` at a time; with `log_uris`, each is logged as MCAP."""
+def run_rollouts(seeds: list[int], *, spec: dict | list[dict], world, safety: str,
+                 log_uris: list[str] | None = None, storage_options: dict | None = None,
+                 parallelism: int = 2) -> list[dict]:
+    """Drive one episode per seed, `parallelism` at a time; with `log_uris`, each is logged as MCAP.
+
+    `spec` is one driver spec for all seeds, or one per seed (so several drivers share the pool).
+    """
     world_dict = dataclasses.asdict(world)
-    items = list(zip(seeds, log_uris or [None] * len(seeds)))
-    return _bounded(lambda it: _rollout.remote(it[0], spec, world_dict, safety, it[1], storage_options),
+    specs = spec if isinstance(spec, list) else [spec] * len(seeds)
+    items = list(zip(seeds, specs, log_uris or [None] * len(seeds)))
+    return _bounded(lambda it: _rollout.remote(it[0], it[1], world_dict, safety, it[2], storage_options),
                     items, parallelism)
 
 

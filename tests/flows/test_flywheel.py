@@ -93,3 +93,13 @@ def test_served_champion_answers_a_real_frame(turn):
     assert 400 <= bad.status_code < 500 and bad.json()
     assert requests.get(f"{url}/healthz", timeout=30).json()["model_version"] == champion.version
     assert "/act" in requests.get(f"{url}/openapi.json", timeout=30).json()["paths"]
+
+
+def test_status_reports_tables_models_and_turn_tags(turn):
+    from flows import cli
+
+    status = cli._status(cli._parser().parse_args(["status", "--lake", turn["lake"], "--landing", turn["landing"]]))
+    assert status["next_turn"] == 1
+    assert "turn-0" in status["tables"]["frames"]["tags"]
+    assert status["models"]["policy"]["versions"] == [1]
+    assert status["tables"]["turns"]["rows"] == 1
