@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import time
+import warnings
 
 
 def _environment() -> None:
@@ -23,9 +24,12 @@ def _environment() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_HOME", os.path.abspath(os.path.join(".worldloop", "prefect")))
+    os.makedirs(os.environ["PREFECT_HOME"], exist_ok=True)  # Prefect creates only the last level
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Ray forks its workers after lance is imported; worldloop opens no lance handle across a fork.
+    warnings.filterwarnings("ignore", message="lance is not fork-safe")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -17,7 +17,9 @@ A small diffusion generator built from diffusers blocks, following
 By default the diffused quantity is the scaled change from the last context frame,
 (next - last) / delta_scale, not the frame itself: an untrained denoiser then starts at the
 copy-last-frame baseline, which on a few minutes of CPU training matters (frames change little per
-step; the scale brings the change to DIAMOND's sigma_data). delta_scale=None diffuses whole frames.
+step; the scale brings the change to DIAMOND's sigma_data). The change is taken from the
+noise-augmented last frame the network sees, so it learns to clean its context, as it must in
+rollouts fed its own output. delta_scale=None diffuses whole frames.
 
 The denoiser is a diffusers `UNet2DModel` over `pixel_unshuffle`d inputs (a large CPU speed-up);
 the action (and the context-noise level) go through a small MLP into `class_labels` with
@@ -32,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -56,27 +57,27 @@ class WorldModelConfig:
     image_size: int = 64
     history: int = 4  # K context frames, oldest first
     action_dim: int = 3
-    channels: tuple[int, ...] = (32, 64, 96)  # U-Net widths, one resolution level each
-    layers: int = 2  # ResNet blocks per level
+    channels: tuple[int, ...] = (32, 64, 64)  # U-Net widths, one resolution level each
+    layers: int = 1  # ResNet blocks per level
     attention: bool = True  # self-attention at the lowest resolution and in the mid block
-    norm_groups: int = 32
+    norm_groups: int = 8  # GroupNorm groups; keep several channels per group, or per-sample offsets vanish
     unshuffle: int = 2  # pixel_unshuffle factor before the U-Net
-    # EDM / DIAMOND noise levels (frames are normalised to [-1, 1])
     delta_scale: float | None = 0.15  # diffuse (next - last) / delta_scale; None: the next frame itself
+    # EDM / DIAMOND noise levels of the diffused variable (frames are normalised to [-1, 1])
     sigma_data: float = 0.5
     sigma_min: float = 2e-3
     sigma_max: float = 5.0
     rho: float = 7.0
     train_sigma_mean: float = -0.4  # lognormal training distribution of sigma
     train_sigma_std: float = 1.2
-    train_sigma_max_prob: float = 0.2  # share of training samples at exactly sigma_max (1-step sampling)
-    context_noise_max: float = 0.3  # GameNGen augmentation: context sigma ~ U(0, max) in training
+    train_sigma_max_prob: float = 0.5  # share of training samples at exactly sigma_max (1-step sampling)
+    context_noise_max: float = 0.1  # GameNGen augmentation: context sigma ~ U(0, max) in training
     sampling_steps: int = 1
     # training recipe (used by the post-training stage / recipe scripts)
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 1e-4
-    batch_size: int = 32
-    steps: int = 2000
+    batch_size: int = 16
+    steps: int = 400  # about 3 minutes on 2 CPU cores
 
     def __post_init__(self) -> None:
         if self.history < 1 or self.action_dim < 1 or self.layers < 1 or not self.channels:
@@ -96,10 +97,10 @@ class WorldModelConfig:
 
 
 _DEFAULT = WorldModelConfig()
-_TINY = dataclasses.replace(_DEFAULT, channels=(8, 16), layers=1, attention=False, norm_groups=8,
-                            batch_size=4, steps=50)
-_GPU = dataclasses.replace(_DEFAULT, channels=(64, 128, 256, 256), batch_size=128, lr=2e-4,
-                           steps=50_000, sampling_steps=3)
+_TINY = dataclasses.replace(_DEFAULT, channels=(8, 16), attention=False, norm_groups=2, batch_size=4,
+                            steps=50)
+_GPU = dataclasses.replace(_DEFAULT, channels=(64, 128, 256, 256), layers=2, norm_groups=16, batch_size=128,
+                           lr=3e-4, steps=50_000, train_sigma_max_prob=0.2, sampling_steps=3)
 PRESETS = {"tiny": _TINY, "default": _DEFAULT, "gpu": _GPU}
 
 
@@ -153,7 +154,8 @@ class WorldModel(nn.Module):
             resnet_time_scale_shift="scale_shift", class_embed_type="identity",
         )
         emb_dim = 4 * c.channels[0]  # UNet2DModel's time-embedding width
-        self.cond_mlp = nn.Sequential(nn.Linear(c.action_dim + 1, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.cond_mlp = nn.Sequential(nn.Linear(c.action_dim + 1, emb_dim), nn.SiLU(),
+                                      nn.Linear(emb_dim, emb_dim))
 
     @property
     def device(self) -> torch.device:
@@ -248,9 +250,9 @@ class WorldModel(nn.Module):
             raise ValueError(f"target batch {target.shape[0]} does not match history batch {B}")
         action = self._check_actions(action, B, 2)
         context = _normalise(history.to(self.device))
-        x0 = self._frame_to_x(_normalise(target.to(self.device)), context)
         context_sigma = torch.rand(B, device=self.device) * self.config.context_noise_max
         context = context + context_sigma[:, None, None, None, None] * torch.randn_like(context)
+        x0 = self._frame_to_x(_normalise(target.to(self.device)), context)  # from the noisy last frame
         sigma = self.sample_sigma(B)
         noisy = x0 + sigma[:, None, None, None] * torch.randn_like(x0)
         c_skip, c_out, c_in = self._precondition(sigma)
@@ -278,17 +280,21 @@ class WorldModel(nn.Module):
 
     @torch.no_grad()
     def predict(self, history_BKHWC: torch.Tensor | np.ndarray, action_BA: torch.Tensor | np.ndarray,
-                steps: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor | np.ndarray:
-        """Next frame uint8 [B, H, W, 3] (numpy in -> numpy out; torch in -> torch on the model's device)."""
+                steps: int | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor | np.ndarray:
+        """Next frame uint8 [B, H, W, 3] (numpy in -> numpy out; torch in -> torch on the model's device).
+        `generator` (on the model's device) makes the sampling noise reproducible."""
         history, as_numpy = _to_tensor(history_BKHWC)
         self._check_history(history)
         action = self._check_actions(_to_tensor(action_BA)[0], history.shape[0], 2)
-        frame = _to_uint8(self._sample(_normalise(history.to(self.device)), action, self._steps(steps), generator))
+        context = _normalise(history.to(self.device))
+        frame = _to_uint8(self._sample(context, action, self._steps(steps), generator))
         return frame.cpu().numpy() if as_numpy else frame
 
     @torch.no_grad()
     def rollout(self, history_BKHWC: torch.Tensor | np.ndarray, actions_BTA: torch.Tensor | np.ndarray,
-                steps: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor | np.ndarray:
+                steps: int | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor | np.ndarray:
         """Autoregressive frames uint8 [B, T, H, W, 3], each fed back (quantised) as context for the next."""
         history, as_numpy = _to_tensor(history_BKHWC)
         self._check_history(history)
@@ -329,7 +335,8 @@ def save(model: WorldModel, dir: str | os.PathLike, *, storage_options: dict | N
                   str(local / WEIGHTS_NAME))
         (local / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(model.config), indent=2))
         if remote:
-            pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+            pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(),
+                            destination_filesystem=fs)
     return target
 
 
@@ -347,9 +354,11 @@ def load(uri: str | os.PathLike, storage_options: dict | None = None, *, device:
             local = Path(tmp)
             if fs.get_file_info(path).type != pafs.FileType.Directory:
                 raise ValueError(f"{uri} does not exist")
-            pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+            pafs.copy_files(path, str(local), source_filesystem=fs,
+                            destination_filesystem=pafs.LocalFileSystem())
         if not (local / CONFIG_NAME).is_file() or not (local / WEIGHTS_NAME).is_file():
-            raise ValueError(f"{uri} is not a world-model checkpoint (needs {WEIGHTS_NAME} and {CONFIG_NAME})")
+            raise ValueError(f"{uri} is not a world-model checkpoint "
+                             f"(needs {WEIGHTS_NAME} and {CONFIG_NAME})")
         model = WorldModel(config_from_dict(json.loads((local / CONFIG_NAME).read_text())))
         model.load_state_dict(load_file(str(local / WEIGHTS_NAME)))
     return model.to(device).eval()
@@ -363,10 +372,12 @@ def copy_last_baseline(history_BKHWC: torch.Tensor | np.ndarray, horizon: int) -
     if horizon < 1:
         raise ValueError(f"horizon must be >= 1, got {horizon}")
     last = history_BKHWC[:, -1:]
-    return np.repeat(last, horizon, axis=1) if isinstance(last, np.ndarray) else last.repeat_interleave(horizon, 1)
+    if isinstance(last, np.ndarray):
+        return np.repeat(last, horizon, axis=1)
+    return last.repeat_interleave(horizon, dim=1)
 
 
-def _ssim_BC(x_NCHW: torch.Tensor, y_NCHW: torch.Tensor) -> torch.Tensor:
+def _ssim_N(x_NCHW: torch.Tensor, y_NCHW: torch.Tensor) -> torch.Tensor:
     """Mean SSIM per image (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, 'valid') on [0, 255]."""
     size = min(11, x_NCHW.shape[-1], x_NCHW.shape[-2])
     g = torch.exp(-((torch.arange(size) - (size - 1) / 2) ** 2) / (2 * 1.5 ** 2))
@@ -391,12 +402,15 @@ def frame_metrics(pred_BTHWC: torch.Tensor | np.ndarray, true_BTHWC: torch.Tenso
     pred = _to_tensor(pred_BTHWC)[0].detach().cpu()
     true = _to_tensor(true_BTHWC)[0].detach().cpu()
     if pred.shape != true.shape or pred.ndim != 5 or pred.shape[-1] != 3:
-        raise ValueError(f"pred and true must both be [B, T, H, W, 3], got {tuple(pred.shape)} and {tuple(true.shape)}")
+        raise ValueError(f"pred and true must both be [B, T, H, W, 3], got {tuple(pred.shape)} and "
+                         f"{tuple(true.shape)}")
+    if pred.dtype != torch.uint8 or true.dtype != torch.uint8:
+        raise ValueError(f"pred and true must be uint8 frames, got {pred.dtype} and {true.dtype}")
     B, T = pred.shape[:2]
     p, t = pred.float(), true.float()
     mse_T = ((p - t) ** 2).mean(dim=(0, 2, 3, 4))
     psnr_T = 10 * torch.log10(255.0 ** 2 / mse_T.clamp_min(1e-10))
-    ssim_T = _ssim_BC(p.flatten(0, 1).movedim(-1, 1), t.flatten(0, 1).movedim(-1, 1)).view(B, T).mean(0)
+    ssim_T = _ssim_N(p.flatten(0, 1).movedim(-1, 1), t.flatten(0, 1).movedim(-1, 1)).view(B, T).mean(0)
     return {"horizon": list(range(1, T + 1)), "mse": mse_T.tolist(), "psnr": psnr_T.tolist(),
             "ssim": ssim_T.tolist()}
 

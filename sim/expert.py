@@ -78,8 +78,8 @@ class Expert:
 
     def act(self, env, frame: np.ndarray | None = None) -> np.ndarray:
         c = self.config
-        hull = env.unwrapped.car.hull
         i = self.locate(env)
+        hull = env.unwrapped.car.hull
         xy = np.asarray(hull.position)
         speed = math.hypot(*hull.linearVelocity)
         j, _ = self.track.ahead(i, c.lookahead_base + c.lookahead_gain * speed)

@@ -175,6 +175,9 @@ def run_episode(*, world: WorldConfig, seed: int, driver, safety: str = "active"
         raise ValueError(f"safety must be one of {SAFETY_MODES}, got {safety!r}")
     env = env if env is not None else make_env(world)
     frame, _ = env.reset(seed=int(seed))
+    if frame.shape != (world.image_size, world.image_size, 3):
+        raise ValueError(f"env renders {frame.shape} frames but world.image_size is {world.image_size}; "
+                         "CarRacing's size is a module global: build the env with make_env(world)")
     expert = Expert()
     expert.reset(env)
     driver.reset(env, int(seed))

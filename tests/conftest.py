@@ -20,6 +20,7 @@ os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="worldloop-prefect
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # torch with 2 threads on 2 busy cores is 15-70x slower
 
 
 def free_port() -> int:

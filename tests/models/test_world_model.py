@@ -37,11 +37,13 @@ def random_history(batch: int, seed: int = 0) -> np.ndarray:
 
 
 def gas_task(batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A transition whose next frame is set by the action alone: white if gas is 1, black if 0."""
-    history = torch.from_numpy(random_history(batch, seed))
+    """A transition set by the action: uniform grey frames, the next one 20 levels brighter than the
+    last with gas 1, 20 levels darker with gas 0."""
+    levels = np.random.default_rng(seed).integers(64, 192, (batch, CFG.history, 1, 1, 1), dtype=np.uint8)
+    history = torch.from_numpy(np.ascontiguousarray(np.broadcast_to(levels, (batch, CFG.history, S, S, 3))))
     gas = (torch.arange(batch) % 2).float()
     action = torch.stack([torch.zeros(batch), gas, torch.zeros(batch)], dim=1)
-    target = (gas * 255).to(torch.uint8)[:, None, None, None].expand(batch, S, S, 3).contiguous()
+    target = (history[:, -1].int() + 20 * (2 * gas[:, None, None, None].int() - 1)).to(torch.uint8)
     return history, action, target
 
 
@@ -55,7 +57,7 @@ def seeded_loss(model: WorldModel, batch) -> float:
 def trained():
     """A tiny model overfitted on one batch of the gas task; (model, batch, loss before, loss after)."""
     torch.manual_seed(0)
-    model = WorldModel(dataclasses.replace(CFG, lr=1e-2, train_sigma_max_prob=0.5))
+    model = WorldModel(dataclasses.replace(CFG, lr=1e-2))
     batch = gas_task(8, seed=1)
     before = seeded_loss(model, batch)
     opt = model.make_optimizer()
@@ -127,7 +129,7 @@ def test_actions_condition_the_prediction(trained):
         action = torch.tensor([[0.0, gas, 0.0]]).expand(len(history), 3)
         pred = model.predict(history, action, steps=1, generator=torch.Generator().manual_seed(0))
         brightness[gas] = pred.float().mean().item()
-    assert brightness[1.0] - brightness[0.0] > 60, brightness
+    assert brightness[1.0] - brightness[0.0] > 10, brightness  # untrained: ~0
 
 
 def test_save_load_round_trip(trained, tmp_path):
@@ -136,8 +138,9 @@ def test_save_load_round_trip(trained, tmp_path):
     assert {p.name for p in (tmp_path / "wm").iterdir()} == {"model.safetensors", "config.json"}
     restored = load(tmp_path / "wm")
     assert restored.config == model.config
-    a, b = (m.predict(history, action, steps=2, generator=torch.Generator().manual_seed(7)) for m in (model, restored))
-    assert torch.equal(a, b)
+    g = lambda: torch.Generator().manual_seed(7)  # noqa: E731
+    assert torch.equal(model.predict(history, action, steps=2, generator=g()),
+                       restored.predict(history, action, steps=2, generator=g()))
     with pytest.raises(ValueError, match="not a world-model checkpoint"):
         load(tmp_path)
 
@@ -154,7 +157,8 @@ def test_load_from_s3(trained, tmp_path, s3_server):
     pafs.copy_files(str(tmp_path / "wm"), "lake/models/wm-test", destination_filesystem=s3)
     restored = load("s3://lake/models/wm-test", storage_options=options)
     g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
-    assert torch.equal(model.predict(history, action, generator=g()), restored.predict(history, action, generator=g()))
+    assert torch.equal(model.predict(history, action, generator=g()),
+                       restored.predict(history, action, generator=g()))
     with pytest.raises(ValueError, match="does not exist"):
         load("s3://lake/models/missing", storage_options=options)
 
@@ -171,5 +175,7 @@ def test_frame_metrics_and_copy_last_baseline():
     assert np.allclose(off["psnr"], 10 * np.log10(255 ** 2 / 100))
     with pytest.raises(ValueError, match="pred and true"):
         frame_metrics(baseline, future[:, :2])
+    with pytest.raises(ValueError, match="uint8"):
+        frame_metrics(baseline.astype(np.float32), future)
     report = rollout_metrics(WorldModel(CFG), history, np.zeros((2, 3, 3)), future, steps=1)
     assert report["copy_last"] == perfect and len(report["model"]["psnr"]) == 3
