@@ -21,7 +21,7 @@ from sim.expert import NoiseConfig
 class FleetConfig:
     """Who drives, how many episodes, and how the turn-0 expert is perturbed."""
 
-    episodes: int = 20
+    episodes: int = 12  # behaviour cloning from 12 noisy-expert episodes drives near expert level
     seed_base: int = 100_000  # fleet seeds are seed_base + 1000 * turn + i; never the eval seeds
     parallelism: int = 2
     noise: NoiseConfig = field(default_factory=NoiseConfig)  # turn-0 expert: noise and steer pulses

@@ -42,7 +42,6 @@ class PolicyConfig:
     weight_decay: float = 1e-4
     batch_size: int = 128
     steps: int = 1000
-    augment_shift: int = 0  # random translation in pixels (0 disables; not needed with DART data)
 
     def __post_init__(self) -> None:
         if self.history < 1:

@@ -40,16 +40,16 @@ class WorldConfig:
 
 
 def make_env(cfg: WorldConfig):
-    """Build the gymnasium env with `cfg.image_size` square observations (call `reset(seed=...)`)."""
+    """Build the gymnasium env with `cfg.image_size` square observations; `reset(seed=s)` is deterministic.
+
+    The size is a module global of CarRacing, read at every render: one size per process.
+    """
     import gymnasium as gym
     import gymnasium.envs.box2d.car_racing as car_racing
 
     car_racing.STATE_W = car_racing.STATE_H = cfg.image_size
     env = gym.make(cfg.world, continuous=True, max_episode_steps=cfg.max_steps,
                    lap_complete_percent=cfg.lap_complete_percent, domain_randomize=cfg.domain_randomize)
-    if env.observation_space.shape != (cfg.image_size, cfg.image_size, 3):
-        raise RuntimeError(f"observation shape {env.observation_space.shape} does not match image_size "
-                           f"{cfg.image_size}; another env in this process was built with another size")
     return env
 
 

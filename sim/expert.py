@@ -117,7 +117,7 @@ class NoiseConfig:
 
 
 class NoisyExpert:
-    """The expert with action noise and steer pulses; deterministic given the episode seed."""
+    """The expert with action noise, steer and brake pulses; deterministic given the episode seed."""
 
     def __init__(self, noise: NoiseConfig | None = None, config: ExpertConfig | None = None) -> None:
         self.noise = noise or NoiseConfig()

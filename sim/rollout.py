@@ -173,7 +173,13 @@ def run_episode(*, world: WorldConfig, seed: int, driver, safety: str = "active"
     """
     if safety not in SAFETY_MODES:
         raise ValueError(f"safety must be one of {SAFETY_MODES}, got {safety!r}")
-    env = env if env is not None else make_env(world)
+    if env is None:
+        env = make_env(world)
+        try:
+            return run_episode(world=world, seed=seed, driver=driver, safety=safety, record=record,
+                               safety_config=safety_config, env=env)
+        finally:
+            env.close()
     frame, _ = env.reset(seed=int(seed))
     if frame.shape != (world.image_size, world.image_size, 3):
         raise ValueError(f"env renders {frame.shape} frames but world.image_size is {world.image_size}; "
