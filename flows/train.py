@@ -72,6 +72,8 @@ def train_flow(config: str = "default", lake: str = "./lake", landing: str = "./
                "tables": {n: ctx.lake.version(n) for n in ("frames", "episodes")},
                "parent_version": parent.version if parent else None, "git_commit": git_commit()}
     metrics = {f"train_{k}": v for k, v in result["metrics"].items() if isinstance(v, (int, float))}
+    with open(os.path.join(result["checkpoint_dir"], "train_config.json"), "w") as f:  # as LeRobot does
+        json.dump({"flywheel": ctx.config.to_dict(), "model": model, "lineage": lineage}, f, indent=2, default=str)
     mv = ctx.registry.register(model, result["checkpoint_dir"], kind=model, metrics=metrics,
                                lineage=lineage, config=model_config)
     summary = {"stage": "train", "model": model, "turn": turn, "version": mv.version,

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import base64
+import json
+import os
 
 import pytest
 import requests
@@ -64,6 +66,9 @@ def test_models_are_registered_with_lineage(turn):
     policy = registry.versions("policy")[-1]
     assert policy.lineage["tables"]["frames"] >= 1 and policy.config["history"] >= 1
     assert "eval_mean" in policy.metrics
+    with open(os.path.join(registry.fetch(policy), "train_config.json")) as f:
+        saved = json.load(f)
+    assert saved["flywheel"]["name"] == "tiny" and saved["lineage"]["turn"] == 0
     assert registry.versions("world_model")
 
 
