@@ -127,36 +127,22 @@ class Policy(nn.Module):
         return out.cpu().numpy().astype(np.float32)
 
 
-def _filesystem(uri: str, storage_options: dict | None):
-    """pyarrow filesystem + path for a local path or s3:// URI (Lance-style storage options)."""
-    import pyarrow.fs as pafs
-
-    if not uri.startswith("s3://"):
-        return None, uri
-    o = storage_options or {}
-    endpoint = o.get("endpoint") or o.get("aws_endpoint")
-    kwargs = {"access_key": o.get("access_key_id") or o.get("aws_access_key_id"),
-              "secret_key": o.get("secret_access_key") or o.get("aws_secret_access_key"),
-              "region": o.get("region") or o.get("aws_region")}
-    if endpoint:
-        scheme, _, host = endpoint.partition("://")
-        kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
-    return pafs.S3FileSystem(**{k: v for k, v in kwargs.items() if v is not None}), uri[len("s3://"):]
-
-
 def save(policy: Policy, dir: str | os.PathLike, *, storage_options: dict | None = None) -> str:
     """Write model.safetensors + config.json to a local dir or an s3:// prefix; returns the location."""
     import pyarrow.fs as pafs
 
+    from stages.storage import pyarrow_fs
+
     target = str(dir)
-    fs, path = _filesystem(target, storage_options)
+    fs, path = pyarrow_fs(target, storage_options)
+    remote = not isinstance(fs, pafs.LocalFileSystem)
     with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp) if fs is not None else Path(path)
+        local = Path(tmp) if remote else Path(path)
         local.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in policy.state_dict().items()}
         save_file(state, str(local / WEIGHTS_NAME))
         (local / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(policy.config), indent=2))
-        if fs is not None:
+        if remote:
             pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
     return target
 
@@ -166,10 +152,12 @@ def load(dir_or_uri: str | os.PathLike, *, storage_options: dict | None = None,
     """Load a policy saved by `save` from a local dir or an s3:// prefix (eval mode)."""
     import pyarrow.fs as pafs
 
-    fs, path = _filesystem(str(dir_or_uri), storage_options)
+    from stages.storage import pyarrow_fs
+
+    fs, path = pyarrow_fs(str(dir_or_uri), storage_options)
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(path)
-        if fs is not None:
+        if not isinstance(fs, pafs.LocalFileSystem):
             local = Path(tmp)
             pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
         if not (local / CONFIG_NAME).is_file() or not (local / WEIGHTS_NAME).is_file():
