@@ -15,7 +15,7 @@ export SDL_VIDEODRIVER := dummy
 export HF_HUB_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup demo test test-all serve prefect-server deploy worker clean
+.PHONY: setup demo test test-all bench-curate serve prefect-server deploy worker clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,9 @@ test: $(STAMP)   ## the default suite (skips `slow` and `gpu`)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -m "not gpu"
+
+bench-curate: $(STAMP)  ## curate throughput vs a Parquet baseline, Lance vs Parquet sampling (last line: JSON)
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.bench_curate
 
 serve: $(STAMP)  ## keep the champion's endpoint up
 	$(BIN)/worldloop serve --lake $(LAKE) --landing $(LANDING)

@@ -16,6 +16,7 @@ import os
 import sys
 import time
 import warnings
+from pathlib import Path
 
 
 def _environment() -> None:
@@ -51,7 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-serve", action="store_true", help="do not deploy the champion to Ray Serve")
     fleet = sub.add_parser("fleet", parents=[common, turn], help="drive episodes and log them as MCAP")
     fleet.add_argument("--endpoint", default=None, help="drive with the policy served at this URL")
-    sub.add_parser("curate", parents=[common, turn], help="ingest new logs into Lance tables")
+    curate = sub.add_parser("curate", parents=[common, turn], help="ingest new logs into Lance tables")
+    curate.add_argument("--mapping", default=None,
+                        help='JSON file: role -> topic/feature names, e.g. {"camera": "/front/image"}')
     sub.add_parser("synthesize", parents=[common, turn], help="generate synthetic variants with the world model")
     train = sub.add_parser("train", parents=[common, turn], help="post-train on Ray Train")
     train.add_argument("--model", default="policy", choices=["policy", "world_model"])
@@ -73,7 +76,8 @@ def _dispatch(args: argparse.Namespace) -> dict:
     if args.command == "fleet":
         return fleet.fleet_flow(**common, turn=args.turn, endpoint=args.endpoint)
     if args.command == "curate":
-        return curate.curate_flow(**common, turn=args.turn)
+        mapping = json.loads(Path(args.mapping).read_text()) if args.mapping else None
+        return curate.curate_flow(**common, turn=args.turn, mapping=mapping)
     if args.command == "synthesize":
         return synthesize.synthesize_flow(**common, turn=args.turn)
     if args.command == "train":
@@ -94,10 +98,10 @@ def _status(args: argparse.Namespace) -> dict:
     ctx = Context.create(config=args.config, lake=args.lake, landing=args.landing)
     tables = {name: {"rows": ctx.lake.count(name), "version": ctx.lake.version(name),
                      "tags": sorted(ctx.lake.tags(name))}
-              for name in ("episodes", "frames", "rejects", "sources", "evaluations", "turns")
+              for name in ("episodes", "frames", "clips", "rejects", "sources", "evaluations", "turns")
               if ctx.lake.exists(name)}
     models = {}
-    for name in (POLICY, WORLD_MODEL):
+    for name in (POLICY, WORLD_MODEL, "reasoner"):
         champion = ctx.registry.get(name, alias="champion")
         models[name] = {"versions": [mv.version for mv in ctx.registry.versions(name)],
                         "champion": champion.version if champion else None}

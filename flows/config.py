@@ -29,8 +29,26 @@ class FleetConfig:
 
 @dataclass(frozen=True)
 class CurateConfig:
-    min_length: int = 60
+    """Ingest, alignment, quality limits, event clips, de-duplication and scene description."""
+
+    min_length: int = 60  # steps; shorter spans are rejected
     val_fraction: float = 0.1
+    mapping: dict = field(default_factory=dict)  # role -> topic/feature names (stages.streams.Mapping)
+    action_dim: int = 3
+    state_dim: int = 8
+    action_low: tuple[float, ...] = (-1.0, 0.0, 0.0)  # steer, gas, brake
+    action_high: tuple[float, ...] = (1.0, 1.0, 1.0)
+    gap_factor: float = 3.0  # a camera gap over gap_factor frame periods splits the episode
+    hold_factor: float = 2.0  # a signal sample is fresh for hold_factor of its own periods
+    max_frozen_fraction: float = 0.5
+    max_dark_fraction: float = 0.5
+    max_dropped_fraction: float = 0.2
+    events: dict = field(default_factory=dict)  # overrides of stages.events.EventConfig
+    clip_frames: int = 4  # frames of each clip shown to the reasoner
+    dedup_threshold: float = 0.01  # cosine distance under which a clip duplicates a kept one
+    novelty_threshold: float = 0.05  # a routine clip this far from every lake clip is "novelty"
+    reasoner: str = ""  # a reasoner or local VLM directory; "" = the registry's, trained if absent
+    reasoner_preset: str = "default"
 
 
 @dataclass(frozen=True)
@@ -112,7 +130,7 @@ def _tiny() -> FlywheelConfig:
         name="tiny",
         world=replace(base.world, max_steps=120, image_size=32),
         fleet=replace(base.fleet, episodes=2, noise=replace(base.fleet.noise, pulse_prob=0.05)),
-        curate=replace(base.curate, min_length=20, val_fraction=0.0),
+        curate=replace(base.curate, min_length=20, val_fraction=0.0, reasoner_preset="tiny"),
         synth=replace(base.synth, variants=2, horizon=4, drift_steps=2),
         world_model=replace(world_model.preset("tiny"), image_size=32),
         policy=policy_model.preset("tiny"),

@@ -1,94 +1,178 @@
-"""Curate flow: new logs in the landing zone -> Lance `episodes`, `frames`, `rejects` tables.
+"""Curate flow: new logs in the landing zone -> Lance `frames`, `episodes`, `clips`, `rejects`.
 
-A manifest table (`sources`: URI, size, etag, content hash, outcome) makes the flow incremental: a
-log already processed with the same size and etag is skipped, and every table write is keyed
-(episode id from the content hash, frame id, reject id), so a re-run adds nothing twice.
-Every source seen is accounted for: kept + rejected = seen.
+Source units (an MCAP file, a ROS bag, a LeRobot dataset; see ``stages.sources``) not yet in
+the `sources` manifest are decoded and aligned in Ray tasks, judged on quality in Ray Data
+batches, mined for events and cut into clips, and the clips are embedded, de-duplicated and
+described (``flows.describe``). Every unit seen is accounted for: kept + rejected = seen.
+
+Crash safety: kept frames are written as uncommitted fragments, then committed in this order:
+frames, clips, episodes (the completion mark of an episode), rejects, and last the manifest.
+A run that dies half-way leaves frames or clips whose episode row is missing; the next run
+deletes those orphans first and processes the unit again (it is not in the manifest), so
+nothing is duplicated and nothing is lost.
 """
 from __future__ import annotations
 
-import hashlib
+import dataclasses
+import json
+import pickle
 from datetime import datetime, timezone
 
 import pyarrow as pa
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.runtime import Context, ensure_ray
-from stages import adapters, storage
-from stages.curate import EPISODES, REJECTS
+from flows.describe import write_clips
+from flows.runtime import Context, code_version, ensure_ray
+from stages import curate_ray, sources, storage
+from stages.curate import EPISODES, REJECTS, frames_schema, reject_row, to_json
 
 SOURCES = pa.schema([
-    ("source_key", pa.string()), ("source_uri", pa.string()), ("size", pa.int64()), ("etag", pa.string()),
-    ("content_hash", pa.string()), ("outcome", pa.string()), ("episode_id", pa.string()),
-    ("turn", pa.int64()), ("processed_at", pa.timestamp("us", tz="UTC")),
+    ("source_key", pa.string()), ("source_uri", pa.string()), ("format", pa.string()),
+    ("files", pa.int64()), ("size", pa.int64()), ("etag", pa.string()),
+    ("content_hash", pa.string()), ("outcome", pa.string()), ("episodes", pa.int64()),
+    ("spans_kept", pa.int64()), ("spans_rejected", pa.int64()), ("frames_seen", pa.int64()),
+    ("frames_kept", pa.int64()), ("turn", pa.int64()), ("processed_at", pa.timestamp("us", tz="UTC")),
 ])
-
-
-def source_key(source: dict) -> str:
-    return hashlib.sha256(f"{source['uri']}|{source['size']}|{source['etag']}".encode()).hexdigest()[:32]
+TABLES = ("frames", "episodes", "clips", "rejects", "sources")
 
 
 @task(name="list-new-sources", cache_policy=NO_CACHE)
-def new_sources(ctx: Context) -> tuple[list[dict], int]:
-    """Logs in the landing zone not yet in the manifest (with the same size and etag)."""
-    listed = storage.list_objects(ctx.landing_uri, suffix=".mcap", storage_options=ctx.storage_options)
-    done = set()
-    if ctx.lake.exists("sources"):
-        done = set(ctx.lake.read("sources", columns=["source_key"]).column("source_key").to_pylist())
-    return [s for s in listed if source_key(s) not in done], len(listed)
+def new_units(ctx: Context) -> tuple[list[dict], int]:
+    """Units in the landing zone whose key (URI, files, sizes, etags) is not in the manifest."""
+    listed = storage.list_objects(ctx.landing_uri, suffix="", storage_options=ctx.storage_options)
+    units = sources.discover(listed, root=ctx.landing_uri)
+    done = ctx.lake.keys("sources", "source_key")
+    return [u for u in units if u["key"] not in done], len(units)
 
 
-@task(name="write-tables", cache_policy=NO_CACHE)
-def write_tables(ctx: Context, results: list[dict], turn: int) -> dict:
-    lake, now = ctx.lake, datetime.now(timezone.utc)
-    kept = [r for r in results if r["episode"] is not None]
-    rejected = [r for r in results if r["reject"] is not None]
-    added = {"frames": 0, "episodes": 0, "rejects": 0}
-    if kept:  # frames first: an episode row exists only once all its frames are in
-        added["frames"] = lake.append("frames", pa.concat_tables([r["frames"] for r in kept]), key="frame_id")
-        added["episodes"] = lake.append("episodes", pa.Table.from_pylist([r["episode"] for r in kept],
-                                                                           schema=EPISODES),
-                                        key="episode_id")
-    if rejected:
-        added["rejects"] = lake.append("rejects", pa.Table.from_pylist([r["reject"] for r in rejected],
-                                                                         schema=REJECTS),
-                                       key="reject_id")
-    manifest = [{"source_key": source_key(r["source"]), "source_uri": r["source"]["uri"],
-                 "size": r["source"]["size"], "etag": r["source"]["etag"],
-                 "content_hash": r["source"].get("content_hash", ""),
-                 "outcome": "kept" if r["episode"] else "rejected",
-                 "episode_id": r["episode"]["episode_id"] if r["episode"] else "",
-                 "turn": turn, "processed_at": now} for r in results]
+@task(name="repair", cache_policy=NO_CACHE)
+def repair(ctx: Context) -> dict:
+    """Delete frames and clips of episodes that never got their episodes row (a crashed run)."""
+    complete = ctx.lake.keys("episodes", "episode_id")
+    removed = {}
+    for name in ("frames", "clips"):
+        orphans = sorted(ctx.lake.keys(name, "episode_id") - complete)
+        if orphans:
+            quoted = ",".join("'" + o.replace("'", "''") + "'" for o in orphans)
+            before = ctx.lake.count(name)
+            ctx.lake.dataset(name).delete(f"episode_id IN ({quoted})")
+            removed[name] = before - ctx.lake.count(name)
+    return removed
+
+
+def _params(ctx: Context, turn: int) -> dict:
+    c = ctx.config.curate
+    return {"mapping": c.mapping, "ingest": {
+        "turn": turn, "image_size": ctx.config.world.image_size, "action_dim": c.action_dim,
+        "state_dim": c.state_dim, "min_length": c.min_length, "gap_factor": c.gap_factor,
+        "hold_factor": c.hold_factor, "val_fraction": c.val_fraction,
+        "lineage": {"code_version": code_version(), "config_digest": ctx.config.digest()}}}
+
+
+@task(name="ingest-and-judge", cache_policy=NO_CACHE)
+def ingest_and_judge(ctx: Context, units: list[dict], turn: int) -> tuple[list[dict], dict]:
+    """Decode + align each unit (Ray tasks), then judge every new span (Ray Data)."""
+    c, par = ctx.config.curate, ctx.config.fleet.parallelism
+    known = ctx.lake.keys("episodes", "episode_id")
+    results = curate_ray.ingest(units, storage_options=ctx.storage_options,
+                                params=_params(ctx, turn), known=known, parallelism=par)
+    refs = [ref for r in results for _, ref in r["spans"] if ref is not None]
+    judged = curate_ray.judge(
+        refs, lake=ctx.lake, clip_k=c.clip_frames, parallelism=par,
+        signal_params={}, event_params=dict(c.events),
+        verdict_params={"max_frozen_fraction": c.max_frozen_fraction,
+                        "max_dark_fraction": c.max_dark_fraction,
+                        "max_dropped_fraction": c.max_dropped_fraction,
+                        "action_low": list(c.action_low), "action_high": list(c.action_high)})
+    return results, {j["span_id"]: j for j in judged}
+
+
+@task(name="commit-tables", cache_policy=NO_CACHE)
+def commit(ctx: Context, units: list[dict], results: list[dict], verdicts: dict, turn: int) -> dict:
+    """Commit frames, clips, episodes, rejects and the manifest, in that order; returns counts."""
+    c, lake, now = ctx.config.curate, ctx.lake, datetime.now(timezone.utc)
+    fragments = [f for v in verdicts.values() for f in pickle.loads(v["fragments"])]
+    schema = frames_schema(ctx.config.world.image_size, action_dim=c.action_dim, state_dim=c.state_dim)
+    before = lake.count("frames")
+    lake.commit_fragments("frames", fragments, schema)
+    added = {"frames": lake.count("frames") - before}
+    episodes, rejects, manifest = [], [], []
+    for unit, result in zip(units, results):
+        rejects += result["rejects"]
+        kept = rejected = frames_kept = 0
+        for row, _ in result["spans"]:
+            verdict = verdicts.get(row["episode_id"])
+            if verdict is None:  # already in the lake from an earlier run
+                kept, frames_kept = kept + 1, frames_kept + row["length"]
+            elif verdict["kept"]:
+                kept, frames_kept = kept + 1, frames_kept + row["length"]
+                episodes.append({**row, "quality": verdict["counts"]})
+            else:
+                rejected += 1
+                rejects.append(reject_row(row["source_uri"], stage="quality",
+                                          reason=",".join(json.loads(verdict["reasons"])),
+                                          detail=verdict["detail"], turn=turn,
+                                          span=(row["start_ns"], row["end_ns"]), frames=row["length"]))
+        manifest.append({
+            "source_key": unit["key"], "source_uri": unit["uri"], "format": unit["format"],
+            "files": len(unit["files"]), "size": sum(f["size"] for f in unit["files"]),
+            "etag": to_json([f["etag"] for f in unit["files"]]), "content_hash": result["content_hash"],
+            "outcome": "kept" if kept else "rejected", "episodes": result["episodes_seen"],
+            "spans_kept": kept, "spans_rejected": rejected + len(result["rejects"]),
+            "frames_seen": result["frames_seen"], "frames_kept": frames_kept, "turn": turn,
+            "processed_at": now})
+    added["clips"] = write_clips(ctx, verdicts, episodes, turn)
+    added["episodes"] = lake.append("episodes", pa.Table.from_pylist(episodes, schema=EPISODES),
+                                    key="episode_id") if episodes else 0
+    added["rejects"] = lake.append("rejects", pa.Table.from_pylist(rejects, schema=REJECTS),
+                                   key="reject_id") if rejects else 0
     if manifest:
         lake.append("sources", pa.Table.from_pylist(manifest, schema=SOURCES), key="source_key")
-    return added
+    return {"added": added, "manifest": manifest, "rejects": rejects}
+
+
+def save_lineage(ctx: Context, units: list[dict], turn: int) -> None:
+    """Beside each table version: the resolved config and the lineage of this run."""
+    lineage = {"turn": turn, "code_version": code_version(), "config_digest": ctx.config.digest(),
+               "sources": [{"uri": u["uri"], "format": u["format"], "key": u["key"]} for u in units]}
+    for name in TABLES:
+        if ctx.lake.exists(name):
+            ctx.lake.save_config(name, {**ctx.config.to_dict(), "lineage": lineage})
 
 
 @flow(name="curate")
 def curate_flow(config: str = "default", lake: str = "./lake", landing: str = "./landing",
-                turn: int | None = None) -> dict:
-    """Ingest new MCAP logs; returns counts (seen = kept + rejected), rows added and table versions."""
+                turn: int | None = None, mapping: dict | None = None) -> dict:
+    """Ingest new logs; returns counts (seen = kept + rejected), rows added and table versions.
+
+    ``mapping`` overrides which topic or feature plays which role (``stages.streams.Mapping``).
+    """
     ctx = Context.create(config=config, lake=lake, landing=landing)
+    if mapping:
+        curate_cfg = dataclasses.replace(ctx.config.curate, mapping={**ctx.config.curate.mapping, **mapping})
+        ctx = dataclasses.replace(ctx, config=dataclasses.replace(ctx.config, curate=curate_cfg))
     ensure_ray()
     turn = ctx.current_turn() if turn is None else turn
-    sources, listed = new_sources(ctx)
-    c = ctx.config.curate
-    results = adapters.curate_sources(sources, storage_options=ctx.storage_options, turn=turn,
-                                      image_size=ctx.config.world.image_size, min_length=c.min_length,
-                                      val_fraction=c.val_fraction, parallelism=ctx.config.fleet.parallelism)
-    added = write_tables(ctx, results, turn)
-    for name in ("episodes", "frames", "rejects"):
-        if ctx.lake.exists(name):
-            ctx.lake.save_config(name, ctx.config.to_dict())
+    repaired = repair(ctx)
+    units, listed = new_units(ctx)
+    results, verdicts = ingest_and_judge(ctx, units, turn)
+    out = commit(ctx, units, results, verdicts, turn)
+    save_lineage(ctx, units, turn)
+    manifest = out["manifest"]
     summary = {
-        "stage": "curate", "turn": turn, "listed": listed, "seen": len(sources),
-        "kept": sum(r["episode"] is not None for r in results),
-        "rejected": sum(r["reject"] is not None for r in results),
-        "rejects": [{"source": r["reject"]["source_uri"], "reason": r["reject"]["reason"]}
-                    for r in results if r["reject"] is not None],
-        "rows_added": added,
-        "versions": {n: ctx.lake.version(n) for n in ("episodes", "frames", "rejects") if ctx.lake.exists(n)},
+        "stage": "curate", "turn": turn, "listed": listed, "seen": len(units),
+        "kept": sum(m["outcome"] == "kept" for m in manifest),
+        "rejected": sum(m["outcome"] == "rejected" for m in manifest),
+        "frames_seen": sum(m["frames_seen"] for m in manifest),
+        "frames_kept": sum(m["frames_kept"] for m in manifest),
+        "spans_kept": sum(m["spans_kept"] for m in manifest),
+        "spans_rejected": sum(m["spans_rejected"] for m in manifest),
+        "frames_rejected": sum(r["frames"] for r in out["rejects"]),
+        "rejects": [{"source": r["source_uri"], "stage": r["stage"], "reason": r["reason"]}
+                    for r in out["rejects"]],
+        "rows_added": out["added"], "repaired": repaired,
+        "versions": {n: ctx.lake.version(n) for n in TABLES if ctx.lake.exists(n)},
     }
     assert summary["kept"] + summary["rejected"] == summary["seen"], "a source was lost"
     get_run_logger().info("curate: %s", {k: v for k, v in summary.items() if k != "rejects"})

@@ -26,7 +26,7 @@ TURNS = pa.schema([
     ("finished_at", pa.timestamp("us", tz="UTC")), ("candidate_version", pa.int64()),
     ("promoted", pa.bool_()), ("champion_version", pa.int64()), ("summary", pa.string()),
 ])
-TAGGED = ("episodes", "frames", "rejects", "evaluations", "sources")
+TAGGED = ("episodes", "frames", "rejects", "clips", "evaluations", "sources")
 
 
 def _timed(stages: dict, name: str, fn, **kwargs) -> dict:

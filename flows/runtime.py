@@ -30,6 +30,20 @@ def storage_options_from_env(*uris: str) -> dict | None:
     return options
 
 
+def code_version() -> str:
+    """The package version and, in a git checkout, the commit: lineage for every table row."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from models.registry import git_commit
+
+    try:
+        package = version("worldloop")
+    except PackageNotFoundError:
+        package = "unknown"
+    commit = git_commit()
+    return f"{package}+{commit[:12]}" if commit else package
+
+
 def ensure_ray(address: str | None = None) -> None:
     """Connect to RAY_ADDRESS / `address` if given, else start (or reuse) a local cluster."""
     import ray

@@ -32,7 +32,7 @@ import pyarrow.fs as pafs
 
 from stages.storage import is_s3, join, pyarrow_fs, resolve_options
 
-KINDS = ("policy", "world_model")
+KINDS = ("policy", "world_model", "reasoner")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _TS = pa.timestamp("us", tz="UTC")
 MODELS_SCHEMA = pa.schema([
@@ -99,7 +99,7 @@ def _to_json(value: Any, what: str) -> str:
         raise ValueError(f"{what} is not JSON-serializable: {e}") from None
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
     """The commit of the checkout this code runs from, if it is a git checkout."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
@@ -183,7 +183,7 @@ class Registry:
         if config is None:
             config = json.loads((src / "config.json").read_text()) if (src / "config.json").is_file() else {}
         lineage = dict(lineage or {})
-        lineage.setdefault("git_commit", _git_commit())
+        lineage.setdefault("git_commit", git_commit())
         row = {"name": name, "kind": kind, "metrics": _to_json(metrics or {}, "metrics"),
                "lineage": _to_json(lineage, "lineage"), "config": _to_json(config, "config")}
         version = self._next_version(name)

@@ -1,11 +1,13 @@
-"""Curation: one raw log in, one curated episode (a row + its frames) or one reject row out.
+"""The curated tables' schemas and row builders: episodes, frames, rejects, clips.
 
-Pure functions over bytes, NumPy and Arrow: no Ray, Prefect or Lance. The row schemas of the
-tables curation produces (episodes, frames, rejects) live here; ``stages.lake`` re-exports them.
+Pure functions over NumPy and Arrow: no Ray, Prefect or Lance. ``stages.lake`` re-exports the
+schemas. Every row carries lineage: the source URI, a content hash, the flywheel turn, and (for
+episodes) the code and config versions that produced it.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any
@@ -13,7 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from stages.mcap_log import STATE_FIELDS, LogError, read_episode
+from stages.mcap_log import STATE_FIELDS
 
 PRIVILEGED_EXPERT, EXECUTED, MIXED = "privileged_expert", "executed", "mixed"
 _TS = pa.timestamp("us", tz="UTC")
@@ -26,11 +28,38 @@ EPISODES = pa.schema([
     ("turn", pa.int64()), ("origin", pa.string()), ("parent_episode_id", pa.string()),
     ("generator_version", pa.string()), ("driver", pa.string()), ("policy_version", pa.string()),
     ("label_source", pa.string()), ("created_at", _TS),
+    # where in the source this span came from, and how it was read
+    ("format", pa.string()), ("span_index", pa.int64()), ("start_ns", pa.int64()),
+    ("end_ns", pa.int64()), ("split_reason", pa.string()), ("task", pa.string()),
+    ("topics", pa.string()), ("source_shape", pa.string()),
+    ("flagged_frames", pa.int64()), ("quality", pa.string()),
+    ("code_version", pa.string()), ("config_digest", pa.string()),
 ])
 REJECTS = pa.schema([
     ("reject_id", pa.string()), ("source_uri", pa.string()), ("stage", pa.string()),
     ("reason", pa.string()), ("detail", pa.string()), ("turn", pa.int64()), ("created_at", _TS),
+    ("span_start_ns", pa.int64()), ("span_end_ns", pa.int64()), ("frames", pa.int64()),
 ])
+_EPISODE_DEFAULTS = {"format": "", "span_index": 0, "start_ns": -1, "end_ns": -1,
+                     "split_reason": "", "task": "", "topics": "{}", "source_shape": "",
+                     "flagged_frames": 0, "quality": "{}", "code_version": "", "config_digest": ""}
+
+
+def clips_schema() -> pa.Schema:
+    """Schema of the clips table: event windows and routine tiles of kept episodes.
+
+    ``embedding`` is empty when no reasoner was available to embed the clip; ``tags`` and
+    ``label_tags`` are JSON objects (predicted, and from privileged state where the log has it).
+    """
+    return pa.schema([
+        ("clip_id", pa.string()), ("episode_id", pa.string()), ("source_uri", pa.string()),
+        ("start_step", pa.int32()), ("end_step", pa.int32()), ("event", pa.string()),
+        ("event_step", pa.int32()), ("score", pa.float32()), ("weight", pa.float32()),
+        ("embedding", pa.list_(pa.float32())), ("duplicate_of", pa.string()),
+        ("novelty", pa.float32()), ("tags", pa.string()), ("caption", pa.string()),
+        ("label_tags", pa.string()), ("describer", pa.string()), ("split", pa.string()),
+        ("turn", pa.int64()), ("created_at", _TS),
+    ])
 
 
 def _hw(image_size: int | Sequence[int]) -> tuple[int, int]:
@@ -40,17 +69,23 @@ def _hw(image_size: int | Sequence[int]) -> tuple[int, int]:
     return int(height), int(width)
 
 
-def frames_schema(image_size: int | Sequence[int]) -> pa.Schema:
-    """Schema of the frames table for images of ``image_size`` (int or (H, W))."""
+def frames_schema(image_size: int | Sequence[int], *, action_dim: int = 3,
+                  state_dim: int = len(STATE_FIELDS)) -> pa.Schema:
+    """Schema of the frames table for images of ``image_size`` (int or (H, W)).
+
+    ``flags`` lists the quality signals a kept frame raised (``frozen``, ``dark``,
+    ``overexposed``, ``dropped_before``); an empty list is a clean frame.
+    """
     height, width = _hw(image_size)
     return pa.schema([
         ("frame_id", pa.string()), ("episode_id", pa.string()), ("step", pa.int32()),
         ("timestamp_ns", pa.int64()),
         ("image", pa.fixed_shape_tensor(pa.uint8(), [height, width, 3])),
-        ("action", pa.list_(pa.float32(), 3)), ("label", pa.list_(pa.float32(), 3)),
-        ("label_source", pa.string()), ("state", pa.list_(pa.float32(), len(STATE_FIELDS))),
+        ("action", pa.list_(pa.float32(), action_dim)), ("label", pa.list_(pa.float32(), action_dim)),
+        ("label_source", pa.string()), ("state", pa.list_(pa.float32(), state_dim)),
         ("reward", pa.float32()), ("intervention", pa.bool_()), ("off_track", pa.bool_()),
         ("origin", pa.string()), ("split", pa.string()), ("turn", pa.int64()),
+        ("flags", pa.list_(pa.string())),
     ])
 
 
@@ -70,57 +105,18 @@ def now_utc() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def reject_row(source_uri: str, *, stage: str, reason: str, detail: str, turn: int) -> dict[str, Any]:
-    """A rejects-table row; its id is a hash of (source, stage, reason) so re-runs dedupe."""
-    rid = hashlib.sha256(f"{source_uri}\n{stage}\n{reason}".encode()).hexdigest()[:32]
-    return {"reject_id": rid, "source_uri": source_uri, "stage": stage, "reason": reason,
-            "detail": detail, "turn": int(turn), "created_at": now_utc()}
+def reject_row(source_uri: str, *, stage: str, reason: str, detail: str, turn: int,
+               span: tuple[int, int] = (-1, -1), frames: int = 0) -> dict[str, Any]:
+    """A rejects-table row for a whole source (span (-1, -1)) or a time span of it.
 
-
-def _check_range(name: str, values: np.ndarray, problems: list[str], *, allow_nan: bool) -> None:
-    finite = np.isfinite(values)
-    bad = ~finite if not allow_nan else np.isinf(values)
-    if bad.any():
-        problems.append(f"nonfinite_{name}: {int(bad.any(axis=1).sum())} steps have "
-                        f"{'inf' if allow_nan else 'NaN/inf'} values")
-    v = np.where(finite, values, 0.0)
-    lo, hi = np.array([-1.0, 0.0, 0.0]), np.array([1.0, 1.0, 1.0])
-    out = ((v < lo) | (v > hi)).any(axis=1)
-    if out.any():
-        problems.append(f"range_{name}: {int(out.sum())} steps outside steer[-1,1] gas/brake[0,1]")
-
-
-def validate_episode(episode: dict[str, Any], *, image_size: int | Sequence[int],
-                     min_length: int = 1) -> list[str]:
-    """Problems with an episode, each "code: detail"; empty when it is fit for the lake."""
-    problems: list[str] = []
-    frames = np.asarray(episode["frames"])
-    height, width = _hw(image_size)
-    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (height, width, 3):
-        problems.append(f"image_shape: frames {frames.dtype}{list(frames.shape)}, "
-                        f"expected uint8[T,{height},{width},3]")
-    n = len(frames)
-    shapes = {"actions": (3,), "expert_actions": (3,), "states": (len(STATE_FIELDS),),
-              "rewards": (), "interventions": (), "off_track": (), "timestamps_ns": ()}
-    for key, tail in shapes.items():
-        if key not in episode:
-            problems.append(f"missing_field: {key}")
-            continue
-        arr = np.asarray(episode[key])
-        if arr.shape != (n, *tail):
-            problems.append(f"length_mismatch: {key} has shape {list(arr.shape)}, "
-                            f"expected {[n, *tail]}")
-    if problems:
-        return problems
-    if n < min_length:
-        problems.append(f"too_short: {n} steps < min_length {min_length}")
-    _check_range("action", np.asarray(episode["actions"], np.float64), problems, allow_nan=False)
-    _check_range("expert_action", np.asarray(episode["expert_actions"], np.float64), problems,
-                 allow_nan=True)
-    stamps = np.asarray(episode["timestamps_ns"], np.int64)
-    if (np.diff(stamps) <= 0).any():
-        problems.append(f"timestamps: {int((np.diff(stamps) <= 0).sum())} non-increasing steps")
-    return problems
+    Its id hashes (source, span, stage, reason), so a re-run adds it only once. ``frames`` is
+    how many camera frames the rejected part held (0 when the source could not be decoded).
+    """
+    key = f"{source_uri}\n{span[0]}:{span[1]}\n{stage}\n{reason}"
+    return {"reject_id": hashlib.sha256(key.encode()).hexdigest()[:32], "source_uri": source_uri,
+            "stage": stage, "reason": reason, "detail": detail, "turn": int(turn),
+            "created_at": now_utc(), "span_start_ns": int(span[0]), "span_end_ns": int(span[1]),
+            "frames": int(frames)}
 
 
 def expert_labels(episode: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -147,25 +143,35 @@ def _rising_edges(flags: np.ndarray) -> int:
 def episode_to_tables(episode: dict[str, Any], *, episode_id: str, source_uri: str,
                       content_hash: str, turn: int, origin: str, parent_episode_id: str,
                       generator_version: str, label_source: str | Sequence[str],
-                      split: str) -> tuple[dict[str, Any], pa.Table]:
+                      split: str, lineage: dict[str, Any] | None = None,
+                      flags: Sequence[Sequence[str]] | None = None) -> tuple[dict[str, Any], pa.Table]:
     """An episode dict as (episodes-table row, frames table).
 
-    ``episode["labels"]`` (float32[T,3]) are the training labels; ``label_source`` is one
+    ``episode["labels"]`` (float32[T,A]) are the training labels; ``label_source`` is one
     string for the whole episode or one per step (the row then says "mixed" if they differ).
-    Optional keys default for synthetic episodes: states NaN, rewards NaN, flags False.
+    Optional keys default for synthetic episodes: states NaN, rewards NaN, flags False. The
+    action width A and state width S come from the arrays. ``lineage`` fills the episodes
+    columns that say where the span came from (format, span_index, start_ns, ..., code_version,
+    config_digest; see ``EPISODES``); ``flags`` gives each frame's quality flags.
     """
     if "labels" not in episode:
-        raise ValueError("episode needs 'labels' float32[T,3] (see expert_labels)")
+        raise ValueError("episode needs 'labels' float32[T,A] (see expert_labels)")
     frames = np.ascontiguousarray(episode["frames"], np.uint8)
     n = len(frames)
-    actions = np.asarray(episode["actions"], np.float32).reshape(n, 3)
-    labels = np.asarray(episode["labels"], np.float32).reshape(n, 3)
-    states = np.asarray(episode.get("states", np.full((n, len(STATE_FIELDS)), np.nan)), np.float32)
+    actions = np.asarray(episode["actions"], np.float32).reshape(n, -1)
+    labels = np.asarray(episode["labels"], np.float32).reshape(n, actions.shape[1])
+    states = np.asarray(episode.get("states", np.full((n, len(STATE_FIELDS)), np.nan)),
+                        np.float32).reshape(n, -1)
     rewards = np.asarray(episode.get("rewards", np.full(n, np.nan)), np.float32)
     interventions = np.asarray(episode.get("interventions", np.zeros(n, bool)), bool)
     off_track = np.asarray(episode.get("off_track", np.zeros(n, bool)), bool)
     sources = np.broadcast_to(np.asarray(label_source, dtype=object), (n,))
     distinct = set(sources.tolist())
+    flags = [list(f) for f in flags] if flags is not None else [[] for _ in range(n)]
+    extra = {**_EPISODE_DEFAULTS, **(lineage or {})}
+    unknown = set(extra) - set(_EPISODE_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown lineage columns {sorted(unknown)}")
     row = {
         "episode_id": episode_id, "source_uri": source_uri, "content_hash": content_hash,
         "world": str(episode.get("world", "unknown")), "seed": int(episode.get("seed", -1)),
@@ -177,51 +183,26 @@ def episode_to_tables(episode: dict[str, Any], *, episode_id: str, source_uri: s
         "driver": str(episode.get("driver", "")),
         "policy_version": str(episode.get("policy_version", "")),
         "label_source": distinct.pop() if len(distinct) == 1 else MIXED,
-        "created_at": now_utc(),
+        "created_at": now_utc(), **extra,
     }
+    row["flagged_frames"] = sum(1 for f in flags if f)
     steps = np.arange(n, dtype=np.int32)
-    schema = frames_schema(frames.shape[1:3])
+    schema = frames_schema(frames.shape[1:3], action_dim=actions.shape[1], state_dim=states.shape[1])
     columns = [
         pa.array([f"{episode_id}:{s:05d}" for s in range(n)], pa.string()),
         pa.array([episode_id] * n, pa.string()), pa.array(steps),
         pa.array(np.asarray(episode["timestamps_ns"], np.int64)),
         pa.FixedShapeTensorArray.from_numpy_ndarray(frames),
-        _fixed_list(actions, 3), _fixed_list(labels, 3), pa.array(sources.tolist(), pa.string()),
-        _fixed_list(states, len(STATE_FIELDS)), pa.array(rewards), pa.array(interventions),
+        _fixed_list(actions, actions.shape[1]), _fixed_list(labels, actions.shape[1]),
+        pa.array(sources.tolist(), pa.string()),
+        _fixed_list(states, states.shape[1]), pa.array(rewards), pa.array(interventions),
         pa.array(off_track), pa.array([origin] * n, pa.string()),
         pa.array([split] * n, pa.string()), pa.array(np.full(n, turn, np.int64)),
+        pa.array(flags, pa.list_(pa.string())),
     ]
     return row, pa.Table.from_arrays(columns, schema=schema)
 
 
-def curate_log(data: bytes, *, source_uri: str, turn: int, image_size: int | Sequence[int],
-               min_length: int, val_fraction: float) -> dict[str, Any]:
-    """Read, validate and tabulate one MCAP log.
-
-    Returns ``{"episode", "frames", "reject"}``: either an episodes row and its frames table
-    (reject None), or a rejects row (episode and frames None). The episode id is derived from
-    the content hash, so the same bytes always curate to the same id.
-    """
-    digest = content_hash(data)
-    try:
-        episode = read_episode(data, source_uri=source_uri)
-    except LogError as exc:
-        return _rejected(reject_row(source_uri, stage="read", reason=exc.reason,
-                                    detail=exc.detail, turn=turn))
-    problems = validate_episode(episode, image_size=image_size, min_length=min_length)
-    if problems:
-        reason = ",".join(sorted({p.split(":", 1)[0] for p in problems}))
-        return _rejected(reject_row(source_uri, stage="validate", reason=reason,
-                                    detail="; ".join(problems), turn=turn))
-    episode_id = f"ep-{digest[:24]}"
-    labels, sources = expert_labels(episode)
-    row, frames = episode_to_tables(
-        {**episode, "labels": labels}, episode_id=episode_id, source_uri=source_uri,
-        content_hash=digest, turn=turn, origin="real", parent_episode_id="",
-        generator_version="", label_source=sources,
-        split=split_for(episode_id, val_fraction=val_fraction))
-    return {"episode": row, "frames": frames, "reject": None}
-
-
-def _rejected(row: dict[str, Any]) -> dict[str, Any]:
-    return {"episode": None, "frames": None, "reject": row}
+def to_json(value: Any) -> str:
+    """Compact, key-sorted JSON for the string columns that hold small structures."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)

@@ -16,9 +16,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from stages import storage
-from stages.curate import EPISODES, REJECTS, frames_schema  # the lake's table schemas
+from stages.curate import EPISODES, REJECTS, clips_schema, frames_schema  # the lake's table schemas
 
-__all__ = ["EPISODES", "EVALUATIONS", "REJECTS", "Lake", "frames_schema"]
+__all__ = ["EPISODES", "EVALUATIONS", "REJECTS", "Lake", "clips_schema", "frames_schema"]
 
 EVALUATIONS = pa.schema([
     ("eval_id", pa.string()), ("model_name", pa.string()), ("model_version", pa.string()),
@@ -96,6 +96,38 @@ class Lake:
             return 0
         result = ds.merge_insert(key).when_not_matched_insert_all().execute(table)
         return int(result["num_inserted_rows"])
+
+    def write_fragments(self, name: str, table: pa.Table) -> list:
+        """Write ``table`` as data files of ``name`` without committing them (any worker may
+        call this); ``commit_fragments`` on the driver makes them visible in one version."""
+        from lance.fragment import write_fragments
+
+        return write_fragments(table, self.table_uri(name), schema=table.schema,
+                               storage_options=self.storage_options)
+
+    def commit_fragments(self, name: str, fragments: list, schema: pa.Schema) -> int:
+        """Commit fragments written by ``write_fragments`` as one new version; returns its number.
+
+        Creates the table if absent. Fragments never committed (a crash before this call) are
+        invisible: a re-run writes them again, and nothing is duplicated.
+        """
+        if not fragments:
+            return self.version(name)
+        if self.exists(name):
+            ds = self.dataset(name)
+            if ds.schema.remove_metadata() != schema.remove_metadata():
+                raise ValueError(f"{name}: schema {schema} does not match the table's {ds.schema}")
+            operation, read_version = lance.LanceOperation.Append(fragments), ds.version
+        else:
+            operation, read_version = lance.LanceOperation.Overwrite(schema, fragments), None
+        return lance.LanceDataset.commit(self.table_uri(name), operation, read_version=read_version,
+                                         storage_options=self.storage_options).version
+
+    def keys(self, name: str, column: str) -> set:
+        """The distinct values of ``column`` (empty for a table that does not exist yet)."""
+        if not self.exists(name):
+            return set()
+        return set(pc.unique(self.dataset(name).to_table(columns=[column]).column(column)).to_pylist())
 
     def read(self, name: str, *, columns: list[str] | None = None, filter: str | None = None,
              version: int | str | None = None) -> pa.Table:

@@ -1,0 +1,105 @@
+"""Ingest one source unit: decode it, align its streams, and tabulate the spans.
+
+Pure stage (no Ray, Prefect or Lance): bytes come through ``fetch``, rows go out as Arrow and
+dicts. Quality signals, events and the final keep/reject decision come after, over batches of
+frame rows (``stages.quality``, ``stages.events``).
+
+Ids are content-derived, so the same bytes always produce the same rows wherever they sit:
+the unit's content hash is the sha256 over its files' (relative name, sha256) pairs, and an
+episode id hashes (unit content hash, episode index within the unit, span index).
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from stages.align import align
+from stages.curate import content_hash, episode_to_tables, expert_labels, reject_row, split_for, to_json
+from stages.sources import read_unit
+from stages.streams import LogError, Mapping
+
+
+def _hashing(fetch: Callable[[str], bytes], seen: dict[str, str]) -> Callable[[str], bytes]:
+    def fetch_and_hash(uri: str) -> bytes:
+        data = fetch(uri)
+        seen[uri] = content_hash(data)
+        return data
+    return fetch_and_hash
+
+
+def unit_content_hash(unit: dict, file_hashes: dict[str, str]) -> str:
+    """sha256 over (relative name, sha256) of every file the reader fetched."""
+    rel = {f["uri"]: f["rel"] for f in unit["files"]}
+    parts = sorted(f"{rel.get(uri, uri)}:{digest}" for uri, digest in file_hashes.items())
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def episode_id_for(unit_hash: str, episode_index: int, span_index: int) -> str:
+    return "ep-" + hashlib.sha256(f"{unit_hash}|{episode_index}|{span_index}".encode()).hexdigest()[:24]
+
+
+def ingest_unit(unit: dict, *, fetch: Callable[[str], bytes], mapping: Mapping, turn: int,
+                image_size: int | tuple[int, int], action_dim: int, state_dim: int,
+                min_length: int, gap_factor: float, hold_factor: float, val_fraction: float,
+                lineage: dict[str, str]) -> dict[str, Any]:
+    """Decode and align one unit.
+
+    Returns ``{"content_hash", "spans": [(episode row, frames table)], "rejects": [rows],
+    "frames_seen", "episodes_seen"}``. A unit that cannot be decoded is one reject row of stage
+    ``read``; an episode whose streams cannot be aligned is one of stage ``align``; a span too
+    short to keep is one of stage ``align`` with its time span. Spans are not yet judged on
+    quality: their frames carry no flags.
+    """
+    hashes: dict[str, str] = {}
+    out: dict[str, Any] = {"content_hash": "", "spans": [], "rejects": [], "frames_seen": 0,
+                           "episodes_seen": 0}
+    try:
+        streams_list = read_unit(unit, mapping=mapping, fetch=_hashing(fetch, hashes))
+    except LogError as err:
+        out["rejects"].append(reject_row(unit["uri"], stage="read", reason=err.reason,
+                                         detail=err.detail, turn=turn))
+        return out
+    except OSError as err:  # an object that vanished or cannot be read: a reject, not a crash
+        out["rejects"].append(reject_row(unit["uri"], stage="read", reason="unreadable",
+                                         detail=str(err), turn=turn))
+        return out
+    unit_hash = out["content_hash"] = unit_content_hash(unit, hashes)
+    for index, streams in enumerate(streams_list):
+        episode_index = int(streams.meta.get("episode_index", index))
+        source_uri = streams.source_uri or unit["uri"]
+        out["episodes_seen"] += 1
+        out["frames_seen"] += len(streams.frames)
+        try:
+            spans, short = align(streams, image_size=image_size, action_dim=action_dim,
+                                 state_dim=state_dim, gap_factor=gap_factor,
+                                 hold_factor=hold_factor, min_length=min_length)
+        except LogError as err:
+            span = (int(streams.camera_t.min()), int(streams.camera_t.max())) if len(streams.camera_t) else (-1, -1)
+            out["rejects"].append(reject_row(source_uri, stage="align", reason=err.reason,
+                                             detail=err.detail, turn=turn, span=span,
+                                             frames=len(streams.frames)))
+            continue
+        for s in short:
+            n = int(np.count_nonzero((streams.camera_t >= s["start_ns"]) & (streams.camera_t <= s["end_ns"])))
+            out["rejects"].append(reject_row(source_uri, stage="align", reason=s["reason"],
+                                             detail=s.get("detail", ""), turn=turn,
+                                             span=(s["start_ns"], s["end_ns"]), frames=n))
+        for span in spans:
+            episode_id = episode_id_for(unit_hash, episode_index, span["span_index"])
+            labels, label_sources = expert_labels(span)
+            h, w = span["source_shape"]
+            row, table = episode_to_tables(
+                {**span, "labels": labels}, episode_id=episode_id, source_uri=source_uri,
+                content_hash=unit_hash, turn=turn, origin="real", parent_episode_id="",
+                generator_version="", label_source=label_sources,
+                split=split_for(episode_id, val_fraction=val_fraction),
+                lineage={"format": span.get("format", unit["format"]),
+                         "span_index": int(span["span_index"]), "start_ns": int(span["start_ns"]),
+                         "end_ns": int(span["end_ns"]), "split_reason": span.get("split_reason", ""),
+                         "task": span.get("task", ""), "topics": to_json(span.get("topics", {})),
+                         "source_shape": f"{h}x{w}", **lineage})
+            out["spans"].append((row, table))
+    return out
