@@ -15,6 +15,7 @@ import tempfile
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from flows.runtime import Context
@@ -65,7 +66,7 @@ def _train(clips: np.ndarray, evts: list, tags: list, held: np.ndarray, preset: 
         config=reasoner.preset(preset), val_clips=clips[held],
         val_events=[e for e, h in zip(evts, held) if h], val_tags=[t for t, h in zip(tags, held) if h])
     with tempfile.TemporaryDirectory() as d:
-        model.save(d)
+        reasoner.save(model, d)
         return _pack(d), metrics
 
 
@@ -133,7 +134,7 @@ def write_clips(ctx: Context, verdicts: dict, episodes: list[dict], turn: int) -
         captions = [described.column("caption")[i].as_py() for i in idx]
         bank = ctx.lake.read("clips", columns=["clip_id", "event", "embedding"],
                              filter="duplicate_of = ''") if ctx.lake.exists("clips") else None
-        bank = bank.filter(pa.compute.list_value_length(bank.column("embedding")) == vectors.shape[1]) \
+        bank = bank.filter(pc.list_value_length(bank.column("embedding")) == vectors.shape[1]) \
             if bank is not None else None
         have = bank is not None and bank.num_rows > 0
         duplicate_of, novelty = dedup.mark_duplicates(

@@ -1,4 +1,4 @@
-"""Curation: kept episodes carry labels and lineage; bad logs become reject rows."""
+"""Ingest (pure): a unit in, spans with labels and lineage or reject rows out; table schemas."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,16 +6,32 @@ import pyarrow as pa
 import pytest
 from tests.stages.test_mcap_log import make_episode
 
-from stages.curate import (EPISODES, REJECTS, content_hash, curate_log, episode_to_tables,
-                           frames_schema, validate_episode)
+from stages.curate import EPISODES, REJECTS, clips_schema, episode_to_tables, frames_schema
+from stages.ingest import ingest_unit
 from stages.mcap_log import episode_to_mcap_bytes
+from stages.sources import discover
+from stages.streams import Mapping
 
 OPTS = {"turn": 2, "image_size": 64, "min_length": 10, "val_fraction": 0.2}
 
 
+def curate_log(data: bytes, *, source_uri: str, turn: int, image_size, min_length: int,
+               val_fraction: float) -> dict:
+    """One MCAP log through ``ingest_unit``: {"episode", "frames", "reject"} of its first span."""
+    unit = {"uri": source_uri, "format": "mcap",
+            "files": [{"uri": source_uri, "rel": source_uri.rsplit("/", 1)[-1], "size": len(data), "etag": "e"}]}
+    out = ingest_unit(unit, fetch=lambda uri: data, mapping=Mapping(), turn=turn, image_size=image_size,
+                      action_dim=3, state_dim=8, min_length=min_length, gap_factor=3.0, hold_factor=2.0,
+                      val_fraction=val_fraction, lineage={"code_version": "test", "config_digest": "c"})
+    if out["spans"]:
+        row, frames = out["spans"][0]
+        return {"episode": row, "frames": frames, "reject": None}
+    return {"episode": None, "frames": None, "reject": out["rejects"][0]}
+
+
 def curate(episode: dict, **overrides) -> dict:
-    data = episode_to_mcap_bytes(episode)
-    return curate_log(data, source_uri="s3://lake/landing/ep.mcap", **{**OPTS, **overrides})
+    return curate_log(episode_to_mcap_bytes(episode), source_uri="s3://lake/landing/ep.mcap",
+                      **{**OPTS, **overrides})
 
 
 def test_kept_episode_row_and_frames():
@@ -23,14 +39,14 @@ def test_kept_episode_row_and_frames():
     episode["expert_actions"][5] = np.nan
     episode["interventions"][:] = False
     episode["interventions"][[3, 4, 5, 10, 29]] = True  # three takeovers, five steps
-    data = episode_to_mcap_bytes(episode)
-    out = curate_log(data, source_uri="s3://lake/landing/ep.mcap", **OPTS)
+    out = curate(episode)
     row, frames = out["episode"], out["frames"]
     assert out["reject"] is None
-    assert row["episode_id"] == f"ep-{content_hash(data)[:24]}" and row["content_hash"] == content_hash(data)
-    assert (row["length"], row["turn"], row["origin"]) == (30, 2, "real")
+    assert row["episode_id"].startswith("ep-") and len(row["content_hash"]) == 64
+    assert (row["length"], row["turn"], row["origin"], row["format"]) == (30, 2, "real", "mcap-ros2")
     assert (row["interventions"], row["intervention_steps"]) == (3, 5)
-    assert row["off_track_steps"] == int(episode["off_track"].sum())
+    assert (row["start_ns"], row["end_ns"], row["source_shape"]) == (0, 29 * 20_000_000, "64x64")
+    assert (row["code_version"], row["config_digest"]) == ("test", "c")
     assert row["episode_return"] == pytest.approx(float(episode["rewards"].astype(np.float64).sum()))
     assert row["label_source"] == "mixed" and row["split"] in ("train", "val")
     pa.Table.from_pylist([row], schema=EPISODES)  # the row fits the episodes schema
@@ -42,8 +58,8 @@ def test_kept_episode_row_and_frames():
     np.testing.assert_array_equal(labels, expected)
     sources = frames.column("label_source").to_pylist()
     assert sources[5] == "executed" and set(sources[:5] + sources[6:]) == {"privileged_expert"}
-    images = frames.column("image").combine_chunks().to_numpy_ndarray()
-    np.testing.assert_array_equal(images, episode["frames"])
+    np.testing.assert_array_equal(frames.column("image").combine_chunks().to_numpy_ndarray(),
+                                  episode["frames"])
 
 
 def test_same_bytes_same_id_and_split():
@@ -54,64 +70,45 @@ def test_same_bytes_same_id_and_split():
     assert curate(episode, val_fraction=1.0)["episode"]["split"] == "val"
 
 
-@pytest.mark.parametrize("break_it, reason", [
-    (lambda ep: ep["actions"].__setitem__((4, 1), np.nan), "nonfinite_action"),
-    (lambda ep: ep["actions"].__setitem__((4, 0), 1.5), "range_action"),
-    (lambda ep: ep["expert_actions"].__setitem__((2, 2), np.inf), "nonfinite_expert_action"),
-    (lambda ep: ep["timestamps_ns"].__setitem__([5, 6], ep["timestamps_ns"][[6, 5]]), "timestamps"),
-])
-def test_bad_values_are_rejected(break_it, reason):
-    episode = make_episode(20)
-    break_it(episode)
-    out = curate(episode)
-    assert out["episode"] is None and out["frames"] is None
-    reject = out["reject"]
-    assert (reject["stage"], reject["reason"], reject["turn"]) == ("validate", reason, 2)
-    assert reject["source_uri"] == "s3://lake/landing/ep.mcap" and reject["detail"]
-    pa.Table.from_pylist([reject], schema=REJECTS)
+def test_frames_are_resized_to_the_lake_size():
+    out = curate(make_episode(12, size=96))
+    assert out["frames"].schema == frames_schema(64) and out["episode"]["source_shape"] == "96x96"
 
 
-def test_duplicate_stamps_cannot_be_aligned():
-    episode = make_episode(20)
-    episode["timestamps_ns"][6] = episode["timestamps_ns"][5]
-    reject = curate(episode)["reject"]
-    assert (reject["stage"], reject["reason"]) == ("read", "inconsistent_lengths")
-    assert "19 distinct messages" in reject["detail"]
-
-
-def test_wrong_image_shape_and_too_short_are_rejected():
-    assert curate(make_episode(20, size=32))["reject"]["reason"] == "image_shape"
-    assert curate(make_episode(20), image_size=(64, 96))["reject"]["reason"] == "image_shape"
-    reject = curate(make_episode(5))["reject"]
-    assert reject["reason"] == "too_short" and "5 steps" in reject["detail"]
-
-
-def test_unreadable_log_is_a_read_reject_with_a_stable_id():
+def test_unreadable_and_short_logs_are_rejects_with_stable_ids():
     data = episode_to_mcap_bytes(make_episode(12))[:-100]
     out = [curate_log(data, source_uri="/landing/x.mcap", **OPTS) for _ in range(2)]
     assert out[0]["episode"] is None
     assert (out[0]["reject"]["stage"], out[0]["reject"]["reason"]) == ("read", "truncated")
     assert out[0]["reject"]["reject_id"] == out[1]["reject"]["reject_id"]
+    short = curate(make_episode(5))["reject"]
+    assert (short["stage"], short["reason"], short["frames"]) == ("align", "short_span", 5)
+    assert (short["span_start_ns"], short["span_end_ns"]) == (0, 4 * 20_000_000)
+    pa.Table.from_pylist([short], schema=REJECTS)
 
 
-def test_kept_plus_rejected_is_seen():
-    logs = [episode_to_mcap_bytes(make_episode(12, seed=s)) for s in range(3)] + [b"", b"junk"]
-    results = [curate_log(d, source_uri=f"/l/{i}.mcap", **OPTS) for i, d in enumerate(logs)]
-    kept = [r for r in results if r["episode"] is not None]
-    rejected = [r for r in results if r["reject"] is not None]
-    assert (len(kept), len(rejected)) == (3, 2) and len(kept) + len(rejected) == len(logs)
+def test_out_of_order_stamps_are_rejected():
+    episode = make_episode(20)
+    episode["timestamps_ns"][[5, 6]] = episode["timestamps_ns"][[6, 5]]
+    reject = curate(episode)["reject"]
+    assert (reject["stage"], reject["reason"]) == ("align", "timestamps_out_of_order")
 
 
-def test_validate_reports_length_mismatch_and_missing_fields():
-    episode = make_episode(10)
-    episode["rewards"] = episode["rewards"][:9]
-    del episode["off_track"]
-    problems = validate_episode(episode, image_size=64)
-    assert problems == ["length_mismatch: rewards has shape [9], expected [10]",
-                        "missing_field: off_track"]
+def test_discover_groups_units_by_format():
+    objs = [{"uri": f"/l/{p}", "size": 1, "etag": "x"} for p in (
+        "a.mcap", "b.bag", "notes.txt", ".hidden/x.mcap", "bag2/metadata.yaml", "bag2/bag2_0.db3",
+        "ds/meta/info.json", "ds/data/chunk-000/episode_000000.parquet", "ds/videos/x.mp4")]
+    units = {u["uri"]: u for u in discover(objs, root="/l")}
+    assert {k: u["format"] for k, u in units.items()} == {
+        "/l/a.mcap": "mcap", "/l/b.bag": "rosbag1", "/l/notes.txt": "unsupported",
+        "/l/bag2": "rosbag2", "/l/ds": "lerobot"}
+    assert sorted(f["rel"] for f in units["/l/ds"]["files"]) == [
+        "data/chunk-000/episode_000000.parquet", "meta/info.json", "videos/x.mp4"]
+    changed = discover([{**o, "etag": "y"} if o["uri"].endswith(".db3") else o for o in objs], root="/l")
+    assert {u["uri"] for u in changed if u["key"] != units[u["uri"]]["key"]} == {"/l/bag2"}
 
 
-def test_synthetic_episode_tables():
+def test_synthetic_episode_tables_and_clips_schema():
     episode = make_episode(8, size=16)
     for key in ("states", "rewards", "interventions", "off_track", "expert_actions"):
         del episode[key]
@@ -125,6 +122,7 @@ def test_synthetic_episode_tables():
     assert frames.schema == frames_schema(16)
     assert np.isnan(np.stack(frames.column("state").to_pylist())).all()
     assert set(frames.column("origin").to_pylist()) == {"synthetic"}
+    assert "embedding" in clips_schema().names
     with pytest.raises(ValueError, match="labels"):
         episode_to_tables({k: v for k, v in episode.items() if k != "labels"}, episode_id="x",
                           source_uri="", content_hash="", turn=0, origin="synthetic",

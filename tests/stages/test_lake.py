@@ -4,11 +4,12 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
+from tests.stages.test_curate import curate_log
 from tests.stages.test_mcap_log import make_episode
 from tests.stages.test_storage import root  # noqa: F401  (fixture: local and s3 roots)
 
 from stages import storage
-from stages.curate import curate_log, now_utc
+from stages.curate import now_utc
 from stages.lake import EPISODES, EVALUATIONS, REJECTS, Lake, frames_schema
 from stages.mcap_log import episode_to_mcap_bytes, write_episode
 

@@ -1,0 +1,337 @@
+"""Decoded ROS 1 / ROS 2 / Foxglove protobuf messages to frames, stamps, signal values and text.
+
+Shared by the MCAP and rosbag readers. Everything works on decoded message objects through
+attribute access, whichever library decoded them (mcap_ros2's dynamic classes, rosbags'
+dataclasses, protobuf messages), plus ``cdr_image``, a fast path that parses a little-endian
+CDR ``sensor_msgs/msg/Image`` straight from its bytes. ``Collector`` gathers the messages of
+the topics a ``Mapping`` picked into one ``Streams``.
+
+Rules:
+
+* Raw images (``sensor_msgs/msg/Image``, ``foxglove.RawImage``): encodings ``rgb8``, ``bgr8``,
+  ``rgba8``, ``bgra8`` (alpha dropped) and ``mono8`` (grey repeated into R, G, B); any other
+  encoding is ``bad_encoding``. Rows are ``step`` bytes apart (padding past ``width`` pixels
+  is skipped); height or width 0, ``step`` shorter than a row, or fewer than ``height*step``
+  data bytes is ``bad_message``.
+* Compressed images (``sensor_msgs/msg/CompressedImage``, ``foxglove.CompressedImage``): the
+  ``format`` must contain ``jpeg``, ``jpg`` or ``png`` and not ``compressedDepth``
+  (else ``bad_encoding``); Pillow decodes, 8-bit grey/palette/RGB(A)/CMYK/YCbCr images become
+  RGB, other modes (16-bit, float) are ``bad_encoding``, undecodable bytes ``bad_message``.
+* Stamps: ``header.stamp`` (``sec * 1e9 + nanosec``) where the message has a header, else a
+  protobuf ``timestamp`` (``seconds * 1e9 + nanos``); a missing or zero stamp falls back to
+  the message's log time.
+* Signal values (float32[D]), by the first rule that fits: a protobuf message gives its repeated
+  numeric field named ``data`` or ``values``, else all its non-repeated numeric (and bool)
+  fields in declaration order; ``*MultiArray`` gives ``data`` as is; ``nav_msgs/Odometry``
+  gives [pose.position.x, y, z, twist.linear.x, twist.linear.y, twist.angular.z];
+  ``TwistStamped`` and ``Twist`` give [linear.x, y, z, angular.x, y, z];
+  ``sensor_msgs/JointState`` gives ``position``; a numeric or bool ``data`` field (std_msgs
+  Float32/64, Bool, Int*, UInt*) gives [data]. Anything else is ``bad_message``.
+* Scalar roles (reward, intervention, off_track) need one value per message and give
+  float32[M]; vector roles give float32[M,D] and need the same D in every message.
+* Task text: the ``data`` string of the first message on the task topic.
+"""
+from __future__ import annotations
+
+import io
+import struct
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+from google.protobuf.descriptor import FieldDescriptor
+from PIL import Image
+
+from stages.streams import ROLES, LogError, Mapping, Streams
+
+TOPIC_ROLES = ("camera", *ROLES, "task")
+SCALAR_ROLES = frozenset({"reward", "intervention", "off_track"})
+# encoding -> (bytes per pixel, channel indices giving R, G, B)
+RAW_ENCODINGS = {"rgb8": (3, (0, 1, 2)), "bgr8": (3, (2, 1, 0)), "rgba8": (4, (0, 1, 2)),
+                 "bgra8": (4, (2, 1, 0)), "mono8": (1, (0, 0, 0))}
+_PIL_COLOUR_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr"})
+_PB_NUMERIC = frozenset({FieldDescriptor.CPPTYPE_INT32, FieldDescriptor.CPPTYPE_INT64,
+                         FieldDescriptor.CPPTYPE_UINT32, FieldDescriptor.CPPTYPE_UINT64,
+                         FieldDescriptor.CPPTYPE_DOUBLE, FieldDescriptor.CPPTYPE_FLOAT,
+                         FieldDescriptor.CPPTYPE_BOOL})
+_CDR_HEAD = struct.Struct("<iII")   # header.stamp.sec, header.stamp.nanosec, frame_id length
+_CDR_SIZE = struct.Struct("<III")   # height, width, encoding length
+_CDR_STEP = struct.Struct("<II")    # step, data length
+_U32 = struct.Struct("<I")
+CDR_LE = b"\x00\x01"                # encapsulation kind of little-endian plain CDR
+CdrParser = Callable[[bytes | memoryview, int], tuple[int, np.ndarray]]
+
+
+def type_name(msg: Any) -> str:
+    """The message type for error texts: ROS name (rosbags), protobuf full name, or class name."""
+    descriptor = getattr(msg, "DESCRIPTOR", None)
+    return (getattr(msg, "__msgtype__", None) or getattr(descriptor, "full_name", None)
+            or type(msg).__name__)
+
+
+def raw_to_rgb(*, height: int, width: int, step: int, encoding: str, data: Any) -> np.ndarray:
+    """uint8[height,width,3] RGB (often a view of ``data``) from raw image bytes; rules above."""
+    spec = RAW_ENCODINGS.get(str(encoding).lower())
+    if spec is None:
+        raise LogError("bad_encoding", f"image encoding {encoding!r}; readable: "
+                                       f"{', '.join(RAW_ENCODINGS)}")
+    channels, order = spec
+    buf = (np.frombuffer(data, np.uint8) if isinstance(data, (bytes, bytearray, memoryview))
+           else np.asarray(data, np.uint8).reshape(-1))
+    if height <= 0 or width <= 0 or step < width * channels or buf.size < height * step:
+        raise LogError("bad_message", f"{encoding} image {height}x{width}, step {step}, "
+                                      f"{buf.size} data bytes")
+    pixels = buf[:height * step].reshape(height, step)[:, :width * channels]
+    pixels = pixels.reshape(height, width, channels)
+    if channels == 1:
+        return np.repeat(pixels, 3, axis=2)
+    return pixels[..., list(order)] if order != (0, 1, 2) else pixels[..., :3]
+
+
+def compressed_to_rgb(fmt: str, data: Any) -> np.ndarray:
+    """uint8[H,W,3] RGB of a JPEG or PNG image; rules above."""
+    lowered = str(fmt).lower()
+    if "compresseddepth" in lowered or not any(k in lowered for k in ("jpeg", "jpg", "png")):
+        raise LogError("bad_encoding", f"compressed image format {fmt!r}; readable: jpeg, png")
+    try:
+        with Image.open(io.BytesIO(bytes(data))) as image:
+            if image.mode not in _PIL_COLOUR_MODES:
+                raise LogError("bad_encoding", f"{fmt} image of mode {image.mode}")
+            return np.asarray(image.convert("RGB"))
+    except LogError:
+        raise
+    except Exception as exc:  # Pillow raises many kinds on damaged bytes
+        raise LogError("bad_message", f"{fmt} image does not decode: {exc}") from exc
+
+
+def image_to_rgb(msg: Any) -> np.ndarray:
+    """RGB of a raw (has ``encoding``) or compressed (has ``format``) image message."""
+    if hasattr(msg, "encoding"):
+        return raw_to_rgb(height=int(msg.height), width=int(msg.width), step=int(msg.step),
+                          encoding=str(msg.encoding), data=msg.data)
+    if hasattr(msg, "format"):
+        return compressed_to_rgb(str(msg.format), msg.data)
+    raise LogError("bad_message", f"a {type_name(msg)} on the camera topic is not an image")
+
+
+def stamp_ns(msg: Any, log_time: int) -> int:
+    """The message's own stamp (header, else protobuf timestamp) in ns; ``log_time`` if zero."""
+    stamp = getattr(getattr(msg, "header", None), "stamp", None)
+    if stamp is not None:
+        t = int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+    else:
+        ts = getattr(msg, "timestamp", None)
+        t = (int(ts.seconds) * 1_000_000_000 + int(ts.nanos)) if hasattr(ts, "seconds") else 0
+    return t or int(log_time)
+
+
+def _align(pos: int, size: int) -> int:
+    return (pos + size - 1) & ~(size - 1)
+
+
+def cdr_image(data: bytes | memoryview, log_time: int) -> tuple[int, np.ndarray]:
+    """(stamp ns, RGB) of a ``sensor_msgs/msg/Image`` serialized as little-endian CDR.
+
+    Layout after the 4-byte encapsulation header (offsets relative to its end, each uint32
+    4-aligned): stamp sec int32, nanosec uint32, frame_id (uint32 length including NUL, bytes),
+    height, width, encoding (string), is_bigendian uint8, step, data (uint32 length, bytes).
+    A short message is ``bad_message``.
+    """
+    view = memoryview(data)
+    try:
+        sec, nanosec, n = _CDR_HEAD.unpack_from(view, 4)
+        pos = _align(12 + n, 4)
+        height, width, n = _CDR_SIZE.unpack_from(view, 4 + pos)
+        encoding = bytes(view[4 + pos + 12:4 + pos + 12 + n]).rstrip(b"\0").decode("ascii")
+        pos = _align(pos + 12 + n + 1, 4)
+        step, size = _CDR_STEP.unpack_from(view, 4 + pos)
+    except (struct.error, UnicodeDecodeError) as exc:
+        raise LogError("bad_message", f"CDR image header: {exc}") from exc
+    pixels = view[4 + pos + 8:4 + pos + 8 + size]
+    if len(pixels) != size:
+        raise LogError("bad_message", f"CDR image has {len(pixels)} of {size} data bytes")
+    t = sec * 1_000_000_000 + nanosec
+    return (t or int(log_time)), raw_to_rgb(height=height, width=width, step=step,
+                                            encoding=encoding, data=pixels)
+
+
+def _cdr_scalar(dtype: str) -> CdrParser:
+    """Parser of a std_msgs scalar (Float32, Float64, Bool): one ``data`` field, no header."""
+    def parse(data: bytes | memoryview, log_time: int) -> tuple[int, np.ndarray]:
+        try:
+            return int(log_time), np.frombuffer(data, dtype, 1, 4).astype(np.float32)
+        except ValueError as exc:
+            raise LogError("bad_message", f"CDR {dtype} scalar: {exc}") from exc
+    return parse
+
+
+def _cdr_multiarray(dtype: str) -> CdrParser:
+    """Parser of a std_msgs *MultiArray: layout (dims of label, size, stride; data_offset), data."""
+    itemsize = np.dtype(dtype).itemsize
+
+    def parse(data: bytes | memoryview, log_time: int) -> tuple[int, np.ndarray]:
+        try:
+            (dims,) = _U32.unpack_from(data, 4)
+            pos = 4
+            for _ in range(dims):
+                (n,) = _U32.unpack_from(data, 4 + pos)
+                pos = _align(pos + 4 + n, 4) + 8
+            (count,) = _U32.unpack_from(data, 4 + pos + 4)
+            pos = _align(pos + 8, itemsize)
+            return int(log_time), np.frombuffer(data, dtype, count, 4 + pos).astype(np.float32)
+        except (struct.error, ValueError) as exc:
+            raise LogError("bad_message", f"CDR {dtype} multi-array: {exc}") from exc
+    return parse
+
+
+CDR_SIGNALS: dict[str, CdrParser] = {
+    "std_msgs/msg/Float32": _cdr_scalar("<f4"), "std_msgs/msg/Float64": _cdr_scalar("<f8"),
+    "std_msgs/msg/Bool": _cdr_scalar("u1"),
+    "std_msgs/msg/Float32MultiArray": _cdr_multiarray("<f4"),
+    "std_msgs/msg/Float64MultiArray": _cdr_multiarray("<f8")}
+
+
+def cdr_parser(role: str, schema_name: str) -> CdrParser | None:
+    """The fast parser for a role's messages of this ROS 2 type in little-endian CDR, if any.
+
+    Each returns (stamp ns, payload): RGB for the camera (``cdr_image``), float32[D] values for
+    signals (stamped by log time: these types have no header). Callers check ``data[:2] ==
+    CDR_LE`` and decode other messages generically; both ways give the same result.
+    """
+    if role == "camera":
+        return cdr_image if schema_name == "sensor_msgs/msg/Image" else None
+    return CDR_SIGNALS.get(schema_name) if role in ROLES else None
+
+
+def _floats(values: Any) -> np.ndarray:
+    if isinstance(values, (bytes, bytearray, memoryview)):
+        return np.frombuffer(values, np.uint8).astype(np.float32)
+    return np.asarray(list(values) if not isinstance(values, np.ndarray) else values,
+                      np.float32).reshape(-1)
+
+
+def _protobuf_values(msg: Any) -> np.ndarray:
+    fields = msg.DESCRIPTOR.fields
+    for f in fields:
+        if f.name in ("data", "values") and f.is_repeated and f.cpp_type in _PB_NUMERIC:
+            return _floats(getattr(msg, f.name))
+    scalars = [getattr(msg, f.name) for f in fields
+               if not f.is_repeated and f.cpp_type in _PB_NUMERIC]
+    if not scalars:
+        raise LogError("bad_message", f"{type_name(msg)} has no numeric fields")
+    return np.asarray(scalars, np.float32)
+
+
+def _twist(twist: Any) -> list[float]:
+    return [twist.linear.x, twist.linear.y, twist.linear.z,
+            twist.angular.x, twist.angular.y, twist.angular.z]
+
+
+def signal_values(msg: Any) -> np.ndarray:
+    """float32[D] values of a signal message by the first fitting rule above."""
+    if hasattr(msg, "DESCRIPTOR"):
+        return _protobuf_values(msg)
+    if hasattr(msg, "layout") and hasattr(msg, "data"):
+        return _floats(msg.data)
+    if hasattr(msg, "pose") and hasattr(msg, "twist"):
+        position, twist = msg.pose.pose.position, msg.twist.twist
+        return np.asarray([position.x, position.y, position.z, twist.linear.x, twist.linear.y,
+                           twist.angular.z], np.float32)
+    if hasattr(msg, "twist"):
+        return np.asarray(_twist(msg.twist), np.float32)
+    if hasattr(msg, "linear") and hasattr(msg, "angular"):
+        return np.asarray(_twist(msg), np.float32)
+    if hasattr(msg, "position") and hasattr(msg, "name"):
+        return _floats(msg.position)
+    data = getattr(msg, "data", None)
+    if isinstance(data, (bool, int, float, np.number, np.bool_)):
+        return np.asarray([data], np.float32)
+    raise LogError("bad_message", f"no signal values in a {type_name(msg)}")
+
+
+def task_text(msg: Any) -> str:
+    """The ``data`` string of a task message (std_msgs/String or a protobuf ``data`` string)."""
+    data = getattr(msg, "data", None)
+    if not isinstance(data, str):
+        raise LogError("bad_message", f"a {type_name(msg)} on the task topic has no text data")
+    return data
+
+
+def pick_topics(mapping: Mapping, available: Iterable[str], *, source: str) -> dict[str, str]:
+    """role -> topic for the roles of ``TOPIC_ROLES`` found, in that order; a topic plays one role.
+
+    Raises ``LogError("missing_topic")`` when no camera topic is found.
+    """
+    free = sorted(set(available))
+    picked: dict[str, str] = {}
+    for role in TOPIC_ROLES:
+        topic = mapping.pick(role, free)
+        if topic is not None:
+            picked[role] = topic
+            free.remove(topic)
+    if "camera" not in picked:
+        raise LogError("missing_topic", f"{source}: no camera topic among {sorted(set(available))} "
+                                        f"(candidates {list(mapping.camera)})")
+    return picked
+
+
+class Collector:
+    """Gathers the decoded messages of picked topics (``pick_topics``) into one ``Streams``."""
+
+    def __init__(self, topics: dict[str, str]) -> None:
+        self.topics = topics
+        self._role_of = {topic: role for role, topic in topics.items()}
+        self._frame_t: list[int] = []
+        self._frames: list[np.ndarray] = []
+        self._signals: dict[str, tuple[list[int], list[np.ndarray]]] = {}
+        self._task: str | None = None
+
+    def add_parsed(self, topic: str, stamp: int, payload: np.ndarray) -> None:
+        """Add a frame (camera topic: RGB) or signal values (other topics: float32[D])."""
+        if topic == self.topics["camera"]:
+            self._frame_t.append(stamp)
+            self._frames.append(payload)
+        else:
+            stamps, values = self._signals.setdefault(self._role_of[topic], ([], []))
+            stamps.append(stamp)
+            values.append(payload)
+
+    def add(self, topic: str, msg: Any, log_time: int) -> None:
+        """Add one decoded message of a picked topic, by its role."""
+        role = self._role_of[topic]
+        if role == "task":
+            if self._task is None:
+                self._task = task_text(msg)
+        else:
+            self.add_parsed(topic, stamp_ns(msg, log_time),
+                            image_to_rgb(msg) if role == "camera" else signal_values(msg))
+
+    def _values(self, role: str, values: list[np.ndarray]) -> np.ndarray:
+        widths = sorted({len(v) for v in values})
+        topic = self.topics[role]
+        if role in SCALAR_ROLES and widths != [1]:
+            raise LogError("bad_message", f"{topic} ({role}) messages hold {widths} values, "
+                                          "expected 1")
+        if len(widths) > 1:
+            raise LogError("bad_message", f"{topic} ({role}) messages hold {widths} values")
+        stacked = np.stack(values).astype(np.float32, copy=False)
+        return stacked[:, 0] if role in SCALAR_ROLES else stacked
+
+    def streams(self, source_uri: str, meta: dict[str, str]) -> Streams:
+        """The ``Streams``: frames stacked, ``topic.<role>`` added to ``meta`` for roles with data.
+
+        Raises ``missing_topic`` without frames, ``bad_message`` when frame sizes differ.
+        """
+        camera = self.topics["camera"]
+        if not self._frames:
+            raise LogError("missing_topic", f"{source_uri}: no messages on {camera}")
+        shapes = sorted({f.shape for f in self._frames})
+        if len(shapes) > 1:
+            raise LogError("bad_message", f"{camera} frames come in sizes {shapes}")
+        signals = {role: (np.asarray(t, np.int64), self._values(role, v))
+                   for role, (t, v) in self._signals.items()}
+        used = ["camera", *signals] + (["task"] if self._task is not None else [])
+        meta = {**meta, **{f"topic.{role}": self.topics[role] for role in used}}
+        return Streams(source_uri=source_uri, camera_t=np.asarray(self._frame_t, np.int64),
+                       frames=np.stack(self._frames), signals=signals, task=self._task or "",
+                       meta=meta)

@@ -1,0 +1,396 @@
+"""MCAP (ROS 2, Foxglove protobuf) and ROS bag (rosbag1, rosbag2 sqlite3/MCAP) readers."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from foxglove_schemas_protobuf.JointState_pb2 import JointState as PbJointState
+from foxglove_schemas_protobuf.Vector3_pb2 import Vector3 as PbVector3
+from mcap.records import Schema
+from mcap_ros2.decoder import DecoderFactory
+from PIL import Image
+from rosbags.rosbag2 import Writer as Rosbag2Writer
+
+from stages.formats import mcap, rosbag
+from stages.formats.ros_messages import (CDR_SIGNALS, Collector, cdr_parser, compressed_to_rgb,
+                                         image_to_rgb, signal_values, stamp_ns)
+from stages.mcap_log import episode_to_mcap_bytes
+from stages.streams import LogError, Mapping
+from tests.stages import ros_logs
+from tests.stages.ros_logs import ROS1_TYPES, ROS2_TYPES, Entry, ros_message
+
+T0 = 1_700_000_000_000_000_000
+STEP = 50_000_000
+T2 = ROS2_TYPES.types
+
+
+def episode(length: int = 12, size: int = 16, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    expert = rng.uniform(-1, 1, (length, 3)).astype(np.float32)
+    expert[length // 2] = np.nan
+    return {"world": "CarRacing-v3", "seed": seed, "driver": "human", "policy_version": "p7",
+            "frames": rng.integers(0, 256, (length, size, size, 3), dtype=np.uint8),
+            "actions": rng.uniform(-1, 1, (length, 3)).astype(np.float32),
+            "expert_actions": expert, "states": rng.normal(size=(length, 8)).astype(np.float32),
+            "rewards": rng.normal(size=length).astype(np.float32),
+            "interventions": rng.random(length) < 0.5, "off_track": rng.random(length) < 0.5,
+            "timestamps_ns": T0 + np.arange(length, dtype=np.int64) * STEP}
+
+
+def fetch(uri: str) -> bytes:
+    return Path(uri).read_bytes()
+
+
+def unit(path: Path, fmt: str) -> dict:
+    paths = sorted(path.iterdir()) if path.is_dir() else [path]
+    return {"uri": str(path), "format": fmt,
+            "files": [{"uri": str(p), "rel": p.name, "size": p.stat().st_size, "etag": "e"}
+                      for p in paths]}
+
+
+# (writer, unit format, writer options, expected meta format)
+FORMATS = {
+    "mcap-ros2": (ros_logs.write_mcap_ros2, "mcap", {}, "mcap-ros2"),
+    "mcap-ros2-png": (ros_logs.write_mcap_ros2, "mcap", {"compressed": True}, "mcap-ros2"),
+    "mcap-protobuf": (ros_logs.write_mcap_protobuf, "mcap", {}, "mcap-protobuf"),
+    "mcap-protobuf-png": (ros_logs.write_mcap_protobuf, "mcap", {"compressed": True},
+                          "mcap-protobuf"),
+    "rosbag2-sqlite3": (ros_logs.write_rosbag2, "rosbag2", {}, "rosbag2-sqlite3"),
+    "rosbag2-mcap": (ros_logs.write_rosbag2, "rosbag2", {"storage": "mcap"}, "rosbag2-mcap"),
+    "rosbag1": (ros_logs.write_rosbag1, "rosbag1", {}, "rosbag1"),
+}
+
+
+def write_and_read(tmp_path: Path, name: str, ep: dict, mapping: Mapping = Mapping(),
+                   **options):
+    write, fmt, fixed, _ = FORMATS[name]
+    path = tmp_path / (name + {"mcap": ".mcap", "rosbag1": ".bag", "rosbag2": ""}[fmt])
+    write(ep, path, **fixed, **options)
+    reader = rosbag if fmt.startswith("rosbag") else mcap
+    return reader.read(unit(path, fmt), mapping=mapping, fetch=fetch)
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_every_format_reads_back_what_was_written(tmp_path, name):
+    ep = episode()
+    (s,) = write_and_read(tmp_path, name, ep, action_every=3, action_offset_ns=7_000_000,
+                          camera_delay_ns=1_000_000, task="lap the track")
+    t = ep["timestamps_ns"]
+    np.testing.assert_array_equal(s.frames, ep["frames"])
+    np.testing.assert_array_equal(s.camera_t, t)  # header stamps, not the delayed log times
+    action_t, action = s.signals["action"]
+    np.testing.assert_array_equal(action_t, t[::3] + 7_000_000)
+    np.testing.assert_array_equal(action, ep["actions"][::3])
+    has_expert = ~np.isnan(ep["expert_actions"]).all(axis=1)
+    np.testing.assert_array_equal(s.signals["expert_action"][0], t[has_expert])
+    np.testing.assert_array_equal(s.signals["expert_action"][1], ep["expert_actions"][has_expert])
+    for role, key in (("state", "states"), ("reward", "rewards"),
+                      ("intervention", "interventions"), ("off_track", "off_track")):
+        stamps, values = s.signals[role]
+        assert values.dtype == np.float32, role
+        np.testing.assert_array_equal(stamps, t, err_msg=role)
+        np.testing.assert_array_equal(values, np.asarray(ep[key], np.float32), err_msg=role)
+    assert s.signals["reward"][1].shape == (12,) and s.signals["state"][1].shape == (12, 8)
+    assert s.task == "lap the track"
+    assert s.meta["format"] == FORMATS[name][3]
+    camera = "/camera/image_raw/compressed" if "png" in name else "/camera/image_raw"
+    assert s.meta["topic.camera"] == camera and s.meta["topic.action"] == "/vehicle/action"
+    assert s.meta["topic.task"] == "/task"
+    if name != "rosbag1":  # a rosbag1 has nowhere to keep the episode metadata
+        assert {k: s.meta[k] for k in ("world", "seed", "driver", "policy_version")} == {
+            "world": "CarRacing-v3", "seed": "0", "driver": "human", "policy_version": "p7"}
+
+
+def test_reads_the_fleet_mcap_writer_and_mcaps_without_summary(tmp_path):
+    ep = episode(8)
+    data = episode_to_mcap_bytes(ep)
+    for raw in (data, ros_logs.strip_summary(data)):
+        s = mcap.read_bytes(raw, source_uri="mem", mapping=Mapping())
+        np.testing.assert_array_equal(s.frames, ep["frames"])
+        np.testing.assert_array_equal(s.signals["state"][1], ep["states"])
+        assert s.meta["seed"] == "0" and s.meta["format"] == "mcap-ros2"
+    assert len(ros_logs.strip_summary(data)) < len(data)
+
+
+@pytest.mark.parametrize("name", ["mcap-ros2", "mcap-protobuf", "rosbag1"])
+@pytest.mark.parametrize("encoding", ["rgb8", "bgr8", "rgba8", "bgra8", "mono8"])
+def test_raw_encodings_and_row_padding(tmp_path, name, encoding):
+    ep = episode(3, size=6)
+    (s,) = write_and_read(tmp_path, name, ep, encoding=encoding, row_padding=5)
+    want = np.repeat(ep["frames"][..., :1], 3, axis=3) if encoding == "mono8" else ep["frames"]
+    np.testing.assert_array_equal(s.frames, want)
+
+
+@pytest.mark.parametrize("name", ["mcap-ros2", "mcap-protobuf", "rosbag2-mcap", "rosbag1"])
+@pytest.mark.parametrize("encoding", ["16UC1", "yuv422"])
+def test_unreadable_encodings_are_bad_encoding(tmp_path, name, encoding):
+    with pytest.raises(LogError) as err:
+        write_and_read(tmp_path, name, episode(2, size=4), encoding=encoding)
+    assert err.value.reason == "bad_encoding"
+
+
+@pytest.mark.parametrize("name", ["mcap-ros2", "rosbag2-sqlite3", "rosbag1"])
+def test_no_camera_topic_is_missing_topic(tmp_path, name):
+    with pytest.raises(LogError) as err:
+        write_and_read(tmp_path, name, episode(2, size=4), Mapping(camera=("/front/*",)))
+    assert err.value.reason == "missing_topic"
+
+
+def test_damaged_mcap_files(tmp_path):
+    data = (ros_logs.write_mcap_ros2(episode(), tmp_path / "a.mcap")).read_bytes()
+    flipped = bytearray(data)
+    flipped[len(data) // 3:len(data) // 3 + 64] = bytes(64)  # inside a chunk: CRC mismatch
+    cases = {"empty": b"", "not_mcap": np.random.default_rng(0).bytes(5000),
+             "truncated": data[:len(data) // 2], "corrupt": bytes(flipped)}
+    for reason, raw in cases.items():
+        path = tmp_path / f"{reason}.mcap"
+        path.write_bytes(raw)
+        with pytest.raises(LogError) as err:
+            mcap.read(unit(path, "mcap"), mapping=Mapping(), fetch=fetch)
+        assert err.value.reason == reason, (reason, err.value)
+
+
+def test_mutated_logs_fail_only_with_log_errors(tmp_path):
+    """Random damage anywhere in an MCAP or rosbag1 either still reads or raises LogError."""
+    rng = np.random.default_rng(1)
+    sources = {"mcap": ros_logs.write_mcap_ros2(episode(6, size=8), tmp_path / "a.mcap"),
+               "rosbag1": ros_logs.write_rosbag1(episode(6, size=8), tmp_path / "a.bag")}
+    for fmt, path in sources.items():
+        data = path.read_bytes()
+        for i in range(25):
+            damaged = bytearray(data)
+            at = int(rng.integers(0, len(data) - 16))
+            damaged[at:at + 16] = rng.bytes(16)
+            target = tmp_path / f"m{i}{path.suffix}"
+            target.write_bytes(bytes(damaged))
+            reader = mcap if fmt == "mcap" else rosbag
+            try:
+                reader.read(unit(target, fmt), mapping=Mapping(), fetch=fetch)
+            except LogError:
+                pass
+
+
+def test_damaged_rosbag1_files(tmp_path):
+    data = ros_logs.write_rosbag1(episode(), tmp_path / "a.bag").read_bytes()
+    cases = {"empty": b"", "truncated": data[:len(data) // 2],
+             "corrupt": np.random.default_rng(0).bytes(3000),
+             "unsupported": b"#ROSBAG V1.2\n" + bytes(100)}
+    for reason, raw in cases.items():
+        path = tmp_path / f"{reason}.bag"
+        path.write_bytes(raw)
+        with pytest.raises(LogError) as err:
+            rosbag.read(unit(path, "rosbag1"), mapping=Mapping(), fetch=fetch)
+        assert err.value.reason == reason, (reason, err.value)
+
+
+@pytest.mark.parametrize("storage", ["sqlite3", "mcap"])
+def test_damaged_rosbag2_directories(tmp_path, storage):
+    bag = ros_logs.write_rosbag2(episode(), tmp_path / "bag", storage=storage)
+    (store,) = [p for p in bag.iterdir() if p.name != "metadata.yaml"]
+    original = store.read_bytes()
+    middle = len(original) // 2
+    damaged = original[:middle] + np.random.default_rng(0).bytes(4096) + original[middle + 4096:]
+    cases = {"corrupt": damaged, "empty": b""}
+    if storage == "mcap":
+        cases["truncated"] = original[:len(original) // 2]
+    for reason, raw in cases.items():
+        store.write_bytes(raw)
+        with pytest.raises(LogError) as err:
+            rosbag.read(unit(bag, "rosbag2"), mapping=Mapping(), fetch=fetch)
+        assert err.value.reason == reason, (reason, err.value)
+    store.unlink()  # listed in metadata.yaml but gone
+    with pytest.raises(LogError, match="listed but absent"):
+        rosbag.read(unit(bag, "rosbag2"), mapping=Mapping(), fetch=fetch)
+    (bag / "metadata.yaml").write_text("rosbag2_bagfile_information: [")
+    with pytest.raises(LogError) as err:
+        rosbag.read(unit(bag, "rosbag2"), mapping=Mapping(), fetch=fetch)
+    assert err.value.reason == "corrupt"
+
+
+def header(t: int) -> object:
+    sec, nanosec = divmod(t, 1_000_000_000)
+    stamp = T2["builtin_interfaces/msg/Time"](sec=sec, nanosec=nanosec)
+    return T2["std_msgs/msg/Header"](stamp=stamp, frame_id="base")
+
+
+def vector3(x: float, y: float, z: float) -> object:
+    return T2["geometry_msgs/msg/Vector3"](x=x, y=y, z=z)
+
+
+def twist(v: list[float]) -> object:
+    return T2["geometry_msgs/msg/Twist"](linear=vector3(*v[:3]), angular=vector3(*v[3:]))
+
+
+def odometry(t: int, position: list[float], velocity: list[float]) -> object:
+    pose = T2["geometry_msgs/msg/Pose"](
+        position=T2["geometry_msgs/msg/Point"](x=position[0], y=position[1], z=position[2]),
+        orientation=T2["geometry_msgs/msg/Quaternion"](x=0.0, y=0.0, z=0.0, w=1.0))
+    return T2["nav_msgs/msg/Odometry"](
+        header=header(t), child_frame_id="base",
+        pose=T2["geometry_msgs/msg/PoseWithCovariance"](pose=pose, covariance=np.zeros(36)),
+        twist=T2["geometry_msgs/msg/TwistWithCovariance"](twist=twist(velocity),
+                                                          covariance=np.zeros(36)))
+
+
+def test_signal_rules_for_common_message_types():
+    v = [0.5, -1.0, 2.0, 0.25, 3.0, -4.0]
+    joint = T2["sensor_msgs/msg/JointState"](header=header(0), name=["a", "b"],
+                                             position=np.array([1.5, -2.5]),
+                                             velocity=np.zeros(2), effort=np.zeros(2))
+    cases = [
+        (twist(v), v),
+        (T2["geometry_msgs/msg/TwistStamped"](header=header(5), twist=twist(v)), v),
+        (odometry(5, [1.0, 2.0, 3.0], v), [1.0, 2.0, 3.0, 0.5, -1.0, -4.0]),
+        (joint, [1.5, -2.5]),
+        (T2["std_msgs/msg/Float64"](data=2.5), [2.5]),
+        (T2["std_msgs/msg/Int32"](data=-7), [-7.0]),
+        (T2["std_msgs/msg/Bool"](data=True), [1.0]),
+        (PbVector3(x=1.0, y=2.0, z=3.0), [1.0, 2.0, 3.0]),
+        (PbJointState(name="j", position=0.5, velocity=1.5), [0.5, 1.5, 0.0, 0.0]),
+        (ros_logs.PROTOBUF["Vector"](data=[4.0, 5.0]), [4.0, 5.0]),
+    ]
+    for msg, want in cases:
+        got = signal_values(msg)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, np.asarray(want, np.float32), err_msg=str(msg))
+    for unreadable in (T2["std_msgs/msg/String"](data="x"), T2["std_msgs/msg/Empty"]()):
+        with pytest.raises(LogError, match="bad_message"):
+            signal_values(unreadable)
+
+
+def test_stamps_prefer_the_header_and_fall_back_to_log_time():
+    stamped = T2["geometry_msgs/msg/TwistStamped"]
+    assert stamp_ns(stamped(header=header(T0 + 9), twist=twist([0] * 6)), 123) == T0 + 9
+    assert stamp_ns(stamped(header=header(0), twist=twist([0] * 6)), 123) == 123
+    assert stamp_ns(twist([0] * 6), 123) == 123
+    flag = ros_logs.PROTOBUF["Flag"](data=True)
+    assert stamp_ns(flag, 123) == 123
+    flag.timestamp.FromNanoseconds(T0 + 4)
+    assert stamp_ns(flag, 123) == T0 + 4
+
+
+def test_a_robot_bag_with_common_types_and_default_mapping(tmp_path):
+    """rosbag2 with a bgr8 colour camera, TwistStamped commands, joint states and odometry."""
+    rng = np.random.default_rng(3)
+    frames = rng.integers(0, 256, (4, 5, 7, 3), dtype=np.uint8)
+    with Rosbag2Writer(tmp_path / "bag", version=9) as writer:
+        conns = {topic: writer.add_connection(topic, kind, typestore=ROS2_TYPES)
+                 for topic, kind in (("/camera/color/image_raw", "sensor_msgs/msg/Image"),
+                                     ("/cmd_vel", "geometry_msgs/msg/TwistStamped"),
+                                     ("/odom", "nav_msgs/msg/Odometry"),
+                                     ("/joint_states", "sensor_msgs/msg/JointState"))}
+        for i, frame in enumerate(frames):
+            t = T0 + i * STEP
+            data, step = ros_logs.raw_pixels(frame, "bgr8")
+            msgs = {"/camera/color/image_raw": T2["sensor_msgs/msg/Image"](
+                        header=header(t), height=5, width=7, encoding="bgr8", is_bigendian=0,
+                        step=step, data=np.frombuffer(data, np.uint8)),
+                    "/cmd_vel": T2["geometry_msgs/msg/TwistStamped"](header=header(t + 1),
+                                                                      twist=twist([i] * 6)),
+                    "/odom": odometry(t + 2, [i, 0, 0], [0] * 6)}
+            for topic, msg in msgs.items():
+                writer.write(conns[topic], t + 100, ROS2_TYPES.serialize_cdr(msg, msg.__msgtype__))
+    (s,) = rosbag.read(unit(tmp_path / "bag", "rosbag2"), mapping=Mapping(), fetch=fetch)
+    np.testing.assert_array_equal(s.frames, frames)
+    np.testing.assert_array_equal(s.signals["action"][0], T0 + np.arange(4) * STEP + 1)
+    np.testing.assert_array_equal(s.signals["action"][1][:, 0], np.arange(4))
+    assert s.signals["state"][1].shape == (4, 6)  # /odom: /joint_states has no messages
+    assert s.meta["topic.state"] == "/odom" and s.meta["topic.camera"] == "/camera/color/image_raw"
+
+
+def generic(schema_name: str, data: bytes):
+    schema = Schema(id=1, name=schema_name, encoding="ros2msg",
+                    data=ROS2_TYPES.generate_msgdef(schema_name, ros_version=2)[0].encode())
+    return DecoderFactory().decoder_for("cdr", schema)(data)
+
+
+@pytest.mark.parametrize("frame_id", ["", "c", "cam", "came", "camera_front"])
+@pytest.mark.parametrize("encoding", ["rgb8", "bgra8", "mono8"])
+def test_cdr_image_fast_path_matches_the_generic_decoder(frame_id, encoding):
+    frame = np.random.default_rng(len(frame_id)).integers(0, 256, (3, 5, 3), dtype=np.uint8)
+    data, step = ros_logs.raw_pixels(frame, encoding, row_padding=len(frame_id))
+    for t in (T0 + 123, 0):
+        sec, nanosec = divmod(t, 1_000_000_000)
+        msg = T2["sensor_msgs/msg/Image"](
+            header=T2["std_msgs/msg/Header"](stamp=T2["builtin_interfaces/msg/Time"](
+                sec=sec, nanosec=nanosec), frame_id=frame_id),
+            height=3, width=5, encoding=encoding, is_bigendian=0, step=step,
+            data=np.frombuffer(data, np.uint8))
+        raw = bytes(ROS2_TYPES.serialize_cdr(msg, "sensor_msgs/msg/Image"))
+        decoded = generic("sensor_msgs/msg/Image", raw)
+        stamp, rgb = cdr_parser("camera", "sensor_msgs/msg/Image")(raw, 77)
+        assert stamp == stamp_ns(decoded, 77) == (t or 77)
+        np.testing.assert_array_equal(rgb, image_to_rgb(decoded))
+        with pytest.raises(LogError, match="bad_message"):
+            cdr_parser("camera", "sensor_msgs/msg/Image")(raw[:-1], 77)
+
+
+@pytest.mark.parametrize("name", sorted(CDR_SIGNALS))
+def test_cdr_signal_fast_paths_match_the_generic_decoder(name):
+    for labels in ([], ["steer"], ["steer,gas,brake"], ["ab", "c"]):
+        if "MultiArray" in name:
+            dims = [T2["std_msgs/msg/MultiArrayDimension"](label=label, size=3, stride=3)
+                    for label in labels]
+            dtype = np.float64 if "64" in name else np.float32
+            msg = T2[name](layout=T2["std_msgs/msg/MultiArrayLayout"](dim=dims, data_offset=0),
+                           data=np.array([0.1, -2.5, 3e7][:len(labels) + 1], dtype))
+        else:
+            msg = T2[name](data=True if "Bool" in name else 0.1 * len(labels))
+        raw = bytes(ROS2_TYPES.serialize_cdr(msg, name))
+        stamp, values = cdr_parser("action", name)(raw, 42)
+        assert stamp == 42 and values.dtype == np.float32
+        np.testing.assert_array_equal(values, signal_values(generic(name, raw)))
+    assert cdr_parser("camera", name) is None and cdr_parser("task", name) is None
+
+
+def test_compressed_image_rules():
+    rgb = np.random.default_rng(0).integers(0, 256, (4, 6, 3), dtype=np.uint8)
+
+    def encoded(array: np.ndarray, fmt: str, **kw) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, format=fmt, **kw)
+        return buf.getvalue()
+
+    np.testing.assert_array_equal(compressed_to_rgb("rgb8; png compressed bgr8",
+                                                    encoded(rgb, "PNG")), rgb)
+    grey = compressed_to_rgb("jpeg", encoded(rgb[..., 0], "JPEG", quality=95))
+    assert grey.shape == (4, 6, 3) and (grey[..., 0] == grey[..., 2]).all()
+    depth = encoded(np.arange(24, dtype=np.uint16).reshape(4, 6) * 1000, "PNG")
+    for fmt, data, reason in (("png", depth, "bad_encoding"),
+                              ("16UC1; compressedDepth png", encoded(rgb, "PNG"), "bad_encoding"),
+                              ("webp", encoded(rgb, "PNG"), "bad_encoding"),
+                              ("jpeg", b"\xff\xd8 not really", "bad_message")):
+        with pytest.raises(LogError) as err:
+            compressed_to_rgb(fmt, data)
+        assert err.value.reason == reason, fmt
+
+
+def test_collector_rules():
+    picked = {"camera": "/c", "reward": "/r", "action": "/a"}
+    empty = Collector(picked)
+    with pytest.raises(LogError, match="missing_topic"):
+        empty.streams("u", {})
+    odd = Collector(picked)
+    odd.add_parsed("/c", 1, np.zeros((4, 4, 3), np.uint8))
+    odd.add_parsed("/c", 2, np.zeros((4, 5, 3), np.uint8))
+    with pytest.raises(LogError, match="bad_message"):
+        odd.streams("u", {})
+    for topic, widths in (("/r", (2, 2)), ("/a", (3, 2))):
+        c = Collector(picked)
+        c.add_parsed("/c", 1, np.zeros((4, 4, 3), np.uint8))
+        for i, width in enumerate(widths):
+            c.add_parsed(topic, i, np.zeros(width, np.float32))
+        with pytest.raises(LogError, match="bad_message"):
+            c.streams("u", {})
+
+
+def test_ros1_and_ros2_messages_decode_alike():
+    entry = Entry("/camera/image_raw", "image", T0 + 5, T0,
+                  ((2, 3, 3), "bgr8", *ros_logs.raw_pixels(np.arange(18, dtype=np.uint8)
+                                                          .reshape(2, 3, 3), "bgr8")))
+    (_, ros1), (_, ros2) = ros_message(ROS1_TYPES, entry), ros_message(ROS2_TYPES, entry)
+    np.testing.assert_array_equal(image_to_rgb(ros1), image_to_rgb(ros2))
+    np.testing.assert_array_equal(image_to_rgb(ros2), np.arange(18).reshape(2, 3, 3))
+    assert stamp_ns(ros1, 0) == stamp_ns(ros2, 0) == T0 + 5
