@@ -134,7 +134,7 @@ def write_clips(ctx: Context, verdicts: dict, episodes: list[dict], turn: int) -
         captions = [described.column("caption")[i].as_py() for i in idx]
         bank = ctx.lake.read("clips", columns=["clip_id", "event", "embedding"],
                              filter="duplicate_of = ''") if ctx.lake.exists("clips") else None
-        bank = bank.filter(pc.list_value_length(bank.column("embedding")) == vectors.shape[1]) \
+        bank = bank.filter(pc.equal(pc.list_value_length(bank.column("embedding")), vectors.shape[1])) \
             if bank is not None else None
         have = bank is not None and bank.num_rows > 0
         duplicate_of, novelty = dedup.mark_duplicates(

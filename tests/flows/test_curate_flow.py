@@ -180,3 +180,29 @@ def test_crash_half_way_then_rerun_loses_and_duplicates_nothing(curated, monkeyp
     assert ctx.lake.count("frames") == 2 * LENGTH and ctx.lake.count("episodes") == 2
     assert len(ctx.lake.keys("frames", "frame_id")) == 2 * LENGTH
     shutil.rmtree(landing)
+
+
+def test_new_logs_on_a_curated_lake_are_added_alone_and_checked_against_it(curated):
+    """Incremental: a later run reads only the new logs, and their clips are de-duplicated
+    against the clips the lake already holds (a byte copy under a new name is a duplicate)."""
+    root, landing = curated["root"], curated["landing"]
+    lake = root / "incremental-lake"
+    shutil.copytree(root / "lake", lake)  # the curated lake stays as the other tests see it
+    added = [landing / "fleet-copy.mcap", landing / "new.mcap"]
+    shutil.copy(landing / "fleet.mcap", added[0])
+    write_episode(episode(21), str(added[1]))
+    try:
+        tables = Context.create(config="tiny", lake=str(lake), landing=str(landing)).lake
+        old_clips = tables.keys("clips", "clip_id")
+        summary = curate_flow(config="tiny", lake=str(lake), landing=str(landing), turn=1)
+    finally:
+        for path in added:
+            path.unlink()
+    assert (summary["listed"], summary["seen"], summary["kept"]) == (curated["first"]["seen"] + 2, 2, 2)
+    assert summary["rows_added"]["frames"] == 2 * LENGTH and summary["rows_added"]["episodes"] == 2
+    clips = tables.read("clips").to_pylist()
+    copy_ids = {r["episode_id"] for r in tables.read("episodes").to_pylist()
+                if r["source_uri"].endswith("/fleet-copy.mcap")}
+    copied = [c for c in clips if c["episode_id"] in copy_ids]
+    assert copied and all(c["duplicate_of"] in old_clips for c in copied)
+    assert {c["turn"] for c in clips if c["clip_id"] not in old_clips} == {1}
