@@ -145,6 +145,7 @@ def _render_turn(turn: dict) -> str:
              f"{s['fleet']['mean_score']:.0f}, {s['fleet']['interventions']} interventions  ({s['fleet']['wall_s']} s)",
              f"  curate      seen {s['curate']['seen']} = kept {s['curate']['kept']} + rejected "
              f"{s['curate']['rejected']}, +{s['curate']['rows_added']['frames']} frames  ({s['curate']['wall_s']} s)",
+             *_render_clips(s["curate"]),
              f"  world model v{s['train_world_model']['version']}, loss "
              f"{s['train_world_model']['metrics'].get('train_loss', float('nan')):.4f}  ({s['train_world_model']['wall_s']} s)",
              f"  synthesize  {s['synthesize']['generated']} variants: kept {s['synthesize']['kept']}, rejected "
@@ -161,6 +162,23 @@ def _render_turn(turn: dict) -> str:
         lines.append(f"  endpoint    {pr['endpoint']['url']}  champion policy:v{pr['champion_version']} "
                      f"score {pr['champion_score']:.1f}")
     return "\n".join(lines)
+
+
+def _render_clips(curate: dict) -> list[str]:
+    """The clips line of a curate summary, and the reasoner's held-out tag accuracy if measured."""
+    clips = curate.get("clips") or {}
+    if not clips.get("events"):
+        return []
+    events = ", ".join(f"{e} {n}" for e, n in sorted(clips["events"].items(), key=lambda kv: -kv[1]))
+    lines = [f"  clips       +{curate['rows_added'].get('clips', 0)} ({events}), "
+             f"{clips['duplicates']} near-duplicates"]
+    describer, val = clips.get("describer") or {}, (clips.get("describer") or {}).get("val")
+    if val:
+        acc = " ".join(f"{k} {v:.2f} (majority {val['majority_accuracy'][k]:.2f})" for k, v in val["accuracy"].items())
+        lines.append(f"  reasoner    {describer['source']}, tag accuracy on {val['n']} held-out clips: {acc}")
+    elif describer:
+        lines.append(f"  reasoner    {describer['source']}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

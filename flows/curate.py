@@ -122,14 +122,15 @@ def commit(ctx: Context, units: list[dict], results: list[dict], verdicts: dict,
             "spans_kept": kept, "spans_rejected": rejected + len(result["rejects"]),
             "frames_seen": result["frames_seen"], "frames_kept": frames_kept, "turn": turn,
             "processed_at": now})
-    added["clips"] = write_clips(ctx, verdicts, episodes, turn)
+    clips = write_clips(ctx, verdicts, episodes, turn)
+    added["clips"] = clips.pop("added")
     added["episodes"] = lake.append("episodes", pa.Table.from_pylist(episodes, schema=EPISODES),
                                     key="episode_id") if episodes else 0
     added["rejects"] = lake.append("rejects", pa.Table.from_pylist(rejects, schema=REJECTS),
                                    key="reject_id") if rejects else 0
     if manifest:
         lake.append("sources", pa.Table.from_pylist(manifest, schema=SOURCES), key="source_key")
-    return {"added": added, "manifest": manifest, "rejects": rejects}
+    return {"added": added, "manifest": manifest, "rejects": rejects, "clips": clips}
 
 
 def save_lineage(ctx: Context, units: list[dict], turn: int) -> None:
@@ -171,7 +172,7 @@ def curate_flow(config: str = "default", lake: str = "./lake", landing: str = ".
         "frames_rejected": sum(r["frames"] for r in out["rejects"]),
         "rejects": [{"source": r["source_uri"], "stage": r["stage"], "reason": r["reason"]}
                     for r in out["rejects"]],
-        "rows_added": out["added"], "repaired": repaired,
+        "rows_added": out["added"], "clips": out["clips"], "repaired": repaired,
         "versions": {n: ctx.lake.version(n) for n in TABLES if ctx.lake.exists(n)},
     }
     assert summary["kept"] + summary["rejected"] == summary["seen"], "a source was lost"

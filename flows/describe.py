@@ -12,6 +12,7 @@ import hashlib
 import json
 import pickle
 import tempfile
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -112,12 +113,16 @@ def reasoner_uri(ctx: Context, clips: pa.Table, turn: int) -> tuple[str, dict]:
     return mv.artifact_uri, {"source": f"trained v{mv.version}", **metrics}
 
 
-def write_clips(ctx: Context, verdicts: dict, episodes: list[dict], turn: int) -> int:
-    """Describe, de-duplicate and write the clips of ``episodes``; returns rows added."""
+def write_clips(ctx: Context, verdicts: dict, episodes: list[dict], turn: int) -> dict:
+    """Describe, de-duplicate and write the clips of ``episodes``.
+
+    Returns ``{"added": rows, "events": {event: clips}, "duplicates": clips marked,
+    "describer": where the reasoner came from and its held-out metrics}``.
+    """
     c = ctx.config.curate
     clips = candidate_clips(verdicts, episodes, turn)
     if clips.num_rows == 0:
-        return 0
+        return {"added": 0, "events": {}, "duplicates": 0, "describer": {}}
     uri, info = reasoner_uri(ctx, clips, turn)
     n = clips.num_rows
     emb = [[] for _ in range(n)]
@@ -157,4 +162,6 @@ def write_clips(ctx: Context, verdicts: dict, episodes: list[dict], turn: int) -
     out = out.append_column("describer", pa.array([to_json(info) if uri else ""] * n, pa.string()))
     out = out.append_column("created_at", pa.array([now_utc()] * n, pa.timestamp("us", tz="UTC")))
     schema = clips_schema()
-    return ctx.lake.append("clips", out.select(schema.names).cast(schema), key="clip_id")
+    added = ctx.lake.append("clips", out.select(schema.names).cast(schema), key="clip_id")
+    return {"added": added, "events": dict(Counter(evts)), "duplicates": sum(map(bool, duplicate_of)),
+            "describer": info}

@@ -108,3 +108,13 @@ def test_status_reports_tables_models_and_turn_tags(turn):
     assert "turn-0" in status["tables"]["frames"]["tags"]
     assert status["models"]["policy"]["versions"] == [1]
     assert status["tables"]["turns"]["rows"] == 1
+
+
+def test_turn_summary_renders_clips_and_the_reasoner(turn):
+    from flows.cli import render
+
+    text = render({"turns": [{"turn": 0, "stages": turn["stages"]}]})
+    clips = turn["stages"]["curate"]["clips"]
+    assert sum(clips["events"].values()) == turn["stages"]["curate"]["rows_added"]["clips"] > 0
+    assert f"  clips       +{turn['stages']['curate']['rows_added']['clips']} (" in text
+    assert "  reasoner    " in text and "turn 0" in text and "  promote     " in text
