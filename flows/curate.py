@@ -144,14 +144,17 @@ def save_lineage(ctx: Context, units: list[dict], turn: int) -> None:
 
 @flow(name="curate")
 def curate_flow(config: str = "default", lake: str = "./lake", landing: str = "./landing",
-                turn: int | None = None, mapping: dict | None = None) -> dict:
+                turn: int | None = None, mapping: dict | None = None, reasoner: str | None = None) -> dict:
     """Ingest new logs; returns counts (seen = kept + rejected), rows added and table versions.
 
-    ``mapping`` overrides which topic or feature plays which role (``stages.streams.Mapping``).
+    ``mapping`` overrides which topic or feature plays which role (``stages.streams.Mapping``);
+    ``reasoner`` is a saved reasoner or local vision-language model to describe clips with.
     """
     ctx = Context.create(config=config, lake=lake, landing=landing)
-    if mapping:
-        curate_cfg = dataclasses.replace(ctx.config.curate, mapping={**ctx.config.curate.mapping, **mapping})
+    overrides = {"mapping": {**ctx.config.curate.mapping, **mapping}} if mapping else {}
+    overrides |= {"reasoner": reasoner} if reasoner else {}
+    if overrides:
+        curate_cfg = dataclasses.replace(ctx.config.curate, **overrides)
         ctx = dataclasses.replace(ctx, config=dataclasses.replace(ctx.config, curate=curate_cfg))
     ensure_ray()
     turn = ctx.current_turn() if turn is None else turn

@@ -7,14 +7,14 @@
    cuts clips (``stages.events``) for kept spans, and writes kept frames as uncommitted Lance
    fragments from the worker, so images never pass through the driver. Each clip carries ``k``
    of its frames (for the reasoner) and, where the log has privileged state, its label tags.
-3. ``describe`` — Ray Data over clips with an actor pool holding the reasoner: an embedding,
-   structured tags and a caption per clip.
+3. ``describe`` — describer actors hold the reasoner and give each clip an embedding,
+   structured tags and a caption; the actors live as long as the driver's Ray job, so later
+   curate runs of the same process (the turns of a flywheel run) skip loading torch again.
 Resources are declared here, beside the adapters.
 """
 from __future__ import annotations
 
 import pickle
-from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -30,7 +30,9 @@ from stages.streams import Mapping
 
 INGEST_CPUS = 1
 JUDGE_CPUS = 1
-DESCRIBE_CPUS = 1
+# Describer actors outlive the describe step (see ``_describers``) and are idle outside it: they
+# reserve no CPU, so the stages after curation (Ray Train, rollouts) can always be scheduled.
+DESCRIBE_CPUS = 0
 
 
 @ray.remote(num_cpus=INGEST_CPUS)
@@ -122,42 +124,81 @@ def judge(frame_refs: list, *, lake: Lake, signal_params: dict, verdict_params: 
     return ds.take_all()
 
 
-class _Describer:
-    """Ray Data actor: holds the reasoner, adds embedding / tags / caption to clip rows."""
+_REASONERS: dict[tuple, Any] = {}  # per process: the loaded reasoner by (URI, its files)
 
-    def __init__(self, reasoner_uri: str, storage_options: dict | None) -> None:
-        import torch
 
+def _reasoner(uri: str, storage_options: dict | None) -> Any:
+    """The reasoner at ``uri``, loaded once per process while its files stay the same; a
+    changed file (size or etag) loads the model again."""
+    files = tuple((o["uri"], o["size"], o["etag"]) for o in storage.list_objects(
+        uri, suffix="", storage_options=storage_options))
+    key = (uri, files)
+    if key not in _REASONERS:
         from models.reasoner import load_reasoner
 
-        torch.set_num_threads(1)
-        self.reasoner = load_reasoner(reasoner_uri, storage_options=storage_options)
+        _REASONERS.clear()
+        _REASONERS[key] = load_reasoner(uri, storage_options=storage_options)
+    return _REASONERS[key]
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        clips = np.stack([pickle.loads(b) for b in batch["frames"]])  # [N,k,H,W,3]
-        n, k = clips.shape[:2]
-        emb = self.reasoner.embed(clips.reshape(n * k, *clips.shape[2:]))
-        described = self.reasoner.describe(clips, [str(e) for e in batch["event"]])
-        emb = emb.reshape(n, k, -1).mean(axis=1)
-        emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-        return {"clip_id": batch["clip_id"], "embedding": emb.astype(np.float32),
-                "tags": np.array([to_json(d["tags"]) for d in described], dtype=object),
-                "caption": np.array([d["caption"] for d in described], dtype=object)}
+
+def describe_batch(batch: dict[str, np.ndarray], *, reasoner_uri: str,
+                   storage_options: dict | None) -> dict[str, Any]:
+    """Embedding, tags and caption for a batch of clip rows (clip_id, event, pickled frames)."""
+    reasoner = _reasoner(reasoner_uri, storage_options)
+    clips = np.stack([pickle.loads(b) for b in batch["frames"]])  # [N,k,H,W,3]
+    n, k = clips.shape[:2]
+    emb = reasoner.embed(clips.reshape(n * k, *clips.shape[2:]))
+    described = reasoner.describe(clips, [str(e) for e in batch["event"]])
+    emb = emb.reshape(n, k, -1).mean(axis=1)
+    emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    return {"clip_id": batch["clip_id"], "embedding": emb.astype(np.float32),
+            "tags": np.array([to_json(d["tags"]) for d in described], dtype=object),
+            "caption": np.array([d["caption"] for d in described], dtype=object)}
+
+
+@ray.remote(num_cpus=DESCRIBE_CPUS)
+class Describer:
+    """A Ray actor holding reasoners (``_reasoner``) across the curate runs of one driver process."""
+
+    def __init__(self) -> None:
+        import torch
+
+        import models.reasoner  # noqa: F401 -- importing is most of the start-up: do it at creation
+
+        torch.set_num_threads(1)
+
+    def describe(self, clips: pa.Table, reasoner_uri: str, storage_options: dict | None) -> pa.Table:
+        batch = {"clip_id": np.asarray(clips.column("clip_id").to_pylist(), object),
+                 "event": np.asarray(clips.column("event").to_pylist(), object),
+                 "frames": clips.column("frames").to_pylist()}
+        out = describe_batch(batch, reasoner_uri=reasoner_uri, storage_options=storage_options)
+        return pa.table({"clip_id": pa.array(out["clip_id"].tolist(), pa.string()),
+                         "embedding": pa.array(out["embedding"].tolist(), pa.list_(pa.float32())),
+                         "tags": pa.array(out["tags"].tolist(), pa.string()),
+                         "caption": pa.array(out["caption"].tolist(), pa.string())})
+
+
+_DESCRIBERS: dict[str, list] = {}  # Ray job id -> describer actors, reused by later runs of this process
+
+
+def _describers(count: int) -> list:
+    """``count`` describer actors of this Ray job, created on first use and kept (torch and
+    the reasoner load once per actor, not once per curate run)."""
+    job = ray.get_runtime_context().get_job_id()
+    actors = _DESCRIBERS.setdefault(job, [])
+    actors += [Describer.remote() for _ in range(count - len(actors))]
+    return actors[:count]
 
 
 def describe_clips(clips: pa.Table, *, reasoner_uri: str, storage_options: dict | None,
                    parallelism: int, batch_size: int = 128) -> pa.Table:
-    """Embedding, tags and caption for each clip (columns clip_id, event, frames) via Ray Data."""
+    """Embedding, tags and caption for each clip (columns clip_id, event, frames), in chunks of
+    ``batch_size`` spread over ``parallelism`` describer actors."""
     if clips.num_rows == 0:
         return pa.table({"clip_id": pa.array([], pa.string())})
-    ds = ray.data.from_arrow(clips.select(["clip_id", "event", "frames"])).map_batches(
-        _Describer, batch_size=batch_size, batch_format="numpy", num_cpus=DESCRIBE_CPUS,
-        concurrency=max(1, min(parallelism, -(-clips.num_rows // batch_size))),
-        fn_constructor_kwargs={"reasoner_uri": reasoner_uri, "storage_options": storage_options})
-    rows = ds.to_arrow_refs()
-    return pa.concat_tables(ray.get(rows))
-
-
-def event_params(config: Any) -> dict:
-    """The event miner's parameters from a config dataclass (a picklable dict)."""
-    return asdict(config)
+    clips = clips.select(["clip_id", "event", "frames"])
+    actors = _describers(max(1, parallelism))  # always all: a later, larger run finds them warm
+    futures = [actors[i % len(actors)].describe.remote(clips.slice(start, batch_size), reasoner_uri,
+                                                       storage_options)
+               for i, start in enumerate(range(0, clips.num_rows, batch_size))]
+    return pa.concat_tables(ray.get(futures))

@@ -194,7 +194,9 @@ def test_new_logs_on_a_curated_lake_are_added_alone_and_checked_against_it(curat
     try:
         tables = Context.create(config="tiny", lake=str(lake), landing=str(landing)).lake
         old_clips = tables.keys("clips", "clip_id")
-        summary = curate_flow(config="tiny", lake=str(lake), landing=str(landing), turn=1)
+        reasoner = curated["ctx"].registry.get(describe.REASONER, alias="champion").artifact_uri
+        summary = curate_flow(config="tiny", lake=str(lake), landing=str(landing), turn=1,
+                              reasoner=reasoner)  # as `worldloop curate --reasoner DIR`
     finally:
         for path in added:
             path.unlink()
@@ -206,3 +208,6 @@ def test_new_logs_on_a_curated_lake_are_added_alone_and_checked_against_it(curat
     copied = [c for c in clips if c["episode_id"] in copy_ids]
     assert copied and all(c["duplicate_of"] in old_clips for c in copied)
     assert {c["turn"] for c in clips if c["clip_id"] not in old_clips} == {1}
+    assert summary["clips"]["describer"] == {"source": "config"}
+    assert sum(summary["clips"]["events"].values()) == summary["rows_added"]["clips"]
+    assert summary["clips"]["duplicates"] >= len(copied)
