@@ -141,19 +141,18 @@ def _reasoner(uri: str, storage_options: dict | None) -> Any:
     return _REASONERS[key]
 
 
-def describe_batch(batch: dict[str, np.ndarray], *, reasoner_uri: str,
-                   storage_options: dict | None) -> dict[str, Any]:
-    """Embedding, tags and caption for a batch of clip rows (clip_id, event, pickled frames)."""
-    reasoner = _reasoner(reasoner_uri, storage_options)
-    clips = np.stack([pickle.loads(b) for b in batch["frames"]])  # [N,k,H,W,3]
-    n, k = clips.shape[:2]
-    emb = reasoner.embed(clips.reshape(n * k, *clips.shape[2:]))
-    described = reasoner.describe(clips, [str(e) for e in batch["event"]])
-    emb = emb.reshape(n, k, -1).mean(axis=1)
+def describe_batch(clips: pa.Table, *, reasoner: Any) -> pa.Table:
+    """Embedding (the L2-normalised mean over a clip's frames), tags and caption for clip rows
+    (clip_id, event, pickled uint8[k,H,W,3] frames)."""
+    frames = np.stack([pickle.loads(b) for b in clips.column("frames").to_pylist()])  # [N,k,H,W,3]
+    n, k = frames.shape[:2]
+    emb = reasoner.embed(frames.reshape(n * k, *frames.shape[2:])).reshape(n, k, -1).mean(axis=1)
     emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-    return {"clip_id": batch["clip_id"], "embedding": emb.astype(np.float32),
-            "tags": np.array([to_json(d["tags"]) for d in described], dtype=object),
-            "caption": np.array([d["caption"] for d in described], dtype=object)}
+    described = reasoner.describe(frames, [str(e) for e in clips.column("event").to_pylist()])
+    return pa.table({"clip_id": clips.column("clip_id"),
+                     "embedding": pa.array(emb.astype(np.float32).tolist(), pa.list_(pa.float32())),
+                     "tags": pa.array([to_json(d["tags"]) for d in described], pa.string()),
+                     "caption": pa.array([d["caption"] for d in described], pa.string())})
 
 
 @ray.remote(num_cpus=DESCRIBE_CPUS)
@@ -168,14 +167,7 @@ class Describer:
         torch.set_num_threads(1)
 
     def describe(self, clips: pa.Table, reasoner_uri: str, storage_options: dict | None) -> pa.Table:
-        batch = {"clip_id": np.asarray(clips.column("clip_id").to_pylist(), object),
-                 "event": np.asarray(clips.column("event").to_pylist(), object),
-                 "frames": clips.column("frames").to_pylist()}
-        out = describe_batch(batch, reasoner_uri=reasoner_uri, storage_options=storage_options)
-        return pa.table({"clip_id": pa.array(out["clip_id"].tolist(), pa.string()),
-                         "embedding": pa.array(out["embedding"].tolist(), pa.list_(pa.float32())),
-                         "tags": pa.array(out["tags"].tolist(), pa.string()),
-                         "caption": pa.array(out["caption"].tolist(), pa.string())})
+        return describe_batch(clips, reasoner=_reasoner(reasoner_uri, storage_options))
 
 
 _DESCRIBERS: dict[str, list] = {}  # Ray job id -> describer actors, reused by later runs of this process
