@@ -20,6 +20,7 @@ from stages.lake import images, vectors
 from stages.mcap_log import ACTION, write_episode
 
 SIZE, LENGTH = 32, 40
+SECRET = "wl-test-secret-5f0c2a"  # the S3 secret key of the S3 run: it must not be written anywhere
 FORMATS = ("fleet.mcap", "ros2.mcap", "protobuf.mcap", "bag2-sqlite", "bag2-mcap", "ros1.bag",
            "lerobot-v21", "lerobot-v30")
 BAD = {  # file -> (stage, reason) it must be rejected with
@@ -142,7 +143,7 @@ def test_local_and_s3_give_the_same_tables(curated, s3_server, monkeypatch):
     _, options = s3_server
     monkeypatch.setenv("AWS_ENDPOINT_URL", options["endpoint"])
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)  # moto's server takes any key
     monkeypatch.setenv("AWS_REGION", "us-east-1")
     upload(curated["landing"], "s3://lake/curate/landing", options)
     summary = curate_flow(config="tiny", lake="s3://lake/curate/lake",
@@ -156,6 +157,9 @@ def test_local_and_s3_give_the_same_tables(curated, s3_server, monkeypatch):
     reasons = lambda lake: sorted((r["reason"], r["source_uri"].split("/landing/")[1])  # noqa: E731
                                   for r in lake.read("rejects").to_pylist())
     assert reasons(remote.lake) == reasons(curated["ctx"].lake)
+    written = storage.list_objects("s3://lake/curate/lake", suffix="", storage_options=options)
+    assert written and not [o["uri"] for o in written  # tables, saved configs, manifest, registry
+                            if SECRET.encode() in storage.read_bytes(o["uri"], options)]
 
 
 def test_crash_half_way_then_rerun_loses_and_duplicates_nothing(curated, monkeypatch):
