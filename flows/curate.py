@@ -22,6 +22,7 @@ import pyarrow as pa
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from flows.config import FlywheelConfig
 from flows.describe import write_clips
 from flows.runtime import Context, code_version, ensure_ray
 from stages import curate_ray, sources, storage
@@ -61,30 +62,32 @@ def repair(ctx: Context) -> dict:
     return removed
 
 
-def _params(ctx: Context, turn: int) -> dict:
-    c = ctx.config.curate
+def stage_params(config: FlywheelConfig, turn: int) -> dict:
+    """The keyword arguments of the pure stages from a resolved config: ``mapping`` (a dict for
+    ``Mapping.from_dict``), ``ingest`` (of ``ingest_unit``) and ``judge`` (of ``judge_batch``)."""
+    c = config.curate
     return {"mapping": c.mapping, "ingest": {
-        "turn": turn, "image_size": ctx.config.world.image_size, "action_dim": c.action_dim,
+        "turn": turn, "image_size": config.world.image_size, "action_dim": c.action_dim,
         "state_dim": c.state_dim, "min_length": c.min_length, "gap_factor": c.gap_factor,
         "hold_factor": c.hold_factor, "val_fraction": c.val_fraction,
-        "lineage": {"code_version": code_version(), "config_digest": ctx.config.digest()}}}
+        "lineage": {"code_version": code_version(), "config_digest": config.digest()}},
+        "judge": {"clip_k": c.clip_frames, "signal_params": {}, "event_params": dict(c.events),
+                  "verdict_params": {"max_frozen_fraction": c.max_frozen_fraction,
+                                     "max_dark_fraction": c.max_dark_fraction,
+                                     "max_dropped_fraction": c.max_dropped_fraction,
+                                     "action_low": list(c.action_low), "action_high": list(c.action_high)}}}
 
 
 @task(name="ingest-and-judge", cache_policy=NO_CACHE)
 def ingest_and_judge(ctx: Context, units: list[dict], turn: int) -> tuple[list[dict], dict]:
     """Decode + align each unit (Ray tasks), then judge every new span (Ray Data)."""
-    c, par = ctx.config.curate, ctx.config.fleet.parallelism
+    par, params = ctx.config.fleet.parallelism, stage_params(ctx.config, turn)
     known = ctx.lake.keys("episodes", "episode_id")
     results = curate_ray.ingest(units, storage_options=ctx.storage_options,
-                                params=_params(ctx, turn), known=known, parallelism=par)
+                                params={k: params[k] for k in ("mapping", "ingest")}, known=known,
+                                parallelism=par)
     refs = [ref for r in results for _, ref in r["spans"] if ref is not None]
-    judged = curate_ray.judge(
-        refs, lake=ctx.lake, clip_k=c.clip_frames, parallelism=par,
-        signal_params={}, event_params=dict(c.events),
-        verdict_params={"max_frozen_fraction": c.max_frozen_fraction,
-                        "max_dark_fraction": c.max_dark_fraction,
-                        "max_dropped_fraction": c.max_dropped_fraction,
-                        "action_low": list(c.action_low), "action_high": list(c.action_high)})
+    judged = curate_ray.judge(refs, lake=ctx.lake, parallelism=par, **params["judge"])
     return results, {j["span_id"]: j for j in judged}
 
 
