@@ -1,9 +1,9 @@
 """Curate flow: new logs in the landing zone -> Lance `frames`, `episodes`, `clips`, `rejects`.
 
 Source units (an MCAP file, a ROS bag, a LeRobot dataset; see ``stages.sources``) not yet in
-the `sources` manifest are decoded and aligned in Ray tasks, judged on quality in Ray Data
-batches, mined for events and cut into clips, and the clips are embedded, de-duplicated and
-described (``flows.describe``). Every unit seen is accounted for: kept + rejected = seen.
+the `sources` manifest are decoded, aligned and judged on quality in one Ray Data pipeline,
+mined for events and cut into clips, and the clips are embedded, de-duplicated and described
+(``flows.describe``). Every unit seen is accounted for: kept + rejected = seen.
 
 Crash safety: kept frames are written as uncommitted fragments, then committed in this order:
 frames, clips, episodes (the completion mark of an episode), rejects, and last the manifest.
@@ -80,14 +80,12 @@ def stage_params(config: FlywheelConfig, turn: int) -> dict:
 
 @task(name="ingest-and-judge", cache_policy=NO_CACHE)
 def ingest_and_judge(ctx: Context, units: list[dict], turn: int) -> tuple[list[dict], dict]:
-    """Decode + align each unit (Ray tasks), then judge every new span (Ray Data)."""
-    par, params = ctx.config.fleet.parallelism, stage_params(ctx.config, turn)
-    known = ctx.lake.keys("episodes", "episode_id")
-    results = curate_ray.ingest(units, storage_options=ctx.storage_options,
-                                params={k: params[k] for k in ("mapping", "ingest")}, known=known,
-                                parallelism=par)
-    refs = [ref for r in results for _, ref in r["spans"] if ref is not None]
-    judged = curate_ray.judge(refs, lake=ctx.lake, parallelism=par, **params["judge"])
+    """Decode, align and judge each unit's new spans (one Ray Data pipeline)."""
+    params = stage_params(ctx.config, turn)
+    results, judged = curate_ray.ingest_and_judge(
+        units, storage_options=ctx.storage_options, params={k: params[k] for k in ("mapping", "ingest")},
+        known=ctx.lake.keys("episodes", "episode_id"), lake=ctx.lake, judge_params=params["judge"],
+        parallelism=ctx.config.fleet.parallelism)
     return results, {j["span_id"]: j for j in judged}
 
 
@@ -104,7 +102,7 @@ def commit(ctx: Context, units: list[dict], results: list[dict], verdicts: dict,
     for unit, result in zip(units, results):
         rejects += result["rejects"]
         kept = rejected = frames_kept = 0
-        for row, _ in result["spans"]:
+        for row in result["spans"]:
             verdict = verdicts.get(row["episode_id"])
             if verdict is None:  # already in the lake from an earlier run
                 kept, frames_kept = kept + 1, frames_kept + row["length"]

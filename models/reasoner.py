@@ -155,12 +155,15 @@ class Reasoner(nn.Module):
         x = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device)
         return x.reshape(-1, *x.shape[-3:]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
-    def _prefix(self, clips_NKHWC: np.ndarray, event_ids_N: torch.Tensor) -> torch.Tensor:
-        """Input embeddings of the prompt: k visual tokens then the event token -> [N, k+1, D]."""
+    def _features(self, clips_NKHWC: np.ndarray) -> torch.Tensor:
+        """Encoder features [N, k, embed_dim] of each clip's frames."""
         x = self._frames(clips_NKHWC, lead=2)
-        visual = self.to_prefix(self.encoder(x)).view(len(clips_NKHWC), self.config.frames_per_clip, -1)
+        return self.encoder(x).view(len(clips_NKHWC), self.config.frames_per_clip, -1)
+
+    def _prefix(self, features_NKE: torch.Tensor, event_ids_N: torch.Tensor) -> torch.Tensor:
+        """Input embeddings of the prompt: k visual tokens then the event token -> [N, k+1, D]."""
         words = self.lm.get_input_embeddings()(event_ids_N.to(self.device))[:, None]
-        return torch.cat([visual, words], dim=1)
+        return torch.cat([self.to_prefix(features_NKE), words], dim=1)
 
     def _key_embeds(self, key: str, n: int) -> torch.Tensor:
         return self.lm.get_input_embeddings()(torch.full((n, 1), TOKEN_ID[key], device=self.device))
@@ -171,7 +174,7 @@ class Reasoner(nn.Module):
         values = _value_ids(tags).to(self.device)
         if len(values) != n:
             raise ValueError(f"{n} clips but {len(values)} tag dicts")
-        prefix = self._prefix(clips_NKHWC, _event_ids(events, n))
+        prefix = self._prefix(self._features(clips_NKHWC), _event_ids(events, n))
         embed = self.lm.get_input_embeddings()
         answer = [t for i, key in enumerate(KEY_TOKENS) for t in (self._key_embeds(key, n), embed(values[:, i:i + 1]))]
         logits = self.lm(inputs_embeds=torch.cat([prefix, *answer], dim=1)).logits
@@ -179,10 +182,10 @@ class Reasoner(nn.Module):
         return F.cross_entropy(logits[:, key_pos].reshape(-1, len(VOCAB)), values.reshape(-1))
 
     @torch.no_grad()
-    def _predict(self, clips_NKHWC: np.ndarray, events: list[str]) -> list[dict[str, str]]:
+    def _predict(self, features_NKE: torch.Tensor, events: list[str]) -> list[dict[str, str]]:
         """Greedy constrained decoding of the tag values (eval mode is the caller's business)."""
-        n = len(clips_NKHWC)
-        seq = self._prefix(clips_NKHWC, _event_ids(events, n))
+        n = len(features_NKE)
+        seq = self._prefix(features_NKE, _event_ids(events, n))
         embed = self.lm.get_input_embeddings()
         picked: dict[str, list[str]] = {}
         for key, token in zip(TAGS, KEY_TOKENS):
@@ -204,12 +207,22 @@ class Reasoner(nn.Module):
 
     def describe(self, clips_NKHWC: np.ndarray, events: list[str]) -> list[dict]:
         """[{"tags": {tag: value}, "caption": str}] per clip of uint8[N, k, S, S, 3] and its event."""
+        return self.describe_and_embed(clips_NKHWC, events)[1]
+
+    @torch.no_grad()
+    def describe_and_embed(self, clips_NKHWC: np.ndarray, events: list[str]) -> tuple[np.ndarray, list[dict]]:
+        """``describe``, and each clip's embedding float32[N, embed_dim]: the mean of its frames'
+        ``embed`` vectors, L2-normalised again. One encoder pass serves both."""
         if len(clips_NKHWC) != len(events):
             raise ValueError(f"{len(clips_NKHWC)} clips but {len(events)} events")
+        tags, vectors = [], []
         with self._eval():
-            tags = [t for i in range(0, len(clips_NKHWC), _BATCH)
-                    for t in self._predict(clips_NKHWC[i:i + _BATCH], list(events[i:i + _BATCH]))]
-        return [{"tags": t, "caption": caption(t, e)} for t, e in zip(tags, events)]
+            for i in range(0, len(clips_NKHWC), _BATCH):
+                features = self._features(clips_NKHWC[i:i + _BATCH])
+                tags += self._predict(features, list(events[i:i + _BATCH]))
+                vectors.append(F.normalize(F.normalize(features, dim=-1).mean(dim=1), dim=-1))
+        emb = torch.cat(vectors).cpu().numpy() if vectors else np.zeros((0, self.config.embed_dim))
+        return emb.astype(np.float32), [{"tags": t, "caption": caption(t, e)} for t, e in zip(tags, events)]
 
     @torch.no_grad()
     def embed(self, frames_NHWC: np.ndarray) -> np.ndarray:
@@ -424,6 +437,14 @@ class HFVisionLanguageReasoner:
                 tags = parse_tags(answer)
                 out.append({"tags": tags, "caption": caption(tags, event), "answer": answer.strip()})
         return out
+
+    def describe_and_embed(self, clips_NKHWC: np.ndarray, events: list[str]) -> tuple[np.ndarray, list[dict]]:
+        """``describe``, and each clip's embedding: the mean of its frames' ``embed``, L2-normalised."""
+        clips = np.asarray(clips_NKHWC)
+        described = self.describe(clips, events)
+        n, k = clips.shape[:2]
+        emb = self.embed(clips.reshape(n * k, *clips.shape[2:])).reshape(n, k, -1).mean(axis=1)
+        return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12), described
 
     @torch.no_grad()
     def embed(self, frames_NHWC: np.ndarray) -> np.ndarray:

@@ -1,19 +1,20 @@
-"""Ray adapters for curation: ingest units in tasks, judge spans in Ray Data batches, describe clips.
+"""Ray adapters for curation: ingest and judge source units in a Ray Data pipeline, describe clips.
 
-1. ``ingest`` — one Ray task per source unit runs ``stages.ingest.ingest_unit``; each span's
-   frames table goes to the object store, only rows and references come back.
-2. ``judge`` — a Ray Data pipeline over those tables (one block per span) runs the quality
-   signals (``stages.quality``) on every frame, decides keep/reject per span, mines events and
-   cuts clips (``stages.events``) for kept spans, and writes kept frames as uncommitted Lance
-   fragments from the worker, so images never pass through the driver. Each clip carries ``k``
-   of its frames (for the reasoner) and, where the log has privileged state, its label tags.
-3. ``describe`` — describer actors hold the reasoner and give each clip an embedding,
+1. ``ingest_and_judge`` — a Ray Data pipeline over the new source units, one unit a batch:
+   each worker decodes and aligns its unit (``stages.ingest.ingest_unit``), then judges the
+   unit's new spans in one batch (``judge_batch``): quality signals (``stages.quality``) on
+   every frame, keep/reject per span, events and clips (``stages.events``) for kept spans, and
+   the kept frames written as uncommitted Lance fragments. Frames never leave the worker that
+   decoded them: only episode rows, verdicts, fragment metadata and each clip's ``k`` frames
+   (for the reasoner, with label tags where the log has privileged state) come back.
+2. ``describe`` — describer actors hold the reasoner and give each clip an embedding,
    structured tags and a caption; the actors live as long as the driver's Ray job, so later
    curate runs of the same process (the turns of a flywheel run) skip loading torch again.
 Resources are declared here, beside the adapters.
 """
 from __future__ import annotations
 
+import json
 import pickle
 from typing import Any
 
@@ -22,43 +23,32 @@ import pyarrow as pa
 import ray
 
 from stages import describe, events, quality, storage
-from stages.adapters import _bounded
 from stages.curate import to_json
 from stages.ingest import ingest_unit
 from stages.lake import Lake, images, vectors
 from stages.streams import Mapping
 
 INGEST_CPUS = 1
-JUDGE_CPUS = 1
 # Describer actors outlive the describe step (see ``_describers``) and are idle outside it: they
 # reserve no CPU, so the stages after curation (Ray Train, rollouts) can always be scheduled.
 DESCRIBE_CPUS = 0
 
 
-@ray.remote(num_cpus=INGEST_CPUS)
-def _ingest(unit: dict, storage_options: dict | None, params: dict, known: frozenset) -> dict:
-    result = ingest_unit(unit, fetch=lambda uri: storage.read_bytes(uri, storage_options),
-                         mapping=Mapping.from_dict(params["mapping"]), **params["ingest"])
-    result["spans"] = [(row, None if row["episode_id"] in known else ray.put(table))
-                       for row, table in result["spans"]]
-    return result
-
-
-def ingest(units: list[dict], *, storage_options: dict | None, params: dict, known: set,
-           parallelism: int) -> list[dict]:
-    """``ingest_unit`` over units in Ray tasks; spans already in the lake (``known`` episode ids)
-    come back with no frames reference."""
-    frozen = frozenset(known)
-    return _bounded(lambda u: _ingest.remote(u, storage_options, params, frozen), units, parallelism)
-
-
-def _span(batch: pa.Table, mask: np.ndarray) -> dict[str, np.ndarray]:
-    sub = batch.filter(pa.array(mask))
+def _span(sub: pa.Table) -> dict[str, np.ndarray]:
     return {"timestamps_ns": sub.column("timestamp_ns").to_numpy(),
             "actions": vectors(sub.column("action")), "states": vectors(sub.column("state")),
             "rewards": sub.column("reward").to_numpy(zero_copy_only=False).astype(np.float32),
             "interventions": sub.column("intervention").to_numpy(zero_copy_only=False).astype(bool),
             "off_track": sub.column("off_track").to_numpy(zero_copy_only=False).astype(bool)}
+
+
+def _flag_lists(signals: dict[str, np.ndarray], rows: slice) -> pa.ListArray:
+    """The ``flags`` column (names of the true ``quality.FLAGS``, in that order) of ``rows``,
+    built from the boolean signals without a Python object per row."""
+    on = np.stack([signals[f] for f in quality.FLAGS], axis=1)[rows]
+    offsets = np.concatenate([[0], np.cumsum(on.sum(axis=1))]).astype(np.int32)
+    names = np.broadcast_to(np.array(quality.FLAGS), on.shape)[on]
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(names.tolist(), pa.string()))
 
 
 def judge_batch(batch: pa.Table, *, lake: Lake, signal_params: dict, verdict_params: dict,
@@ -80,24 +70,24 @@ def judge_batch(batch: pa.Table, *, lake: Lake, signal_params: dict, verdict_par
     out: dict[str, list] = {k: [] for k in ("span_id", "kept", "reasons", "detail", "counts", "frames",
                                             "fragments", "clips", "clip_frames")}
     for verdict in quality.span_verdicts(signals, **verdict_params):
-        mask = ids == verdict["span_id"]
+        where = np.flatnonzero(ids == verdict["span_id"])  # one run of rows: frame_signals checked
+        rows = slice(int(where[0]), int(where[0]) + len(where))
         out["span_id"].append(verdict["span_id"])
         out["kept"].append(bool(verdict["kept"]))
         out["reasons"].append(to_json(verdict["reasons"]))
         out["detail"].append(verdict["detail"])
         out["counts"].append(to_json(verdict["counts"]))
-        out["frames"].append(int(mask.sum()))
+        out["frames"].append(len(where))
         fragments, clips, clip_frames = [], [], np.zeros((0,), np.uint8)
         if verdict["kept"]:
-            flags = pa.array([list(f) for f in np.asarray(signals["flags"], dtype=object)[mask]],
-                             pa.list_(pa.string()))
-            table = batch.filter(pa.array(mask))
+            flags = _flag_lists(signals, rows)
+            table = batch.slice(rows.start, len(where))
             table = table.set_column(table.schema.get_field_index("flags"), "flags", flags)
             fragments = lake.write_fragments("frames", table)
-            span = _span(batch, mask)
+            span = _span(table)
             found = events.mine_events(span, config=config)
-            clips = events.event_clips(int(mask.sum()), found, config=config)
-            span_imgs = imgs[mask]
+            clips = events.event_clips(len(where), found, config=config)
+            span_imgs = imgs[rows]
             clip_frames = np.stack([describe.clip_frames(span_imgs, c["start_step"], c["end_step"], clip_k)
                                     for c in clips]) if clips else clip_frames
             for c in clips:
@@ -111,17 +101,72 @@ def judge_batch(batch: pa.Table, *, lake: Lake, signal_params: dict, verdict_par
                      for k, v in out.items()})
 
 
-def judge(frame_refs: list, *, lake: Lake, signal_params: dict, verdict_params: dict,
-          event_params: dict, clip_k: int, parallelism: int) -> list[dict]:
-    """Run ``judge_batch`` over span frames tables (object refs) with Ray Data."""
-    if not frame_refs:
-        return []
-    ds = ray.data.from_arrow_refs(frame_refs).map_batches(
-        judge_batch, batch_size=None, batch_format="pyarrow", num_cpus=JUDGE_CPUS,
-        concurrency=max(1, parallelism),
-        fn_kwargs={"lake": lake, "signal_params": signal_params, "verdict_params": verdict_params,
-                   "event_params": event_params, "clip_k": clip_k})
-    return ds.take_all()
+def ingest_and_judge_batch(batch: pa.Table, *, storage_options: dict | None, params: dict,
+                           known: frozenset, lake: Lake, judge_params: dict) -> pa.Table:
+    """``ingest_unit`` then ``judge_batch`` for the source units of a batch (column units: JSON
+    lists of [index, unit]), in one worker: a unit's frames never leave the process that
+    decoded them.
+
+    Spans already in the lake (``known`` episode ids) are not judged again. Returns one row
+    per unit: index, result (pickled ``ingest_unit`` result whose spans are only the episode
+    rows), verdicts (pickled list of ``judge_batch`` rows of its new spans).
+    """
+    mapping = Mapping.from_dict(params["mapping"])
+    out: dict[str, list] = {"index": [], "result": [], "verdicts": []}
+    for index, unit in (pair for units in batch.column("units").to_pylist() for pair in json.loads(units)):
+        result = ingest_unit(unit, fetch=lambda uri: storage.read_bytes(uri, storage_options),
+                             mapping=mapping, **params["ingest"])
+        new = [table for row, table in result["spans"] if row["episode_id"] not in known]
+        verdicts = judge_batch(pa.concat_tables(new), lake=lake, **judge_params).to_pylist() if new else []
+        result["spans"] = [row for row, _ in result["spans"]]
+        out["index"].append(index)
+        out["result"].append(pickle.dumps(result))
+        out["verdicts"].append(pickle.dumps(verdicts))
+    return pa.table({"index": pa.array(out["index"], pa.int64()),
+                     "result": pa.array(out["result"], pa.binary()),
+                     "verdicts": pa.array(out["verdicts"], pa.binary())})
+
+
+def task_bins(units: list[dict], *, parallelism: int, units_per_task: int = 16) -> list[list[int]]:
+    """Unit indexes grouped into tasks: as few tasks as hold ``units_per_task`` units at most,
+    in multiples of ``parallelism``, balanced by bytes (the largest unit first, each to the
+    lightest task so far)."""
+    count = -(-len(units) // (parallelism * units_per_task)) * parallelism
+    bins: list[list[int]] = [[] for _ in range(min(len(units), count))]
+    loads = [0] * len(bins)
+    for i in sorted(range(len(units)), key=lambda i: -sum(f["size"] for f in units[i]["files"])):
+        lightest = loads.index(min(loads))
+        bins[lightest].append(i)
+        loads[lightest] += sum(f["size"] for f in units[i]["files"])
+    return bins
+
+
+def ingest_and_judge(units: list[dict], *, storage_options: dict | None, params: dict, known: set,
+                     lake: Lake, judge_params: dict, parallelism: int) -> tuple[list[dict], list[dict]]:
+    """``ingest_and_judge_batch`` over source units with Ray Data, one task per ``task_bins``
+    bin and at most ``parallelism`` at once; returns the units' results in order and the
+    verdicts of all new spans.
+
+    Few, large tasks: Ray Data notices finished tasks in polls up to 0.1 s apart, which idled a
+    worker after every small log when each log was its own task.
+    """
+    if not units:
+        return [], []
+    # With a few CPUs, Ray Data's default reservation (a share of the cluster held back per
+    # operator) let this one-operator pipeline run half the tasks its concurrency allows.
+    ray.data.DataContext.get_current().op_resource_reservation_enabled = False
+    bins = task_bins(units, parallelism=max(1, parallelism))
+    items = [{"units": json.dumps([[i, units[i]] for i in b])} for b in bins]
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        ingest_and_judge_batch, batch_size=None, batch_format="pyarrow", num_cpus=INGEST_CPUS,
+        concurrency=min(len(items), max(1, parallelism)),
+        fn_kwargs={"storage_options": storage_options, "params": params, "known": frozenset(known),
+                   "lake": lake, "judge_params": judge_params})
+    results, verdicts = [None] * len(units), []
+    for row in ds.take_all():
+        results[row["index"]] = pickle.loads(row["result"])
+        verdicts += pickle.loads(row["verdicts"])
+    return results, verdicts
 
 
 _REASONERS: dict[tuple, Any] = {}  # per process: the loaded reasoner by (URI, its files)
@@ -142,13 +187,10 @@ def _reasoner(uri: str, storage_options: dict | None) -> Any:
 
 
 def describe_batch(clips: pa.Table, *, reasoner: Any) -> pa.Table:
-    """Embedding (the L2-normalised mean over a clip's frames), tags and caption for clip rows
-    (clip_id, event, pickled uint8[k,H,W,3] frames)."""
+    """Embedding (``describe_and_embed``: the L2-normalised mean over a clip's frames), tags
+    and caption for clip rows (clip_id, event, pickled uint8[k,H,W,3] frames)."""
     frames = np.stack([pickle.loads(b) for b in clips.column("frames").to_pylist()])  # [N,k,H,W,3]
-    n, k = frames.shape[:2]
-    emb = reasoner.embed(frames.reshape(n * k, *frames.shape[2:])).reshape(n, k, -1).mean(axis=1)
-    emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-    described = reasoner.describe(frames, [str(e) for e in clips.column("event").to_pylist()])
+    emb, described = reasoner.describe_and_embed(frames, [str(e) for e in clips.column("event").to_pylist()])
     return pa.table({"clip_id": clips.column("clip_id"),
                      "embedding": pa.array(emb.astype(np.float32).tolist(), pa.list_(pa.float32())),
                      "tags": pa.array([to_json(d["tags"]) for d in described], pa.string()),

@@ -49,9 +49,17 @@ def _mean_abs_step_diff(pixels: np.ndarray) -> np.ndarray:
     out = np.zeros(len(pixels), np.float32)
     if len(pixels) > 1:
         a, b = pixels[1:], pixels[:-1]
-        total = (np.maximum(a, b) - np.minimum(a, b)).sum(axis=1, dtype=np.uint64)
+        wide = np.uint32 if 255 * pixels.shape[1] < 2**32 else np.uint64  # the sum cannot overflow
+        total = (np.maximum(a, b) - np.minimum(a, b)).sum(axis=1, dtype=wide)
         out[1:] = total / pixels.shape[1]
     return out
+
+
+def _mean_luma(pixels: np.ndarray) -> np.ndarray:
+    """float32[B]: mean over pixels of the BT.601 luma of uint8 RGB rows (R, G, B, R, ...), as one
+    matrix-vector product with the weights tiled over the row."""
+    weights = np.tile(_LUMA, pixels.shape[1] // 3) / np.float32(pixels.shape[1] // 3)
+    return (pixels.astype(np.float32) @ weights).astype(np.float32)
 
 
 def frame_signals(batch: dict[str, np.ndarray], *, frozen_eps: float = 0.5,
@@ -64,8 +72,7 @@ def frame_signals(batch: dict[str, np.ndarray], *, frozen_eps: float = 0.5,
     each a contiguous run of rows in strictly increasing step order (else ValueError).
     Added columns, where "the previous row" is the row before in the same span:
 
-    * luma (float32): mean over pixels of 0.299 R + 0.587 G + 0.114 B; contrast (float32):
-      the standard deviation of that per-pixel luma.
+    * luma (float32): mean over pixels of 0.299 R + 0.587 G + 0.114 B.
     * frozen: mean |difference| of all pixel values to the previous row < ``frozen_eps``
       (False on a span's first row).
     * dark: luma < ``dark_level``; overexposed: luma > ``bright_level``.
@@ -80,9 +87,7 @@ def frame_signals(batch: dict[str, np.ndarray], *, frozen_eps: float = 0.5,
     n = len(span_id)
     starts = _span_starts(span_id, np.asarray(batch["step"]))
     pixels = _rows(np.ascontiguousarray(batch["image"], np.uint8))
-    pixel_luma = pixels.reshape(n, pixels.shape[1] // 3, 3) @ _LUMA
-    luma = pixel_luma.mean(axis=1, dtype=np.float32)
-    contrast = pixel_luma.std(axis=1, dtype=np.float32)
+    luma = _mean_luma(pixels)
     frozen = ~starts & (_mean_abs_step_diff(pixels) < frozen_eps)
 
     stamps = np.asarray(batch["timestamp_ns"], np.int64)
@@ -98,7 +103,7 @@ def frame_signals(batch: dict[str, np.ndarray], *, frozen_eps: float = 0.5,
     nan_state = np.isnan(state)
     bad_state = np.isinf(state).any(axis=1) | (nan_state.any(axis=1) & ~nan_state.all(axis=1))
     columns = {
-        "luma": luma, "contrast": contrast,
+        "luma": luma,
         "frozen": frozen, "dark": luma < dark_level, "overexposed": luma > bright_level,
         "dropped_before": dropped, "bad_action": ~np.isfinite(action).all(axis=1),
         "bad_state": bad_state,

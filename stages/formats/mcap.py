@@ -15,7 +15,8 @@ Rules:
   a ``ros2msg``/``ros2idl`` schema, mcap_protobuf for ``protobuf``; a channel neither decodes is
   ``unsupported``. Little-endian CDR messages of the types ``ros_messages.cdr_parser`` knows
   (camera ``sensor_msgs/msg/Image``; std_msgs Float32/64, Bool, Float32/64MultiArray signals)
-  are parsed straight from their bytes instead: same result, several times quicker. Frames,
+  are parsed straight from their bytes instead, a channel's messages at once where they share
+  one length and layout (``ros_messages.cdr_batch``): same result, many times quicker. Frames,
   stamps, signal values and task text follow the rules of ``stages.formats.ros_messages``.
 * ``meta``: ``format`` is ``mcap-ros2`` or ``mcap-protobuf`` by the camera channel's message
   encoding (another encoding is ``unsupported``); the entries of the metadata record named
@@ -37,14 +38,15 @@ from mcap.stream_reader import get_chunk_data_stream
 from mcap_protobuf.decoder import DecoderFactory as ProtobufDecoderFactory
 from mcap_ros2.decoder import DecoderFactory as Ros2DecoderFactory
 
-from stages.formats.ros_messages import CDR_LE, Collector, cdr_parser, pick_topics
+from stages.formats.ros_messages import CDR_LE, Collector, cdr_batch, cdr_parser, pick_topics
 from stages.streams import LogError, Mapping, Streams
 
 MAGIC = b"\x89MCAP0\r\n"
 EPISODE_METADATA = "episode"
 FORMATS = {"cdr": "mcap-ros2", "protobuf": "mcap-protobuf"}
 _RECORD = struct.Struct("<BQ")      # opcode, content length
-_MESSAGE = struct.Struct("<HIQQ")   # channel id, sequence, log time, publish time; then data
+_RECORD_MESSAGE = struct.Struct("<BQHIQQ")  # a message record: opcode, length, channel id,
+# sequence, log time, publish time; then data
 _PARSED = {Opcode.CHUNK: Chunk, Opcode.CHANNEL: Channel, Opcode.SCHEMA: Schema,
            Opcode.METADATA: Metadata}
 
@@ -78,12 +80,12 @@ def read_bytes(data: bytes, *, source_uri: str, mapping: Mapping) -> Streams:
 
 @dataclass
 class _Contents:
-    """What one pass over an MCAP's data section found; messages as (channel id, log time, data)."""
+    """What one pass over an MCAP's data section found; messages by channel id, in file order."""
 
     schemas: dict[int, Schema] = field(default_factory=dict)
     channels: dict[int, Channel] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
-    messages: list[tuple[int, int, memoryview]] = field(default_factory=list)
+    messages: dict[int, tuple[list[int], list[memoryview]]] = field(default_factory=dict)  # channel: times, data
 
     def walk(self, body: memoryview) -> None:
         """Read the records in ``body`` (the data section, or a chunk's decompressed records).
@@ -92,15 +94,23 @@ class _Contents:
         CRC checked; schemas, channels and metadata are parsed with ``mcap``'s record classes;
         other records (indexes, attachments) are skipped; the walk ends at the DataEnd record.
         """
-        pos, size = 0, len(body)
+        pos, size, messages = 0, len(body), self.messages
         while pos < size:
+            if body[pos] == Opcode.MESSAGE and pos + _RECORD_MESSAGE.size <= size:  # the common case, one unpack
+                _, length, channel_id, _, log_time, _ = _RECORD_MESSAGE.unpack_from(body, pos)
+                start, pos = pos + _RECORD_MESSAGE.size, pos + _RECORD.size + length
+                if pos > size or start > pos:
+                    raise ValueError("a message record overruns its container")
+                times, data = messages.get(channel_id) or messages.setdefault(channel_id, ([], []))
+                times.append(log_time)
+                data.append(body[start:pos])
+                continue
             opcode, length = _RECORD.unpack_from(body, pos)
             start, pos = pos + _RECORD.size, pos + _RECORD.size + length
             if pos > size:
                 raise ValueError(f"a record of opcode {opcode} overruns its container")
             if opcode == Opcode.MESSAGE:
-                channel_id, _, log_time, _ = _MESSAGE.unpack_from(body, start)
-                self.messages.append((channel_id, log_time, body[start + _MESSAGE.size:pos]))
+                raise ValueError("a message record is shorter than its header")
             elif opcode == Opcode.DATA_END:
                 return
             elif opcode in _PARSED:
@@ -130,7 +140,7 @@ def _read(data: bytes, source_uri: str, mapping: Mapping) -> Streams:
     contents = _Contents()
     contents.walk(memoryview(data)[len(MAGIC):-len(MAGIC)])
     channels = contents.channels
-    used = {channel_id for channel_id, _, _ in contents.messages}
+    used = set(contents.messages)
     if used - channels.keys():
         raise LogError("corrupt", f"{source_uri}: messages of unknown channels "
                                   f"{sorted(used - channels.keys())}")
@@ -141,26 +151,27 @@ def _read(data: bytes, source_uri: str, mapping: Mapping) -> Streams:
         raise LogError("unsupported", f"{source_uri}: camera message encoding "
                                       f"{camera[0].message_encoding!r}, readable: {list(FORMATS)}")
     roles = {topic: role for role, topic in picked.items()}
-    fast = {c.id: parser for c in channels.values() if c.topic in roles
-            and c.message_encoding == "cdr"
-            and (parser := cdr_parser(roles[c.topic],
-                                      getattr(contents.schemas.get(c.schema_id), "name", "")))}
-    decoders: dict[int, Callable[[bytes], Any]] = {}
     collector = Collector(picked)
-    for channel_id, log_time, body in contents.messages:
+    for channel_id, (times, bodies) in contents.messages.items():
         channel = channels[channel_id]
         if channel.topic not in roles:
             continue
-        parse = fast.get(channel_id)
-        if parse is not None and body[:2] == CDR_LE:
-            collector.add_parsed(channel.topic, *parse(body, log_time))
+        parse = cdr_parser(roles[channel.topic], getattr(contents.schemas.get(channel.schema_id), "name", "")) \
+            if channel.message_encoding == "cdr" else None
+        batch = cdr_batch(parse, bodies, times) if parse is not None else None
+        if batch is not None:
+            collector.add_batch(channel.topic, *batch)
             continue
-        if channel_id not in decoders:
-            decoders[channel_id] = _decoder(channel, contents.schemas.get(channel.schema_id))
-        try:
-            decoded = decoders[channel_id](bytes(body))
-        except Exception as exc:  # decoders raise many kinds on damaged messages
-            raise LogError("bad_message", f"{source_uri}: {channel.topic} at {log_time}: "
-                                          f"{type(exc).__name__}: {exc}") from exc
-        collector.add(channel.topic, decoded, log_time)
+        decode = None
+        for log_time, body in zip(times, bodies):
+            if parse is not None and body[:2] == CDR_LE:
+                collector.add_parsed(channel.topic, *parse(body, log_time))
+                continue
+            decode = decode or _decoder(channel, contents.schemas.get(channel.schema_id))
+            try:
+                decoded = decode(bytes(body))
+            except Exception as exc:  # decoders raise many kinds on damaged messages
+                raise LogError("bad_message", f"{source_uri}: {channel.topic} at {log_time}: "
+                                              f"{type(exc).__name__}: {exc}") from exc
+            collector.add(channel.topic, decoded, log_time)
     return collector.streams(source_uri, {**contents.metadata, "format": fmt})

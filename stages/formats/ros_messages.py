@@ -2,9 +2,10 @@
 
 Shared by the MCAP and rosbag readers. Everything works on decoded message objects through
 attribute access, whichever library decoded them (mcap_ros2's dynamic classes, rosbags'
-dataclasses, protobuf messages), plus ``cdr_image``, a fast path that parses a little-endian
-CDR ``sensor_msgs/msg/Image`` straight from its bytes. ``Collector`` gathers the messages of
-the topics a ``Mapping`` picked into one ``Streams``.
+dataclasses, protobuf messages), plus ``cdr_parser``, fast paths that parse little-endian CDR
+images and std_msgs signals straight from their bytes, one message or a channel's messages at
+once (``cdr_batch``). ``Collector`` gathers the messages of the topics a ``Mapping`` picked
+into one ``Streams``.
 
 Rules:
 
@@ -59,7 +60,6 @@ _CDR_SIZE = struct.Struct("<III")   # height, width, encoding length
 _CDR_STEP = struct.Struct("<II")    # step, data length
 _U32 = struct.Struct("<I")
 CDR_LE = b"\x00\x01"                # encapsulation kind of little-endian plain CDR
-CdrParser = Callable[[bytes | memoryview, int], tuple[int, np.ndarray]]
 
 
 def type_name(msg: Any) -> str:
@@ -71,20 +71,25 @@ def type_name(msg: Any) -> str:
 
 def raw_to_rgb(*, height: int, width: int, step: int, encoding: str, data: Any) -> np.ndarray:
     """uint8[height,width,3] RGB (often a view of ``data``) from raw image bytes; rules above."""
+    buf = (np.frombuffer(data, np.uint8) if isinstance(data, (bytes, bytearray, memoryview))
+           else np.asarray(data, np.uint8).reshape(-1))
+    return raw_rows_to_rgb(height=height, width=width, step=step, encoding=encoding, rows=buf[None])[0]
+
+
+def raw_rows_to_rgb(*, height: int, width: int, step: int, encoding: str, rows: np.ndarray) -> np.ndarray:
+    """uint8[N,height,width,3] RGB from uint8[N, bytes]: N raw images of one size and encoding."""
     spec = RAW_ENCODINGS.get(str(encoding).lower())
     if spec is None:
         raise LogError("bad_encoding", f"image encoding {encoding!r}; readable: "
                                        f"{', '.join(RAW_ENCODINGS)}")
     channels, order = spec
-    buf = (np.frombuffer(data, np.uint8) if isinstance(data, (bytes, bytearray, memoryview))
-           else np.asarray(data, np.uint8).reshape(-1))
-    if height <= 0 or width <= 0 or step < width * channels or buf.size < height * step:
+    if height <= 0 or width <= 0 or step < width * channels or rows.shape[1] < height * step:
         raise LogError("bad_message", f"{encoding} image {height}x{width}, step {step}, "
-                                      f"{buf.size} data bytes")
-    pixels = buf[:height * step].reshape(height, step)[:, :width * channels]
-    pixels = pixels.reshape(height, width, channels)
+                                      f"{rows.shape[1]} data bytes")
+    pixels = rows[:, :height * step].reshape(len(rows), height, step)[:, :, :width * channels]
+    pixels = pixels.reshape(len(rows), height, width, channels)
     if channels == 1:
-        return np.repeat(pixels, 3, axis=2)
+        return np.repeat(pixels, 3, axis=3)
     return pixels[..., list(order)] if order != (0, 1, 2) else pixels[..., :3]
 
 
@@ -129,7 +134,12 @@ def _align(pos: int, size: int) -> int:
     return (pos + size - 1) & ~(size - 1)
 
 
-def cdr_image(data: bytes | memoryview, log_time: int) -> tuple[int, np.ndarray]:
+def _same_bytes(rows: np.ndarray, start: int, end: int) -> bool:
+    """Every row of uint8[N, L] has row 0's bytes in [start, end)."""
+    return bool((rows[:, start:end] == rows[0, start:end]).all())
+
+
+class CdrImage:
     """(stamp ns, RGB) of a ``sensor_msgs/msg/Image`` serialized as little-endian CDR.
 
     Layout after the 4-byte encapsulation header (offsets relative to its end, each uint32
@@ -137,70 +147,125 @@ def cdr_image(data: bytes | memoryview, log_time: int) -> tuple[int, np.ndarray]
     height, width, encoding (string), is_bigendian uint8, step, data (uint32 length, bytes).
     A short message is ``bad_message``.
     """
-    view = memoryview(data)
-    try:
-        sec, nanosec, n = _CDR_HEAD.unpack_from(view, 4)
-        pos = _align(12 + n, 4)
-        height, width, n = _CDR_SIZE.unpack_from(view, 4 + pos)
-        encoding = bytes(view[4 + pos + 12:4 + pos + 12 + n]).rstrip(b"\0").decode("ascii")
-        pos = _align(pos + 12 + n + 1, 4)
-        step, size = _CDR_STEP.unpack_from(view, 4 + pos)
-    except (struct.error, UnicodeDecodeError) as exc:
-        raise LogError("bad_message", f"CDR image header: {exc}") from exc
-    pixels = view[4 + pos + 8:4 + pos + 8 + size]
-    if len(pixels) != size:
-        raise LogError("bad_message", f"CDR image has {len(pixels)} of {size} data bytes")
-    t = sec * 1_000_000_000 + nanosec
-    return (t or int(log_time)), raw_to_rgb(height=height, width=width, step=step,
-                                            encoding=encoding, data=pixels)
 
-
-def _cdr_scalar(dtype: str) -> CdrParser:
-    """Parser of a std_msgs scalar (Float32, Float64, Bool): one ``data`` field, no header."""
-    def parse(data: bytes | memoryview, log_time: int) -> tuple[int, np.ndarray]:
+    @staticmethod
+    def _header(view: memoryview) -> tuple[int, int, int, int, str, int, int, int]:
+        """sec, nanosec, height, width, encoding, step, data offset, data length."""
         try:
-            return int(log_time), np.frombuffer(data, dtype, 1, 4).astype(np.float32)
-        except ValueError as exc:
-            raise LogError("bad_message", f"CDR {dtype} scalar: {exc}") from exc
-    return parse
+            sec, nanosec, n = _CDR_HEAD.unpack_from(view, 4)
+            pos = _align(12 + n, 4)
+            height, width, n = _CDR_SIZE.unpack_from(view, 4 + pos)
+            encoding = bytes(view[4 + pos + 12:4 + pos + 12 + n]).rstrip(b"\0").decode("ascii")
+            pos = _align(pos + 12 + n + 1, 4)
+            step, size = _CDR_STEP.unpack_from(view, 4 + pos)
+        except (struct.error, UnicodeDecodeError) as exc:
+            raise LogError("bad_message", f"CDR image header: {exc}") from exc
+        return sec, nanosec, height, width, encoding, step, 4 + pos + 8, size
+
+    def __call__(self, data: bytes | memoryview, log_time: int) -> tuple[int, np.ndarray]:
+        view = memoryview(data)
+        sec, nanosec, height, width, encoding, step, start, size = self._header(view)
+        pixels = view[start:start + size]
+        if len(pixels) != size:
+            raise LogError("bad_message", f"CDR image has {len(pixels)} of {size} data bytes")
+        t = sec * 1_000_000_000 + nanosec
+        return (t or int(log_time)), raw_to_rgb(height=height, width=width, step=step,
+                                                encoding=encoding, data=pixels)
+
+    def batch(self, rows: np.ndarray, log_times: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """Stamps int64[N] and RGB [N,H,W,3] of N messages (uint8[N, L]) that share every byte but
+        the stamp and the pixels; None when they do not."""
+        _, _, height, width, encoding, step, start, size = self._header(memoryview(rows[0]))
+        if start + size > rows.shape[1] or not (_same_bytes(rows, 0, 4) and _same_bytes(rows, 12, start)):
+            return None
+        sec = np.ascontiguousarray(rows[:, 4:8]).view("<i4")[:, 0].astype(np.int64)
+        nanosec = np.ascontiguousarray(rows[:, 8:12]).view("<u4")[:, 0].astype(np.int64)
+        stamps = sec * 1_000_000_000 + nanosec
+        return (np.where(stamps != 0, stamps, log_times),
+                raw_rows_to_rgb(height=height, width=width, step=step, encoding=encoding,
+                                rows=rows[:, start:start + size]))
 
 
-def _cdr_multiarray(dtype: str) -> CdrParser:
-    """Parser of a std_msgs *MultiArray: layout (dims of label, size, stride; data_offset), data."""
-    itemsize = np.dtype(dtype).itemsize
+class CdrSignal:
+    """float32[D] values (stamped by log time: these types have no header) of a std_msgs scalar
+    (Float32, Float64, Bool: one ``data`` field) or *MultiArray (layout: dims of label, size,
+    stride; data_offset; then data) in little-endian CDR."""
 
-    def parse(data: bytes | memoryview, log_time: int) -> tuple[int, np.ndarray]:
+    def __init__(self, dtype: str, *, multiarray: bool) -> None:
+        self.dtype, self.multiarray = np.dtype(dtype), multiarray
+
+    def _locate(self, data: bytes | memoryview) -> tuple[int, int]:
+        """Byte offset and count of the values."""
+        if not self.multiarray:
+            return 4, 1
+        (dims,) = _U32.unpack_from(data, 4)
+        pos = 4
+        for _ in range(dims):
+            (n,) = _U32.unpack_from(data, 4 + pos)
+            pos = _align(pos + 4 + n, 4) + 8
+        (count,) = _U32.unpack_from(data, 4 + pos + 4)
+        return 4 + _align(pos + 8, self.dtype.itemsize), count
+
+    def _error(self, exc: Exception) -> LogError:
+        kind = "multi-array" if self.multiarray else "scalar"
+        return LogError("bad_message", f"CDR {self.dtype.str} {kind}: {exc}")
+
+    def __call__(self, data: bytes | memoryview, log_time: int) -> tuple[int, np.ndarray]:
         try:
-            (dims,) = _U32.unpack_from(data, 4)
-            pos = 4
-            for _ in range(dims):
-                (n,) = _U32.unpack_from(data, 4 + pos)
-                pos = _align(pos + 4 + n, 4) + 8
-            (count,) = _U32.unpack_from(data, 4 + pos + 4)
-            pos = _align(pos + 8, itemsize)
-            return int(log_time), np.frombuffer(data, dtype, count, 4 + pos).astype(np.float32)
+            start, count = self._locate(data)
+            return int(log_time), np.frombuffer(data, self.dtype, count, start).astype(np.float32)
         except (struct.error, ValueError) as exc:
-            raise LogError("bad_message", f"CDR {dtype} multi-array: {exc}") from exc
-    return parse
+            raise self._error(exc) from exc
+
+    def batch(self, rows: np.ndarray, log_times: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """Stamps int64[N] and values float32[N, D] of N messages (uint8[N, L]) that share every
+        byte before the values; None when they do not."""
+        try:
+            start, count = self._locate(rows[0].tobytes())
+        except struct.error as exc:
+            raise self._error(exc) from exc
+        end = start + count * self.dtype.itemsize
+        if end > rows.shape[1] or not _same_bytes(rows, 0, start):
+            return None
+        values = np.ascontiguousarray(rows[:, start:end]).view(self.dtype).astype(np.float32)
+        return log_times, values.reshape(len(rows), count)
 
 
-CDR_SIGNALS: dict[str, CdrParser] = {
-    "std_msgs/msg/Float32": _cdr_scalar("<f4"), "std_msgs/msg/Float64": _cdr_scalar("<f8"),
-    "std_msgs/msg/Bool": _cdr_scalar("u1"),
-    "std_msgs/msg/Float32MultiArray": _cdr_multiarray("<f4"),
-    "std_msgs/msg/Float64MultiArray": _cdr_multiarray("<f8")}
+CdrParser = CdrImage | CdrSignal
+CDR_SIGNALS: dict[str, CdrSignal] = {
+    "std_msgs/msg/Float32": CdrSignal("<f4", multiarray=False),
+    "std_msgs/msg/Float64": CdrSignal("<f8", multiarray=False),
+    "std_msgs/msg/Bool": CdrSignal("u1", multiarray=False),
+    "std_msgs/msg/Float32MultiArray": CdrSignal("<f4", multiarray=True),
+    "std_msgs/msg/Float64MultiArray": CdrSignal("<f8", multiarray=True)}
 
 
 def cdr_parser(role: str, schema_name: str) -> CdrParser | None:
     """The fast parser for a role's messages of this ROS 2 type in little-endian CDR, if any.
 
-    Each returns (stamp ns, payload): RGB for the camera (``cdr_image``), float32[D] values for
-    signals (stamped by log time: these types have no header). Callers check ``data[:2] ==
-    CDR_LE`` and decode other messages generically; both ways give the same result.
+    Called on one message it returns (stamp ns, payload): RGB for the camera (``CdrImage``),
+    float32[D] values for signals (``CdrSignal``); callers check ``data[:2] == CDR_LE`` and
+    decode other messages generically; both ways give the same result. ``cdr_batch`` runs it
+    over all the messages of a channel at once.
     """
     if role == "camera":
-        return cdr_image if schema_name == "sensor_msgs/msg/Image" else None
+        return CdrImage() if schema_name == "sensor_msgs/msg/Image" else None
     return CDR_SIGNALS.get(schema_name) if role in ROLES else None
+
+
+def cdr_batch(parse: CdrParser, bodies: list, log_times: list[int]) -> tuple[np.ndarray, np.ndarray] | None:
+    """``parse`` over the messages of one channel at once: (stamps int64[N], payloads [N, ...]).
+
+    Applies when every message is little-endian CDR of one length and they differ only in
+    stamp and payload bytes (a camera's frames of one size and encoding, fixed-width signals):
+    then the result is the same as parsing message by message. Otherwise None.
+    """
+    if not bodies or len({len(b) for b in bodies}) != 1:
+        return None
+    rows = np.frombuffer(b"".join(bodies), np.uint8).reshape(len(bodies), -1)
+    if rows.shape[1] < 4 or bytes(rows[0, :2]) != CDR_LE:
+        return None
+    return parse.batch(rows, np.asarray(log_times, np.int64))
 
 
 def _floats(values: Any) -> np.ndarray:
@@ -281,20 +346,24 @@ class Collector:
     def __init__(self, topics: dict[str, str]) -> None:
         self.topics = topics
         self._role_of = {topic: role for role, topic in topics.items()}
-        self._frame_t: list[int] = []
+        self._frame_t: list[np.ndarray] = []  # chunks: stamps int64[n], frames [n,H,W,3]
         self._frames: list[np.ndarray] = []
-        self._signals: dict[str, tuple[list[int], list[np.ndarray]]] = {}
+        self._signals: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}  # chunks, values [n,D]
         self._task: str | None = None
 
     def add_parsed(self, topic: str, stamp: int, payload: np.ndarray) -> None:
         """Add a frame (camera topic: RGB) or signal values (other topics: float32[D])."""
+        self.add_batch(topic, np.asarray([stamp], np.int64), payload[None])
+
+    def add_batch(self, topic: str, stamps: np.ndarray, payloads: np.ndarray) -> None:
+        """Add frames [n,H,W,3] or signal values [n,D] with their stamps int64[n], in order."""
         if topic == self.topics["camera"]:
-            self._frame_t.append(stamp)
-            self._frames.append(payload)
+            self._frame_t.append(stamps)
+            self._frames.append(payloads)
         else:
-            stamps, values = self._signals.setdefault(self._role_of[topic], ([], []))
-            stamps.append(stamp)
-            values.append(payload)
+            chunks, values = self._signals.setdefault(self._role_of[topic], ([], []))
+            chunks.append(stamps)
+            values.append(payloads)
 
     def add(self, topic: str, msg: Any, log_time: int) -> None:
         """Add one decoded message of a picked topic, by its role."""
@@ -307,14 +376,14 @@ class Collector:
                             image_to_rgb(msg) if role == "camera" else signal_values(msg))
 
     def _values(self, role: str, values: list[np.ndarray]) -> np.ndarray:
-        widths = sorted({len(v) for v in values})
+        widths = sorted({v.shape[1] for v in values})
         topic = self.topics[role]
         if role in SCALAR_ROLES and widths != [1]:
             raise LogError("bad_message", f"{topic} ({role}) messages hold {widths} values, "
                                           "expected 1")
         if len(widths) > 1:
             raise LogError("bad_message", f"{topic} ({role}) messages hold {widths} values")
-        stacked = np.stack(values).astype(np.float32, copy=False)
+        stacked = np.concatenate(values).astype(np.float32, copy=False)
         return stacked[:, 0] if role in SCALAR_ROLES else stacked
 
     def streams(self, source_uri: str, meta: dict[str, str]) -> Streams:
@@ -325,13 +394,13 @@ class Collector:
         camera = self.topics["camera"]
         if not self._frames:
             raise LogError("missing_topic", f"{source_uri}: no messages on {camera}")
-        shapes = sorted({f.shape for f in self._frames})
+        shapes = sorted({f.shape[1:] for f in self._frames})
         if len(shapes) > 1:
             raise LogError("bad_message", f"{camera} frames come in sizes {shapes}")
-        signals = {role: (np.asarray(t, np.int64), self._values(role, v))
+        signals = {role: (np.concatenate(t).astype(np.int64, copy=False), self._values(role, v))
                    for role, (t, v) in self._signals.items()}
         used = ["camera", *signals] + (["task"] if self._task is not None else [])
         meta = {**meta, **{f"topic.{role}": self.topics[role] for role in used}}
-        return Streams(source_uri=source_uri, camera_t=np.asarray(self._frame_t, np.int64),
-                       frames=np.stack(self._frames), signals=signals, task=self._task or "",
+        return Streams(source_uri=source_uri, camera_t=np.concatenate(self._frame_t).astype(np.int64, copy=False),
+                       frames=np.concatenate(self._frames), signals=signals, task=self._task or "",
                        meta=meta)

@@ -90,6 +90,10 @@ def test_untrained_describe_and_embed_contract():
     assert emb.shape == (5, model.config.embed_dim) and emb.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(model.embed(clips[:1, -1]), emb[:1], atol=1e-6)  # batch-independent
+    clip_emb, described = model.describe_and_embed(clips, events)  # one encoder pass for both
+    assert described == out
+    per_frame = model.embed(clips.reshape(-1, *clips.shape[2:])).reshape(5, clips.shape[1], -1).mean(axis=1)
+    np.testing.assert_allclose(clip_emb, per_frame / np.linalg.norm(per_frame, axis=1, keepdims=True), atol=1e-5)
     with pytest.raises(ValueError, match="frames must be"):
         model.describe(clips[:, :2], events)
     with pytest.raises(ValueError, match="frames must be"):
@@ -218,5 +222,9 @@ def test_hugging_face_vlm_behind_the_same_interface(tmp_path):
     assert emb.shape[0] == 3 and emb.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
     assert not np.allclose(emb[0], emb[1])  # depends on the image
+    clip_emb, described = vlm.describe_and_embed(clips, ["none", "off_track", "novelty"])
+    assert [d["tags"] for d in described] == [d["tags"] for d in out]
+    per_frame = vlm.embed(clips.reshape(-1, *clips.shape[2:])).reshape(3, clips.shape[1], -1).mean(axis=1)
+    np.testing.assert_allclose(clip_emb, per_frame / np.linalg.norm(per_frame, axis=1, keepdims=True), atol=1e-5)
     with pytest.raises(ValueError, match="unknown events"):
         vlm.describe(clips, ["none", "none", "crash"])

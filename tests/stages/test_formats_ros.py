@@ -14,7 +14,7 @@ from PIL import Image
 from rosbags.rosbag2 import Writer as Rosbag2Writer
 
 from stages.formats import mcap, rosbag
-from stages.formats.ros_messages import (CDR_SIGNALS, Collector, cdr_parser, compressed_to_rgb,
+from stages.formats.ros_messages import (CDR_SIGNALS, Collector, cdr_batch, cdr_parser, compressed_to_rgb,
                                          image_to_rgb, signal_values, stamp_ns)
 from stages.mcap_log import episode_to_mcap_bytes
 from stages.streams import LogError, Mapping
@@ -325,6 +325,59 @@ def test_cdr_image_fast_path_matches_the_generic_decoder(frame_id, encoding):
         np.testing.assert_array_equal(rgb, image_to_rgb(decoded))
         with pytest.raises(LogError, match="bad_message"):
             cdr_parser("camera", "sensor_msgs/msg/Image")(raw[:-1], 77)
+
+
+def cdr_image(t: int, frame: np.ndarray, *, frame_id: str = "cam", encoding: str = "rgb8") -> bytes:
+    data, step = ros_logs.raw_pixels(frame, encoding, row_padding=2)
+    sec, nanosec = divmod(t, 1_000_000_000)
+    return bytes(ROS2_TYPES.serialize_cdr(T2["sensor_msgs/msg/Image"](
+        header=T2["std_msgs/msg/Header"](stamp=T2["builtin_interfaces/msg/Time"](sec=sec, nanosec=nanosec),
+                                         frame_id=frame_id),
+        height=frame.shape[0], width=frame.shape[1], encoding=encoding, is_bigendian=0, step=step,
+        data=np.frombuffer(data, np.uint8)), "sensor_msgs/msg/Image"))
+
+
+@pytest.mark.parametrize("encoding", ["rgb8", "bgra8", "mono8"])
+def test_a_channel_of_cdr_images_parses_at_once_as_message_by_message(encoding):
+    frames = np.random.default_rng(1).integers(0, 256, (6, 3, 5, 3), dtype=np.uint8)
+    if encoding == "mono8":
+        frames[..., 1] = frames[..., 2] = frames[..., 0]
+    stamps = [T0 + i * STEP for i in range(6)]
+    stamps[2] = 0  # no stamp: the log time stands in
+    raws = [cdr_image(t, f, encoding=encoding) for t, f in zip(stamps, frames)]
+    parse, log_times = cdr_parser("camera", "sensor_msgs/msg/Image"), [500 + i for i in range(6)]
+    at_once = cdr_batch(parse, [memoryview(r) for r in raws], log_times)
+    one_by_one = [parse(r, t) for r, t in zip(raws, log_times)]
+    assert at_once[0].tolist() == [t for t, _ in one_by_one] and at_once[0][2] == 502
+    np.testing.assert_array_equal(at_once[1], np.stack([rgb for _, rgb in one_by_one]))
+    # messages that differ in more than stamp and pixels are left to the message-by-message path
+    other_id = raws[:3] + [cdr_image(stamps[3], frames[3], frame_id="mac", encoding=encoding)]
+    assert cdr_batch(parse, other_id, log_times[:4]) is None
+    assert cdr_batch(parse, raws[:2] + [cdr_image(1, frames[0][:2], encoding=encoding)], log_times[:3]) is None
+    assert cdr_batch(parse, [r[:1] + b"\x00" + r[2:] for r in raws], log_times) is None  # big-endian
+    with pytest.raises(LogError, match="bad_message"):
+        cdr_batch(parse, [r[:20] for r in raws], log_times)
+
+
+@pytest.mark.parametrize("name", sorted(CDR_SIGNALS))
+def test_a_channel_of_cdr_signals_parses_at_once_as_message_by_message(name):
+    rng = np.random.default_rng(2)
+    if "MultiArray" in name:
+        dtype = np.float64 if "64" in name else np.float32
+        layout = T2["std_msgs/msg/MultiArrayLayout"](
+            dim=[T2["std_msgs/msg/MultiArrayDimension"](label="steer,gas", size=2, stride=2)], data_offset=0)
+        msgs = [T2[name](layout=layout, data=rng.normal(size=2).astype(dtype)) for _ in range(5)]
+        longer = T2[name](layout=layout, data=rng.normal(size=3).astype(dtype))
+    else:
+        msgs = [T2[name](data=bool(i % 2) if "Bool" in name else float(rng.normal())) for i in range(5)]
+        longer = None
+    raws = [bytes(ROS2_TYPES.serialize_cdr(m, name)) for m in msgs]
+    parse = cdr_parser("action", name)
+    stamps, values = cdr_batch(parse, raws, list(range(5)))
+    assert stamps.tolist() == list(range(5)) and values.dtype == np.float32
+    np.testing.assert_array_equal(values, np.stack([parse(r, 0)[1] for r in raws]))
+    if longer is not None:  # a message of another width: not one layout
+        assert cdr_batch(parse, raws + [bytes(ROS2_TYPES.serialize_cdr(longer, name))], list(range(6))) is None
 
 
 @pytest.mark.parametrize("name", sorted(CDR_SIGNALS))
