@@ -15,7 +15,7 @@ export SDL_VIDEODRIVER := dummy
 export HF_HUB_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup demo test test-all bench-curate serve prefect-server deploy worker clean
+.PHONY: setup demo test test-all bench-curate bench-curate-scale serve prefect-server deploy worker clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,9 @@ test-all: $(STAMP)
 
 bench-curate: $(STAMP)  ## curate throughput vs a Parquet baseline, Lance vs Parquet sampling (last line: JSON)
 	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.bench_curate
+
+bench-curate-scale: $(STAMP)  ## curate throughput only, at 64,000 frames (fixed per-run costs amortized)
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.bench_curate --episodes 64 --frames 1000 --no-sampler
 
 serve: $(STAMP)  ## keep the champion's endpoint up
 	$(BIN)/worldloop serve --lake $(LAKE) --landing $(LANDING)

@@ -12,9 +12,6 @@ from typing import Any
 
 import ray
 
-from stages import curate, storage
-
-CURATE_CPUS = 1
 ROLLOUT_CPUS = 1
 SYNTH_CPUS = 1
 
@@ -30,26 +27,6 @@ def _bounded(submit, items: list, parallelism: int) -> list:
     for ref, i in pending.items():
         results[i] = ray.get(ref)
     return results
-
-
-@ray.remote(num_cpus=CURATE_CPUS)
-def _curate_source(source: dict, storage_options: dict | None, params: dict) -> dict:
-    try:
-        data = storage.read_bytes(source["uri"], storage_options)
-    except OSError as err:  # unreadable object: a reject, not a crash
-        return {"source": source, "episode": None, "frames": None,
-                "reject": curate.reject_row(source_uri=source["uri"], stage="curate",
-                                            reason="unreadable", detail=str(err), turn=params["turn"])}
-    result = curate.curate_log(data, source_uri=source["uri"], **params)
-    result["source"] = dict(source, content_hash=curate.content_hash(data))
-    return result
-
-
-def curate_sources(sources: list[dict], *, storage_options: dict | None, turn: int, image_size: int,
-                   min_length: int, val_fraction: float, parallelism: int = 2) -> list[dict]:
-    """Parse, validate and tabulate each log in its own Ray task; one result per source."""
-    params = {"turn": turn, "image_size": image_size, "min_length": min_length, "val_fraction": val_fraction}
-    return _bounded(lambda s: _curate_source.remote(s, storage_options, params), sources, parallelism)
 
 
 def _build_driver(spec: dict):

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import io
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
