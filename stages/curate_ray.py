@@ -42,15 +42,6 @@ def _span(sub: pa.Table) -> dict[str, np.ndarray]:
             "off_track": sub.column("off_track").to_numpy(zero_copy_only=False).astype(bool)}
 
 
-def _flag_lists(signals: dict[str, np.ndarray], rows: slice) -> pa.ListArray:
-    """The ``flags`` column (names of the true ``quality.FLAGS``, in that order) of ``rows``,
-    built from the boolean signals without a Python object per row."""
-    on = np.stack([signals[f] for f in quality.FLAGS], axis=1)[rows]
-    offsets = np.concatenate([[0], np.cumsum(on.sum(axis=1))]).astype(np.int32)
-    names = np.broadcast_to(np.array(quality.FLAGS), on.shape)[on]
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(names.tolist(), pa.string()))
-
-
 def judge_batch(batch: pa.Table, *, lake: Lake, signal_params: dict, verdict_params: dict,
                 event_params: dict, clip_k: int) -> pa.Table:
     """Quality, verdict, events, clips and fragment writes for the spans in one batch.
@@ -80,7 +71,8 @@ def judge_batch(batch: pa.Table, *, lake: Lake, signal_params: dict, verdict_par
         out["frames"].append(len(where))
         fragments, clips, clip_frames = [], [], np.zeros((0,), np.uint8)
         if verdict["kept"]:
-            flags = _flag_lists(signals, rows)
+            offsets, names = quality.flag_names(signals, rows)
+            flags = pa.ListArray.from_arrays(pa.array(offsets), pa.array(names.tolist(), pa.string()))
             table = batch.slice(rows.start, len(where))
             table = table.set_column(table.schema.get_field_index("flags"), "flags", flags)
             fragments = lake.write_fragments("frames", table)
@@ -132,12 +124,13 @@ def task_bins(units: list[dict], *, parallelism: int, units_per_task: int = 16) 
     in multiples of ``parallelism``, balanced by bytes (the largest unit first, each to the
     lightest task so far)."""
     count = -(-len(units) // (parallelism * units_per_task)) * parallelism
+    sizes = [sum(f["size"] for f in unit["files"]) for unit in units]
     bins: list[list[int]] = [[] for _ in range(min(len(units), count))]
     loads = [0] * len(bins)
-    for i in sorted(range(len(units)), key=lambda i: -sum(f["size"] for f in units[i]["files"])):
+    for i in sorted(range(len(units)), key=lambda i: -sizes[i]):
         lightest = loads.index(min(loads))
         bins[lightest].append(i)
-        loads[lightest] += sum(f["size"] for f in units[i]["files"])
+        loads[lightest] += sizes[i]
     return bins
 
 

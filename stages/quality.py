@@ -108,10 +108,20 @@ def frame_signals(batch: dict[str, np.ndarray], *, frozen_eps: float = 0.5,
         "dropped_before": dropped, "bad_action": ~np.isfinite(action).all(axis=1),
         "bad_state": bad_state,
     }
+    offsets, names = flag_names(columns)
+    names, offsets = names.tolist(), offsets.tolist()
     flags = np.empty(n, object)
-    for i, row in enumerate(np.stack([columns[f] for f in FLAGS], axis=1).tolist()):
-        flags[i] = [name for name, on in zip(FLAGS, row) if on]
+    for i in range(n):
+        flags[i] = names[offsets[i]:offsets[i + 1]]
     return {**batch, **columns, "flags": flags}
+
+
+def flag_names(signals: dict[str, np.ndarray], rows: slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
+    """The names of the true ``FLAGS`` of ``rows``, each row's in the order of ``FLAGS``, as
+    offsets int32[R+1] into one array of names (row i's are names[offsets[i]:offsets[i+1]])."""
+    on = np.stack([signals[f] for f in FLAGS], axis=1)[rows]
+    offsets = np.concatenate([[0], np.cumsum(on.sum(axis=1))]).astype(np.int32)
+    return offsets, np.broadcast_to(np.array(FLAGS), on.shape)[on]
 
 
 def _out_of_range(values: np.ndarray, low: Any, high: Any) -> np.ndarray:
