@@ -152,8 +152,11 @@ class Reasoner(nn.Module):
             lead_text = ", ".join(["N"] + [str(c.frames_per_clip)] * (lead - 1))
             raise ValueError(f"frames must be uint8[{lead_text}, {c.image_size}, {c.image_size}, 3], "
                              f"got {frames.dtype}{list(frames.shape)}")
-        x = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device)
-        return x.reshape(-1, *x.shape[-3:]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        pixels = np.ascontiguousarray(frames).reshape(-1, c.image_size, c.image_size, 3)
+        x = np.empty(pixels.shape, np.float32)  # NumPy converts uint8 2-6x faster than torch on CPU
+        np.divide(pixels, np.float32(127.5), out=x)
+        x -= np.float32(1.0)
+        return torch.from_numpy(x).to(self.device).permute(0, 3, 1, 2)
 
     def _features(self, clips_NKHWC: np.ndarray) -> torch.Tensor:
         """Encoder features [N, k, embed_dim] of each clip's frames."""

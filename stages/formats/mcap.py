@@ -6,7 +6,8 @@ Rules:
   it (a recording cut short) is ``truncated``; any other failure of the mcap library (bad chunk
   CRC, broken records) is ``corrupt``; a message its decoder rejects is ``bad_message``.
 * One linear pass over the data section (the summary is not read; every chunk is opened and
-  its CRC checked) collects schemas, channels, the metadata record named ``episode`` and the
+  its CRC checked; a chunk's messages are found through the message index records after it
+  when those index them all, else by walking its records) collects schemas, channels, the metadata record named ``episode`` and the
   messages, in file order. The ``Mapping`` then picks among the topics with messages
   (``ros_messages.pick_topics``: no camera topic is ``missing_topic``) and only their messages
   are decoded. Messages stay
@@ -27,10 +28,13 @@ from __future__ import annotations
 
 import io
 import struct
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import zstandard
 from mcap.data_stream import ReadDataStream
 from mcap.opcode import Opcode
 from mcap.records import Channel, Chunk, Metadata, Schema
@@ -47,7 +51,11 @@ FORMATS = {"cdr": "mcap-ros2", "protobuf": "mcap-protobuf"}
 _RECORD = struct.Struct("<BQ")      # opcode, content length
 _RECORD_MESSAGE = struct.Struct("<BQHIQQ")  # a message record: opcode, length, channel id,
 # sequence, log time, publish time; then data
-_PARSED = {Opcode.CHUNK: Chunk, Opcode.CHANNEL: Channel, Opcode.SCHEMA: Schema,
+_CHUNK_HEADER = struct.Struct("<QQQII")  # a chunk: start, end time, uncompressed size, CRC, name length
+_INDEX_HEADER = struct.Struct("<HI")  # a message index record: channel id, bytes of entries
+_MESSAGE_DTYPE = np.dtype([("opcode", "u1"), ("length", "<u8"), ("channel", "<u2"), ("sequence", "<u4"),
+                           ("log_time", "<u8"), ("publish_time", "<u8")])  # _RECORD_MESSAGE as NumPy
+_PARSED = {Opcode.CHANNEL: Channel, Opcode.SCHEMA: Schema,
            Opcode.METADATA: Metadata}
 
 
@@ -91,10 +99,13 @@ class _Contents:
         """Read the records in ``body`` (the data section, or a chunk's decompressed records).
 
         Messages are kept as views (lighter than ``mcap``'s records); chunks are opened, their
-        CRC checked; schemas, channels and metadata are parsed with ``mcap``'s record classes;
-        other records (indexes, attachments) are skipped; the walk ends at the DataEnd record.
+        CRC checked, and read with the message index records that follow them where those
+        index every message (``_indexed``), else walked record by record; schemas, channels
+        and metadata are parsed with ``mcap``'s record classes; other records (attachments,
+        summary indexes) are skipped; the walk ends at the DataEnd record.
         """
         pos, size, messages = 0, len(body), self.messages
+        chunk, indexes = None, []  # a chunk waits for the message index records after it
         while pos < size:
             if body[pos] == Opcode.MESSAGE and pos + _RECORD_MESSAGE.size <= size:  # the common case, one unpack
                 _, length, channel_id, _, log_time, _ = _RECORD_MESSAGE.unpack_from(body, pos)
@@ -109,21 +120,108 @@ class _Contents:
             start, pos = pos + _RECORD.size, pos + _RECORD.size + length
             if pos > size:
                 raise ValueError(f"a record of opcode {opcode} overruns its container")
+            if opcode == Opcode.MESSAGE_INDEX and chunk is not None:
+                indexes.append(body[start:pos])
+                continue
+            if chunk is not None:
+                self._chunk(chunk, indexes)
+                chunk, indexes = None, []
             if opcode == Opcode.MESSAGE:
                 raise ValueError("a message record is shorter than its header")
             elif opcode == Opcode.DATA_END:
                 return
+            elif opcode == Opcode.CHUNK:
+                chunk = body[start:pos]
             elif opcode in _PARSED:
                 record = _PARSED[opcode].read(ReadDataStream(io.BytesIO(body[start:pos])))
-                if isinstance(record, Chunk):
-                    stream, length = get_chunk_data_stream(record, validate_crc=True)
-                    self.walk(memoryview(stream.read(length)))
-                elif isinstance(record, Channel):
+                if isinstance(record, Channel):
                     self.channels[record.id] = record
                 elif isinstance(record, Schema):
                     self.schemas[record.id] = record
                 elif record.name == EPISODE_METADATA:
                     self.metadata.update({k: str(v) for k, v in record.metadata.items()})
+        if chunk is not None:
+            self._chunk(chunk, indexes)
+
+    def _chunk(self, chunk: memoryview, indexes: list[memoryview]) -> None:
+        records = _chunk_records(chunk)
+        if not self._indexed(records, indexes):
+            self.walk(records)
+
+    def _indexed(self, records: memoryview, indexes: list[memoryview]) -> bool:
+        """Collect a chunk's messages at the offsets its message index records give, with NumPy
+        instead of a record-by-record walk. Only if the result is the walk's: every offset holds
+        a message record of the indexed channel, the records do not overlap, and what lies
+        between them parses as whole records of other kinds (channels, schemas, ...); the gaps
+        are walked. Otherwise (no or partial indexes, a message in a gap) False: nothing was
+        collected and the caller walks the chunk.
+        """
+        if not indexes:
+            return False
+        channel_ids, offsets = [], []
+        for index in indexes:
+            if len(index) < _INDEX_HEADER.size:
+                return False
+            channel_id, nbytes = _INDEX_HEADER.unpack_from(index)
+            if nbytes % 16 or _INDEX_HEADER.size + nbytes > len(index):
+                return False
+            entries = np.frombuffer(index, "<u8", nbytes // 8, _INDEX_HEADER.size)
+            offsets.append(entries[1::2])
+            channel_ids.append(np.full(len(entries) // 2, channel_id, np.int64))
+        offsets_all = np.concatenate(offsets)
+        if not len(offsets_all) or offsets_all.max() > len(records) - _RECORD_MESSAGE.size:
+            return False
+        order = np.argsort(offsets_all, kind="stable")
+        at, channel = offsets_all[order].astype(np.int64), np.concatenate(channel_ids)[order]
+        data = np.frombuffer(records, np.uint8)
+        head = data[at[:, None] + np.arange(_RECORD_MESSAGE.size)].view(_MESSAGE_DTYPE)[:, 0]
+        ends = at + _RECORD.size + head["length"].astype(np.int64)
+        if ((head["opcode"] != Opcode.MESSAGE).any() or (head["channel"] != channel).any()
+                or (head["length"] < _RECORD_MESSAGE.size - _RECORD.size).any()
+                or (head["length"] > len(records)).any() or ends[-1] > len(records)
+                or (ends[:-1] > at[1:]).any()):
+            return False
+        gaps = _Contents()
+        try:
+            for lo, hi in zip([0, *ends.tolist()], [*at.tolist(), len(records)]):
+                if hi > lo:
+                    gaps.walk(records[lo:hi])
+        except Exception:  # a wrong index cut a record: the walk decides what the chunk holds
+            return False
+        if gaps.messages:
+            return False
+        self.channels |= gaps.channels
+        self.schemas |= gaps.schemas
+        self.metadata |= gaps.metadata
+        starts, ends, times = (at + _RECORD_MESSAGE.size).tolist(), ends.tolist(), head["log_time"].tolist()
+        for channel_id in np.unique(channel).tolist():
+            rows = np.flatnonzero(channel == channel_id).tolist()
+            kept_times, kept = self.messages.setdefault(channel_id, ([], []))
+            kept_times += [times[i] for i in rows]
+            kept += [records[starts[i]:ends[i]] for i in rows]
+        return True
+
+
+def _chunk_records(chunk: memoryview) -> memoryview:
+    """The records of a chunk record's body, decompressed and their CRC checked. Uncompressed
+    and zstd chunks are read in place (no copy of the compressed bytes); others through mcap."""
+    *_, uncompressed_size, crc, name_length = _CHUNK_HEADER.unpack_from(chunk)
+    at = _CHUNK_HEADER.size + name_length
+    compression = bytes(chunk[_CHUNK_HEADER.size:at]).decode()
+    (length,) = struct.unpack_from("<Q", chunk, at)
+    if at + 8 + length > len(chunk):
+        raise ValueError("a chunk's records overrun the chunk")
+    data = chunk[at + 8:at + 8 + length]
+    if compression == "zstd":
+        data = memoryview(zstandard.decompress(data, uncompressed_size))
+    elif compression:
+        stream, size = get_chunk_data_stream(Chunk.read(ReadDataStream(io.BytesIO(chunk))), validate_crc=True)
+        return memoryview(stream.read(size))
+    if len(data) != uncompressed_size:
+        raise ValueError(f"a chunk holds {len(data)} bytes of records, its header says {uncompressed_size}")
+    if crc and zlib.crc32(data) != crc:
+        raise ValueError(f"a chunk's CRC is {zlib.crc32(data)}, its header says {crc}")
+    return data
 
 
 def _decoder(channel: Channel, schema: Schema | None) -> Callable[[bytes], Any]:

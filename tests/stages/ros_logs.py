@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, fields, is_dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from foxglove_schemas_protobuf.RawImage_pb2 import RawImage
 from google.protobuf import descriptor_pb2, descriptor_pool, timestamp_pb2
 from google.protobuf.message_factory import GetMessageClass
 from mcap.data_stream import RecordBuilder
-from mcap.records import DataEnd, Footer
+from mcap.records import DataEnd, Footer, MessageIndex
 from mcap.stream_reader import StreamReader
 from mcap_protobuf.writer import Writer as ProtobufWriter
 from mcap_ros2.writer import Writer as Ros2Writer
@@ -260,11 +261,18 @@ def write_rosbag1(ep: dict, path: str | Path, **options: Any) -> Path:
     return Path(path)
 
 
-def strip_summary(data: bytes) -> bytes:
-    """The same MCAP without its summary section: data records, then a footer pointing nowhere."""
+def strip_summary(data: bytes, indexes: Callable[[list[MessageIndex]], list[MessageIndex | None]] = list) -> bytes:
+    """The same MCAP without its summary section: data records, then a footer pointing nowhere.
+    ``indexes`` may edit the data section's message index records: it gets them all and returns
+    what to write in their places (None: nothing)."""
+    records = list(StreamReader(io.BytesIO(data), emit_chunks=True).records)
+    edited = iter(indexes([r for r in records if isinstance(r, MessageIndex)]))
     builder = RecordBuilder()
-    for record in StreamReader(io.BytesIO(data), emit_chunks=True).records:
-        record.write(builder)
+    for record in records:
+        if isinstance(record, MessageIndex):
+            record = next(edited, None)
+        if record is not None:
+            record.write(builder)
         if isinstance(record, DataEnd):
             break
     Footer(summary_start=0, summary_offset_start=0, summary_crc=0).write(builder)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from foxglove_schemas_protobuf.JointState_pb2 import JointState as PbJointState
 from foxglove_schemas_protobuf.Vector3_pb2 import Vector3 as PbVector3
-from mcap.records import Schema
+from mcap.records import MessageIndex, Schema
 from mcap_ros2.decoder import DecoderFactory
 from PIL import Image
 from rosbags.rosbag2 import Writer as Rosbag2Writer
@@ -112,6 +112,36 @@ def test_reads_the_fleet_mcap_writer_and_mcaps_without_summary(tmp_path):
         np.testing.assert_array_equal(s.signals["state"][1], ep["states"])
         assert s.meta["seed"] == "0" and s.meta["format"] == "mcap-ros2"
     assert len(ros_logs.strip_summary(data)) < len(data)
+
+
+def test_message_indexes_read_as_the_record_walk(monkeypatch):
+    """A chunk's messages are found through its message index records when those index every
+    message; a missing, partial or wrong index falls back to walking the records, alike."""
+    ep = episode(700, size=24)  # two chunks
+    data = episode_to_mcap_bytes(ep)
+    shifted = lambda ix: [MessageIndex(ix[0].channel_id, [(t, o + 1) for t, o in ix[0].records]), *ix[1:]]
+    overlapping = lambda ix: [MessageIndex(ix[0].channel_id, ix[0].records * 2), *ix[1:]]
+    variants = {"indexed": data, "no index": ros_logs.strip_summary(data, lambda ix: []),
+                "one index missing": ros_logs.strip_summary(data, lambda ix: [None, *ix[1:]]),
+                "shifted offsets": ros_logs.strip_summary(data, shifted),
+                "repeated entries": ros_logs.strip_summary(data, overlapping)}
+    seen = []
+    indexed = mcap._Contents._indexed
+    monkeypatch.setattr(mcap._Contents, "_indexed", lambda self, *a: seen.append(indexed(self, *a)) or seen[-1])
+    read = {}
+    for name, raw in variants.items():
+        seen.clear()
+        read[name] = mcap.read_bytes(raw, source_uri=name, mapping=Mapping())
+        # each edit touches the first chunk's first index record only: the second chunk stays indexed
+        assert seen == {"indexed": [True, True], "no index": [False, False]}.get(name, [False, True]), name
+    np.testing.assert_array_equal(read["indexed"].frames, ep["frames"])
+    for name, s in read.items():
+        np.testing.assert_array_equal(s.frames, ep["frames"], err_msg=name)
+        np.testing.assert_array_equal(s.camera_t, read["indexed"].camera_t, err_msg=name)
+        assert s.signals.keys() == read["indexed"].signals.keys() and s.meta == read["indexed"].meta, name
+        for role, (t, v) in s.signals.items():
+            np.testing.assert_array_equal(t, read["indexed"].signals[role][0], err_msg=name)
+            np.testing.assert_array_equal(v, read["indexed"].signals[role][1], err_msg=name)
 
 
 @pytest.mark.parametrize("name", ["mcap-ros2", "mcap-protobuf", "rosbag1"])
