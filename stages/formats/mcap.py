@@ -87,13 +87,43 @@ def read_bytes(data: bytes, *, source_uri: str, mapping: Mapping) -> Streams:
 
 
 @dataclass
+class _Messages:
+    """One channel's messages in file order: their log times, and where their bytes are, as runs
+    of (uint8 buffer, start offsets, end offsets): no Python object per message until asked."""
+
+    times: list[int] = field(default_factory=list)
+    runs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+
+    def bodies(self) -> list[memoryview]:
+        """Each message's bytes."""
+        return [memoryview(buf)[s:e] for buf, starts, ends in self.runs
+                for s, e in zip(starts.tolist(), ends.tolist())]
+
+    def rows(self) -> np.ndarray | None:
+        """uint8[N, L] of the messages when all have one length L, else None. An evenly spaced
+        run (a camera's frames between fixed-size signals) is read as a strided view."""
+        lengths = {int(n) for _, starts, ends in self.runs for n in np.unique(ends - starts)}
+        if len(lengths) != 1:
+            return None
+        width, parts = lengths.pop(), []
+        for buf, starts, _ in self.runs:
+            step = np.diff(starts)
+            if len(starts) > 1 and (step == step[0]).all():
+                parts.append(np.lib.stride_tricks.as_strided(buf[starts[0]:], (len(starts), width),
+                                                             (int(step[0]), 1), writeable=False))
+            else:
+                parts.append(np.stack([buf[s:s + width] for s in starts.tolist()]))
+        return np.concatenate(parts)
+
+
+@dataclass
 class _Contents:
     """What one pass over an MCAP's data section found; messages by channel id, in file order."""
 
     schemas: dict[int, Schema] = field(default_factory=dict)
     channels: dict[int, Channel] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
-    messages: dict[int, tuple[list[int], list[memoryview]]] = field(default_factory=dict)  # channel: times, data
+    messages: dict[int, _Messages] = field(default_factory=dict)  # by channel id
 
     def walk(self, body: memoryview) -> None:
         """Read the records in ``body`` (the data section, or a chunk's decompressed records).
@@ -104,7 +134,8 @@ class _Contents:
         and metadata are parsed with ``mcap``'s record classes; other records (attachments,
         summary indexes) are skipped; the walk ends at the DataEnd record.
         """
-        pos, size, messages = 0, len(body), self.messages
+        pos, size = 0, len(body)
+        found: dict[int, tuple[list[int], list[int], list[int]]] = {}  # channel: times, starts, ends
         chunk, indexes = None, []  # a chunk waits for the message index records after it
         while pos < size:
             if body[pos] == Opcode.MESSAGE and pos + _RECORD_MESSAGE.size <= size:  # the common case, one unpack
@@ -112,9 +143,10 @@ class _Contents:
                 start, pos = pos + _RECORD_MESSAGE.size, pos + _RECORD.size + length
                 if pos > size or start > pos:
                     raise ValueError("a message record overruns its container")
-                times, data = messages.get(channel_id) or messages.setdefault(channel_id, ([], []))
+                times, starts, ends = found.get(channel_id) or found.setdefault(channel_id, ([], [], []))
                 times.append(log_time)
-                data.append(body[start:pos])
+                starts.append(start)
+                ends.append(pos)
                 continue
             opcode, length = _RECORD.unpack_from(body, pos)
             start, pos = pos + _RECORD.size, pos + _RECORD.size + length
@@ -126,10 +158,13 @@ class _Contents:
             if chunk is not None:
                 self._chunk(chunk, indexes)
                 chunk, indexes = None, []
+            if opcode == Opcode.CHUNK and found:  # messages before a chunk come first
+                self._add(body, found)
+                found = {}
             if opcode == Opcode.MESSAGE:
                 raise ValueError("a message record is shorter than its header")
             elif opcode == Opcode.DATA_END:
-                return
+                break
             elif opcode == Opcode.CHUNK:
                 chunk = body[start:pos]
             elif opcode in _PARSED:
@@ -142,6 +177,14 @@ class _Contents:
                     self.metadata.update({k: str(v) for k, v in record.metadata.items()})
         if chunk is not None:
             self._chunk(chunk, indexes)
+        self._add(body, found)
+
+    def _add(self, body: memoryview, found: dict[int, tuple[list[int], list[int], list[int]]]) -> None:
+        buf = np.frombuffer(body, np.uint8)
+        for channel_id, (times, starts, ends) in found.items():
+            messages = self.messages.get(channel_id) or self.messages.setdefault(channel_id, _Messages())
+            messages.times += times
+            messages.runs.append((buf, np.asarray(starts, np.int64), np.asarray(ends, np.int64)))
 
     def _chunk(self, chunk: memoryview, indexes: list[memoryview]) -> None:
         records = _chunk_records(chunk)
@@ -193,12 +236,12 @@ class _Contents:
         self.channels |= gaps.channels
         self.schemas |= gaps.schemas
         self.metadata |= gaps.metadata
-        starts, ends, times = (at + _RECORD_MESSAGE.size).tolist(), ends.tolist(), head["log_time"].tolist()
+        starts = at + _RECORD_MESSAGE.size
         for channel_id in np.unique(channel).tolist():
-            rows = np.flatnonzero(channel == channel_id).tolist()
-            kept_times, kept = self.messages.setdefault(channel_id, ([], []))
-            kept_times += [times[i] for i in rows]
-            kept += [records[starts[i]:ends[i]] for i in rows]
+            mine = channel == channel_id
+            messages = self.messages.get(channel_id) or self.messages.setdefault(channel_id, _Messages())
+            messages.times += head["log_time"][mine].tolist()
+            messages.runs.append((data, starts[mine], ends[mine]))
         return True
 
 
@@ -250,18 +293,19 @@ def _read(data: bytes, source_uri: str, mapping: Mapping) -> Streams:
                                       f"{camera[0].message_encoding!r}, readable: {list(FORMATS)}")
     roles = {topic: role for role, topic in picked.items()}
     collector = Collector(picked)
-    for channel_id, (times, bodies) in contents.messages.items():
+    for channel_id, messages in contents.messages.items():
         channel = channels[channel_id]
         if channel.topic not in roles:
             continue
         parse = cdr_parser(roles[channel.topic], getattr(contents.schemas.get(channel.schema_id), "name", "")) \
             if channel.message_encoding == "cdr" else None
-        batch = cdr_batch(parse, bodies, times) if parse is not None else None
+        rows = messages.rows() if parse is not None else None
+        batch = cdr_batch(parse, rows, messages.times) if rows is not None else None
         if batch is not None:
             collector.add_batch(channel.topic, *batch)
             continue
         decode = None
-        for log_time, body in zip(times, bodies):
+        for log_time, body in zip(messages.times, messages.bodies()):
             if parse is not None and body[:2] == CDR_LE:
                 collector.add_parsed(channel.topic, *parse(body, log_time))
                 continue

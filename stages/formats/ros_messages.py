@@ -253,16 +253,22 @@ def cdr_parser(role: str, schema_name: str) -> CdrParser | None:
     return CDR_SIGNALS.get(schema_name) if role in ROLES else None
 
 
-def cdr_batch(parse: CdrParser, bodies: list, log_times: list[int]) -> tuple[np.ndarray, np.ndarray] | None:
+def cdr_batch(parse: CdrParser, bodies: list | np.ndarray, log_times: list[int]) -> tuple[np.ndarray, np.ndarray] | None:
     """``parse`` over the messages of one channel at once: (stamps int64[N], payloads [N, ...]).
 
-    Applies when every message is little-endian CDR of one length and they differ only in
-    stamp and payload bytes (a camera's frames of one size and encoding, fixed-width signals):
-    then the result is the same as parsing message by message. Otherwise None.
+    ``bodies``: each message's bytes, or all of them as uint8[N, L]. Applies when every message
+    is little-endian CDR of one length and they differ only in stamp and payload bytes (a
+    camera's frames of one size and encoding, fixed-width signals): then the result is the
+    same as parsing message by message. Otherwise None.
     """
-    if not bodies or len({len(b) for b in bodies}) != 1:
+    if isinstance(bodies, np.ndarray):
+        rows = bodies
+    elif not bodies or len({len(b) for b in bodies}) != 1:
         return None
-    rows = np.frombuffer(b"".join(bodies), np.uint8).reshape(len(bodies), -1)
+    else:
+        rows = np.frombuffer(b"".join(bodies), np.uint8).reshape(len(bodies), -1)
+    if not len(rows):
+        return None
     if rows.shape[1] < 4 or bytes(rows[0, :2]) != CDR_LE:
         return None
     return parse.batch(rows, np.asarray(log_times, np.int64))
