@@ -22,25 +22,32 @@ import ray
 from flows.runtime import Context
 from stages import curate_ray, dedup, events
 from stages.curate import clips_schema, now_utc, to_json
+from stages.lake import images
 
 REASONER = "reasoner"
 
 
 def candidate_clips(verdicts: dict, episodes: list[dict], turn: int) -> pa.Table:
-    """One row per clip of the episodes about to be added, with its sampled frames (pickled)."""
-    rows = []
+    """One row per clip of the episodes about to be added; "frames" holds each clip's sampled
+    frames (a fixed-shape uint8 tensor column [k, H, W, 3])."""
+    rows, frames = [], []
     for ep in episodes:
         verdict = verdicts[ep["episode_id"]]
-        frames = pickle.loads(verdict["clip_frames"])
-        for clip, clip_frames in zip(json.loads(verdict["clips"]), frames):
+        clips = json.loads(verdict["clips"])
+        if clips:
+            frames.append(pickle.loads(verdict["clip_frames"]))
+        for clip in clips:
             rows.append({
                 "clip_id": f"{ep['episode_id']}:{clip['start_step']:05d}-{clip['end_step']:05d}:{clip['event']}",
                 "episode_id": ep["episode_id"], "source_uri": ep["source_uri"],
                 "start_step": clip["start_step"], "end_step": clip["end_step"],
                 "event": clip["event"], "event_step": clip["event_step"], "score": clip["score"],
                 "label_tags": to_json(clip["label_tags"]) if clip.get("label_tags") else "",
-                "split": ep["split"], "turn": turn, "frames": pickle.dumps(clip_frames)})
-    return pa.Table.from_pylist(rows) if rows else pa.table({"clip_id": pa.array([], pa.string())})
+                "split": ep["split"], "turn": turn})
+    if not rows:
+        return pa.table({"clip_id": pa.array([], pa.string())})
+    table = pa.Table.from_pylist(rows)
+    return table.append_column("frames", pa.FixedShapeTensorArray.from_numpy_ndarray(np.concatenate(frames)))
 
 
 def _held_out(table: pa.Table) -> np.ndarray:
@@ -94,7 +101,7 @@ def reasoner_uri(ctx: Context, clips: pa.Table, turn: int) -> tuple[str, dict]:
                                                               .column("episode_id").to_pylist())) < 2:
         return "", {}
     table = clips.filter(pa.array(labelled))
-    frames = np.stack([pickle.loads(b) for b in table.column("frames").to_pylist()])
+    frames = images(table.column("frames"))
     held = _held_out(table)
     tags = [json.loads(t) for t in table.column("label_tags").to_pylist()]
     packed, metrics = ray.get(_train.remote(frames, table.column("event").to_pylist(), tags, held,

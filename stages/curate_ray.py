@@ -181,8 +181,8 @@ def _reasoner(uri: str, storage_options: dict | None) -> Any:
 
 def describe_batch(clips: pa.Table, *, reasoner: Any) -> pa.Table:
     """Embedding (``describe_and_embed``: the L2-normalised mean over a clip's frames), tags
-    and caption for clip rows (clip_id, event, pickled uint8[k,H,W,3] frames)."""
-    frames = np.stack([pickle.loads(b) for b in clips.column("frames").to_pylist()])  # [N,k,H,W,3]
+    and caption for clip rows (clip_id, event, frames: a uint8 [k, H, W, 3] tensor column)."""
+    frames = images(clips.column("frames"))  # [N, k, H, W, 3]
     emb, described = reasoner.describe_and_embed(frames, [str(e) for e in clips.column("event").to_pylist()])
     return pa.table({"clip_id": clips.column("clip_id"),
                      "embedding": pa.array(emb.astype(np.float32).tolist(), pa.list_(pa.float32())),

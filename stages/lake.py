@@ -177,7 +177,7 @@ class Lake:
 
 
 def images(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """A fixed-shape tensor image column as uint8 [N, H, W, 3]."""
+    """A fixed-shape tensor column of images as uint8 [N, H, W, 3] (or of clips: [N, k, H, W, 3])."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     return np.ascontiguousarray(arr.to_numpy_ndarray(), dtype=np.uint8)
 
