@@ -125,16 +125,17 @@ class _Contents:
     metadata: dict[str, str] = field(default_factory=dict)
     messages: dict[int, _Messages] = field(default_factory=dict)  # by channel id
 
-    def walk(self, body: memoryview) -> None:
-        """Read the records in ``body`` (the data section, or a chunk's decompressed records).
+    def walk(self, body: memoryview) -> bool:
+        """Read the records in ``body`` (the data section, or a chunk's decompressed records);
+        True if it ended at a DataEnd record.
 
-        Messages are kept as views (lighter than ``mcap``'s records); chunks are opened, their
-        CRC checked, and read with the message index records that follow them where those
-        index every message (``_indexed``), else walked record by record; schemas, channels
-        and metadata are parsed with ``mcap``'s record classes; other records (attachments,
-        summary indexes) are skipped; the walk ends at the DataEnd record.
+        Messages are kept as offsets into ``body`` (lighter than ``mcap``'s records); chunks
+        are opened, their CRC checked, and read with the message index records that follow
+        them where those index every message (``_indexed``), else walked record by record;
+        schemas, channels and metadata are parsed with ``mcap``'s record classes; other records
+        (attachments, summary indexes) are skipped; the walk ends at the DataEnd record.
         """
-        pos, size = 0, len(body)
+        pos, size, ended = 0, len(body), False
         found: dict[int, tuple[list[int], list[int], list[int]]] = {}  # channel: times, starts, ends
         chunk, indexes = None, []  # a chunk waits for the message index records after it
         while pos < size:
@@ -164,6 +165,7 @@ class _Contents:
             if opcode == Opcode.MESSAGE:
                 raise ValueError("a message record is shorter than its header")
             elif opcode == Opcode.DATA_END:
+                ended = True
                 break
             elif opcode == Opcode.CHUNK:
                 chunk = body[start:pos]
@@ -178,6 +180,7 @@ class _Contents:
         if chunk is not None:
             self._chunk(chunk, indexes)
         self._add(body, found)
+        return ended
 
     def _add(self, body: memoryview, found: dict[int, tuple[list[int], list[int], list[int]]]) -> None:
         buf = np.frombuffer(body, np.uint8)
@@ -226,12 +229,11 @@ class _Contents:
             return False
         gaps = _Contents()
         try:
-            for lo, hi in zip([0, *ends.tolist()], [*at.tolist(), len(records)]):
-                if hi > lo:
-                    gaps.walk(records[lo:hi])
+            ended = any(gaps.walk(records[lo:hi]) for lo, hi in zip([0, *ends.tolist()], [*at.tolist(), len(records)])
+                        if hi > lo)
         except Exception:  # a wrong index cut a record: the walk decides what the chunk holds
             return False
-        if gaps.messages:
+        if gaps.messages or ended:
             return False
         self.channels |= gaps.channels
         self.schemas |= gaps.schemas
