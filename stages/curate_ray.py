@@ -152,7 +152,7 @@ def ingest_and_judge(units: list[dict], *, storage_options: dict | None, params:
     items = [{"units": json.dumps([[i, units[i]] for i in b])} for b in bins]
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         ingest_and_judge_batch, batch_size=None, batch_format="pyarrow", num_cpus=INGEST_CPUS,
-        concurrency=min(len(items), max(1, parallelism)),
+        compute=ray.data.TaskPoolStrategy(size=min(len(items), max(1, parallelism))),
         fn_kwargs={"storage_options": storage_options, "params": params, "known": frozenset(known),
                    "lake": lake, "judge_params": judge_params})
     results, verdicts = [None] * len(units), []
