@@ -15,6 +15,7 @@ Resources are declared here, beside the adapters.
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 from typing import Any
 
@@ -134,6 +135,15 @@ def task_bins(units: list[dict], *, parallelism: int, units_per_task: int = 16) 
     return bins
 
 
+def _quiet_console() -> None:
+    """Only warnings from Ray Data on the console: its INFO lines (each pipeline's plan, and
+    its progress where stdout is not a terminal) still go to its log file in the Ray session
+    directory."""
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler):  # the console; its file handler is not one
+            handler.setLevel(logging.WARNING)
+
+
 def ingest_and_judge(units: list[dict], *, storage_options: dict | None, params: dict, known: set,
                      lake: Lake, judge_params: dict, parallelism: int) -> tuple[list[dict], list[dict]]:
     """``ingest_and_judge_batch`` over source units with Ray Data, one task per ``task_bins``
@@ -145,9 +155,11 @@ def ingest_and_judge(units: list[dict], *, storage_options: dict | None, params:
     """
     if not units:
         return [], []
+    context = ray.data.DataContext.get_current()
     # With a few CPUs, Ray Data's default reservation (a share of the cluster held back per
     # operator) let this one-operator pipeline run half the tasks its concurrency allows.
-    ray.data.DataContext.get_current().op_resource_reservation_enabled = False
+    context.op_resource_reservation_enabled = False
+    _quiet_console()
     bins = task_bins(units, parallelism=max(1, parallelism))
     items = [{"units": json.dumps([[i, units[i]] for i in b])} for b in bins]
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
