@@ -15,7 +15,8 @@ line, one JSON object with every figure.
      camera bytes + header stamps + ``/vehicle/action`` values into one Arrow table per file,
      ``pyarrow.parquet.write_table`` with default settings. baseline_fps = frames / seconds.
    * worldloop: ``flows.curate.curate_flow(config="default", lake=<fresh lake>, landing=...,
-     reasoner=<the warm-up's reasoner>)``. Ray is started and a first curate of an empty lake
+     reasoner=<the warm-up's reasoner>)`` with the Prefect settings of ``worldloop curate``
+     (``flows.runtime.prefect_settings``: in ephemeral mode no flow-run heartbeats). Ray is started and a first curate of an empty lake
      (4 x 200 frames, its own landing) runs first: it warms Prefect's ephemeral API and the Ray
      workers and trains the scene reasoner, which a lake does once (its seconds are reported as
      ``first_curate_s``). The timed runs describe clips with that reasoner, as every later
@@ -163,12 +164,15 @@ def baseline_mcap_to_parquet(paths: list[str], out_dir: str) -> int:
 
 
 def run_curate(*, landing: str, lake: str, reasoner: str | None = None) -> tuple[float, dict]:
-    """Wall seconds of one ``curate_flow`` call on ``landing`` into ``lake``, and its summary."""
+    """Wall seconds of one ``curate_flow`` call on ``landing`` into ``lake``, and its summary;
+    with the Prefect settings ``worldloop curate`` runs it with (``flows.runtime.prefect_settings``)."""
     from flows.curate import curate_flow
+    from flows.runtime import prefect_settings
 
-    start = perf_counter()
-    summary = curate_flow(config="default", lake=lake, landing=landing, reasoner=reasoner)
-    return perf_counter() - start, summary
+    with prefect_settings():
+        start = perf_counter()
+        summary = curate_flow(config="default", lake=lake, landing=landing, reasoner=reasoner)
+        return perf_counter() - start, summary
 
 
 def stages_one_core(paths: list[str], root: str) -> float:

@@ -189,10 +189,12 @@ def _render_clips(curate: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     _environment()
+    from flows.runtime import prefect_settings
+
     args = _parser().parse_args(argv)
     real_stdout = sys.stdout
     try:
-        with contextlib.redirect_stdout(sys.stderr if args.json else real_stdout):
+        with contextlib.redirect_stdout(sys.stderr if args.json else real_stdout), prefect_settings():
             summary = _dispatch(args)
     except ValueError as err:
         print(f"worldloop {args.command}: {err}", file=sys.stderr)

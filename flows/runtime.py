@@ -5,7 +5,9 @@ for `s3://` URIs come from the standard AWS_* environment variables.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from functools import cached_property
 
@@ -42,6 +44,25 @@ def code_version() -> str:
         package = "unknown"
     commit = git_commit()
     return f"{package}+{commit[:12]}" if commit else package
+
+
+@contextlib.contextmanager
+def prefect_settings() -> Iterator[None]:
+    """Prefect settings for the flows of a worldloop command (the CLI runs every command in it).
+
+    Without ``PREFECT_API_URL`` Prefect starts a temporary API server for this process, and
+    nothing watches flow-run heartbeats there: they let a server mark crashed runs, and this
+    one stops with the process. Each flow run's heartbeat thread also costs up to 1 s at the run's end (it
+    sleeps in 1 s steps and is joined), a second per stage of a turn. So they are off. Against
+    a Prefect server (deployments, workers) Prefect's own settings stand.
+    """
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield
+        return
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
 
 
 def ensure_ray(address: str | None = None) -> None:

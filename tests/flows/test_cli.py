@@ -27,6 +27,20 @@ def test_stage_without_its_inputs_fails_clearly(tmp_path, capsys, prefect_harnes
     assert "run `worldloop curate` first" in capsys.readouterr().err
 
 
+def test_heartbeats_are_off_only_without_a_prefect_server():
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    from flows.runtime import prefect_settings
+
+    default = PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value()
+    assert default is not None
+    with temporary_settings(restore_defaults={PREFECT_API_URL}), prefect_settings():
+        assert PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() is None  # ephemeral API: nobody watches them
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api"}), prefect_settings():
+        assert PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() == default
+    assert PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() == default
+
+
 def test_presets_derive_and_agree():
     tiny, default, gpu = preset("tiny"), preset("default"), preset("gpu")
     assert tiny.fleet.seed_base == default.fleet.seed_base and gpu.train.use_gpu and not default.train.use_gpu
