@@ -52,9 +52,9 @@ def prefect_settings() -> Iterator[None]:
 
     Without ``PREFECT_API_URL`` Prefect starts a temporary API server for this process, and
     nothing watches flow-run heartbeats there: they let a server mark crashed runs, and this
-    one stops with the process. Each flow run's heartbeat thread also costs up to 1 s at the run's end (it
-    sleeps in 1 s steps and is joined), a second per stage of a turn. So they are off. Against
-    a Prefect server (deployments, workers) Prefect's own settings stand.
+    one stops with the process. Each flow run's heartbeat thread also costs up to 1 s at the
+    run's end (it sleeps in 1 s steps and is joined), a second per stage of a turn. So they are
+    off. Against a Prefect server (deployments, workers) Prefect's own settings stand.
     """
     from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 

@@ -155,10 +155,9 @@ def ingest_and_judge(units: list[dict], *, storage_options: dict | None, params:
     """
     if not units:
         return [], []
-    context = ray.data.DataContext.get_current()
     # With a few CPUs, Ray Data's default reservation (a share of the cluster held back per
     # operator) let this one-operator pipeline run half the tasks its concurrency allows.
-    context.op_resource_reservation_enabled = False
+    ray.data.DataContext.get_current().op_resource_reservation_enabled = False
     _quiet_console()
     bins = task_bins(units, parallelism=max(1, parallelism))
     items = [{"units": json.dumps([[i, units[i]] for i in b])} for b in bins]
