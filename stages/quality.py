@@ -52,8 +52,9 @@ def _mean_abs_step_diff(pixels: np.ndarray) -> np.ndarray:
     out = np.zeros(len(pixels), np.float32)
     wide = np.uint32 if 255 * pixels.shape[1] < 2**32 else np.uint64  # the sum cannot overflow
     for i in range(1, len(pixels), _CHUNK):
-        a, b = pixels[i:i + _CHUNK], pixels[i - 1:i - 1 + _CHUNK]
-        out[i:i + len(a)] = (np.maximum(a, b[:len(a)]) - np.minimum(a, b[:len(a)])).sum(axis=1, dtype=wide)
+        a = pixels[i:i + _CHUNK]
+        b = pixels[i - 1:i - 1 + len(a)]
+        out[i:i + len(a)] = (np.maximum(a, b) - np.minimum(a, b)).sum(axis=1, dtype=wide)
     return out / np.float32(max(1, pixels.shape[1]))
 
 

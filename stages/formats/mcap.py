@@ -7,11 +7,11 @@ Rules:
   CRC, broken records) is ``corrupt``; a message its decoder rejects is ``bad_message``.
 * One linear pass over the data section (the summary is not read; every chunk is opened and
   its CRC checked; a chunk's messages are found through the message index records after it
-  when those index them all, else by walking its records) collects schemas, channels, the metadata record named ``episode`` and the
-  messages, in file order. The ``Mapping`` then picks among the topics with messages
-  (``ros_messages.pick_topics``: no camera topic is ``missing_topic``) and only their messages
-  are decoded. Messages stay
-  views into the decompressed chunks until decoded: memory is about the decompressed size.
+  when those index them all, else by walking its records) collects schemas, channels, the
+  metadata record named ``episode`` and the messages, in file order. The ``Mapping`` then
+  picks among the topics with messages (``ros_messages.pick_topics``: no camera topic is
+  ``missing_topic``) and only their messages are decoded. Messages stay offsets into the
+  decompressed chunks until decoded: memory is about the decompressed size.
 * Each channel is decoded by the decoder for its message encoding: mcap_ros2 for ``cdr`` with
   a ``ros2msg``/``ros2idl`` schema, mcap_protobuf for ``protobuf``; a channel neither decodes is
   ``unsupported``. Little-endian CDR messages of the types ``ros_messages.cdr_parser`` knows
