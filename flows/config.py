@@ -73,6 +73,8 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
     synthetic_fraction: float = 0.1  # share of each policy batch drawn from synthetic frames
+    oversample_events: bool = True  # policy windows drawn by clip weight (stages.sampler.window_weights)
+    duplicate_weight: float = 0.0  # weight of windows only near-duplicate clips cover
     warm_start: bool = True  # start from the registry's latest version when there is one
 
 

@@ -46,12 +46,14 @@ def warm_start(ctx: Context, kind: str, config: dict):
 def run_training(ctx: Context, kind: str, turn: int, init_dir: str | None) -> dict:
     t = ctx.config.train
     model_config = ctx.config.policy if kind == POLICY else ctx.config.world_model
+    weighted = kind == POLICY and t.oversample_events and ctx.lake.exists("clips")
     return train_model(
         kind, frames_uri=ctx.lake.table_uri("frames"), model_config=model_config,
         storage_path=os.path.join(ctx.work_dir, "ray_results"), storage_options=ctx.storage_options,
         num_workers=t.num_workers, cpus_per_worker=t.cpus_per_worker, use_gpu=t.use_gpu,
         synthetic_fraction=t.synthetic_fraction if kind == POLICY else 0.0, init_dir=init_dir,
-        filter=None if kind == POLICY else "origin = 'real'", seed=turn, run_name=f"{kind}-turn{turn}")
+        filter=None if kind == POLICY else "origin = 'real'", seed=turn, run_name=f"{kind}-turn{turn}",
+        clips_uri=ctx.lake.table_uri("clips") if weighted else None, duplicate_weight=t.duplicate_weight)
 
 
 @flow(name="train")
@@ -69,7 +71,8 @@ def train_flow(config: str = "default", lake: str = "./lake", landing: str = "./
     parent = warm_start(ctx, model, model_config)
     result = run_training(ctx, model, turn, ctx.registry.fetch(parent) if parent else None)
     lineage = {"turn": turn, "config": ctx.config.name, "config_digest": ctx.config.digest(),
-               "tables": {n: ctx.lake.version(n) for n in ("frames", "episodes")},
+               "tables": {n: ctx.lake.version(n) for n in ("frames", "episodes", "clips")
+                          if ctx.lake.exists(n)},
                "parent_version": parent.version if parent else None, "git_commit": git_commit()}
     metrics = {f"train_{k}": v for k, v in result["metrics"].items() if isinstance(v, (int, float))}
     with open(os.path.join(result["checkpoint_dir"], "train_config.json"), "w") as f:  # as LeRobot does

@@ -3,6 +3,11 @@
 The index is built from the light columns only (episode_id, step, origin); images are fetched
 per batch with ``dataset.take``. Rows are ordered by (episode_id, step) from the columns, never
 by their physical position, and every fetched row is checked against the index.
+
+With a ``clips`` table, windows are drawn with probability proportional to the weight of the
+clips that cover their last step (``window_weights``): event clips are oversampled (their
+``weight`` column, from ``stages.events.OVERSAMPLE``) and near-duplicate clips down-weighted,
+as a fleet data engine feeds its triggers back into training.
 """
 from __future__ import annotations
 
@@ -13,15 +18,54 @@ import pyarrow as pa
 from stages import storage
 
 _LIGHT = ["episode_id", "step", "origin"]
+_CLIP_COLUMNS = ["episode_id", "start_step", "end_step", "weight", "duplicate_of"]
+
+
+def window_weights(episode: np.ndarray, step: np.ndarray, clips: pa.Table, *,
+                   duplicate_weight: float) -> np.ndarray:
+    """Sampling weight (float64[N]) of the window ending at each row, from the clips covering it.
+
+    Rows must be sorted by (episode, step). A row covered by clips [start_step, end_step) of its
+    episode takes the largest covering weight, a clip marked ``duplicate_of`` another counting
+    ``duplicate_weight`` times its own; a row no clip covers (synthetic frames, logs curated
+    without clips) weighs 1.
+    """
+    if duplicate_weight < 0:
+        raise ValueError(f"duplicate_weight must be >= 0, got {duplicate_weight}")
+    weight = np.full(len(step), np.nan)
+    if not len(step):
+        return weight
+    starts = np.flatnonzero(np.r_[True, episode[1:] != episode[:-1]])
+    bounds = dict(zip(episode[starts], zip(starts, np.r_[starts[1:], len(step)])))
+    value = clips.column("weight").to_numpy(zero_copy_only=False).astype(np.float64)
+    duplicate = np.asarray(clips.column("duplicate_of").to_pylist(), object) != ""
+    value = np.where(duplicate, value * duplicate_weight, value)
+    for ep, start, end, v in zip(clips.column("episode_id").to_pylist(),
+                                 clips.column("start_step").to_numpy(),
+                                 clips.column("end_step").to_numpy(), value):
+        if ep not in bounds:
+            continue
+        lo, hi = bounds[ep]
+        a, b = lo + np.searchsorted(step[lo:hi], [start, end])
+        weight[a:b] = np.fmax(weight[a:b], v)
+    return np.where(np.isnan(weight), 1.0, weight)
 
 
 class _Pool:
-    """Window ids drawn without replacement, reshuffled each time the pool is exhausted."""
+    """Window ids drawn without replacement, reshuffled each time the pool is exhausted; with
+    ``weights``, drawn independently with probability proportional to their weight."""
 
-    def __init__(self, ids: np.ndarray, rng: np.random.Generator) -> None:
+    def __init__(self, ids: np.ndarray, rng: np.random.Generator, weights: np.ndarray | None = None) -> None:
         self.ids, self.rng, self.order, self.cursor = ids, rng, ids[:0], 0
+        self.p = None
+        if weights is not None and len(ids):
+            if not weights.sum() > 0:
+                raise ValueError(f"all {len(ids)} windows of a sampling pool weigh 0")
+            self.p = weights / weights.sum()
 
     def draw(self, n: int) -> np.ndarray:
+        if self.p is not None:
+            return self.rng.choice(self.ids, size=n, p=self.p)
         out: list[np.ndarray] = []
         while n > 0:
             if self.cursor >= len(self.order):
@@ -41,17 +85,24 @@ class HistorySampler:
     index and counted in ``skipped_windows``. With ``require_next`` only windows whose step
     t+1 exists in the same episode are kept, and batches carry that next frame.
     Windows (ordered by episode_id, step) are sharded round-robin over ``world_size`` ranks.
+    With ``clips_uri`` (the lake's clips table) windows are drawn by ``window_weights``, with
+    replacement; ``event_share`` is then the expected share of draws (from all windows) whose
+    last step lies in an oversampled clip (weight > 1), ``event_share_natural`` their share of
+    windows.
     """
 
     def __init__(self, frames_uri: str, *, history: int, storage_options: dict[str, str] | None = None,
                  filter: str | None = None, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 require_next: bool = False) -> None:
+                 require_next: bool = False, clips_uri: str | None = None,
+                 duplicate_weight: float = 0.0) -> None:
         if history < 1:
             raise ValueError(f"history must be >= 1, got {history}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         options = storage.resolve_options(storage_options) if storage.is_s3(frames_uri) else None
         self.dataset = lance.dataset(frames_uri, storage_options=options)
+        clips = lance.dataset(clips_uri, storage_options=options).to_table(columns=_CLIP_COLUMNS) \
+            if clips_uri else None
         self.require_next = require_next
         positions, episode, step, origin = self._light_index(filter)
         where = f"{frames_uri} (filter {filter!r}, history {history}, require_next {require_next})"
@@ -77,10 +128,16 @@ class HistorySampler:
         self._rows = positions[slots[ids]]  # dataset offsets, [W, K]
         self._next = positions[nxt[ids]]
         synthetic = origin[ids] == "synthetic"
+        weights, self.event_share, self.event_share_natural = None, None, None
+        if clips is not None:
+            weights = window_weights(episode, step, clips, duplicate_weight=duplicate_weight)[ids]
         rng = np.random.default_rng([seed, rank])
-        self._all = _Pool(np.arange(len(ids)), rng)
-        self._real = _Pool(np.flatnonzero(~synthetic), rng)
-        self._synthetic = _Pool(np.flatnonzero(synthetic), rng)
+        self._all = _Pool(np.arange(len(ids)), rng, weights)
+        self._real = _Pool(np.flatnonzero(~synthetic), rng, None if weights is None else weights[~synthetic])
+        self._synthetic = _Pool(np.flatnonzero(synthetic), rng, None if weights is None else weights[synthetic])
+        if weights is not None:
+            self.event_share_natural = float((weights > 1).mean())
+            self.event_share = float(weights[weights > 1].sum() / weights.sum())
         self.n_synthetic, self.n_real = int(synthetic.sum()), int((~synthetic).sum())
         by_offset = np.argsort(positions)
         self._offsets, self._offset_keys = positions[by_offset], (episode[by_offset], step[by_offset])

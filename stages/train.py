@@ -77,7 +77,8 @@ def train_loop(cfg: dict[str, Any]) -> None:
     sampler = HistorySampler(
         cfg["frames_uri"], history=hp["history"], storage_options=cfg["storage_options"],
         filter=_split_filter("train", cfg["filter"]), rank=rank, world_size=world,
-        seed=cfg["seed"], require_next=cfg["require_next"])
+        seed=cfg["seed"], require_next=cfg["require_next"], clips_uri=cfg["clips_uri"],
+        duplicate_weight=cfg["duplicate_weight"])
     opt = torch.optim.AdamW(wrapped.parameters(), lr=hp["lr"], weight_decay=hp.get("weight_decay", 0.0))
     steps, per_worker = cfg["steps"], max(1, hp["batch_size"] // world)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp["lr"], total_steps=steps, pct_start=0.1)
@@ -97,6 +98,8 @@ def train_loop(cfg: dict[str, Any]) -> None:
         elapsed = time.perf_counter() - start
         metrics = {"step": step + 1, "loss": sum(running) / len(running),
                    "samples_per_s": (step + 1) * per_worker * world / elapsed, "wall_s": elapsed}
+        if sampler.event_share is not None:
+            metrics.update(event_share=sampler.event_share, event_share_natural=sampler.event_share_natural)
         running = []
         if not last:
             ray.train.report(metrics)
@@ -132,8 +135,14 @@ def _validate(model: nn.Module, cfg: dict, device: torch.device, batches: int = 
 def train_model(kind: str, *, frames_uri: str, model_config, storage_path: str, steps: int | None = None,
                 storage_options: dict | None = None, num_workers: int = 2, cpus_per_worker: float = 1.0,
                 use_gpu: bool = False, synthetic_fraction: float | None = None, init_dir: str | None = None,
-                filter: str | None = None, seed: int = 0, run_name: str | None = None) -> dict:
-    """Train `kind` on the frames table with a TorchTrainer; returns metrics and the checkpoint dir."""
+                filter: str | None = None, seed: int = 0, run_name: str | None = None,
+                clips_uri: str | None = None, duplicate_weight: float = 0.0) -> dict:
+    """Train `kind` on the frames table with a TorchTrainer; returns metrics and the checkpoint dir.
+
+    With ``clips_uri`` training windows are drawn by the clips' weights (event clips oversampled,
+    near-duplicates weighted ``duplicate_weight``; ``stages.sampler.window_weights``); validation
+    always samples uniformly.
+    """
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -145,6 +154,7 @@ def train_model(kind: str, *, frames_uri: str, model_config, storage_path: str, 
         "storage_options": storage_options, "steps": int(steps or config["steps"]),
         "synthetic_fraction": synthetic_fraction, "init_dir": init_dir, "filter": filter,
         "seed": seed, "require_next": require_next, "threads": max(1, int(cpus_per_worker)),
+        "clips_uri": clips_uri, "duplicate_weight": duplicate_weight,
     }
     trainer = TorchTrainer(
         train_loop, train_loop_config=loop_config,

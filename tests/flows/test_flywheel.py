@@ -66,6 +66,9 @@ def test_models_are_registered_with_lineage(turn):
     policy = registry.versions("policy")[-1]
     assert policy.lineage["tables"]["frames"] >= 1 and policy.config["history"] >= 1
     assert "eval_mean" in policy.metrics
+    # the policy drew its windows by clip weight: event clips at least as often as their share
+    assert policy.lineage["tables"]["clips"] >= 1
+    assert policy.metrics["train_event_share"] >= policy.metrics["train_event_share_natural"]
     with open(os.path.join(registry.fetch(policy), "train_config.json")) as f:
         saved = json.load(f)
     assert saved["flywheel"]["name"] == "tiny" and saved["lineage"]["turn"] == 0

@@ -1,13 +1,14 @@
-"""HistorySampler: windows stay inside episodes, pad at the start, honour the real/synthetic mix."""
+"""HistorySampler: windows stay inside episodes, pad at the start, honour the real/synthetic mix
+and draw event clips more often than routine ones."""
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
-from stages.curate import episode_to_tables
+from stages.curate import clips_schema, episode_to_tables
 from stages.lake import Lake
-from stages.sampler import HistorySampler
+from stages.sampler import HistorySampler, window_weights
 
 SIZE = 8
 # (episode index, length, origin); channel 0 of every pixel = episode index, channel 1 = step
@@ -136,3 +137,46 @@ def test_sampler_on_s3(s3_server):
 def test_empty_selection_is_a_clear_error(frames_uri):
     with pytest.raises(ValueError, match="no windows"):
         HistorySampler(frames_uri, history=2, filter="split = 'nope'")
+
+
+def clips_table(rows: list[tuple[str, int, int, float, str]]) -> pa.Table:
+    """A clips table of (episode_id, start_step, end_step, weight, duplicate_of) rows."""
+    keys = ("episode_id", "start_step", "end_step", "weight", "duplicate_of")
+    return pa.Table.from_pylist([dict(zip(keys, r), clip_id=f"c{i}") for i, r in enumerate(rows)],
+                                schema=clips_schema())
+
+
+def test_window_weights_take_the_heaviest_covering_clip():
+    episode = np.array(["a"] * 6 + ["b"] * 4, object)
+    step = np.r_[np.arange(6), np.arange(2, 6)]
+    clips = clips_table([("a", 0, 4, 1.0, ""), ("a", 2, 5, 4.0, ""), ("b", 0, 4, 1.0, "c9"),
+                         ("b", 3, 8, 2.0, "c8"), ("zz", 0, 9, 9.0, "")])
+    np.testing.assert_array_equal(window_weights(episode, step, clips, duplicate_weight=0.0),
+                                  [1, 1, 4, 4, 4, 1, 0, 0, 0, 0])  # a:5 uncovered weighs 1
+    np.testing.assert_array_equal(window_weights(episode, step, clips, duplicate_weight=0.5),
+                                  [1, 1, 4, 4, 4, 1, .5, 1, 1, 1])
+    with pytest.raises(ValueError, match="duplicate_weight"):
+        window_weights(episode, step, clips, duplicate_weight=-1)
+
+
+def test_event_clips_are_oversampled_and_duplicates_dropped(frames_uri, tmp_path):
+    # ep-1 (7 steps): an event clip over steps 2..4 (weight 4) and a routine tile over all;
+    # ep-3 (12 steps) is covered only by a near-duplicate tile; the rest has no clips
+    lake = Lake(str(tmp_path))
+    lake.append("clips", clips_table([("ep-1", 2, 5, 4.0, ""), ("ep-1", 0, 7, 1.0, ""),
+                                      ("ep-3", 0, 12, 1.0, "c0")]), key="clip_id")
+    sampler = HistorySampler(frames_uri, history=2, seed=4, clips_uri=lake.table_uri("clips"))
+    # weights: ep-1 4+4+4+1*4 = 16, ep-2 3, ep-3 0, ep-4 (synthetic) 10, ep-5 1: total 30
+    assert sampler.event_share == pytest.approx(12 / 30)
+    assert sampler.event_share_natural == pytest.approx(3 / 33)
+    episode, step = decode(sampler.batch(30_000)["frames_BKHWC"][:, -1])
+    assert not (episode == 3).any()
+    event = (episode == 1) & (step >= 2) & (step <= 4)
+    assert event.mean() == pytest.approx(12 / 30, abs=0.02)
+    routine_ep1 = (episode == 1) & ~event
+    assert event.sum() / routine_ep1.sum() == pytest.approx(12 / 4, rel=0.1)
+    # the synthetic share is still the caller's; the real draws keep their weights
+    episode, _ = decode(sampler.batch(1_000, synthetic_fraction=0.25)["frames_BKHWC"][:, -1])
+    assert (episode == 4).sum() == 250 and not (episode == 3).any()
+    with pytest.raises(ValueError, match="weigh 0"):
+        HistorySampler(frames_uri, history=2, filter="split = 'val'", clips_uri=lake.table_uri("clips"))
