@@ -63,7 +63,8 @@ def _held_out(table: pa.Table) -> np.ndarray:
 
 
 @ray.remote(num_cpus=1)
-def _train(clips: np.ndarray, evts: list, tags: list, held: np.ndarray, preset: str) -> tuple[bytes, dict]:
+def _train(clips: np.ndarray, evts: list, tags: list, held: np.ndarray, preset: str,
+           device: str) -> tuple[bytes, dict]:
     import torch
 
     from models import reasoner
@@ -72,7 +73,8 @@ def _train(clips: np.ndarray, evts: list, tags: list, held: np.ndarray, preset: 
     model, metrics = reasoner.train_reasoner(
         clips[~held], [e for e, h in zip(evts, held) if not h], [t for t, h in zip(tags, held) if not h],
         config=reasoner.preset(preset), val_clips=clips[held],
-        val_events=[e for e, h in zip(evts, held) if h], val_tags=[t for t, h in zip(tags, held) if h])
+        val_events=[e for e, h in zip(evts, held) if h], val_tags=[t for t, h in zip(tags, held) if h],
+        device=device)
     with tempfile.TemporaryDirectory() as d:
         reasoner.save(model, d)
         return _pack(d), metrics
@@ -104,8 +106,9 @@ def reasoner_uri(ctx: Context, clips: pa.Table, turn: int) -> tuple[str, dict]:
     frames = images(table.column("frames"))
     held = _held_out(table)
     tags = [json.loads(t) for t in table.column("label_tags").to_pylist()]
-    packed, metrics = ray.get(_train.remote(frames, table.column("event").to_pylist(), tags, held,
-                                            c.reasoner_preset))
+    gpu = ctx.config.train.use_gpu
+    packed, metrics = ray.get(_train.options(num_gpus=int(gpu)).remote(
+        frames, table.column("event").to_pylist(), tags, held, c.reasoner_preset, "cuda" if gpu else "cpu"))
     import io
     import tarfile
 

@@ -266,8 +266,8 @@ def _accuracy(pred: list[dict[str, str]], true: list[dict[str, str]]) -> dict:
 def train_reasoner(train_clips: np.ndarray, train_events: list[str], train_tags: list[dict[str, str]], *,
                    config: ReasonerConfig, val_clips: np.ndarray | None = None,
                    val_events: list[str] | None = None,
-                   val_tags: list[dict[str, str]] | None = None) -> tuple[Reasoner, dict]:
-    """Train from scratch (AdamW, `config.steps` batches sampled with replacement, seeded).
+                   val_tags: list[dict[str, str]] | None = None, device: str = "cpu") -> tuple[Reasoner, dict]:
+    """Train from scratch on ``device`` (AdamW, `config.steps` batches sampled with replacement, seeded).
 
     Returns the model in eval mode and metrics: train_seconds, steps, n_train, final_loss
     (mean of the last 20 steps), and with validation clips "val" = {n, accuracy{tag},
@@ -281,7 +281,7 @@ def train_reasoner(train_clips: np.ndarray, train_events: list[str], train_tags:
         raise ValueError("give val_clips, val_events and val_tags together")
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    model = Reasoner(config)
+    model = Reasoner(config).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.steps, pct_start=0.1)
     events, losses = np.asarray(train_events), []

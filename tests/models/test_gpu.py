@@ -1,0 +1,101 @@
+"""The `gpu` presets on a CUDA device: each model learns there, and its checkpoint loads on the CPU.
+
+Marked `gpu` (skipped by the default run and without CUDA): `pytest -m gpu tests/models/test_gpu.py`.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from models import policy, reasoner, world_model
+from stages.describe import TAGS
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+CUDA = "cuda"
+
+
+def fit(model: torch.nn.Module, loss_fn, steps: int, lr: float) -> tuple[float, float]:
+    """(first, last) loss of ``steps`` AdamW steps on one fixed batch."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = loss_fn()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses[0], float(np.mean(losses[-5:]))
+
+
+def test_policy_gpu_preset_fits_on_cuda_and_loads_on_cpu(tmp_path):
+    torch.manual_seed(0)
+    cfg = policy.preset("gpu")
+    model = policy.Policy(cfg).to(CUDA)
+    g = torch.Generator(device=CUDA).manual_seed(0)
+    frames = torch.randint(0, 256, (64, cfg.history, cfg.image_size, cfg.image_size, 3),
+                           device=CUDA, dtype=torch.uint8, generator=g)
+    target = torch.rand(64, 3, device=CUDA, generator=g) * torch.tensor([2.0, 1.0, 1.0], device=CUDA) \
+        - torch.tensor([1.0, 0.0, 0.0], device=CUDA)
+    first, last = fit(model, lambda: model.loss(frames, target), steps=60, lr=1e-3)
+    assert last < 0.2 * first
+    policy.save(model, tmp_path)
+    on_cpu = policy.load(tmp_path, device="cpu")
+    model.eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(on_cpu(frames.cpu()).numpy(), model(frames).cpu().numpy(), atol=2e-2)
+
+
+def test_world_model_gpu_preset_fits_and_rolls_out_on_cuda(tmp_path):
+    torch.manual_seed(0)
+    cfg = world_model.preset("gpu")
+    model = world_model.WorldModel(cfg).to(CUDA)
+    g = torch.Generator(device=CUDA).manual_seed(1)
+    size = cfg.image_size
+    # grey frames; the next one is 20 levels brighter than the last with gas 1, darker with gas 0
+    levels = torch.randint(64, 192, (16, cfg.history, 1, 1, 1), device=CUDA, dtype=torch.uint8, generator=g)
+    history = levels.expand(16, cfg.history, size, size, 3).contiguous()
+    gas = (torch.arange(16, device=CUDA) % 2).float()
+    action = torch.stack([torch.zeros_like(gas), gas, torch.zeros_like(gas)], dim=1)
+    target = (history[:, -1].int() + 20 * (2 * gas[:, None, None, None].int() - 1)).to(torch.uint8)
+
+    def seeded_loss() -> float:
+        torch.manual_seed(123)
+        with torch.no_grad():
+            return model.loss(history, action, target).item()
+
+    before = seeded_loss()
+    fit(model, lambda: model.loss(history, action, target), steps=100, lr=1e-3)
+    assert seeded_loss() < 0.5 * before
+    frames = model.rollout(history[:2], torch.rand(2, 3, 3, device=CUDA, generator=g))
+    assert frames.shape == (2, 3, size, size, 3) and frames.dtype == torch.uint8 and frames.is_cuda
+    world_model.save(model, tmp_path)
+    on_cpu = world_model.load(tmp_path, device="cpu")
+    x, sigma = torch.randn(2, 3, size, size, device=CUDA, generator=g), torch.full((2,), 1.0, device=CUDA)
+    context = history[:2].permute(0, 1, 4, 2, 3).float() / 127.5 - 1
+    model.eval()
+    with torch.no_grad():
+        gpu_out = model.denoise(x, sigma, context, action[:2]).cpu()
+        cpu_out = on_cpu.denoise(x.cpu(), sigma.cpu(), context.cpu(), action[:2].cpu())
+    np.testing.assert_allclose(cpu_out.numpy(), gpu_out.numpy(), atol=2e-2)
+
+
+def test_reasoner_gpu_preset_trains_on_cuda():
+    cfg = reasoner.preset("gpu")
+    cfg = dataclasses.replace(cfg, steps=150, batch_size=64)
+    rng = np.random.default_rng(0)
+    n, k, s = 96, cfg.frames_per_clip, cfg.image_size
+    # the speed band is written into the brightness of the clip: learnable from pixels
+    bands = list(TAGS["speed"])
+    speed = rng.integers(0, len(bands), n)
+    clips = np.clip(speed[:, None, None, None, None] * 60 + rng.integers(0, 20, (n, k, s, s, 3)), 0, 255)
+    clips = clips.astype(np.uint8)
+    tags = [{key: values[0] for key, values in TAGS.items()} | {"speed": bands[i]} for i in speed]
+    model, metrics = reasoner.train_reasoner(clips[:64], ["none"] * 64, tags[:64], config=cfg,
+                                             val_clips=clips[64:], val_events=["none"] * 32,
+                                             val_tags=tags[64:], device=CUDA)
+    assert model.device.type == "cuda"
+    assert metrics["val"]["accuracy"]["speed"] >= 0.9
