@@ -15,7 +15,7 @@ export SDL_VIDEODRIVER := dummy
 export HF_HUB_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup demo test test-all bench-curate bench-curate-scale serve prefect-server deploy worker clean
+.PHONY: setup demo test test-all bench-curate bench-curate-scale ablate-oversampling serve prefect-server deploy worker clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,9 @@ bench-curate: $(STAMP)  ## curate throughput vs a Parquet baseline, Lance vs Par
 
 bench-curate-scale: $(STAMP)  ## curate throughput only, at 64,000 frames (fixed per-run costs amortized)
 	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.bench_curate --episodes 64 --frames 1000 --no-sampler
+
+ablate-oversampling: $(STAMP)  ## uniform vs clip-weighted policy windows on a copy of LAKE (after make demo)
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.ablate_oversampling --lake $(LAKE) --config $(CONFIG) $(ARGS)
 
 serve: $(STAMP)  ## keep the champion's endpoint up
 	$(BIN)/worldloop serve --lake $(LAKE) --landing $(LANDING)

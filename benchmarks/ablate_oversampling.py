@@ -25,8 +25,11 @@ import platform
 import shutil
 import sys
 import tempfile
+import warnings
 from time import perf_counter
 from typing import Any
+
+import numpy as np
 
 ARMS = ("uniform", "weighted")
 
@@ -43,6 +46,7 @@ def _configure_env(root: str) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+    warnings.filterwarnings("ignore", message="lance is not fork-safe")  # as `worldloop` does
 
 
 def train_arm(ctx, arm: str, seed: int) -> tuple[int, dict]:
@@ -89,12 +93,15 @@ def ablate(lake: str, *, config: str, seeds: list[int]) -> dict[str, Any]:
     resamples = ctx.config.eval.bootstrap
     for (arm, seed), r in runs.items():
         s = summarize(rows[f"{arm}-{seed}"], resamples=resamples)
-        r.update(score=s["mean"], ci95=s["ci95"], off_track_rate=s["off_track_rate"])
+        r.update(score=s["mean"], ci95=s["ci95"], off_track_rate=s["off_track_rate"],
+                 scores=[row["score"] for row in rows[f"{arm}-{seed}"]])
     score = {(arm, seed, row["seed"]): row["score"] for (arm, seed) in runs for row in rows[f"{arm}-{seed}"]}
     pairs = sorted({(seed, es) for (_, seed, es) in score})
     comparison = paired({i: score[("weighted", *p)] for i, p in enumerate(pairs)},
                         {i: score[("uniform", *p)] for i, p in enumerate(pairs)}, resamples=resamples)
     comparison.pop("seeds")
+    diffs = [score[("weighted", *p)] - score[("uniform", *p)] for p in pairs]
+    comparison |= {"median_diff": float(np.median(diffs)), "losses": int(sum(d < 0 for d in diffs))}
     arms = {arm: sum(r["score"] for r in runs.values() if r["arm"] == arm) / len(seeds) for arm in ARMS}
     return {"runs": list(runs.values()), "arm_mean": arms, "weighted_minus_uniform": comparison,
             "eval_seeds": list(ctx.config.eval.seeds), "train_seeds": seeds, "config": config,
@@ -112,8 +119,8 @@ def _table(figures: dict[str, Any]) -> str:
         lines.append(f"| {arm}, mean of runs | | {mean:.1f} | | | |")
     c = figures["weighted_minus_uniform"]
     lines.append(f"\nweighted - uniform, paired over {c['n']} (training seed, evaluation seed) pairs: "
-                 f"{c['mean_diff']:+.1f} (95% CI {c['ci95'][0]:+.1f} .. {c['ci95'][1]:+.1f}), "
-                 f"weighted better on {c['wins']}")
+                 f"mean {c['mean_diff']:+.1f} (95% CI {c['ci95'][0]:+.1f} .. {c['ci95'][1]:+.1f}), "
+                 f"median {c['median_diff']:+.1f}; weighted better on {c['wins']}, worse on {c['losses']}")
     return "\n".join(lines)
 
 

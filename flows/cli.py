@@ -156,7 +156,8 @@ def _render_turn(turn: dict) -> str:
              f"  synthesize  {s['synthesize']['generated']} variants: kept {s['synthesize']['kept']}, rejected "
              f"{s['synthesize']['rejected']}, +{s['synthesize']['synthetic_frames']} frames  ({s['synthesize']['wall_s']} s)",
              f"  policy      v{s['train_policy']['version']}, loss "
-             f"{s['train_policy']['metrics'].get('train_loss', float('nan')):.4f}  ({s['train_policy']['wall_s']} s)",
+             f"{s['train_policy']['metrics'].get('train_loss', float('nan')):.4f}{_event_share(s['train_policy'])}"
+             f"  ({s['train_policy']['wall_s']} s)",
              f"  evaluate    ({s['evaluate']['wall_s']} s)"]
     for role, r in ev.items():
         lines.append(f"    {role:<10} {r['model']:<18} {r['mean']:7.1f}  95% CI [{r['ci95'][0]:.1f}, "
@@ -167,6 +168,14 @@ def _render_turn(turn: dict) -> str:
         lines.append(f"  endpoint    {pr['endpoint']['url']}  champion policy:v{pr['champion_version']} "
                      f"score {pr['champion_score']:.1f}")
     return "\n".join(lines)
+
+
+def _event_share(train: dict) -> str:
+    """How often training drew windows in oversampled event clips, against their share of windows."""
+    m = train["metrics"]
+    if "train_event_share" not in m:
+        return ""
+    return f", event clips {m['train_event_share']:.0%} of draws ({m['train_event_share_natural']:.0%} of windows)"
 
 
 def _render_clips(curate: dict) -> list[str]:

@@ -121,3 +121,4 @@ def test_turn_summary_renders_clips_and_the_reasoner(turn):
     assert sum(clips["events"].values()) == turn["stages"]["curate"]["rows_added"]["clips"] > 0
     assert f"  clips       +{turn['stages']['curate']['rows_added']['clips']} (" in text
     assert "  reasoner    " in text and "turn 0" in text and "  promote     " in text
+    assert "of draws (" in text  # the policy line: how often event clips were drawn
