@@ -35,8 +35,9 @@ EVENT_PRIORITY = ("intervention", "off_track", "hard_brake", "hard_steer", "low_
 """Event types, most important first: the tie-break order of events mined at the same step."""
 OVERSAMPLE: Mapping[str, float] = MappingProxyType({
     "intervention": 4.0, "off_track": 4.0, "hard_brake": 2.0, "hard_steer": 2.0,
-    "low_reward": 2.0, NONE: 1.0})
-"""Default training weight of a clip by its event type (routine clips weigh 1)."""
+    "low_reward": 2.0, "novelty": 2.0, NONE: 1.0})
+"""Default training weight of a clip by its event type (routine clips weigh 1; ``novelty`` is
+mined at description time, from a routine clip far from every clip the lake holds)."""
 
 
 @dataclass(frozen=True)
@@ -202,6 +203,6 @@ def sample_weights(events: Sequence[str], *, oversample: Mapping[str, float] = O
 
     A type missing from ``oversample`` weighs 1. The weights are relative: a sampler draws clip
     i with probability ``w[i] / w.sum()``. Defaults (``OVERSAMPLE``): intervention and
-    off_track 4, hard_brake, hard_steer and low_reward 2, routine ("none") 1.
+    off_track 4, hard_brake, hard_steer, low_reward and novelty 2, routine ("none") 1.
     """
     return np.array([float(oversample.get(event, 1.0)) for event in events], np.float64)

@@ -167,8 +167,8 @@ def test_mined_events_feed_clips_and_weights():
         ("intervention", 34)]
     weights = sample_weights([c["event"] for c in clips])
     assert sorted(weights.tolist()) == [1.0] * (len(clips) - 1) + [4.0]
-    assert sample_weights(["none", "hard_brake", "low_reward", "off_track"]).tolist() == [
-        1.0, 2.0, 2.0, 4.0]
+    assert sample_weights(["none", "hard_brake", "low_reward", "off_track", "novelty"]).tolist() == [
+        1.0, 2.0, 2.0, 4.0, 2.0]
     assert sample_weights(["none", "hard_brake", "new"], oversample={"hard_brake": 8.0}).tolist() \
         == [1.0, 8.0, 1.0]
 
