@@ -27,7 +27,11 @@ def select_parents(frames: pa.Table, *, n: int, horizon: int, min_step: int, see
 
     A start step leaves `horizon` parent actions after it; interventions and off-track frames
     (mined events) are preferred when present, so variants cluster around what went wrong.
+    The picks depend on the rows and `seed` only, not on their order: a table's scan order is
+    the order its fragments were written in, which parallel writers vary from run to run.
     """
+    frames = frames.take(np.lexsort((frames.column("step").to_numpy(),
+                                     np.asarray(frames.column("episode_id").to_pylist(), dtype=object))))
     ids = np.asarray(frames.column("episode_id").to_pylist(), dtype=object)
     steps = frames.column("step").to_numpy()
     last = {}

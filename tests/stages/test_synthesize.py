@@ -44,3 +44,6 @@ def test_select_parents_respects_bounds_and_prefers_events():
     assert len(picks) == 5 and all(e == "a" and 50 <= s <= 89 for e, s in picks)
     assert select_parents(light, n=5, horizon=200, min_step=0, seed=0) == []
     assert select_parents(light, n=5, horizon=10, min_step=50, seed=0) == picks
+    # the same rows in another scan order (fragments written by parallel workers) pick the same
+    shuffled = light.take(np.random.default_rng(1).permutation(light.num_rows))
+    assert select_parents(shuffled, n=5, horizon=10, min_step=50, seed=0) == picks
