@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import warnings
 from time import perf_counter
@@ -31,20 +30,15 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.bench_curate import configure_env, log
+
 ARMS = ("uniform", "weighted")
 
 
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def _configure_env(root: str) -> None:
-    """Before Prefect, Ray or torch are imported: a private Prefect home and work dir, quiet logs."""
-    os.environ["PREFECT_HOME"] = os.path.join(root, "prefect")
+    """``bench_curate.configure_env`` (private Prefect home, quiet logs), plus a private work dir."""
+    configure_env(root)
     os.environ["WORLDLOOP_WORK_DIR"] = os.path.join(root, "work")
-    os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
     warnings.filterwarnings("ignore", message="lance is not fork-safe")  # as `worldloop` does
 
@@ -83,10 +77,10 @@ def ablate(lake: str, *, config: str, seeds: list[int]) -> dict[str, Any]:
     runs: dict[tuple[str, int], dict[str, Any]] = {}
     for seed in seeds:
         for arm in ARMS:
-            _log(f"training {arm} seed {seed}")
+            log(f"training {arm} seed {seed}")
             version, metrics = train_arm(ctx, arm, seed)
             runs[(arm, seed)] = {"arm": arm, "seed": seed, "version": version, **metrics}
-    _log(f"driving {len(runs)} candidates on {len(ctx.config.eval.seeds)} held-out seeds")
+    log(f"driving {len(runs)} candidates on {len(ctx.config.eval.seeds)} held-out seeds")
     start = perf_counter()
     drivers = {f"{arm}-{seed}": (POLICY, str(r["version"])) for (arm, seed), r in runs.items()}
     rows = evaluate_drivers.fn(ctx, drivers, turn=0)

@@ -77,7 +77,7 @@ SAMPLE_COLUMNS = ["episode_id", "step", "image", "label", "action"]
 STEP_NS = 20_000_000  # 50 Hz, CarRacing's frame rate
 
 
-def _log(message: str) -> None:
+def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
@@ -332,15 +332,15 @@ def bench_curate(root: str, *, episodes: int, frames: int, seed: int, runs: int 
 
     start = perf_counter()
     paths = write_landing(os.path.join(root, "landing"), episodes=episodes, frames=frames, seed=seed)
-    _log(f"wrote {episodes} x {frames} frames as MCAP in {perf_counter() - start:.1f} s")
+    log(f"wrote {episodes} x {frames} frames as MCAP in {perf_counter() - start:.1f} s")
     ensure_ray()
     write_landing(os.path.join(root, "warmup_landing"), episodes=4, frames=200, seed=seed + 1)
     warm_lake = os.path.join(root, "warmup_lake")
     warm_s, warm = run_curate(landing=os.path.join(root, "warmup_landing"), lake=warm_lake)
     reasoner = _champion_reasoner(warm_lake)
-    _log(f"first curate on an empty lake (4 x 200 frames, trains the reasoner): {warm_s:.1f} s")
+    log(f"first curate on an empty lake (4 x 200 frames, trains the reasoner): {warm_s:.1f} s")
     stages_s = min(stages_one_core(paths, os.path.join(root, f"stages_{run}")) for run in range(runs))
-    _log(f"pure stages on one core: {stages_s:.2f} s")
+    log(f"pure stages on one core: {stages_s:.2f} s")
     baseline_s, curate_s, summaries = [], [], []
     for run in range(1, runs + 1):
         start = perf_counter()
@@ -350,7 +350,7 @@ def bench_curate(root: str, *, episodes: int, frames: int, seed: int, runs: int 
                                       reasoner=reasoner)
         curate_s.append(seconds)
         summaries.append(summary)
-        _log(f"run {run}: baseline {baseline_s[-1]:.2f} s, curate {seconds:.2f} s "
+        log(f"run {run}: baseline {baseline_s[-1]:.2f} s, curate {seconds:.2f} s "
              f"(kept {summary['kept']}, rejected {summary['rejected']}, rows {summary['rows_added']})")
     summary = summaries[-1]
     written = int(summary["rows_added"]["frames"])
@@ -384,7 +384,7 @@ def _champion_reasoner(lake: str) -> str:
     return champion.artifact_uri
 
 
-def _configure_env(root: str) -> None:
+def configure_env(root: str) -> None:
     """Before Prefect, Ray or torch are imported: a private Prefect home, quiet logs, 1 thread."""
     os.environ["PREFECT_HOME"] = os.path.join(root, "prefect")
     os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
@@ -425,7 +425,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--keep", action="store_true", help="keep the temporary data")
     args = parser.parse_args(argv)
     root = tempfile.mkdtemp(prefix="worldloop-bench-curate-")
-    _configure_env(root)
+    configure_env(root)
     figures: dict[str, Any] = {
         "frames": args.episodes * args.frames, "episodes": args.episodes,
         "frames_per_episode": args.frames, "batch": args.batch, "history": args.history,
@@ -445,7 +445,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         ray.shutdown()
         if args.keep:
-            _log(f"kept the data in {root}")
+            log(f"kept the data in {root}")
         else:
             shutil.rmtree(root, ignore_errors=True)
     print(_table(figures))
