@@ -351,7 +351,7 @@ def bench_curate(root: str, *, episodes: int, frames: int, seed: int, runs: int 
         curate_s.append(seconds)
         summaries.append(summary)
         log(f"run {run}: baseline {baseline_s[-1]:.2f} s, curate {seconds:.2f} s "
-             f"(kept {summary['kept']}, rejected {summary['rejected']}, rows {summary['rows_added']})")
+            f"(kept {summary['kept']}, rejected {summary['rejected']}, rows {summary['rows_added']})")
     summary = summaries[-1]
     written = int(summary["rows_added"]["frames"])
     if written == 0:
@@ -369,7 +369,7 @@ def bench_curate(root: str, *, episodes: int, frames: int, seed: int, runs: int 
         "stages_one_core_fps": baseline_frames / stages_s,
         "curate_ratio_bound": (os.cpu_count() or 1) * min(baseline_s) / stages_s,
         "clips_written": int(summary["rows_added"]["clips"]),
-        "lake": os.path.join(root, "lake_2"),
+        "lake": os.path.join(root, f"lake_{runs}"),  # the last run's lake: part 2 samples it
     }
 
 
