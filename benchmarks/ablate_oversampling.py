@@ -44,19 +44,15 @@ def _configure_env(root: str) -> None:
 
 
 def train_arm(ctx, arm: str, seed: int) -> tuple[int, dict]:
-    """Train one policy from scratch in ``arm``; register it in the copy; (version, metrics)."""
+    """Train one policy from scratch in ``arm`` with the train flow's own task (the preset's recipe,
+    ``train.oversample_events`` set by the arm); register it in the copy; (version, metrics)."""
     from flows.runtime import POLICY
-    from stages.train import train_model
+    from flows.train import run_training
 
-    t = ctx.config.train
+    train = dataclasses.replace(ctx.config.train, oversample_events=arm == "weighted")
+    arm_ctx = dataclasses.replace(ctx, config=dataclasses.replace(ctx.config, train=train))
     start = perf_counter()
-    result = train_model(
-        POLICY, frames_uri=ctx.lake.table_uri("frames"), model_config=ctx.config.policy,
-        storage_path=os.path.join(ctx.work_dir, "ray_results"), storage_options=ctx.storage_options,
-        num_workers=t.num_workers, cpus_per_worker=t.cpus_per_worker, use_gpu=t.use_gpu,
-        synthetic_fraction=t.synthetic_fraction, seed=seed, run_name=f"ablation-{arm}-{seed}",
-        clips_uri=ctx.lake.table_uri("clips") if arm == "weighted" else None,
-        duplicate_weight=t.duplicate_weight)
+    result = run_training.fn(arm_ctx, POLICY, seed, None, run_name=f"ablation-{arm}-{seed}")
     metrics = {k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))}
     metrics["train_s"] = perf_counter() - start
     mv = ctx.registry.register(POLICY, result["checkpoint_dir"], kind=POLICY, metrics=metrics,

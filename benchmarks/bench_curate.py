@@ -17,8 +17,9 @@ line, one JSON object with every figure.
    * worldloop: ``flows.curate.curate_flow(config="default", lake=<fresh lake>, landing=...,
      reasoner=<the warm-up's reasoner>)`` with the Prefect settings of ``worldloop curate``
      (``flows.runtime.prefect_settings``: in ephemeral mode no flow-run heartbeats). Ray is
-     started and a first curate of an empty lake (4 x 200 frames, its own landing) runs first: it warms Prefect's ephemeral API and the Ray
-     workers and trains the scene reasoner, which a lake does once (its seconds are reported as
+     started and a first curate of an empty lake (4 x 200 frames, its own landing) runs first:
+     it warms Prefect's ephemeral API and the Ray workers and trains the scene reasoner, which
+     a lake does once (its seconds are reported as
      ``first_curate_s``). The timed runs describe clips with that reasoner, as every later
      curate of a lake does. curate_fps = frames written (``rows_added["frames"]``) / wall
      seconds of the flow call.

@@ -43,7 +43,7 @@ def warm_start(ctx: Context, kind: str, config: dict):
 
 
 @task(name="ray-train", cache_policy=NO_CACHE)
-def run_training(ctx: Context, kind: str, turn: int, init_dir: str | None) -> dict:
+def run_training(ctx: Context, kind: str, turn: int, init_dir: str | None, run_name: str | None = None) -> dict:
     t = ctx.config.train
     model_config = ctx.config.policy if kind == POLICY else ctx.config.world_model
     weighted = kind == POLICY and t.oversample_events and ctx.lake.exists("clips")
@@ -52,7 +52,7 @@ def run_training(ctx: Context, kind: str, turn: int, init_dir: str | None) -> di
         storage_path=os.path.join(ctx.work_dir, "ray_results"), storage_options=ctx.storage_options,
         num_workers=t.num_workers, cpus_per_worker=t.cpus_per_worker, use_gpu=t.use_gpu,
         synthetic_fraction=t.synthetic_fraction if kind == POLICY else 0.0, init_dir=init_dir,
-        filter=None if kind == POLICY else "origin = 'real'", seed=turn, run_name=f"{kind}-turn{turn}",
+        filter=None if kind == POLICY else "origin = 'real'", seed=turn, run_name=run_name or f"{kind}-turn{turn}",
         clips_uri=ctx.lake.table_uri("clips") if weighted else None, duplicate_weight=t.duplicate_weight)
 
 
