@@ -11,7 +11,10 @@ LAKE    ?= ./lake
 LANDING ?= ./landing
 CONFIG  ?= default
 TURNS   ?= 1
+WORLD   ?= carracing
 export SDL_VIDEODRIVER := dummy
+export MUJOCO_GL := osmesa          # MuJoCo (the Meta-World arm) renders on the CPU through OSMesa
+export PYOPENGL_PLATFORM := osmesa
 export HF_HUB_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
@@ -20,6 +23,10 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 setup: $(STAMP)
 
 $(STAMP): requirements.txt pyproject.toml
+	@# Debian's OSMesa: MuJoCo's CPU renderer (EGL needs a GPU). Root installs it; others are told how.
+	@ldconfig -p | grep -q libOSMesa || { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libosmesa6 >/dev/null; \
+	  else echo "install Debian's libosmesa6 (apt-get install libosmesa6) for the Meta-World arm" >&2; fi; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check uv
 	$(BIN)/uv pip install $(UV_FLAGS) -q "torch==2.13.0"    # first, so nothing pulls a CUDA build
@@ -27,8 +34,8 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/uv pip install $(UV_FLAGS) -q --no-deps -e .
 	touch $(STAMP)
 
-demo: $(STAMP)   ## one full turn on the embedded default; LAKE=... LANDING=... TURNS=... CONFIG=...
-	$(BIN)/worldloop run --turns $(TURNS) --config $(CONFIG) --lake $(LAKE) --landing $(LANDING)
+demo: $(STAMP)   ## one full turn on the embedded default; WORLD=... LAKE=... LANDING=... TURNS=... CONFIG=...
+	$(BIN)/worldloop run --world $(WORLD) --turns $(TURNS) --config $(CONFIG) --lake $(LAKE) --landing $(LANDING)
 
 test: $(STAMP)   ## the default suite (skips `slow` and `gpu`)
 	$(BIN)/python -m pytest

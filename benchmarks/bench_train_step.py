@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 from models import policy, reasoner, world_model
-from stages.describe import TAGS
 
 
 def _policy(preset: str, device: str):
@@ -48,7 +47,7 @@ def _reasoner(preset: str, device: str):
     model = reasoner.Reasoner(cfg).to(device)
     b, k, s = cfg.batch_size, cfg.frames_per_clip, cfg.image_size
     clips = np.random.default_rng(0).integers(0, 256, (b, k, s, s, 3), dtype=np.uint8)  # the API takes NumPy
-    tags = [{key: values[i % len(values)] for key, values in TAGS.items()} for i in range(b)]
+    tags = [{key: values[i % len(values)] for key, values in cfg.tags.items()} for i in range(b)]
     return model, b, lambda: model.loss(clips, ["none"] * b, tags)
 
 

@@ -18,7 +18,6 @@ import time
 import warnings
 from pathlib import Path
 
-from stages.describe import TAGS
 
 
 def _environment() -> None:
@@ -26,6 +25,7 @@ def _environment() -> None:
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")  # a loaded 2-core machine
     os.environ.setdefault("PREFECT_HOME", os.path.abspath(os.path.join(".worldloop", "prefect")))
     os.makedirs(os.environ["PREFECT_HOME"], exist_ok=True)  # Prefect creates only the last level
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
@@ -41,6 +41,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="named config preset (default: %(default)s)")
     common.add_argument("--lake", default="./lake", help="Lance lake: a path or s3:// URI")
     common.add_argument("--landing", default="./landing", help="landing zone of raw logs: a path or s3:// URI")
+    common.add_argument("--world", default="carracing", help="registered world (`worldloop worlds` lists them)")
+    common.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value (JSON or text), e.g. --set train.num_workers=1; repeatable")
+    common.add_argument("--config-file", default=None, help="JSON or YAML file of config sections or dotted keys")
     common.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
     turn = argparse.ArgumentParser(add_help=False)
     turn.add_argument("--turn", type=int, default=None, help="flywheel turn (default: the open one)")
@@ -67,15 +71,20 @@ def _parser() -> argparse.ArgumentParser:
     promote = sub.add_parser("promote", parents=[common, version], help="gate and roll out to Ray Serve")
     promote.add_argument("--no-serve", action="store_true")
     sub.add_parser("status", parents=[common], help="tables, registry and turns of a lake")
+    worlds_cmd = sub.add_parser("worlds", help="the registered worlds with their features")
+    worlds_cmd.add_argument("--json", action="store_true", help="print them as one JSON object on stdout")
     serve = sub.add_parser("serve", parents=[common], help="serve the champion until interrupted")
     serve.add_argument("--port", type=int, default=None)
     return parser
 
 
 def _dispatch(args: argparse.Namespace) -> dict:
+    if args.command == "worlds":
+        return _worlds()
     from flows import curate, evaluate, fleet, flywheel, promote, synthesize, train
 
-    common = {"config": args.config, "lake": args.lake, "landing": args.landing}
+    common = {"config": args.config, "lake": args.lake, "landing": args.landing, "world": args.world,
+              "overrides": args.overrides or None, "config_file": args.config_file}
     if args.command == "run":
         return flywheel.flywheel_flow(**common, turns=args.turns, serve=not args.no_serve)
     if args.command == "fleet":
@@ -96,11 +105,19 @@ def _dispatch(args: argparse.Namespace) -> dict:
     return _serve(args)
 
 
+def _worlds() -> dict:
+    """Every registered world's spec: features, actions, tasks, rate, score, events, tags, seeds."""
+    from sim import worlds
+
+    return {"worlds": {name: worlds.spec(name).describe() for name in worlds.names()}}
+
+
 def _status(args: argparse.Namespace) -> dict:
     """What the lake holds: table rows, versions and turn tags; registry versions and aliases."""
     from flows.runtime import POLICY, WORLD_MODEL, Context
 
-    ctx = Context.create(config=args.config, lake=args.lake, landing=args.landing)
+    ctx = Context.create(config=args.config, lake=args.lake, landing=args.landing, world=args.world,
+                         overrides=args.overrides or None, config_file=args.config_file)
     tables = {name: {"rows": ctx.lake.count(name), "version": ctx.lake.version(name),
                      "tags": sorted(ctx.lake.tags(name))}
               for name in ("episodes", "frames", "clips", "rejects", "sources", "evaluations", "turns")
@@ -110,7 +127,7 @@ def _status(args: argparse.Namespace) -> dict:
         champion = ctx.registry.get(name, alias="champion")
         models[name] = {"versions": [mv.version for mv in ctx.registry.versions(name)],
                         "champion": champion.version if champion else None}
-    return {"lake": ctx.lake_uri, "next_turn": ctx.current_turn(), "tables": tables, "models": models}
+    return {"lake": ctx.lake_uri, "world": ctx.world_name, "next_turn": ctx.current_turn(), "tables": tables, "models": models}
 
 
 def _serve(args: argparse.Namespace) -> dict:
@@ -119,11 +136,12 @@ def _serve(args: argparse.Namespace) -> dict:
     from flows.promote import serve_champion
     from flows.runtime import Context, ensure_ray
 
-    ctx = Context.create(config=args.config, lake=args.lake, landing=args.landing)
+    ctx = Context.create(config=args.config, lake=args.lake, landing=args.landing, world=args.world,
+                         overrides=args.overrides or None, config_file=args.config_file)
     if args.port:
         ctx.config = dataclasses.replace(ctx.config, serve=dataclasses.replace(ctx.config.serve, port=args.port))
     if ctx.registry.get("policy", alias="champion") is None:
-        raise ValueError(f"no champion in {ctx.lake_uri}: run `worldloop run` first")
+        raise ValueError(f"no {ctx.world_name} champion in {ctx.lake_uri}: run `worldloop run` first")
     ensure_ray()
     info = serve_champion.fn(ctx)
     print(f"serving {info['health']['model_name']}:v{info['health']['model_version']} at {info['url']} "
@@ -139,6 +157,8 @@ def render(summary: dict) -> str:
     """A short human-readable account of a stage or of whole turns."""
     if "turns" in summary:
         return "\n\n".join(_render_turn(t) for t in summary["turns"])
+    if "worlds" in summary:
+        return "\n\n".join(_render_world(spec) for spec in summary["worlds"].values())
     return json.dumps(summary, indent=2, default=str)
 
 
@@ -160,14 +180,33 @@ def _render_turn(turn: dict) -> str:
              f"  ({s['train_policy']['wall_s']} s)",
              f"  evaluate    ({s['evaluate']['wall_s']} s)"]
     for role, r in ev.items():
-        lines.append(f"    {role:<10} {r['model']:<18} {r['mean']:7.1f}  95% CI [{r['ci95'][0]:.1f}, "
-                     f"{r['ci95'][1]:.1f}]  off-track {r['off_track_rate']:.2f}  "
+        rates = "".join(f"  {k.replace('_', '-')} {v:.2f}" for k, v in r["signal_rates"].items())
+        lines.append(f"    {role:<10} {r['model']:<18} {r['mean']:7.2f}  95% CI [{r['ci95'][0]:.2f}, "
+                     f"{r['ci95'][1]:.2f}]  success {r['success_rate']:.2f}{rates}  "
                      f"interventions needed {r['interventions_per_episode']:.1f}")
     lines.append(f"  promote     {'PROMOTED' if pr['promote'] else 'kept champion'}: {pr['reason']}")
     if "endpoint" in pr:
         lines.append(f"  endpoint    {pr['endpoint']['url']}  champion policy:v{pr['champion_version']} "
                      f"score {pr['champion_score']:.1f}")
     return "\n".join(lines)
+
+
+def _render_world(spec: dict) -> str:
+    actions = ", ".join(f"{a['name']} [{a['low']:g}, {a['high']:g}]" for a in spec["actions"])
+    tasks = "; ".join(f"{t['name']}: {t['instruction']}" for t in spec["tasks"][:3])
+    more = f" (+{len(spec['tasks']) - 3} more)" if len(spec["tasks"]) > 3 else ""
+    return "\n".join([
+        f"{spec['name']}  {spec['description']}",
+        f"  camera      {spec['camera']} {spec['image_size']}x{spec['image_size']} RGB, {spec['rate_hz']:g} Hz, "
+        f"up to {spec['max_steps']} steps, score: {spec['score']}",
+        f"  actions     {actions}",
+        f"  state       {', '.join(spec['state_names'])}",
+        f"  policy sees pixels{' + ' + ', '.join(spec['policy_state']) if spec['policy_state'] else ''}"
+        f"{' + the task sentence' if len(spec['tasks']) > 1 else ''}",
+        f"  tasks       {tasks}{more}",
+        f"  signals     {', '.join(spec['signals']) or '-'}; events {', '.join(e['name'] for e in spec['events'])}",
+        "  tags        " + "; ".join(f"{k}: {'/'.join(v)}" for k, v in spec["tags"].items()),
+        f"  held out    seeds {spec['eval_seeds'][0]}..{spec['eval_seeds'][-1]} ({len(spec['eval_seeds'])})"])
 
 
 def _event_share(train: dict) -> str:
@@ -189,7 +228,7 @@ def _render_clips(curate: dict) -> list[str]:
     describer, val = clips.get("describer") or {}, (clips.get("describer") or {}).get("val")
     if val:
         acc = " ".join(f"{k} {val['accuracy'][k]:.2f} (majority {val['majority_accuracy'][k]:.2f})"
-                       for k in TAGS if k in val["accuracy"])
+                       for k in val["accuracy"])
         lines.append(f"  reasoner    {describer['source']}, tag accuracy on {val['n']} held-out clips: {acc}")
     elif describer:
         lines.append(f"  reasoner    {describer['source']}")

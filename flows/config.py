@@ -1,8 +1,11 @@
-"""Typed configuration for one turn of the flywheel, with named presets.
+"""Typed configuration for one turn of the flywheel, with named presets and dotted overrides.
 
 `tiny` (tests: seconds), `default` (the CPU demo: one turn in minutes) and `gpu` (an accelerator)
-derive from each other with `dataclasses.replace`, as torchtitan's presets do. The resolved config
-is saved beside every table version and checkpoint (`to_dict`), as LeRobot's train_config.json.
+derive from each other with `dataclasses.replace`, as torchtitan's presets do. `resolve` then
+applies, in order: the world's own overrides for the preset (``WorldSpec.presets``), the shapes the
+world declares (action bounds, state width, task words), a JSON/YAML config file of dotted keys,
+and `--set section.key=value` overrides. The resolved config is saved beside every table version
+and checkpoint (`to_dict`), as LeRobot's train_config.json.
 """
 from __future__ import annotations
 
@@ -11,20 +14,22 @@ import hashlib
 import json
 from dataclasses import dataclass, field, replace
 
+import re
+from typing import Any
+
 from models import policy as policy_model
 from models import world_model
-from sim.carracing import WorldConfig
-from sim.expert import NoiseConfig
+from sim import worlds
+from sim.worlds.base import WorldConfig, from_dict
 
 
 @dataclass(frozen=True)
 class FleetConfig:
-    """Who drives, how many episodes, and how the turn-0 expert is perturbed."""
+    """How many episodes the fleet drives (turn 0: the world's noisy expert; then the champion)."""
 
     episodes: int = 12  # behaviour cloning from 12 noisy-expert episodes drives near expert level
     seed_base: int = 100_000  # fleet seeds are seed_base + 1000 * turn + i; never the eval seeds
     parallelism: int = 2
-    noise: NoiseConfig = field(default_factory=NoiseConfig)  # turn-0 expert: noise and steer pulses
 
 
 @dataclass(frozen=True)
@@ -34,16 +39,12 @@ class CurateConfig:
     min_length: int = 60  # steps; shorter spans are rejected
     val_fraction: float = 0.1
     mapping: dict = field(default_factory=dict)  # role -> topic/feature names (stages.streams.Mapping)
-    action_dim: int = 3
-    state_dim: int = 8
-    action_low: tuple[float, ...] = (-1.0, 0.0, 0.0)  # steer, gas, brake
-    action_high: tuple[float, ...] = (1.0, 1.0, 1.0)
     gap_factor: float = 3.0  # a camera gap over gap_factor frame periods splits the episode
     hold_factor: float = 2.0  # a signal sample is fresh for hold_factor of its own periods
     max_frozen_fraction: float = 0.5
     max_dark_fraction: float = 0.5
     max_dropped_fraction: float = 0.2
-    events: dict = field(default_factory=dict)  # overrides of stages.events.EventConfig
+    events: dict = field(default_factory=dict)  # clip geometry (stages.events.EventConfig) + the world's thresholds
     clip_frames: int = 4  # frames of each clip shown to the reasoner
     dedup_threshold: float = 0.01  # cosine distance under which a clip duplicates a kept one
     novelty_threshold: float = 0.05  # a routine clip this far from every lake clip is "novelty"
@@ -57,9 +58,8 @@ class SynthConfig:
 
     variants: int = 24  # synthetic episodes per turn
     horizon: int = 12  # generated frames per variant
-    steer_offsets: tuple[float, ...] = (-0.5, 0.5)  # steer added while the car drifts
-    drift_steps: int = 6  # first steps drive with the offset; the label always counter-steers
-    recovery_gain: float = 1.0  # label steer = expert steer - gain * offset (PilotNet-style)
+    offsets: tuple[float, ...] = (-0.5, 0.5)  # sizes of the world's counterfactual perturbation
+    drift_steps: int = 6  # first steps drive with the perturbation; the label always recovers
     max_frame_change: float = 40.0  # mean |x_t - x_{t-1}| above this is implausible
     max_color_shift: float = 30.0  # mean |x_t - parent frame| above this is implausible
     parallelism: int = 1
@@ -80,7 +80,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    seeds: tuple[int, ...] = tuple(range(1000, 1010))  # held-out: never driven by the fleet
+    seeds: tuple[int, ...] = ()  # held-out scenes, () = the world's eval_seeds; never driven by the fleet
+    tasks: tuple[str, ...] = ()  # () = every task of the world; each task is evaluated on every seed
     parallelism: int = 2
     bootstrap: int = 10_000
 
@@ -107,11 +108,25 @@ class FlywheelConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
 
-    def __post_init__(self) -> None:
+    def validate(self) -> "FlywheelConfig":
         sizes = {"world": self.world.image_size, "world_model": self.world_model.image_size,
                  "policy": self.policy.image_size}
         if len(set(sizes.values())) != 1:
             raise ValueError(f"image sizes must agree across components, got {sizes}")
+        worlds.get(self.world)  # the world's options
+        return self
+
+    @property
+    def spec(self) -> worlds.WorldSpec:
+        return worlds.spec(self.world.name)
+
+    @property
+    def eval_seeds(self) -> tuple[int, ...]:
+        return self.eval.seeds or self.spec.eval_seeds
+
+    @property
+    def eval_tasks(self) -> tuple[str, ...]:
+        return self.eval.tasks or self.spec.task_names
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -130,14 +145,14 @@ def _tiny() -> FlywheelConfig:
     return replace(
         base,
         name="tiny",
-        world=replace(base.world, max_steps=120, image_size=32),
-        fleet=replace(base.fleet, episodes=2, noise=replace(base.fleet.noise, pulse_prob=0.05)),
+        world=replace(base.world, image_size=32),
+        fleet=replace(base.fleet, episodes=2),
         curate=replace(base.curate, min_length=20, val_fraction=0.0, reasoner_preset="tiny"),
         synth=replace(base.synth, variants=2, horizon=4, drift_steps=2),
         world_model=replace(world_model.preset("tiny"), image_size=32),
         policy=policy_model.preset("tiny"),
         train=replace(base.train, cpus_per_worker=0.5, synthetic_fraction=0.25),
-        eval=replace(base.eval, seeds=(1000, 1001), bootstrap=1000),
+        eval=replace(base.eval, seeds=(1000, 1001), tasks=(), bootstrap=1000),
     )
 
 
@@ -151,7 +166,7 @@ def _gpu() -> FlywheelConfig:
         world_model=world_model.preset("gpu"),
         policy=policy_model.preset("gpu"),
         train=replace(base.train, num_workers=1, use_gpu=True, cpus_per_worker=4.0),
-        eval=replace(base.eval, seeds=tuple(range(1000, 1030)), parallelism=8),
+        eval=replace(base.eval, parallelism=8),
     )
 
 
@@ -162,3 +177,98 @@ def preset(name: str) -> FlywheelConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown config preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]()
+
+
+def resolve(name: str = "default", *, world: str = "carracing", config_file: str | None = None,
+            overrides: list[str] | dict[str, Any] | None = None) -> FlywheelConfig:
+    """The preset ``name`` for ``world``, then the file's and the command line's dotted overrides;
+    last, the shapes the models take from the world (so they always agree with it)."""
+    spec = worlds.spec(world)
+    cfg = preset(name)
+    cfg = replace(cfg, world=replace(cfg.world, name=world))
+    cfg = apply(cfg, {**spec.presets.get("all", {}), **spec.presets.get(name, {})})
+    if config_file:
+        cfg = apply(cfg, load_file(config_file))
+    if overrides:
+        cfg = apply(cfg, overrides if isinstance(overrides, dict) else parse_overrides(overrides))
+    return apply(cfg, _world_shapes(spec, cfg)).validate()
+
+
+def _world_shapes(spec: worlds.WorldSpec, cfg: FlywheelConfig) -> dict[str, Any]:
+    """What the models must take from the world: action bounds, state width, task words."""
+    words = sorted({w for t in spec.tasks for w in re.findall(r"[a-z0-9]+", t.instruction.lower())})
+    vocab = tuple(words) if len(spec.tasks) > 1 else ()
+    return {"policy.action_low": tuple(spec.action_low.tolist()), "policy.action_high": tuple(spec.action_high.tolist()),
+            "policy.state_dim": len(spec.policy_state), "policy.task_vocab": vocab,
+            "world_model.action_dim": len(spec.actions), "world_model.task_vocab": vocab,
+            "world_model.image_size": cfg.world.image_size, "policy.image_size": cfg.world.image_size}
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["train.num_workers=1", "eval.seeds=[1000, 1001]"]`` -> dotted dict; values are JSON, else text."""
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"override {item!r} is not section.key=value")
+        try:
+            out[key.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            out[key.strip()] = text
+    return out
+
+
+def load_file(path: str) -> dict[str, Any]:
+    """A config file: JSON or YAML, nested sections or dotted keys (flattened to dotted keys)."""
+    with open(path) as f:
+        text = f.read()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        import yaml
+
+        data = yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config file holds a mapping of sections, got {type(data).__name__}")
+
+    def flat(d: dict, prefix: str) -> dict:
+        out = {}
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            is_section = isinstance(v, dict) and not key.endswith(("options", "mapping", "events"))
+            out.update(flat(v, key + ".") if is_section else {key: v})
+        return out
+    return flat(data, "")
+
+
+def apply(cfg: Any, overrides: dict[str, Any]) -> Any:
+    """``cfg`` with each dotted key set; unknown keys are an error that names the known ones."""
+    for key, value in overrides.items():
+        cfg = _set(cfg, key.split("."), value, key)
+    return cfg
+
+
+def _set(obj: Any, path: list[str], value: Any, full: str) -> Any:
+    head, rest = path[0], path[1:]
+    if isinstance(obj, dict):
+        current = obj.get(head, {})
+        return {**obj, head: _set(current, rest, value, full) if rest else value}
+    if not dataclasses.is_dataclass(obj):
+        raise ValueError(f"override {full!r}: {type(obj).__name__} has no fields")
+    names = {f.name for f in dataclasses.fields(obj)}
+    if head not in names:
+        raise ValueError(f"unknown config key {full!r}: {type(obj).__name__} has {sorted(names)}")
+    current = getattr(obj, head)
+    if rest:
+        return replace(obj, **{head: _set(current, rest, value, full)})
+    if dataclasses.is_dataclass(current) and isinstance(value, dict):
+        value = from_dict(type(current), {**dataclasses.asdict(current), **value})
+    elif isinstance(value, list):
+        value = tuple(value)
+    elif isinstance(current, bool) and not isinstance(value, bool):
+        raise ValueError(f"override {full!r}: expected true or false, got {value!r}")
+    elif isinstance(current, (int, float)) and not isinstance(current, bool):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ValueError(f"override {full!r}: expected a number, got {value!r}")
+        value = type(current)(value) if isinstance(current, float) or float(value).is_integer() else value
+    return replace(obj, **{head: value})

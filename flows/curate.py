@@ -25,8 +25,9 @@ from prefect.cache_policies import NO_CACHE
 from flows.config import FlywheelConfig
 from flows.describe import write_clips
 from flows.runtime import Context, code_version, ensure_ray
+from sim import worlds
 from stages import curate_ray, sources, storage
-from stages.curate import EPISODES, REJECTS, frames_schema, reject_row, to_json
+from stages.curate import EPISODES, REJECTS, features_of, frames_schema, reject_row, to_json
 
 SOURCES = pa.schema([
     ("source_key", pa.string()), ("source_uri", pa.string()), ("format", pa.string()),
@@ -42,6 +43,8 @@ TABLES = ("frames", "episodes", "clips", "rejects", "sources")
 def new_units(ctx: Context) -> tuple[list[dict], int]:
     """Units in the landing zone whose key (URI, files, sizes, etags) is not in the manifest."""
     listed = storage.list_objects(ctx.landing_uri, suffix="", storage_options=ctx.storage_options)
+    others = [storage.join(ctx.landing_uri, name) + "/" for name in worlds.names() if name != ctx.world_name]
+    listed = [o for o in listed if not any(o["uri"].startswith(p) for p in others)]  # another world's fleet logs
     units = sources.discover(listed, root=ctx.landing_uri)
     done = ctx.lake.keys("sources", "source_key")
     return [u for u in units if u["key"] not in done], len(units)
@@ -65,17 +68,20 @@ def repair(ctx: Context) -> dict:
 def stage_params(config: FlywheelConfig, turn: int) -> dict:
     """The keyword arguments of the pure stages from a resolved config: ``mapping`` (a dict for
     ``Mapping.from_dict``), ``ingest`` (of ``ingest_unit``) and ``judge`` (of ``judge_batch``)."""
-    c = config.curate
+    c, spec = config.curate, config.spec
     return {"mapping": c.mapping, "ingest": {
-        "turn": turn, "image_size": config.world.image_size, "action_dim": c.action_dim,
-        "state_dim": c.state_dim, "min_length": c.min_length, "gap_factor": c.gap_factor,
-        "hold_factor": c.hold_factor, "val_fraction": c.val_fraction,
+        "turn": turn, "image_size": config.world.image_size, "action_dim": len(spec.actions),
+        "state_dim": len(spec.state_names), "signal_names": spec.signals, "min_length": c.min_length,
+        "gap_factor": c.gap_factor, "hold_factor": c.hold_factor, "val_fraction": c.val_fraction,
+        "features": features_of(spec),
         "lineage": {"code_version": code_version(), "config_digest": config.digest()}},
         "judge": {"clip_k": c.clip_frames, "signal_params": {}, "event_params": dict(c.events),
+                  "world": dataclasses.asdict(config.world),
                   "verdict_params": {"max_frozen_fraction": c.max_frozen_fraction,
                                      "max_dark_fraction": c.max_dark_fraction,
                                      "max_dropped_fraction": c.max_dropped_fraction,
-                                     "action_low": list(c.action_low), "action_high": list(c.action_high)}}}
+                                     "action_low": spec.action_low.tolist(),
+                                     "action_high": spec.action_high.tolist()}}}
 
 
 @task(name="ingest-and-judge", cache_policy=NO_CACHE)
@@ -92,9 +98,10 @@ def ingest_and_judge(ctx: Context, units: list[dict], turn: int) -> tuple[list[d
 @task(name="commit-tables", cache_policy=NO_CACHE)
 def commit(ctx: Context, units: list[dict], results: list[dict], verdicts: dict, turn: int) -> dict:
     """Commit frames, clips, episodes, rejects and the manifest, in that order; returns counts."""
-    c, lake, now = ctx.config.curate, ctx.lake, datetime.now(timezone.utc)
+    spec, lake, now = ctx.config.spec, ctx.lake, datetime.now(timezone.utc)
     fragments = [f for v in verdicts.values() for f in pickle.loads(v["fragments"])]
-    schema = frames_schema(ctx.config.world.image_size, action_dim=c.action_dim, state_dim=c.state_dim)
+    schema = frames_schema(ctx.config.world.image_size, action_dim=len(spec.actions),
+                           state_dim=len(spec.state_names), features=features_of(spec))
     before = lake.count("frames")
     lake.commit_fragments("frames", fragments, schema)
     added = {"frames": lake.count("frames") - before}
@@ -145,13 +152,15 @@ def save_lineage(ctx: Context, units: list[dict], turn: int) -> None:
 
 @flow(name="curate")
 def curate_flow(config: str = "default", lake: str = "./lake", landing: str = "./landing",
-                turn: int | None = None, mapping: dict | None = None, reasoner: str | None = None) -> dict:
+                world: str = "carracing", overrides: list[str] | None = None,
+                config_file: str | None = None, turn: int | None = None, mapping: dict | None = None, reasoner: str | None = None) -> dict:
     """Ingest new logs; returns counts (seen = kept + rejected), rows added and table versions.
 
     ``mapping`` overrides which topic or feature plays which role (``stages.streams.Mapping``);
     ``reasoner`` is a saved reasoner or local vision-language model to describe clips with.
     """
-    ctx = Context.create(config=config, lake=lake, landing=landing)
+    ctx = Context.create(config=config, lake=lake, landing=landing, world=world, overrides=overrides,
+                         config_file=config_file)
     overrides = {"mapping": {**ctx.config.curate.mapping, **mapping}} if mapping else {}
     overrides |= {"reasoner": reasoner} if reasoner else {}
     if overrides:

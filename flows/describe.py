@@ -8,6 +8,7 @@ none of these, clips are written without embedding, tags or caption and are not 
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import pickle
@@ -63,16 +64,22 @@ def _held_out(table: pa.Table) -> np.ndarray:
 
 
 @ray.remote(num_cpus=1)
-def _train(clips: np.ndarray, evts: list, tags: list, held: np.ndarray, preset: str,
+def _train(clips: np.ndarray, evts: list, tags: list, held: np.ndarray, preset: str, world: str,
            device: str) -> tuple[bytes, dict]:
+    import dataclasses
+
     import torch
 
     from models import reasoner
+    from sim import worlds
 
     torch.set_num_threads(1)
+    spec = worlds.spec(world)
+    config = dataclasses.replace(reasoner.preset(preset), tags=dict(spec.tags), events=spec.reasoner_events,
+                                 mirror=dict(spec.mirror))
     model, metrics = reasoner.train_reasoner(
         clips[~held], [e for e, h in zip(evts, held) if not h], [t for t, h in zip(tags, held) if not h],
-        config=reasoner.preset(preset), val_clips=clips[held],
+        config=config, val_clips=clips[held],
         val_events=[e for e, h in zip(evts, held) if h], val_tags=[t for t, h in zip(tags, held) if h],
         device=device)
     with tempfile.TemporaryDirectory() as d:
@@ -108,7 +115,8 @@ def reasoner_uri(ctx: Context, clips: pa.Table, turn: int) -> tuple[str, dict]:
     tags = [json.loads(t) for t in table.column("label_tags").to_pylist()]
     gpu = ctx.config.train.use_gpu
     packed, metrics = ray.get(_train.options(num_gpus=int(gpu)).remote(
-        frames, table.column("event").to_pylist(), tags, held, c.reasoner_preset, "cuda" if gpu else "cpu"))
+        frames, table.column("event").to_pylist(), tags, held, c.reasoner_preset, ctx.world_name,
+        "cuda" if gpu else "cpu"))
     import io
     import tarfile
 
@@ -141,6 +149,7 @@ def write_clips(ctx: Context, verdicts: dict, episodes: list[dict], turn: int) -
     evts = clips.column("event").to_pylist()
     if uri:
         described = curate_ray.describe_clips(clips, reasoner_uri=uri, storage_options=ctx.storage_options,
+                                              world=dataclasses.asdict(ctx.config.world),
                                               parallelism=ctx.config.fleet.parallelism)
         order = {cid: i for i, cid in enumerate(described.column("clip_id").to_pylist())}
         idx = [order[cid] for cid in clips.column("clip_id").to_pylist()]
@@ -160,7 +169,7 @@ def write_clips(ctx: Context, verdicts: dict, episodes: list[dict], turn: int) -
         if have:  # routine clips far from everything the lake holds are mined as novelty
             evts = ["novelty" if e == "none" and d > c.novelty_threshold else e for e, d in zip(evts, novelty)]
         emb = vectors.tolist()
-    weights = events.sample_weights(evts)
+    weights = events.sample_weights(evts, weights=events.oversample(ctx.config.spec))
     out = clips.drop_columns(["frames"]).set_column(clips.schema.get_field_index("event"), "event",
                                                    pa.array(evts, pa.string()))
     out = out.append_column("weight", pa.array(weights, pa.float32()))

@@ -1,14 +1,16 @@
 """Evaluate flow: closed-loop rollouts of the candidate, the champion and two references.
 
-All drivers run on the same held-out seeds (never driven by the fleet), in parallel on Ray, with
+All drivers run on the same held-out scenes (every evaluated task on every held-out seed; the
+fleet never drives those seeds), in parallel on Ray, with
 the safety driver in shadow mode: it never acts, it counts the takeovers it would have made
 ("interventions needed"). Results go to the Lance `evaluations` table, one row per (model version,
-seed); a version already evaluated on a seed is not driven again, so the champion and the
+task, seed); a version already evaluated on a scene is not driven again, so the champion and the
 references (privileged expert, random policy) are driven once and reused by later turns.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 from datetime import datetime, timezone
 
 import pyarrow as pa
@@ -20,19 +22,25 @@ from stages import adapters
 from stages.evaluate import paired, summarize
 from stages.lake import EVALUATIONS
 
-REFERENCES = {"expert": {"kind": "expert", "noise": None}, "random": {"kind": "random"}}
+REFERENCES = {"expert": {"kind": "expert", "noisy": False}, "random": {"kind": "random"}}
 
 
-def eval_id(ctx: Context, model_name: str, model_version: str, seed: int) -> str:
+def scenes(ctx: Context) -> list[tuple[int, str]]:
+    """The held-out (seed, task) pairs every driver is evaluated on."""
+    return [(s, t) for t in ctx.config.eval_tasks for s in ctx.config.eval_seeds]
+
+
+def eval_id(ctx: Context, model_name: str, model_version: str, scene: tuple[int, str]) -> str:
     w = ctx.config.world
-    key = f"{model_name}|{model_version}|{seed}|{w.world}|{w.image_size}|{w.max_steps}"
+    key = f"{model_name}|{model_version}|{scene[0]}|{scene[1]}|{w.name}|{w.image_size}|{ctx.world.max_steps}|" \
+          f"{json.dumps(w.options, sort_keys=True)}"
     return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
 def _driver(ctx: Context, name: str, version: str) -> dict:
     if name in REFERENCES:
         return REFERENCES[name]
-    return {"kind": "policy", "registry_uri": ctx.lake_uri, "storage_options": ctx.storage_options,
+    return {"kind": "policy", "registry_uri": ctx.world_uri, "storage_options": ctx.storage_options,
             "name": name, "version": int(version)}
 
 
@@ -42,7 +50,7 @@ def evaluate_drivers(ctx: Context, drivers: dict[str, tuple[str, str]], turn: in
 
     All missing (driver, seed) rollouts share one pool, so no driver waits for another's tail.
     """
-    seeds = list(ctx.config.eval.seeds)
+    seeds = scenes(ctx)
     ids = {(role, s): eval_id(ctx, name, version, s) for role, (name, version) in drivers.items() for s in seeds}
     have = {}
     if ctx.lake.exists("evaluations"):
@@ -55,9 +63,10 @@ def evaluate_drivers(ctx: Context, drivers: dict[str, tuple[str, str]], turn: in
                                         parallelism=ctx.config.eval.parallelism)
         now = datetime.now(timezone.utc)
         rows = [{"eval_id": ids[(role, s)], "model_name": drivers[role][0], "model_version": drivers[role][1],
-                 "role": role, "seed": s, "score": float(r["score"]), "steps": int(r["steps"]),
-                 "off_track_rate": float(r["off_track_rate"]), "interventions": int(r["interventions"]),
-                 "turn": turn, "created_at": now} for (role, s), r in zip(missing, results)]
+                 "role": role, "task": s[1], "seed": s[0], "score": float(r["score"]),
+                 "success": bool(r["success"]), "steps": int(r["steps"]),
+                 "signal_rates": json.dumps({k[:-5]: v for k, v in r.items() if k.endswith("_rate")}),
+                 "interventions": int(r["interventions"]), "turn": turn, "created_at": now} for (role, s), r in zip(missing, results)]
         ctx.lake.append("evaluations", pa.Table.from_pylist(rows, schema=EVALUATIONS), key="eval_id")
         have.update({row["eval_id"]: row for row in rows})
     return {role: [have[ids[(role, s)]] for s in seeds] for role in drivers}
@@ -65,9 +74,11 @@ def evaluate_drivers(ctx: Context, drivers: dict[str, tuple[str, str]], turn: in
 
 @flow(name="evaluate")
 def evaluate_flow(config: str = "default", lake: str = "./lake", landing: str = "./landing",
-                  version: int | None = None, turn: int | None = None) -> dict:
+                  world: str = "carracing", overrides: list[str] | None = None,
+                  config_file: str | None = None, version: int | None = None, turn: int | None = None) -> dict:
     """Evaluate a policy version (default: the latest) against the champion and the references."""
-    ctx = Context.create(config=config, lake=lake, landing=landing)
+    ctx = Context.create(config=config, lake=lake, landing=landing, world=world, overrides=overrides,
+                         config_file=config_file)
     ensure_ray()
     turn = ctx.current_turn() if turn is None else turn
     versions = ctx.registry.versions(POLICY)
@@ -86,11 +97,13 @@ def evaluate_flow(config: str = "default", lake: str = "./lake", landing: str = 
     results = {role: dict(summarize(r, resamples=resamples), model=f"{drivers[role][0]}:{drivers[role][1]}")
                for role, r in rows.items()}
     reference = "champion" if "champion" in rows else "random"
-    scores = {role: {r["seed"]: r["score"] for r in rs} for role, rs in rows.items()}
+    scores = {role: {(r["task"], r["seed"]): r["score"] for r in rs} for role, rs in rows.items()}
     comparison = paired(scores["candidate"], scores[reference], resamples=resamples)
     ctx.registry.update_metrics(POLICY, candidate.version, {
         "eval_mean": results["candidate"]["mean"], "eval_ci95": results["candidate"]["ci95"],
-        "eval_seeds": list(ctx.config.eval.seeds), "eval_off_track_rate": results["candidate"]["off_track_rate"]})
+        "eval_seeds": list(ctx.config.eval_seeds), "eval_tasks": list(ctx.config.eval_tasks),
+        "eval_success_rate": results["candidate"]["success_rate"],
+        "eval_signal_rates": results["candidate"]["signal_rates"]})
     summary = {"stage": "evaluate", "turn": turn, "candidate_version": candidate.version,
                "reference": reference, "results": results, "comparison": comparison}
     get_run_logger().info("evaluate: %s", {r: round(v["mean"], 1) for r, v in results.items()})

@@ -1,13 +1,11 @@
 """Fleet flow: drive a turn's episodes in the world and write them as MCAP logs to the landing zone.
 
-Turn 0 is driven by the privileged expert with action noise and steer pulses (so recoveries are in
-the data); later turns by the current champion through its served endpoint, with the privileged
-expert as safety driver (its takeovers are flagged as interventions in the logs).
+Turn 0 is driven by the world's privileged expert with its exploration noise (so recoveries are
+in the data); later turns by the current champion through its served endpoint, with the
+privileged expert as safety driver (its takeovers are flagged as interventions in the logs).
+Episodes go round-robin over the world's tasks; logs land in ``<landing>/<world>/turn-NNNN/``.
 """
 from __future__ import annotations
-
-import dataclasses
-
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -16,38 +14,42 @@ from flows.runtime import POLICY, Context, ensure_ray
 from stages import adapters, storage
 
 
-def fleet_seeds(ctx: Context, turn: int) -> list[int]:
+def fleet_scenes(ctx: Context, turn: int) -> list[tuple[int, str]]:
+    """(seed, task) of each episode of the turn; the seeds never meet the held-out ones."""
     f = ctx.config.fleet
     seeds = [f.seed_base + 1000 * turn + i for i in range(f.episodes)]
-    if set(seeds) & set(ctx.config.eval.seeds):
+    if set(seeds) & set(ctx.config.eval_seeds):
         raise ValueError("fleet seeds overlap the held-out evaluation seeds; change fleet.seed_base")
-    return seeds
+    return list(zip(seeds, ctx.world.scene_tasks(len(seeds))))
 
 
 def driver_spec(ctx: Context, endpoint: str | None) -> dict:
     """Who drives this turn: the champion's endpoint when there is one, else the noisy expert."""
     champion = ctx.registry.get(POLICY, alias="champion")
     if champion is None or endpoint is None:
-        return {"kind": "expert", "noise": dataclasses.asdict(ctx.config.fleet.noise)}
+        return {"kind": "expert", "noisy": True}
     return {"kind": "endpoint", "url": endpoint, "history": champion.config["history"],
             "version": f"{POLICY}:v{champion.version}"}
 
 
 @task(name="drive-episodes", cache_policy=NO_CACHE)
 def drive(ctx: Context, turn: int, spec: dict) -> list[dict]:
-    seeds = fleet_seeds(ctx, turn)
+    scenes = fleet_scenes(ctx, turn)
     who = "expert" if spec["kind"] == "expert" else "champion"
-    uris = [storage.join(ctx.landing_uri, f"turn-{turn:04d}", f"{who}-seed-{s}.mcap") for s in seeds]
-    return adapters.run_rollouts(seeds, spec=spec, world=ctx.config.world, safety="active",
+    uris = [storage.join(ctx.fleet_landing_uri, f"turn-{turn:04d}", f"{who}-{task}-seed-{s}.mcap")
+            for s, task in scenes]
+    return adapters.run_rollouts(scenes, spec=spec, world=ctx.config.world, safety="active",
                                  log_uris=uris, storage_options=ctx.storage_options,
                                  parallelism=ctx.config.fleet.parallelism)
 
 
 @flow(name="fleet")
 def fleet_flow(config: str = "default", lake: str = "./lake", landing: str = "./landing",
-               turn: int | None = None, endpoint: str | None = None) -> dict:
+               world: str = "carracing", overrides: list[str] | None = None,
+               config_file: str | None = None, turn: int | None = None, endpoint: str | None = None) -> dict:
     """Drive `config.fleet.episodes` episodes and log them; returns a summary."""
-    ctx = Context.create(config=config, lake=lake, landing=landing)
+    ctx = Context.create(config=config, lake=lake, landing=landing, world=world, overrides=overrides,
+                         config_file=config_file)
     ensure_ray()
     turn = ctx.current_turn() if turn is None else turn
     spec = driver_spec(ctx, endpoint)
@@ -58,7 +60,8 @@ def fleet_flow(config: str = "default", lake: str = "./lake", landing: str = "./
         "mean_score": sum(s["score"] for s in summaries) / n,
         "interventions": sum(s["interventions"] for s in summaries),
         "frames": sum(s["steps"] for s in summaries),
-        "landing": storage.join(ctx.landing_uri, f"turn-{turn:04d}"),
+        "success_rate": sum(s["success"] for s in summaries) / n,
+        "landing": storage.join(ctx.fleet_landing_uri, f"turn-{turn:04d}"),
     }
     get_run_logger().info("fleet: %s", summary)
     return summary

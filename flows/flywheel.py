@@ -50,11 +50,14 @@ def finish_turn(ctx: Context, turn: int, started: datetime, stages: dict) -> Non
 
 @flow(name="flywheel")
 def flywheel_flow(config: str = "default", lake: str = "./lake", landing: str = "./landing",
-                  turns: int = 1, serve: bool = True) -> dict:
+                  world: str = "carracing", overrides: list[str] | None = None,
+                  config_file: str | None = None, turns: int = 1, serve: bool = True) -> dict:
     """Run `turns` whole turns of the flywheel; returns every stage's summary per turn."""
-    ctx = Context.create(config=config, lake=lake, landing=landing)
+    ctx = Context.create(config=config, lake=lake, landing=landing, world=world, overrides=overrides,
+                         config_file=config_file)
     ensure_ray()
-    common = {"config": config, "lake": lake, "landing": landing}
+    common = {"config": config, "lake": lake, "landing": landing, "world": world, "overrides": overrides,
+              "config_file": config_file}
     done = []
     for _ in range(turns):
         turn, started, stages = ctx.current_turn(), datetime.now(timezone.utc), {}

@@ -8,22 +8,24 @@ checked with a real request built from a real frame of the lake.
 from __future__ import annotations
 
 import numpy as np
+import pyarrow.compute as pc
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.runtime import POLICY, Context, ensure_ray
 from stages.evaluate import paired
-from stages.lake import images
+from stages.lake import images, vectors
 from stages.promote import gate
 
 
-def scores(ctx: Context, name: str, version: str) -> dict[int, float]:
-    seeds = set(ctx.config.eval.seeds)
+def scores(ctx: Context, name: str, version: str) -> dict[tuple[str, int], float]:
+    """Score per held-out (task, seed) scene of a model version, from the evaluations table."""
+    wanted = {(t, s) for t in ctx.config.eval_tasks for s in ctx.config.eval_seeds}
     if not ctx.lake.exists("evaluations"):
         return {}
-    rows = ctx.lake.read("evaluations", columns=["seed", "score"],
+    rows = ctx.lake.read("evaluations", columns=["task", "seed", "score"],
                          filter=f"model_name = '{name}' AND model_version = '{version}'").to_pylist()
-    return {r["seed"]: r["score"] for r in rows if r["seed"] in seeds}
+    return {(r["task"], r["seed"]): r["score"] for r in rows if (r["task"], r["seed"]) in wanted}
 
 
 @task(name="serve-champion", cache_policy=NO_CACHE)
@@ -33,31 +35,37 @@ def serve_champion(ctx: Context) -> dict:
     from serving.client import ActClient
 
     s = ctx.config.serve
-    url = deploy(registry_uri=ctx.lake_uri, model_name=POLICY, alias="champion",
+    url = deploy(registry_uri=ctx.world_uri, model_name=POLICY, alias="champion", world=ctx.world_name,
                  storage_options=ctx.storage_options, host=s.host, port=s.port, app_name=s.app_name,
                  num_replicas=s.num_replicas, route_prefix=s.route_prefix)
     champion = ctx.registry.get(POLICY, alias="champion")
     k = champion.config["history"]
-    frames = ctx.lake.read("frames", columns=["image"], filter="origin = 'real' AND step >= 60 AND step < 64")
-    client = ActClient(url)
-    action = client.act(images(frames.column("image"))[:k])
+    start = ctx.config.spec.warmup_steps
+    rows = ctx.lake.read("frames", columns=["episode_id", "step", "image", "state", "task"],
+                         filter=f"origin = 'real' AND step >= {start} AND step < {start + k}")
+    rows = rows.filter(pc.equal(rows.column("episode_id"), rows.column("episode_id")[0])).sort_by("step")
+    state = vectors(rows.column("state"))[-1][ctx.config.spec.policy_state_index]
+    client = ActClient(url, world=ctx.world_name)
+    action = client.act(images(rows.column("image"))[:k], state=state, task=rows.column("task")[-1].as_py())
     health = client.health()
     return {"url": url, "health": health, "probe_action": [round(float(a), 4) for a in action]}
 
 
 @flow(name="promote")
 def promote_flow(config: str = "default", lake: str = "./lake", landing: str = "./landing",
-                 version: int | None = None, serve: bool = True) -> dict:
+                 world: str = "carracing", overrides: list[str] | None = None,
+                 config_file: str | None = None, version: int | None = None, serve: bool = True) -> dict:
     """Gate a policy version (default: the latest) and roll the champion out to Ray Serve."""
-    ctx = Context.create(config=config, lake=lake, landing=landing)
+    ctx = Context.create(config=config, lake=lake, landing=landing, world=world, overrides=overrides,
+                         config_file=config_file)
     versions = ctx.registry.versions(POLICY)
     if not versions:
         raise ValueError("no policy in the registry: run `worldloop train --model policy` first")
     candidate = ctx.registry.get(POLICY, version=version) if version is not None else versions[-1]
     champion = ctx.registry.get(POLICY, alias="champion")
     cand = scores(ctx, POLICY, str(candidate.version))
-    if len(cand) < len(ctx.config.eval.seeds):
-        raise ValueError(f"policy v{candidate.version} is not evaluated on all held-out seeds: "
+    if len(cand) < len(ctx.config.eval_seeds) * len(ctx.config.eval_tasks):
+        raise ValueError(f"policy v{candidate.version} is not evaluated on all held-out scenes: "
                          f"run `worldloop evaluate --version {candidate.version}` first")
     if champion is not None and champion.version == candidate.version:
         decision = {"promote": False, "reason": "candidate is already the champion"}

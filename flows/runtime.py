@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from functools import cached_property
 
-from flows.config import FlywheelConfig, preset
+from flows.config import FlywheelConfig, resolve
 
 POLICY, WORLD_MODEL = "policy", "world_model"
 
@@ -81,32 +81,64 @@ def ensure_ray(address: str | None = None) -> None:
 
 @dataclass
 class Context:
+    """A run's resolved config and where its world's data lives.
+
+    One lake holds several worlds: each world's tables and registry live under
+    ``<lake>/<world>/`` (``world_uri``), so training, evaluation and serving of one world never
+    read another's rows. The fleet logs into ``<landing>/<world>/``; curate reads the whole
+    landing zone except the folders of other registered worlds.
+    """
+
     config: FlywheelConfig
     lake_uri: str
     landing_uri: str
     storage_options: dict | None = None
 
     @classmethod
-    def create(cls, *, config: str, lake: str, landing: str) -> "Context":
-        """Resolve a preset; WORLDLOOP_SERVE_PORT overrides the endpoint's port (a deployment detail)."""
+    def create(cls, *, config: str, lake: str, landing: str, world: str = "carracing",
+               overrides: list[str] | None = None, config_file: str | None = None) -> "Context":
+        """Resolve a preset for a world with overrides; WORLDLOOP_SERVE_PORT overrides the endpoint's
+        port (a deployment detail)."""
         lake, landing = _absolute(lake), _absolute(landing)
-        resolved = preset(config)
+        resolved = resolve(config, world=world, config_file=config_file, overrides=overrides)
         if os.environ.get("WORLDLOOP_SERVE_PORT"):
             port = int(os.environ["WORLDLOOP_SERVE_PORT"])
             resolved = replace(resolved, serve=replace(resolved.serve, port=port))
         return cls(resolved, lake, landing, storage_options_from_env(lake, landing))
 
+    @property
+    def world_name(self) -> str:
+        return self.config.world.name
+
+    @cached_property
+    def world(self):
+        from sim import worlds
+
+        return worlds.get(self.config.world)
+
+    @property
+    def world_uri(self) -> str:
+        from stages import storage
+
+        return storage.join(self.lake_uri, self.world_name)
+
+    @property
+    def fleet_landing_uri(self) -> str:
+        from stages import storage
+
+        return storage.join(self.landing_uri, self.world_name)
+
     @cached_property
     def lake(self):
         from stages.lake import Lake
 
-        return Lake(self.lake_uri, storage_options=self.storage_options)
+        return Lake(self.world_uri, storage_options=self.storage_options)
 
     @cached_property
     def registry(self):
         from models.registry import Registry
 
-        return Registry(self.lake_uri, storage_options=self.storage_options)
+        return Registry(self.world_uri, storage_options=self.storage_options)
 
     @property
     def work_dir(self) -> str:

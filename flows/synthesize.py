@@ -16,7 +16,6 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.runtime import WORLD_MODEL, Context, ensure_ray
-from sim.carracing import INTRO_STEPS, STEP_NS
 from stages import adapters
 from stages.curate import EPISODES, REJECTS, episode_to_tables, reject_row
 from stages.lake import images, vectors
@@ -24,45 +23,50 @@ from stages.synthesize import select_parents
 
 
 def _window(ctx: Context, episode_id: str, start: int, history: int, horizon: int) -> dict:
-    rows = ctx.lake.read("frames", columns=["step", "image", "action", "label"],
+    rows = ctx.lake.read("frames", columns=["step", "image", "action", "label", "state", "task"],
                          filter=f"episode_id = '{episode_id}' AND step >= {start - history + 1} "
                                 f"AND step <= {start + horizon}").sort_by("step")
     steps = rows.column("step").to_numpy()
     frames, actions, labels = images(rows.column("image")), vectors(rows.column("action")), vectors(rows.column("label"))
     at = int(np.searchsorted(steps, start))
-    return {"history": frames[at - history + 1: at + 1], "actions": actions[at:], "labels": labels[at:]}
+    return {"history": frames[at - history + 1: at + 1], "actions": actions[at:], "labels": labels[at:],
+            "states": vectors(rows.column("state"))[at + 1:], "task": rows.column("task")[at].as_py()}
 
 
 @task(name="load-parent-windows", cache_policy=NO_CACHE)
 def parent_batch(ctx: Context, turn: int, history: int) -> tuple[list[tuple[str, int]], dict]:
     s = ctx.config.synth
-    light = ctx.lake.read("frames", columns=["episode_id", "step", "intervention", "off_track"],
+    light = ctx.lake.read("frames", columns=["episode_id", "step", "intervention", "signals"],
                           filter="origin = 'real' AND split = 'train'")
-    parents = select_parents(light, n=s.variants, horizon=s.horizon + 1, min_step=max(INTRO_STEPS, history),
-                             seed=turn)
+    parents = select_parents(light, n=s.variants, horizon=s.horizon + 1,
+                             min_step=max(ctx.config.spec.warmup_steps, history), seed=turn)
     windows = [_window(ctx, e, t, history, s.horizon) for e, t in parents]
     batch = {"history_BKHWC": np.stack([w["history"] for w in windows]),
              "parent_actions_BTA": np.stack([w["actions"] for w in windows]),
-             "parent_labels_BTA": np.stack([w["labels"] for w in windows])}
-    return parents, batch
+             "parent_labels_BTA": np.stack([w["labels"] for w in windows]),
+             "tasks": np.array([w["task"] for w in windows], dtype=object)}
+    return parents, batch, [w["states"] for w in windows]
 
 
-def _tables(ctx: Context, turn: int, wm, parents, out: dict) -> tuple[list[dict], list[pa.Table], list[dict]]:
+def _tables(ctx: Context, turn: int, wm, parents, out: dict, tasks, states) -> tuple[list[dict], list[pa.Table], list[dict]]:
     episodes, frames, rejects = [], [], []
     version = f"{WORLD_MODEL}:v{wm.version}"
     for i, (parent, start) in enumerate(parents):
         offset = float(out["offsets_B"][i])
-        uri = f"worldmodel://{version}?parent={parent}&step={start}&steer_offset={offset:+.2f}&turn={turn}"
+        uri = f"worldmodel://{version}?parent={parent}&step={start}&offset={offset:+.2f}&turn={turn}"
         if out["reject_reasons"][i] is not None:
             rejects.append(reject_row(uri, stage="synthesize", reason="implausible",
                                       detail=out["reject_reasons"][i], turn=turn))
             continue
         digest = hashlib.sha256(uri.encode()).hexdigest()
         n = out["frames_BTHWC"].shape[1]
-        episode = {"world": ctx.config.world.world, "seed": -1, "driver": version, "policy_version": "",
+        spec = ctx.config.spec
+        # the parent's logged states are those of the real trajectory, not of this variant: NaN
+        episode = {"world": spec.name, "seed": -1, "driver": version, "policy_version": "",
                    "frames": out["frames_BTHWC"][i], "actions": out["actions_BTA"][i],
-                   "labels": out["labels_BTA"][i],
-                   "timestamps_ns": (start + 1 + np.arange(n, dtype=np.int64)) * STEP_NS}
+                   "labels": out["labels_BTA"][i], "instruction": tasks[i],
+                   "states": _variant_states(spec, states[i][:n], n),
+                   "timestamps_ns": (start + 1 + np.arange(n, dtype=np.int64)) * spec.step_ns}
         row, table = episode_to_tables(
             episode, episode_id=f"syn-{digest[:24]}", source_uri=uri, content_hash=digest, turn=turn,
             origin="synthetic", parent_episode_id=parent, generator_version=version,
@@ -72,29 +76,44 @@ def _tables(ctx: Context, turn: int, wm, parents, out: dict) -> tuple[list[dict]
     return episodes, frames, rejects
 
 
+def _variant_states(spec, parent_states: np.ndarray, n: int) -> np.ndarray:
+    """States of a variant: the policy's inputs that the perturbation does not move (the task's
+    goal, say) are kept from the parent where the world marks them static; everything else is
+    unknown (NaN), since no simulator produced it."""
+    states = np.full((n, len(spec.state_names)), np.nan, np.float32)
+    static = [spec.state_names.index(name) for name in spec.static_state]
+    if static and len(parent_states):
+        states[:len(parent_states), static] = parent_states[:, static]
+        states[len(parent_states):, static] = parent_states[-1, static]
+    return states
+
+
 @flow(name="synthesize")
 def synthesize_flow(config: str = "default", lake: str = "./lake", landing: str = "./landing",
-                    turn: int | None = None) -> dict:
+                    world: str = "carracing", overrides: list[str] | None = None,
+                    config_file: str | None = None, turn: int | None = None) -> dict:
     """Generate `config.synth.variants` synthetic episodes with the latest world model."""
-    ctx = Context.create(config=config, lake=lake, landing=landing)
+    ctx = Context.create(config=config, lake=lake, landing=landing, world=world, overrides=overrides,
+                         config_file=config_file)
     versions = ctx.registry.versions(WORLD_MODEL)
     if not versions:
         raise ValueError("no world model in the registry: run `worldloop train --model world_model` first")
     ensure_ray()
     turn = ctx.current_turn() if turn is None else turn
     wm, s = versions[-1], ctx.config.synth
-    parents, batch = parent_batch(ctx, turn, wm.config["history"])
+    parents, batch, states = parent_batch(ctx, turn, wm.config["history"])
     if not parents:
         raise ValueError("no real training window long enough to start a synthetic variant from")
-    params = {"offsets": list(s.steer_offsets), "drift_steps": s.drift_steps, "gain": s.recovery_gain,
+    params = {"offsets": list(s.offsets), "drift_steps": s.drift_steps,
               "max_frame_change": s.max_frame_change, "max_color_shift": s.max_color_shift}
     chunks = [{k: v[idx] for k, v in batch.items()}
               for idx in np.array_split(np.arange(len(parents)), max(1, s.parallelism)) if len(idx)]
-    outs = adapters.synthesize_batches(ctx.registry.fetch(wm), chunks, params=params, seed=1000 * turn,
+    outs = adapters.synthesize_batches(ctx.registry.fetch(wm), chunks, world=dataclasses.asdict(ctx.config.world),
+                                       params=params, seed=1000 * turn,
                                        parallelism=s.parallelism)
     out = {k: (sum((o[k] for o in outs), []) if k == "reject_reasons" else np.concatenate([o[k] for o in outs]))
            for k in outs[0]}
-    episodes, frames, rejects = _tables(ctx, turn, wm, parents, out)
+    episodes, frames, rejects = _tables(ctx, turn, wm, parents, out, batch["tasks"], states)
     added = {"frames": 0, "episodes": 0, "rejects": 0}
     if episodes:
         added["frames"] = ctx.lake.append("frames", pa.concat_tables(frames), key="frame_id")

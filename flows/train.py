@@ -47,24 +47,31 @@ def run_training(ctx: Context, kind: str, turn: int, init_dir: str | None, run_n
     t = ctx.config.train
     model_config = ctx.config.policy if kind == POLICY else ctx.config.world_model
     weighted = kind == POLICY and t.oversample_events and ctx.lake.exists("clips")
+    spec = ctx.config.spec
+    # synthetic rows know only the static part of the state (``_variant_states``): a policy that
+    # reads moving state trains on real rows
+    moving = any(name not in spec.static_state for name in spec.policy_state)
     return train_model(
         kind, frames_uri=ctx.lake.table_uri("frames"), model_config=model_config,
         storage_path=os.path.join(ctx.work_dir, "ray_results"), storage_options=ctx.storage_options,
         num_workers=t.num_workers, cpus_per_worker=t.cpus_per_worker, use_gpu=t.use_gpu,
         synthetic_fraction=t.synthetic_fraction if kind == POLICY else 0.0, init_dir=init_dir,
-        filter=None if kind == POLICY else "origin = 'real'", seed=turn, run_name=run_name or f"{kind}-turn{turn}",
+        filter=None if kind == POLICY and not moving else "origin = 'real'", seed=turn,
+        state_index=spec.policy_state_index.tolist(), run_name=run_name or f"{kind}-turn{turn}",
         clips_uri=ctx.lake.table_uri("clips") if weighted else None, duplicate_weight=t.duplicate_weight)
 
 
 @flow(name="train")
 def train_flow(config: str = "default", lake: str = "./lake", landing: str = "./landing",
-               model: str = POLICY, turn: int | None = None) -> dict:
+               world: str = "carracing", overrides: list[str] | None = None,
+               config_file: str | None = None, model: str = POLICY, turn: int | None = None) -> dict:
     """Train `model` ("policy" or "world_model") and register a new version; returns a summary."""
     if model not in (POLICY, WORLD_MODEL):
         raise ValueError(f"model must be {POLICY!r} or {WORLD_MODEL!r}, got {model!r}")
-    ctx = Context.create(config=config, lake=lake, landing=landing)
+    ctx = Context.create(config=config, lake=lake, landing=landing, world=world, overrides=overrides,
+                         config_file=config_file)
     if not ctx.lake.exists("frames"):
-        raise ValueError(f"no frames table in {ctx.lake_uri}: run `worldloop curate` first")
+        raise ValueError(f"no frames table in {ctx.world_uri}: run `worldloop curate` first")
     ensure_ray()
     turn = ctx.current_turn() if turn is None else turn
     model_config = dataclasses.asdict(ctx.config.policy if model == POLICY else ctx.config.world_model)

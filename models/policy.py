@@ -1,42 +1,64 @@
-"""Pixels-to-action driving policy: a small CNN over a stack of the last K frames.
+"""Pixels (+ state, + task instruction) -> action policy: a small CNN over the last K frames.
 
-The design follows the classic end-to-end driving nets (NVIDIA PilotNet, Bojarski et al. 2016;
-the Atari DQN encoder, Mnih et al. 2015): a 2x space-to-depth (pixel unshuffle, a large CPU
-speed-up) then strided convolutions over stacked RGB frames (frame
-history gives the net motion, hence speed), a small MLP head, steer squashed by tanh to [-1, 1]
-and gas/brake by a sigmoid to [0, 1], trained by behaviour cloning (per-channel weighted
-smooth-L1 on the squashed outputs). Training hyper-parameters live beside the architecture so
-the resolved config saved with a checkpoint says how it was made.
+The design follows the classic end-to-end visuomotor nets (NVIDIA PilotNet, Bojarski et al.
+2016; the Atari DQN encoder, Mnih et al. 2015): a 2x space-to-depth (pixel unshuffle, a large CPU
+speed-up) then strided convolutions over stacked RGB frames (frame history gives the net motion,
+hence speed), and a small MLP head. It is world-agnostic: the world's spec sets the action
+bounds, the proprioceptive/goal state and the task vocabulary through the config.
+
+* Actions: A = len(action_low) outputs, each squashed into its [low, high] as
+  low + (high - low) * sigmoid(raw); trained by behaviour cloning with per-action weighted
+  smooth-L1 on the squashed outputs.
+* State (``state_dim`` > 0): normalised by running mean/std buffers (updated in training mode,
+  frozen in eval, saved with the weights; the observation normalisation of RL practice, e.g.
+  stable-baselines' VecNormalize), clipped to +-5, then a small MLP; concatenated with the image
+  features before the head.
+* Task (``task_vocab`` non-empty): the instruction goes through ``models.text.TaskEncoder``
+  (word-level tokens, a one-layer BERT trained from scratch, mean-pooled); its embedding
+  FiLM-modulates the last convolutional features (Perez et al. 2018; as in RT-1 / BC-Z) and is
+  concatenated before the head.
+
+Training hyper-parameters live beside the architecture so the resolved config saved with a
+checkpoint says how it was made.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
+from models import checkpoint
+from models.text import TaskEncoder, check_vocab
+
+WEIGHTS_NAME = checkpoint.WEIGHTS_NAME
+CONFIG_NAME = checkpoint.CONFIG_NAME
 
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    """Architecture and behaviour-cloning hyper-parameters of the driving policy."""
+    """Architecture, inputs/outputs and behaviour-cloning hyper-parameters of the policy."""
 
     image_size: int = 64
     history: int = 3  # K frames stacked on channels, oldest first
     channels: tuple[int, ...] = (32, 64, 128)  # one stride-2 conv per entry, after a 2x space-to-depth
     hidden: int = 256
     dropout: float = 0.1
-    loss_weights: tuple[float, float, float] = (2.0, 1.0, 1.0)  # steer, gas, brake
+    # outputs: one per action, squashed into [low, high]
+    action_low: tuple[float, ...] = (-1.0, 0.0, 0.0)
+    action_high: tuple[float, ...] = (1.0, 1.0, 1.0)
+    loss_weights: tuple[float, ...] = ()  # one per action; () = all 1
+    # inputs beside the pixels
+    state_dim: int = 0  # width of the state vector the policy reads (the world's policy_state); 0 = none
+    state_hidden: int = 64
+    task_vocab: tuple[str, ...] = ()  # lower-case words of the world's task instructions; () = no task input
+    task_hidden: int = 32
+    task_max_len: int = 32  # tokens kept per instruction
     # training recipe (used by the post-training stage / recipe script)
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -48,12 +70,30 @@ class PolicyConfig:
             raise ValueError(f"history must be >= 1, got {self.history}")
         if self.image_size % 2 ** (len(self.channels) + 1):
             raise ValueError(f"image_size {self.image_size} must be divisible by 2**{len(self.channels) + 1}")
+        if not self.action_low or len(self.action_low) != len(self.action_high):
+            raise ValueError(f"action_low and action_high need the same non-zero length, got "
+                             f"{self.action_low} and {self.action_high}")
+        if not all(lo < hi for lo, hi in zip(self.action_low, self.action_high)):
+            raise ValueError(f"each action_low must be below its action_high, got {self.action_low}, "
+                             f"{self.action_high}")
+        if self.loss_weights and (len(self.loss_weights) != self.action_dim
+                                  or min(self.loss_weights) < 0 or sum(self.loss_weights) <= 0):
+            raise ValueError(f"loss_weights must be () or {self.action_dim} non-negative floats with a "
+                             f"positive sum, got {self.loss_weights}")
+        if self.state_dim < 0 or self.state_hidden < 1 or self.task_hidden < 1 or self.task_max_len < 1:
+            raise ValueError("state_dim must be >= 0 and state_hidden, task_hidden, task_max_len >= 1")
+        check_vocab(self.task_vocab)
+
+    @property
+    def action_dim(self) -> int:
+        return len(self.action_low)
 
 
 _DEFAULT = PolicyConfig()
 _TINY = dataclasses.replace(_DEFAULT, image_size=32, history=2, channels=(8, 16), hidden=32, dropout=0.0,
-                            batch_size=16, steps=50)
-_GPU = dataclasses.replace(_DEFAULT, channels=(64, 128, 256), hidden=512, batch_size=512, steps=20000)
+                            state_hidden=16, task_hidden=16, batch_size=16, steps=50)
+_GPU = dataclasses.replace(_DEFAULT, channels=(64, 128, 256), hidden=512, state_hidden=128, task_hidden=64,
+                           batch_size=512, steps=20000)
 PRESETS = {"tiny": _TINY, "default": _DEFAULT, "gpu": _GPU}
 
 
@@ -65,63 +105,150 @@ def preset(name: str) -> PolicyConfig:
 
 
 def config_from_dict(d: dict) -> PolicyConfig:
-    """Rebuild a config from its JSON form (lists back to tuples; unknown keys are an error)."""
-    names = {f.name for f in dataclasses.fields(PolicyConfig)}
-    unknown = set(d) - names
-    if unknown:
-        raise ValueError(f"unknown PolicyConfig fields: {sorted(unknown)}")
-    return PolicyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    """Rebuild a config from its JSON form (lists back to tuples; unknown keys are an error; missing
+    keys take their defaults, so older checkpoints load)."""
+    return checkpoint.config_from_dict(PolicyConfig, d)
+
+
+class RunningNorm(nn.Module):
+    """(x - mean) / std clipped to +-clip, with mean/var buffers merged from every training batch
+    (Chan et al.'s parallel update); eval mode uses them frozen. std is floored at ``min_std``."""
+
+    def __init__(self, dim: int, clip: float = 5.0, min_std: float = 1e-2) -> None:
+        super().__init__()
+        self.clip, self.min_std = clip, min_std
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("var", torch.ones(dim))
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+
+    def forward(self, x_BS: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            with torch.no_grad():
+                n, m = float(self.count), float(x_BS.shape[0])
+                b_mean, b_var = x_BS.mean(0), x_BS.var(0, unbiased=False)
+                delta, total = b_mean - self.mean, n + m
+                var = (self.var * n + b_var * m + delta ** 2 * n * m / total) / total
+                self.mean.add_(delta * m / total)
+                self.var.copy_(var)
+                self.count.add_(m)
+        std = self.var.clamp_min(self.min_std ** 2).sqrt()
+        return ((x_BS - self.mean) / std).clamp(-self.clip, self.clip)
 
 
 class Policy(nn.Module):
-    """CNN policy: uint8 frames [B, K, H, W, 3] -> action [B, 3] = (steer, gas, brake)."""
+    """uint8 frames [B, K, H, W, 3] (+ state [B, S], + task tokens [B, L]) -> actions [B, A] in bounds."""
 
     def __init__(self, config: PolicyConfig) -> None:
         super().__init__()
-        self.config = config
-        blocks, c_in = [nn.PixelUnshuffle(2)], 4 * 3 * config.history  # space-to-depth: cheap on CPU
-        for c_out in config.channels:
+        self.config = c = config
+        blocks, c_in = [nn.PixelUnshuffle(2)], 4 * 3 * c.history  # space-to-depth: cheap on CPU
+        for c_out in c.channels:
             blocks += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.SiLU()]
             c_in = c_out
         self.encoder = nn.Sequential(*blocks)
-        side = config.image_size // 2 ** (len(config.channels) + 1)
-        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(config.dropout),
-                                  nn.Linear(c_in * side * side, config.hidden), nn.SiLU(),
-                                  nn.Dropout(config.dropout), nn.Linear(config.hidden, 3))
+        side = c.image_size // 2 ** (len(c.channels) + 1)
+        extra = 0
+        self.state_norm = self.state_mlp = self.task_encoder = self.film = None
+        if c.state_dim:
+            self.state_norm = RunningNorm(c.state_dim)
+            self.state_mlp = nn.Sequential(nn.Linear(c.state_dim, c.state_hidden), nn.SiLU(),
+                                           nn.Linear(c.state_hidden, c.state_hidden), nn.SiLU())
+            extra += c.state_hidden
+        if c.task_vocab:
+            self.task_encoder = TaskEncoder(c.task_vocab, c.task_hidden, c.task_max_len)
+            self.film = nn.Linear(c.task_hidden, 2 * c_in)  # per-channel (gamma, beta); zero init = identity
+            nn.init.zeros_(self.film.weight)
+            nn.init.zeros_(self.film.bias)
+            extra += c.task_hidden
+        # the leading Flatten is a no-op on [B, D]; it keeps the pixels-only parameter names of older checkpoints
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(c.dropout),
+                                  nn.Linear(c_in * side * side + extra, c.hidden), nn.SiLU(),
+                                  nn.Dropout(c.dropout), nn.Linear(c.hidden, c.action_dim))
+        self.register_buffer("action_low", torch.tensor(c.action_low, dtype=torch.float32), persistent=False)
+        self.register_buffer("action_high", torch.tensor(c.action_high, dtype=torch.float32), persistent=False)
 
-    def _check(self, frames_BKHWC: torch.Tensor) -> None:
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        """Token ids LongTensor[B, L] (CPU) of task instructions, for ``forward``'s ``tokens_BL``."""
+        if self.task_encoder is None:
+            raise ValueError("this policy has no task input (config.task_vocab is empty)")
+        return self.task_encoder.tokenize(texts)
+
+    def _check(self, frames_BKHWC: torch.Tensor, state_BS: torch.Tensor | None,
+               tokens_BL: torch.Tensor | None) -> None:
         c = self.config
         want = (c.history, c.image_size, c.image_size, 3)
         if frames_BKHWC.ndim != 5 or tuple(frames_BKHWC.shape[1:]) != want:
             raise ValueError(f"frames must be [B, {', '.join(map(str, want))}], got {tuple(frames_BKHWC.shape)}")
+        B = frames_BKHWC.shape[0]
+        if c.state_dim and state_BS is None:
+            raise ValueError(f"this policy reads a state of width {c.state_dim}: pass state [B, {c.state_dim}]")
+        if state_BS is not None and tuple(state_BS.shape) != (B, c.state_dim):
+            raise ValueError(f"state must be [{B}, {c.state_dim}], got {tuple(state_BS.shape)}")
+        if state_BS is not None and state_BS.numel() and not torch.isfinite(state_BS).all():
+            raise ValueError("state contains NaN or inf")
+        if self.task_encoder is not None and (tokens_BL is None or tokens_BL.shape[0] != B):
+            raise ValueError(f"this policy reads a task instruction: pass one per row (B={B}); vocabulary: "
+                             f"{' '.join(c.task_vocab)}")
 
-    def forward(self, frames_BKHWC: torch.Tensor) -> torch.Tensor:
-        self._check(frames_BKHWC)
+    def forward(self, frames_BKHWC: torch.Tensor, state_BS: torch.Tensor | None = None,
+                tokens_BL: torch.Tensor | None = None) -> torch.Tensor:
+        """Actions [B, A] in [action_low, action_high]. ``tokens_BL`` (from ``tokenize``) is ignored
+        by a policy without task input."""
+        self._check(frames_BKHWC, state_BS, tokens_BL)
         B, K, H, W, C = frames_BKHWC.shape
         x = frames_BKHWC.permute(0, 1, 4, 2, 3).reshape(B, K * C, H, W).float() / 127.5 - 1.0
-        raw_B3 = self.head(self.encoder(x))
-        return torch.cat([torch.tanh(raw_B3[:, :1]), torch.sigmoid(raw_B3[:, 1:])], dim=1)
+        feat_BCHW = self.encoder(x)
+        parts = []
+        if self.state_mlp is not None:
+            parts.append(self.state_mlp(self.state_norm(state_BS.to(x.device, torch.float32))))
+        if self.task_encoder is not None:
+            task_BD = self.task_encoder(tokens_BL.to(x.device))
+            gamma, beta = self.film(task_BD)[:, :, None, None].chunk(2, dim=1)
+            feat_BCHW = feat_BCHW * (1 + gamma) + beta
+            parts.append(task_BD)
+        raw_BA = self.head(torch.cat([feat_BCHW.flatten(1), *parts], dim=1))
+        return self.action_low + (self.action_high - self.action_low) * torch.sigmoid(raw_BA)
 
-    def loss(self, frames_BKHWC: torch.Tensor, target_B3: torch.Tensor) -> torch.Tensor:
+    def _tokens(self, tasks: Sequence[str] | None, batch: int) -> torch.Tensor | None:
+        if self.task_encoder is None:
+            return None
+        if tasks is None or isinstance(tasks, str) or len(tasks) != batch:
+            raise ValueError(f"this policy reads a task instruction: pass tasks, a list of {batch} sentences "
+                             f"(vocabulary: {' '.join(self.config.task_vocab)}); got {tasks!r}")
+        return self.tokenize(list(tasks))
+
+    def loss(self, frames_BKHWC: torch.Tensor, target_BA: torch.Tensor, state_BS: torch.Tensor | None = None,
+             tasks: Sequence[str] | None = None) -> torch.Tensor:
         """Weighted smooth-L1 between predicted and target actions (rows with NaN labels are an error)."""
-        if torch.isnan(target_B3).any():
+        A = self.config.action_dim
+        if target_BA.ndim != 2 or target_BA.shape[1] != A or target_BA.shape[0] != frames_BKHWC.shape[0]:
+            raise ValueError(f"target must be [B, {A}] with B={frames_BKHWC.shape[0]}, got {tuple(target_BA.shape)}")
+        if torch.isnan(target_BA).any():
             raise ValueError("target actions contain NaN; filter unlabeled rows before training")
-        pred_B3 = self(frames_BKHWC)
-        w = torch.tensor(self.config.loss_weights, dtype=pred_B3.dtype, device=pred_B3.device)
-        per = F.smooth_l1_loss(pred_B3, target_B3.to(pred_B3.dtype), reduction="none", beta=0.1)
+        pred_BA = self(frames_BKHWC, state_BS, self._tokens(tasks, frames_BKHWC.shape[0]))
+        w = torch.tensor(self.config.loss_weights or (1.0,) * A, dtype=pred_BA.dtype, device=pred_BA.device)
+        per = F.smooth_l1_loss(pred_BA, target_BA.to(pred_BA), reduction="none", beta=0.1)
         return (per * w).sum(dim=1).mean() / w.sum()
 
     @torch.no_grad()
-    def act(self, frames_BKHWC: np.ndarray) -> np.ndarray:
-        """Inference on uint8 frames [B, K, H, W, 3]; returns float32 actions [B, 3]."""
+    def act(self, frames_BKHWC: np.ndarray, state_BS: np.ndarray | None = None,
+            tasks: Sequence[str] | None = None) -> np.ndarray:
+        """Inference on uint8 frames [B, K, H, W, 3] (+ state [B, S], + one task sentence per row);
+        returns float32 actions [B, A] within the bounds. ``tasks`` is ignored without task input."""
         frames = np.asarray(frames_BKHWC)
         if frames.dtype != np.uint8:
             raise ValueError(f"frames must be uint8, got {frames.dtype}")
+        device = self.device
+        state = None if state_BS is None else torch.as_tensor(np.asarray(state_BS, np.float32), device=device)
         was_training = self.training
         self.eval()
         try:
-            device = next(self.parameters()).device
-            out = self(torch.from_numpy(np.ascontiguousarray(frames)).to(device))
+            x = torch.from_numpy(np.ascontiguousarray(frames)).to(device)
+            out = self(x, state, self._tokens(tasks, len(frames)) if frames.ndim == 5 else None)
         finally:
             self.train(was_training)
         return out.cpu().numpy().astype(np.float32)
@@ -129,40 +256,11 @@ class Policy(nn.Module):
 
 def save(policy: Policy, dir: str | os.PathLike, *, storage_options: dict | None = None) -> str:
     """Write model.safetensors + config.json to a local dir or an s3:// prefix; returns the location."""
-    import pyarrow.fs as pafs
-
-    from stages.storage import pyarrow_fs
-
-    target = str(dir)
-    fs, path = pyarrow_fs(target, storage_options)
-    remote = not isinstance(fs, pafs.LocalFileSystem)
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp) if remote else Path(path)
-        local.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in policy.state_dict().items()}
-        save_file(state, str(local / WEIGHTS_NAME))
-        (local / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(policy.config), indent=2))
-        if remote:
-            pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-    return target
+    return checkpoint.save(policy, dir, storage_options=storage_options)
 
 
 def load(dir_or_uri: str | os.PathLike, *, storage_options: dict | None = None,
          device: str = "cpu") -> Policy:
     """Load a policy saved by `save` from a local dir or an s3:// prefix (eval mode)."""
-    import pyarrow.fs as pafs
-
-    from stages.storage import pyarrow_fs
-
-    fs, path = pyarrow_fs(str(dir_or_uri), storage_options)
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(path)
-        if not isinstance(fs, pafs.LocalFileSystem):
-            local = Path(tmp)
-            pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-        if not (local / CONFIG_NAME).is_file() or not (local / WEIGHTS_NAME).is_file():
-            raise ValueError(f"{dir_or_uri} is not a policy checkpoint (needs {WEIGHTS_NAME} and {CONFIG_NAME})")
-        config = config_from_dict(json.loads((local / CONFIG_NAME).read_text()))
-        policy = Policy(config)
-        policy.load_state_dict(load_file(str(local / WEIGHTS_NAME)))
-    return policy.to(device).eval()
+    return checkpoint.load(Policy, config_from_dict, dir_or_uri, storage_options=storage_options,
+                           device=device, what="policy")

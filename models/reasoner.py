@@ -1,16 +1,18 @@
-"""Scene reasoner: a clip's frames + its mined event -> structured tags and a one-line caption.
+"""Scene reasoner: a clip's frames + its mined event -> structured tags (and a one-line caption).
 
 The design follows the prefix-LM vision-language models (ClipCap, Mokady et al. 2021; LLaVA,
 Liu et al. 2023) at toy scale: a small CNN (a 2x space-to-depth, then strided convolutions,
 as in ``models.policy``) encodes each of the clip's k frames to one feature vector; a linear
 map turns each into one visual prefix token of a transformers ``LlamaForCausalLM`` built from
 the config (never downloaded). After the prefix come the event token (the event is mined
-upstream and given, not predicted) and the answer "curvature= <v> track= <v> speed= <v>",
-one word-level token per key and per value (vocabulary: ``VOCAB``). Training is teacher
-forcing with cross-entropy on the three value tokens; decoding is greedy, one slot at a time,
-with each slot's logits restricted to that tag's valid values, so the answer always parses.
-``embed`` returns the L2-normalised encoder features (clip embeddings for near-duplicate
-detection and novelty).
+upstream and given, not predicted) and the answer "<tag>= <value> ..." over the config's
+``tags`` in order, one word-level token per key and per value (``Reasoner.vocab``, built from
+the config: the world's vocabulary, not this module's). Training is teacher forcing with
+cross-entropy on the value tokens; decoding is greedy, one slot at a time, with each slot's
+logits restricted to that tag's valid values, so the answer always parses. ``embed`` returns
+the L2-normalised encoder features (clip embeddings for near-duplicate detection and novelty).
+The caption is the caller's ``caption_fn(tags, event)`` (a world's ``caption``), else
+``default_caption``.
 
 ``load_reasoner`` also opens a pretrained Hugging Face vision-language model saved in a local
 directory (or s3:// prefix) behind the same describe()/embed() interface:
@@ -20,38 +22,41 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import re
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from stages.describe import EVENTS, TAGS, UNKNOWN, caption
+from models import checkpoint
 
-WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_NAME = checkpoint.WEIGHTS_NAME
 CONFIG_NAME = "reasoner_config.json"  # not config.json: that name marks a Hugging Face model
-KEY_TOKENS = tuple(f"{key}=" for key in TAGS)
-EVENT_TOKENS = tuple(f"event:{e}" for e in EVENTS)
-VALUE_TOKENS = tuple(dict.fromkeys(v for values in TAGS.values() for v in values))
-VOCAB = EVENT_TOKENS + KEY_TOKENS + VALUE_TOKENS
-TOKEN_ID = {tok: i for i, tok in enumerate(VOCAB)}
+UNKNOWN = "unknown"  # a tag value a describer could not determine
+# Default vocabulary: the car world's (sim.worlds.carracing), so older configs and checkpoints keep their meaning
+DEFAULT_TAGS: Mapping[str, tuple[str, ...]] = {"curvature": ("left", "straight", "right"),
+                                               "track": ("on", "off"), "speed": ("slow", "medium", "fast")}
+DEFAULT_EVENTS = ("none", "intervention", "off_track", "hard_brake", "hard_steer", "low_reward", "novelty")
+DEFAULT_MIRROR: Mapping[str, Mapping[str, str]] = {"curvature": {"left": "right", "right": "left"}}
+CaptionFn = Callable[[dict, str], str]
 _BATCH = 256  # inference chunk
+
+
+def default_caption(tags: Mapping[str, str], event: str) -> str:
+    """The generic caption: "k v, k v; event: e" (a world's ``caption`` is usually passed instead)."""
+    return ", ".join(f"{k} {v}" for k, v in tags.items()) + f"; event: {event}"
 
 
 @dataclass(frozen=True)
 class ReasonerConfig:
-    """Architecture and training hyper-parameters of the scene reasoner."""
+    """Architecture, vocabulary and training hyper-parameters of the scene reasoner."""
 
     image_size: int = 64
     frames_per_clip: int = 4  # k frames per clip (stages.describe.clip_frames)
@@ -65,16 +70,49 @@ class ReasonerConfig:
     weight_decay: float = 1e-2
     batch_size: int = 32
     steps: int = 1500  # about 60 s on one CPU core (measured)
-    mirror_prob: float = 0.5  # share of training clips flipped left-right, curvature left<->right swapped
+    mirror_prob: float = 0.5  # share of training clips flipped left-right (ignored when `mirror` is empty)
     seed: int = 0
+    # vocabulary (a world's: stages.describe.reasoner_config_for)
+    tags: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_TAGS))  # tag -> values
+    events: tuple[str, ...] = DEFAULT_EVENTS  # the event tokens of the prompt
+    mirror: dict[str, dict[str, str]] = field(  # {tag: {value: value when flipped}}; {} = no flips
+        default_factory=lambda: {k: dict(v) for k, v in DEFAULT_MIRROR.items()})
 
     def __post_init__(self) -> None:
+        # JSON gives lists (and any mapping may come in): store tuples and plain dicts
+        if isinstance(self.events, str) or any(isinstance(v, str) for v in dict(self.tags).values()):
+            raise ValueError("events and each tag's values must be sequences of strings, not one string")
+        object.__setattr__(self, "tags", {str(k): tuple(v) for k, v in dict(self.tags).items()})
+        object.__setattr__(self, "events", tuple(self.events))
+        object.__setattr__(self, "mirror", {str(k): dict(v) for k, v in dict(self.mirror).items()})
         if self.frames_per_clip < 1 or self.n_layers < 1 or self.steps < 1 or self.batch_size < 1:
             raise ValueError("frames_per_clip, n_layers, steps and batch_size must be >= 1")
         if self.image_size % 2 ** (len(self.channels) + 1):
             raise ValueError(f"image_size {self.image_size} must be divisible by 2**{len(self.channels) + 1}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} must be divisible by n_heads {self.n_heads}")
+        if not 0.0 <= self.mirror_prob <= 1.0:
+            raise ValueError(f"mirror_prob must be in [0, 1], got {self.mirror_prob}")
+        if not self.tags:
+            raise ValueError("need at least one tag")
+        if not self.events or len(set(self.events)) != len(self.events):
+            raise ValueError(f"events must be distinct and at least one, got {self.events}")
+        for key, values in self.tags.items():
+            if not values or len(set(values)) != len(values) or UNKNOWN in values:
+                raise ValueError(f"tag {key!r}: values {values} must be distinct, at least one, not {UNKNOWN!r}")
+        for key, swap in self.mirror.items():
+            bad = {k: v for k, v in swap.items() if {k, v} - set(self.tags.get(key, ()))}
+            if key not in self.tags or bad:
+                raise ValueError(f"mirror {key!r}: {bad or swap} maps outside tags {self.tags.get(key)}")
+        vocab = vocabulary(self)
+        if len(set(vocab)) != len(vocab):
+            raise ValueError(f"tokens {sorted(t for t, n in Counter(vocab).items() if n > 1)} collide")
+
+
+def vocabulary(config: ReasonerConfig) -> tuple[str, ...]:
+    """The token vocabulary of a config: event tokens, then key tokens, then the distinct values."""
+    values = dict.fromkeys(v for vs in config.tags.values() for v in vs)
+    return (*(f"event:{e}" for e in config.events), *(f"{k}=" for k in config.tags), *values)
 
 
 _DEFAULT = ReasonerConfig()
@@ -86,46 +124,36 @@ PRESETS = {"tiny": _TINY, "default": _DEFAULT, "gpu": _GPU}
 
 
 def preset(name: str) -> ReasonerConfig:
-    """Named config: "tiny" (tests), "default" (CPU demo), "gpu"."""
+    """Named config (the default vocabulary): "tiny" (tests), "default" (CPU demo), "gpu"."""
     if name not in PRESETS:
         raise ValueError(f"unknown reasoner preset {name!r}; choose from {sorted(PRESETS)}")
     return PRESETS[name]
 
 
 def config_from_dict(d: dict) -> ReasonerConfig:
-    """Rebuild a config from its JSON form (lists back to tuples; unknown keys are an error)."""
+    """A config from its JSON form (lists back to tuples, the tag values too; unknown keys are an error)."""
     unknown = set(d) - {f.name for f in dataclasses.fields(ReasonerConfig)}
     if unknown:
         raise ValueError(f"unknown ReasonerConfig fields: {sorted(unknown)}")
     return ReasonerConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
-def _event_ids(events: list[str], n: int) -> torch.Tensor:
+def _check_events(events: Sequence[str], n: int, valid: Sequence[str]) -> None:
     if len(events) != n:
         raise ValueError(f"{n} clips but {len(events)} events")
-    bad = sorted({e for e in events if e not in EVENTS})
+    bad = sorted({e for e in events if e not in valid})
     if bad:
-        raise ValueError(f"unknown events {bad}; valid: {EVENTS}")
-    return torch.tensor([TOKEN_ID[f"event:{e}"] for e in events])
-
-
-def _value_ids(tags: list[dict[str, str]]) -> torch.Tensor:
-    """[N, len(TAGS)] token ids of the tag values; a missing or invalid value is an error."""
-    rows = []
-    for t in tags:
-        for key, values in TAGS.items():
-            if t.get(key) not in values:
-                raise ValueError(f"tag {key}={t.get(key)!r} is not one of {values}")
-        rows.append([TOKEN_ID[t[key]] for key in TAGS])
-    return torch.tensor(rows, dtype=torch.long).reshape(-1, len(TAGS))
+        raise ValueError(f"unknown events {bad}; valid: {tuple(valid)}")
 
 
 class Reasoner(nn.Module):
-    """CNN frame encoder + Llama decoder over ``VOCAB`` (see the module docstring)."""
+    """CNN frame encoder + Llama decoder over ``self.vocab`` (see the module docstring)."""
 
     def __init__(self, config: ReasonerConfig) -> None:
         super().__init__()
         self.config = c = config
+        self.vocab = vocabulary(c)
+        self.token_id = {tok: i for i, tok in enumerate(self.vocab)}
         blocks, c_in = [nn.PixelUnshuffle(2)], 4 * 3
         for c_out in c.channels:
             blocks += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.SiLU()]
@@ -134,14 +162,28 @@ class Reasoner(nn.Module):
         self.encoder = nn.Sequential(*blocks, nn.Flatten(), nn.Linear(c_in * side * side, c.embed_dim))
         self.to_prefix = nn.Sequential(nn.SiLU(), nn.Linear(c.embed_dim, c.d_model))
         self.lm = LlamaForCausalLM(LlamaConfig(
-            vocab_size=len(VOCAB), hidden_size=c.d_model, intermediate_size=4 * c.d_model,
+            vocab_size=len(self.vocab), hidden_size=c.d_model, intermediate_size=4 * c.d_model,
             num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=c.n_heads,
-            max_position_embeddings=c.frames_per_clip + 1 + 2 * len(TAGS), tie_word_embeddings=False,
+            max_position_embeddings=c.frames_per_clip + 1 + 2 * len(c.tags), tie_word_embeddings=False,
             pad_token_id=None, bos_token_id=None, eos_token_id=None, use_cache=False))
 
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    def _event_ids(self, events: Sequence[str], n: int) -> torch.Tensor:
+        _check_events(events, n, self.config.events)
+        return torch.tensor([self.token_id[f"event:{e}"] for e in events])
+
+    def _value_ids(self, tags: list[dict[str, str]]) -> torch.Tensor:
+        """[N, len(tags)] token ids of the tag values; a missing or invalid value is an error."""
+        vocab = self.config.tags
+        for t in tags:
+            for key, values in vocab.items():
+                if t.get(key) not in values:
+                    raise ValueError(f"tag {key}={t.get(key)!r} is not one of {values}")
+        return torch.tensor([[self.token_id[t[k]] for k in vocab] for t in tags], dtype=torch.long).reshape(
+            -1, len(vocab))
 
     def _frames(self, frames: np.ndarray, lead: int) -> torch.Tensor:
         """Checked uint8 frames [..., S, S, 3] (lead axes before H) -> float [n, 3, S, S] in [-1, 1]."""
@@ -169,35 +211,36 @@ class Reasoner(nn.Module):
         return torch.cat([self.to_prefix(features_NKE), words], dim=1)
 
     def _key_embeds(self, key: str, n: int) -> torch.Tensor:
-        return self.lm.get_input_embeddings()(torch.full((n, 1), TOKEN_ID[key], device=self.device))
+        return self.lm.get_input_embeddings()(torch.full((n, 1), self.token_id[f"{key}="], device=self.device))
 
     def loss(self, clips_NKHWC: np.ndarray, events: list[str], tags: list[dict[str, str]]) -> torch.Tensor:
         """Teacher-forced cross-entropy (full vocabulary) on the value tokens of the answer."""
         n = len(clips_NKHWC)
-        values = _value_ids(tags).to(self.device)
+        values = self._value_ids(tags).to(self.device)
         if len(values) != n:
             raise ValueError(f"{n} clips but {len(values)} tag dicts")
-        prefix = self._prefix(self._features(clips_NKHWC), _event_ids(events, n))
+        prefix = self._prefix(self._features(clips_NKHWC), self._event_ids(events, n))
         embed = self.lm.get_input_embeddings()
-        answer = [t for i, key in enumerate(KEY_TOKENS) for t in (self._key_embeds(key, n), embed(values[:, i:i + 1]))]
+        answer = [t for i, key in enumerate(self.config.tags)
+                  for t in (self._key_embeds(key, n), embed(values[:, i:i + 1]))]
         logits = self.lm(inputs_embeds=torch.cat([prefix, *answer], dim=1)).logits
-        key_pos = prefix.shape[1] + 2 * torch.arange(len(TAGS), device=self.device)  # each key predicts its value
-        return F.cross_entropy(logits[:, key_pos].reshape(-1, len(VOCAB)), values.reshape(-1))
+        key_pos = prefix.shape[1] + 2 * torch.arange(len(self.config.tags), device=self.device)  # key -> value
+        return F.cross_entropy(logits[:, key_pos].reshape(-1, len(self.vocab)), values.reshape(-1))
 
     @torch.no_grad()
     def _predict(self, features_NKE: torch.Tensor, events: list[str]) -> list[dict[str, str]]:
         """Greedy constrained decoding of the tag values (eval mode is the caller's business)."""
         n = len(features_NKE)
-        seq = self._prefix(features_NKE, _event_ids(events, n))
+        seq = self._prefix(features_NKE, self._event_ids(events, n))
         embed = self.lm.get_input_embeddings()
         picked: dict[str, list[str]] = {}
-        for key, token in zip(TAGS, KEY_TOKENS):
-            seq = torch.cat([seq, self._key_embeds(token, n)], dim=1)
-            allowed = torch.tensor([TOKEN_ID[v] for v in TAGS[key]], device=self.device)
+        for key, values in self.config.tags.items():
+            seq = torch.cat([seq, self._key_embeds(key, n)], dim=1)
+            allowed = torch.tensor([self.token_id[v] for v in values], device=self.device)
             choice = allowed[self.lm(inputs_embeds=seq).logits[:, -1, allowed].argmax(-1)]
             seq = torch.cat([seq, embed(choice[:, None])], dim=1)
-            picked[key] = [VOCAB[i] for i in choice.tolist()]
-        return [{key: picked[key][i] for key in TAGS} for i in range(n)]
+            picked[key] = [self.vocab[i] for i in choice.tolist()]
+        return [{key: picked[key][i] for key in self.config.tags} for i in range(n)]
 
     @contextlib.contextmanager
     def _eval(self) -> Iterator[None]:
@@ -208,16 +251,20 @@ class Reasoner(nn.Module):
         finally:
             self.train(was_training)
 
-    def describe(self, clips_NKHWC: np.ndarray, events: list[str]) -> list[dict]:
-        """[{"tags": {tag: value}, "caption": str}] per clip of uint8[N, k, S, S, 3] and its event."""
-        return self.describe_and_embed(clips_NKHWC, events)[1]
+    def describe(self, clips_NKHWC: np.ndarray, events: list[str], *,
+                 caption_fn: CaptionFn | None = None) -> list[dict]:
+        """[{"tags": {tag: value}, "caption": str}] per clip of uint8[N, k, S, S, 3] and its event;
+        the caption is ``caption_fn(tags, event)`` (default: ``default_caption``)."""
+        return self.describe_and_embed(clips_NKHWC, events, caption_fn=caption_fn)[1]
 
     @torch.no_grad()
-    def describe_and_embed(self, clips_NKHWC: np.ndarray, events: list[str]) -> tuple[np.ndarray, list[dict]]:
+    def describe_and_embed(self, clips_NKHWC: np.ndarray, events: list[str], *,
+                           caption_fn: CaptionFn | None = None) -> tuple[np.ndarray, list[dict]]:
         """``describe``, and each clip's embedding float32[N, embed_dim]: the mean of its frames'
         ``embed`` vectors, L2-normalised again. One encoder pass serves both."""
         if len(clips_NKHWC) != len(events):
             raise ValueError(f"{len(clips_NKHWC)} clips but {len(events)} events")
+        caption_fn = caption_fn or default_caption
         tags, vectors = [], []
         with self._eval():
             for i in range(0, len(clips_NKHWC), _BATCH):
@@ -225,7 +272,7 @@ class Reasoner(nn.Module):
                 tags += self._predict(features, list(events[i:i + _BATCH]))
                 vectors.append(F.normalize(F.normalize(features, dim=-1).mean(dim=1), dim=-1))
         emb = torch.cat(vectors).cpu().numpy() if vectors else np.zeros((0, self.config.embed_dim))
-        return emb.astype(np.float32), [{"tags": t, "caption": caption(t, e)} for t, e in zip(tags, events)]
+        return emb.astype(np.float32), [{"tags": t, "caption": caption_fn(t, e)} for t, e in zip(tags, events)]
 
     @torch.no_grad()
     def embed(self, frames_NHWC: np.ndarray) -> np.ndarray:
@@ -236,30 +283,27 @@ class Reasoner(nn.Module):
         return (torch.cat(out).cpu().numpy() if out else np.zeros((0, self.config.embed_dim))).astype(np.float32)
 
 
-_MIRRORED = {"left": "right", "right": "left"}
-
-
-def _mirror(clips_NKHWC: np.ndarray, tags: list[dict[str, str]],
-            flip_N: np.ndarray) -> tuple[np.ndarray, list[dict[str, str]]]:
-    """Mirror augmentation: flipped clips (width axis) get curvature left <-> right swapped."""
+def _mirror(clips_NKHWC: np.ndarray, tags: list[dict[str, str]], flip_N: np.ndarray,
+            mirror: Mapping[str, Mapping[str, str]]) -> tuple[np.ndarray, list[dict[str, str]]]:
+    """Mirror augmentation: flipped clips (width axis) get their tags mapped by ``mirror``
+    ({tag: {value: mirrored value}}; values not listed stay)."""
     clips = clips_NKHWC.copy()
     clips[flip_N] = clips[flip_N, :, :, ::-1]
-    tags = [{**t, "curvature": _MIRRORED.get(t["curvature"], t["curvature"])} if f else t
-            for t, f in zip(tags, flip_N)]
+    tags = [{k: mirror.get(k, {}).get(v, v) for k, v in t.items()} if f else t for t, f in zip(tags, flip_N)]
     return clips, tags
 
 
-def _accuracy(pred: list[dict[str, str]], true: list[dict[str, str]]) -> dict:
+def _accuracy(pred: list[dict[str, str]], true: list[dict[str, str]], keys: Sequence[str]) -> dict:
     """Per-tag and all-tags-correct accuracy of `pred`, and of the majority class of `true` itself
     (the best constant answer on these clips, an upper bound of any train-set majority)."""
     n = len(true)
     out: dict = {"n": n, "accuracy": {}, "majority_class": {}, "majority_accuracy": {}}
-    for key in TAGS:
+    for key in keys:
         out["accuracy"][key] = sum(p[key] == t[key] for p, t in zip(pred, true)) / n
         value, count = Counter(t[key] for t in true).most_common(1)[0]
         out["majority_class"][key], out["majority_accuracy"][key] = value, count / n
-    out["all_correct"] = sum(all(p[k] == t[k] for k in TAGS) for p, t in zip(pred, true)) / n
-    out["majority_all_correct"] = Counter(tuple(t[k] for k in TAGS) for t in true).most_common(1)[0][1] / n
+    out["all_correct"] = sum(all(p[k] == t[k] for k in keys) for p, t in zip(pred, true)) / n
+    out["majority_all_correct"] = Counter(tuple(t[k] for k in keys) for t in true).most_common(1)[0][1] / n
     return out
 
 
@@ -269,9 +313,10 @@ def train_reasoner(train_clips: np.ndarray, train_events: list[str], train_tags:
                    val_tags: list[dict[str, str]] | None = None, device: str = "cpu") -> tuple[Reasoner, dict]:
     """Train from scratch on ``device`` (AdamW, `config.steps` batches sampled with replacement, seeded).
 
-    Returns the model in eval mode and metrics: train_seconds, steps, n_train, final_loss
-    (mean of the last 20 steps), and with validation clips "val" = {n, accuracy{tag},
-    all_correct, majority_class{tag}, majority_accuracy{tag}, majority_all_correct}.
+    The vocabulary (tags, events, mirror map) is the config's. Returns the model in eval mode and
+    metrics: train_seconds, steps, n_train, final_loss (mean of the last 20 steps), and with
+    validation clips "val" = {n, accuracy{tag}, all_correct, majority_class{tag},
+    majority_accuracy{tag}, majority_all_correct}.
     """
     n = len(train_clips)
     if n == 0 or len(train_events) != n or len(train_tags) != n:
@@ -288,8 +333,8 @@ def train_reasoner(train_clips: np.ndarray, train_events: list[str], train_tags:
     start = time.perf_counter()
     for _ in range(config.steps):
         idx = rng.integers(0, n, min(config.batch_size, n))
-        clips, tags = _mirror(train_clips[idx], [train_tags[i] for i in idx],
-                              rng.random(len(idx)) < config.mirror_prob)
+        flip = (rng.random(len(idx)) < config.mirror_prob) & bool(config.mirror)  # drawn either way: same stream
+        clips, tags = _mirror(train_clips[idx], [train_tags[i] for i in idx], flip, config.mirror)
         loss = model.loss(clips, list(events[idx]), tags)
         opt.zero_grad()
         loss.backward()
@@ -301,100 +346,62 @@ def train_reasoner(train_clips: np.ndarray, train_events: list[str], train_tags:
     model.eval()
     if val_clips is not None:
         pred = [d["tags"] for d in model.describe(val_clips, val_events)]
-        metrics["val"] = _accuracy(pred, val_tags)
+        metrics["val"] = _accuracy(pred, val_tags, list(config.tags))
     return model, metrics
 
 
 # ---- checkpoints --------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _local_copy(uri: str | os.PathLike, storage_options: dict | None) -> Iterator[Path]:
-    """The directory at `uri` as a local path (an s3:// prefix is copied to a temp dir first)."""
-    import pyarrow.fs as pafs
-
-    from stages.storage import pyarrow_fs
-
-    fs, path = pyarrow_fs(str(uri), storage_options)
-    if isinstance(fs, pafs.LocalFileSystem):
-        yield Path(path)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        if fs.get_file_info(path).type == pafs.FileType.Directory:
-            pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-        yield Path(tmp)
-
-
 def save(model: Reasoner, uri: str | os.PathLike, *, storage_options: dict | None = None) -> str:
     """Write model.safetensors + reasoner_config.json to a local dir or an s3:// prefix; returns it."""
-    import pyarrow.fs as pafs
-
-    from stages.storage import pyarrow_fs
-
-    fs, path = pyarrow_fs(str(uri), storage_options)
-    remote = not isinstance(fs, pafs.LocalFileSystem)
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp) if remote else Path(path)
-        local.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                  str(local / WEIGHTS_NAME))
-        (local / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(model.config), indent=2))
-        if remote:
-            pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-    return str(uri)
-
-
-def _load_ours(local: Path, device: str) -> Reasoner:
-    model = Reasoner(config_from_dict(json.loads((local / CONFIG_NAME).read_text())))
-    model.load_state_dict(load_file(str(local / WEIGHTS_NAME)))
-    return model.to(device).eval()
+    return checkpoint.save(model, uri, storage_options=storage_options, config_name=CONFIG_NAME)
 
 
 def load(uri: str | os.PathLike, *, storage_options: dict | None = None, device: str = "cpu") -> Reasoner:
     """Load a reasoner written by `save` (local dir or s3:// prefix), in eval mode."""
-    with _local_copy(uri, storage_options) as local:
-        if not (local / CONFIG_NAME).is_file() or not (local / WEIGHTS_NAME).is_file():
-            raise ValueError(f"{uri} is not a reasoner checkpoint (needs {WEIGHTS_NAME} and {CONFIG_NAME})")
-        return _load_ours(local, device)
+    return checkpoint.load(Reasoner, config_from_dict, uri, storage_options=storage_options, device=device,
+                           config_name=CONFIG_NAME, what="reasoner")
 
 
-def load_reasoner(uri: str | os.PathLike, *, storage_options: dict | None = None,
-                  device: str = "cpu") -> Reasoner | HFVisionLanguageReasoner:
-    """Our checkpoint when the directory holds reasoner_config.json; else a Hugging Face
-    vision-language model (config.json plus processor_config.json or preprocessor_config.json)
-    as `HFVisionLanguageReasoner`; else ValueError. Never downloads."""
-    with _local_copy(uri, storage_options) as local:
+def load_reasoner(uri: str | os.PathLike, *, storage_options: dict | None = None, device: str = "cpu",
+                  tags: dict | None = None, events: tuple[str, ...] | None = None
+                  ) -> Reasoner | HFVisionLanguageReasoner:
+    """Our checkpoint when the directory holds reasoner_config.json (its vocabulary is in its
+    config); else a Hugging Face vision-language model (config.json plus processor_config.json or
+    preprocessor_config.json) as `HFVisionLanguageReasoner`, asked for ``tags`` and told
+    ``events``; else ValueError. Never downloads."""
+    with checkpoint.local_copy(uri, storage_options) as local:
         if (local / CONFIG_NAME).is_file():
-            return _load_ours(local, device)
+            return load(local, device=device)
         processor_files = ("processor_config.json", "preprocessor_config.json")
         if (local / "config.json").is_file() and any((local / f).is_file() for f in processor_files):
-            return HFVisionLanguageReasoner(local, device=device)
+            return HFVisionLanguageReasoner(local, device=device, tags=tags, events=events)
     raise ValueError(f"{uri} holds neither a reasoner checkpoint ({CONFIG_NAME}) nor a Hugging Face "
                      "vision-language model (config.json + processor files)")
 
 
 # ---- pretrained vision-language models ----------------------------------------------------------
 
-_ANSWER_FORMAT = " ".join(f"{key}=<{'|'.join(values)}>" for key, values in TAGS.items())
-PROMPT = ("You see the road ahead of a car, from its front camera. The event mined from the log is: "
-          "{event}. Answer on one line exactly as: " + _ANSWER_FORMAT)
-_PAIR = re.compile(r"\b(" + "|".join(TAGS) + r")\s*[=:]\s*([A-Za-z_]+)", re.IGNORECASE)
+PROMPT = ("You see one camera frame of the scene. The event mined from the log is: {event}. "
+          "Answer on one line exactly as: {answer_format}")
 
 
-def parse_tags(text: str) -> dict[str, str]:
-    """Tags from a "key=value" answer ("key: value" and spaces around "=" also parse; case-insensitive).
-
-    The first occurrence of each key counts; a key that is absent or whose value is not one
-    of ``TAGS[key]`` reads "unknown".
-    """
-    tags = {key: UNKNOWN for key in TAGS}
+def parse_tags(text: str, tags: Mapping[str, Sequence[str]] | None = None) -> dict[str, str]:
+    """Tags of the vocabulary ``tags`` (default ``DEFAULT_TAGS``) from a "key=value" answer ("key: value"
+    and spaces around "=" also parse; case-insensitive). The first occurrence of each key counts; a
+    key that is absent or whose value is not one of ``tags[key]`` reads "unknown"."""
+    vocab = dict(DEFAULT_TAGS if tags is None else tags)
+    keys = {k.lower(): k for k in vocab}
+    pair = re.compile(r"\b(" + "|".join(map(re.escape, vocab)) + r")\s*[=:]\s*([\w-]+)", re.IGNORECASE)
+    out = {key: UNKNOWN for key in vocab}
     seen: set[str] = set()
-    for key, value in _PAIR.findall(text):
-        key, value = key.lower(), value.lower()
+    for key, value in pair.findall(text):
+        key = keys[key.lower()]
         if key not in seen:
             seen.add(key)
-            tags[key] = value if value in TAGS[key] else UNKNOWN
-    return tags
+            out[key] = {v.lower(): v for v in vocab[key]}.get(value.lower(), UNKNOWN)
+    return out
 
 
 class HFVisionLanguageReasoner:
@@ -402,14 +409,21 @@ class HFVisionLanguageReasoner:
 
     Loads ``AutoProcessor`` and ``AutoModelForImageTextToText`` from a local directory with
     local_files_only=True. ``describe`` shows the model the last frame of each clip with
-    ``PROMPT`` (through the processor's chat template), decodes greedily and parses the answer
-    with ``parse_tags``. ``embed`` is the mean over image tokens of ``get_image_features``
+    ``prompt`` (``{event}`` and ``{answer_format}`` filled in; through the processor's chat
+    template), decodes greedily and parses the answer with ``parse_tags`` over ``tags`` (the
+    world's vocabulary; default ``DEFAULT_TAGS``); ``events`` are the valid events (default
+    ``DEFAULT_EVENTS``). ``embed`` is the mean over image tokens of ``get_image_features``
     (the vision tower through the multimodal projector), L2-normalised.
     """
 
-    def __init__(self, directory: str | os.PathLike, *, device: str = "cpu", max_new_tokens: int = 32) -> None:
+    def __init__(self, directory: str | os.PathLike, *, device: str = "cpu", max_new_tokens: int = 32,
+                 tags: Mapping[str, Sequence[str]] | None = None, events: Sequence[str] | None = None,
+                 prompt: str = PROMPT) -> None:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
+        self.tags = {str(k): tuple(v) for k, v in (DEFAULT_TAGS if tags is None else tags).items()}
+        self.events = tuple(DEFAULT_EVENTS if events is None else events)
+        self.prompt = prompt
         self.processor = AutoProcessor.from_pretrained(str(directory), local_files_only=True)
         self.processor.tokenizer.padding_side = "left"  # batched generation continues every row at the end
         self.model = AutoModelForImageTextToText.from_pretrained(str(directory), local_files_only=True)
@@ -417,17 +431,22 @@ class HFVisionLanguageReasoner:
         self.max_new_tokens = max_new_tokens
 
     def _prompt(self, event: str) -> str:
-        content = [{"type": "image"}, {"type": "text", "text": PROMPT.format(event=event)}]
+        answer = " ".join(f"{key}=<{'|'.join(values)}>" for key, values in self.tags.items())  # k=<v1|v2> ..
+        text = self.prompt.format(event=event, answer_format=answer)
+        content = [{"type": "image"}, {"type": "text", "text": text}]
         return self.processor.apply_chat_template([{"role": "user", "content": content}],
                                                   add_generation_prompt=True, tokenize=False)
 
     @torch.no_grad()
-    def describe(self, clips_NKHWC: np.ndarray, events: list[str]) -> list[dict]:
-        """[{"tags", "caption", "answer"}] per clip (uint8[N, k, H, W, 3]); "answer" is the raw text."""
+    def describe(self, clips_NKHWC: np.ndarray, events: list[str], *,
+                 caption_fn: CaptionFn | None = None) -> list[dict]:
+        """[{"tags", "caption", "answer"}] per clip (uint8[N, k, H, W, 3]); "answer" is the raw text,
+        the caption ``caption_fn(tags, event)`` (default: ``default_caption``)."""
         clips = np.asarray(clips_NKHWC)
         if clips.dtype != np.uint8 or clips.ndim != 5 or clips.shape[-1] != 3:
             raise ValueError(f"clips must be uint8[N, k, H, W, 3], got {clips.dtype}{list(clips.shape)}")
-        _event_ids(list(events), len(clips))
+        _check_events(list(events), len(clips), self.events)
+        caption_fn = caption_fn or default_caption
         out = []
         for i in range(0, len(clips), _BATCH):
             batch_events = list(events[i:i + _BATCH])
@@ -437,14 +456,15 @@ class HFVisionLanguageReasoner:
             ids = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
             answers = self.processor.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
             for answer, event in zip(answers, batch_events):
-                tags = parse_tags(answer)
-                out.append({"tags": tags, "caption": caption(tags, event), "answer": answer.strip()})
+                tags = parse_tags(answer, self.tags)
+                out.append({"tags": tags, "caption": caption_fn(tags, event), "answer": answer.strip()})
         return out
 
-    def describe_and_embed(self, clips_NKHWC: np.ndarray, events: list[str]) -> tuple[np.ndarray, list[dict]]:
+    def describe_and_embed(self, clips_NKHWC: np.ndarray, events: list[str], *,
+                           caption_fn: CaptionFn | None = None) -> tuple[np.ndarray, list[dict]]:
         """``describe``, and each clip's embedding: the mean of its frames' ``embed``, L2-normalised."""
         clips = np.asarray(clips_NKHWC)
-        described = self.describe(clips, events)
+        described = self.describe(clips, events, caption_fn=caption_fn)
         n, k = clips.shape[:2]
         emb = self.embed(clips.reshape(n * k, *clips.shape[2:])).reshape(n, k, -1).mean(axis=1)
         return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12), described

@@ -1,4 +1,5 @@
-"""Action-conditioned world model: the next frame from the last K frames and the action taken.
+"""Action-conditioned world model: the next frame from the last K frames, the action taken and,
+optionally, the task instruction.
 
 A small diffusion generator built from diffusers blocks, following
 * EDM (Karras et al. 2022): Karras preconditioning (c_skip, c_out, c_in, c_noise), loss weighted
@@ -22,32 +23,35 @@ noise-augmented last frame the network sees, so it learns to clean its context, 
 rollouts fed its own output. delta_scale=None diffuses whole frames.
 
 The denoiser is a diffusers `UNet2DModel` over `pixel_unshuffle`d inputs (a large CPU speed-up);
-the action (and the context-noise level) go through a small MLP into `class_labels` with
-`class_embed_type="identity"`, i.e. they are added to the time embedding, which modulates every
-ResNet block (`resnet_time_scale_shift="scale_shift"`). EDM's c_noise = ln(sigma)/4 is scaled
+the action (and the context-noise level, and the task embedding when ``task_vocab`` is set) go
+through a small MLP into `class_labels` with `class_embed_type="identity"`, i.e. they are added to
+the time embedding, which modulates every ResNet block (`resnet_time_scale_shift="scale_shift"`).
+The task embedding comes from ``models.text.TaskEncoder`` (word-level tokens, a one-layer BERT
+trained from scratch, mean-pooled), shared with the policy. EDM's c_noise = ln(sigma)/4 is scaled
 x1000 before diffusers' sinusoidal embedding, whose frequencies assume timesteps in the 1000s.
 
 Alignment: history = frames o[t-K+1..t] (oldest first), action = a[t] (applied at o[t]),
-target = o[t+1]. Frames are uint8 HWC RGB; actions float (steer, gas, brake).
+target = o[t+1]. Frames are uint8 HWC RGB; actions float [A] in the world's own units and order
+(``action_dim`` = A, set from the world's spec); tasks one instruction sentence per row.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DModel
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
+from models import checkpoint
+from models.text import TaskEncoder, check_vocab
+
+WEIGHTS_NAME = checkpoint.WEIGHTS_NAME
+CONFIG_NAME = checkpoint.CONFIG_NAME
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,7 @@ class WorldModelConfig:
 
     image_size: int = 64
     history: int = 4  # K context frames, oldest first
-    action_dim: int = 3
+    action_dim: int = 3  # A, the width of the world's action vector
     channels: tuple[int, ...] = (32, 64, 64)  # U-Net widths, one resolution level each
     layers: int = 1  # ResNet blocks per level
     attention: bool = True  # self-attention at the lowest resolution and in the mid block
@@ -73,6 +77,10 @@ class WorldModelConfig:
     train_sigma_max_prob: float = 0.5  # share of training samples at exactly sigma_max (1-step sampling)
     context_noise_max: float = 0.1  # GameNGen augmentation: context sigma ~ U(0, max) in training
     sampling_steps: int = 1
+    # task conditioning: lower-case words of the world's task instructions; () = none
+    task_vocab: tuple[str, ...] = ()
+    task_hidden: int = 32
+    task_max_len: int = 32  # tokens kept per instruction
     # training recipe (used by the post-training stage / recipe scripts)
     lr: float = 2e-3
     weight_decay: float = 1e-4
@@ -94,6 +102,9 @@ class WorldModelConfig:
             raise ValueError(f"delta_scale must be positive or None, got {self.delta_scale}")
         if self.sampling_steps < 1:
             raise ValueError(f"sampling_steps must be >= 1, got {self.sampling_steps}")
+        if self.task_hidden < 1 or self.task_max_len < 1:
+            raise ValueError("task_hidden and task_max_len must be >= 1")
+        check_vocab(self.task_vocab)
 
 
 _DEFAULT = WorldModelConfig()
@@ -112,11 +123,9 @@ def preset(name: str) -> WorldModelConfig:
 
 
 def config_from_dict(d: dict) -> WorldModelConfig:
-    """Rebuild a config from its JSON form (lists back to tuples; unknown keys are an error)."""
-    unknown = set(d) - {f.name for f in dataclasses.fields(WorldModelConfig)}
-    if unknown:
-        raise ValueError(f"unknown WorldModelConfig fields: {sorted(unknown)}")
-    return WorldModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    """Rebuild a config from its JSON form (lists back to tuples; unknown keys are an error; missing
+    keys take their defaults, so older checkpoints load)."""
+    return checkpoint.config_from_dict(WorldModelConfig, d)
 
 
 def _to_tensor(x: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, bool]:
@@ -137,7 +146,7 @@ def _to_uint8(x_BCHW: torch.Tensor) -> torch.Tensor:
 
 
 class WorldModel(nn.Module):
-    """EDM denoiser D(x_sigma; sigma, context frames, action) and its few-step sampler."""
+    """EDM denoiser D(x_sigma; sigma, context frames, action[, task]) and its few-step sampler."""
 
     def __init__(self, config: WorldModelConfig) -> None:
         super().__init__()
@@ -154,7 +163,9 @@ class WorldModel(nn.Module):
             resnet_time_scale_shift="scale_shift", class_embed_type="identity",
         )
         emb_dim = 4 * c.channels[0]  # UNet2DModel's time-embedding width
-        self.cond_mlp = nn.Sequential(nn.Linear(c.action_dim + 1, emb_dim), nn.SiLU(),
+        self.task_encoder = TaskEncoder(c.task_vocab, c.task_hidden, c.task_max_len) if c.task_vocab else None
+        task_dim = c.task_hidden if c.task_vocab else 0
+        self.cond_mlp = nn.Sequential(nn.Linear(c.action_dim + 1 + task_dim, emb_dim), nn.SiLU(),
                                       nn.Linear(emb_dim, emb_dim))
 
     @property
@@ -186,15 +197,24 @@ class WorldModel(nn.Module):
             raise ValueError("actions contain NaN or inf")
         return actions
 
+    def embed_tasks(self, tasks: Sequence[str] | None, batch: int) -> torch.Tensor | None:
+        """Task embeddings [B, task_hidden] of one instruction per row; None for a model without task
+        input (which ignores ``tasks``). Missing tasks are an error when the model reads them."""
+        if self.task_encoder is None:
+            return None
+        return self.task_encoder.encode(tasks, batch, self.device)
+
     # ---- EDM denoiser -------------------------------------------------------------------------
 
     def _network(self, x_in_BCHW: torch.Tensor, sigma_B: torch.Tensor, context_BKCHW: torch.Tensor,
-                 action_BA: torch.Tensor, context_sigma_B: torch.Tensor) -> torch.Tensor:
+                 action_BA: torch.Tensor, context_sigma_B: torch.Tensor,
+                 task_BD: torch.Tensor | None = None) -> torch.Tensor:
         """F_theta on the preconditioned input c_in * x_sigma (full resolution in and out)."""
         r = self.config.unshuffle
         stacked = torch.cat([context_BKCHW.flatten(1, 2), x_in_BCHW], dim=1)
         c_noise_B = 1000.0 * sigma_B.log() / 4  # EDM's ln(sigma)/4, scaled for sinusoidal embeddings
-        cond = self.cond_mlp(torch.cat([action_BA, context_sigma_B[:, None]], dim=1))
+        extra = [] if task_BD is None else [task_BD]
+        cond = self.cond_mlp(torch.cat([action_BA, context_sigma_B[:, None], *extra], dim=1))
         out = self.unet(F.pixel_unshuffle(stacked, r), c_noise_B, class_labels=cond).sample
         return F.pixel_shuffle(out, r)
 
@@ -215,13 +235,20 @@ class WorldModel(nn.Module):
         return sd ** 2 / denom ** 2, s * sd / denom, 1 / denom
 
     def denoise(self, x_BCHW: torch.Tensor, sigma_B: torch.Tensor, context_BKCHW: torch.Tensor,
-                action_BA: torch.Tensor, context_sigma_B: torch.Tensor | None = None) -> torch.Tensor:
+                action_BA: torch.Tensor, context_sigma_B: torch.Tensor | None = None,
+                tasks: Sequence[str] | None = None) -> torch.Tensor:
         """D(x_sigma) = c_skip x + c_out F(c_in x): the denoised estimate of the diffused variable."""
+        return self._denoise(x_BCHW, sigma_B, context_BKCHW, action_BA, context_sigma_B,
+                             self.embed_tasks(tasks, x_BCHW.shape[0]))
+
+    def _denoise(self, x_BCHW: torch.Tensor, sigma_B: torch.Tensor, context_BKCHW: torch.Tensor,
+                 action_BA: torch.Tensor, context_sigma_B: torch.Tensor | None,
+                 task_BD: torch.Tensor | None) -> torch.Tensor:
         if context_sigma_B is None:
             context_sigma_B = torch.zeros_like(sigma_B)
         c_skip, c_out, c_in = self._precondition(sigma_B)
         return c_skip * x_BCHW + c_out * self._network(c_in * x_BCHW, sigma_B, context_BKCHW, action_BA,
-                                                       context_sigma_B)
+                                                       context_sigma_B, task_BD)
 
     def sigmas(self, steps: int) -> torch.Tensor:
         """Karras rho-spaced noise levels from sigma_max down to sigma_min, then 0: [steps + 1]."""
@@ -237,9 +264,10 @@ class WorldModel(nn.Module):
         at_max = torch.rand(batch, device=self.device) < c.train_sigma_max_prob
         return torch.where(at_max, torch.full_like(sigma, c.sigma_max), sigma).clamp(c.sigma_min, c.sigma_max)
 
-    def loss(self, history_BKHWC: torch.Tensor, action_BA: torch.Tensor,
-             target_BHWC: torch.Tensor) -> torch.Tensor:
-        """EDM denoising loss (MSE on the network's unit-variance target) for one batch of transitions."""
+    def loss(self, history_BKHWC: torch.Tensor, action_BA: torch.Tensor, target_BHWC: torch.Tensor,
+             tasks: Sequence[str] | None = None) -> torch.Tensor:
+        """EDM denoising loss (MSE on the network's unit-variance target) for one batch of transitions;
+        ``tasks`` (one instruction per row) is required when the model reads tasks, else ignored."""
         history, _ = _to_tensor(history_BKHWC)
         target, _ = _to_tensor(target_BHWC)
         action, _ = _to_tensor(action_BA)
@@ -249,6 +277,7 @@ class WorldModel(nn.Module):
         if target.shape[0] != B:
             raise ValueError(f"target batch {target.shape[0]} does not match history batch {B}")
         action = self._check_actions(action, B, 2)
+        task = self.embed_tasks(tasks, B)
         context = _normalise(history.to(self.device))
         context_sigma = torch.rand(B, device=self.device) * self.config.context_noise_max
         context = context + context_sigma[:, None, None, None, None] * torch.randn_like(context)
@@ -256,19 +285,19 @@ class WorldModel(nn.Module):
         sigma = self.sample_sigma(B)
         noisy = x0 + sigma[:, None, None, None] * torch.randn_like(x0)
         c_skip, c_out, c_in = self._precondition(sigma)
-        out = self._network(c_in * noisy, sigma, context, action, context_sigma)
+        out = self._network(c_in * noisy, sigma, context, action, context_sigma, task)
         return F.mse_loss(out, (x0 - c_skip * noisy) / c_out)
 
     # ---- sampling -----------------------------------------------------------------------------
 
     def _sample(self, context_BKCHW: torch.Tensor, action_BA: torch.Tensor, steps: int,
-                generator: torch.Generator | None) -> torch.Tensor:
+                generator: torch.Generator | None, task_BD: torch.Tensor | None = None) -> torch.Tensor:
         """Euler sampler (EDM Alg. 1 without churn) -> normalised next frame [B, 3, H, W]."""
         B, _, C, H, W = context_BKCHW.shape
         sigmas = self.sigmas(steps).to(self.device)
         x = sigmas[0] * torch.randn((B, C, H, W), generator=generator, device=self.device)
         for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-            denoised = self.denoise(x, s.expand(B), context_BKCHW, action_BA)
+            denoised = self._denoise(x, s.expand(B), context_BKCHW, action_BA, None, task_BD)
             x = x + (x - denoised) / s * (s_next - s)
         return self._x_to_frame(x, context_BKCHW)
 
@@ -280,32 +309,35 @@ class WorldModel(nn.Module):
 
     @torch.no_grad()
     def predict(self, history_BKHWC: torch.Tensor | np.ndarray, action_BA: torch.Tensor | np.ndarray,
-                steps: int | None = None,
-                generator: torch.Generator | None = None) -> torch.Tensor | np.ndarray:
+                steps: int | None = None, generator: torch.Generator | None = None,
+                tasks: Sequence[str] | None = None) -> torch.Tensor | np.ndarray:
         """Next frame uint8 [B, H, W, 3] (numpy in -> numpy out; torch in -> torch on the model's device).
-        `generator` (on the model's device) makes the sampling noise reproducible."""
+        `generator` (on the model's device) makes the sampling noise reproducible; `tasks` as in `loss`."""
         history, as_numpy = _to_tensor(history_BKHWC)
         self._check_history(history)
         action = self._check_actions(_to_tensor(action_BA)[0], history.shape[0], 2)
+        task = self.embed_tasks(tasks, history.shape[0])
         context = _normalise(history.to(self.device))
-        frame = _to_uint8(self._sample(context, action, self._steps(steps), generator))
+        frame = _to_uint8(self._sample(context, action, self._steps(steps), generator, task))
         return frame.cpu().numpy() if as_numpy else frame
 
     @torch.no_grad()
     def rollout(self, history_BKHWC: torch.Tensor | np.ndarray, actions_BTA: torch.Tensor | np.ndarray,
-                steps: int | None = None,
-                generator: torch.Generator | None = None) -> torch.Tensor | np.ndarray:
-        """Autoregressive frames uint8 [B, T, H, W, 3], each fed back (quantised) as context for the next."""
+                steps: int | None = None, generator: torch.Generator | None = None,
+                tasks: Sequence[str] | None = None) -> torch.Tensor | np.ndarray:
+        """Autoregressive frames uint8 [B, T, H, W, 3], each fed back (quantised) as context for the next;
+        `tasks` (one instruction per row, fixed over the rollout) as in `loss`."""
         history, as_numpy = _to_tensor(history_BKHWC)
         self._check_history(history)
         actions = self._check_actions(_to_tensor(actions_BTA)[0], history.shape[0], 3)
         if actions.shape[1] < 1:
             raise ValueError("actions must hold at least one step")
+        task = self.embed_tasks(tasks, history.shape[0])
         steps = self._steps(steps)
         context = _normalise(history.to(self.device))
         frames = []
         for t in range(actions.shape[1]):
-            frame = _to_uint8(self._sample(context, actions[:, t], steps, generator))
+            frame = _to_uint8(self._sample(context, actions[:, t], steps, generator, task))
             frames.append(frame)
             context = torch.cat([context[:, 1:], _normalise(frame)[:, None]], dim=1)
         out = torch.stack(frames, dim=1)
@@ -321,47 +353,14 @@ class WorldModel(nn.Module):
 
 def save(model: WorldModel, dir: str | os.PathLike, *, storage_options: dict | None = None) -> str:
     """Write model.safetensors + config.json to a local dir or an s3:// prefix; returns the location."""
-    import pyarrow.fs as pafs
-
-    from stages.storage import pyarrow_fs
-
-    target = str(dir)
-    fs, path = pyarrow_fs(target, storage_options)
-    remote = not isinstance(fs, pafs.LocalFileSystem)
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp) if remote else Path(path)
-        local.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                  str(local / WEIGHTS_NAME))
-        (local / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(model.config), indent=2))
-        if remote:
-            pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(),
-                            destination_filesystem=fs)
-    return target
+    return checkpoint.save(model, dir, storage_options=storage_options)
 
 
 def load(uri: str | os.PathLike, storage_options: dict | None = None, *, device: str = "cpu") -> WorldModel:
     """Load a world model saved by `save` (or real pretrained weights laid out the same way) from a
     local dir or an s3:// prefix; returned in eval mode."""
-    import pyarrow.fs as pafs
-
-    from stages.storage import pyarrow_fs
-
-    fs, path = pyarrow_fs(str(uri), storage_options)
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(path)
-        if not isinstance(fs, pafs.LocalFileSystem):
-            local = Path(tmp)
-            if fs.get_file_info(path).type != pafs.FileType.Directory:
-                raise ValueError(f"{uri} does not exist")
-            pafs.copy_files(path, str(local), source_filesystem=fs,
-                            destination_filesystem=pafs.LocalFileSystem())
-        if not (local / CONFIG_NAME).is_file() or not (local / WEIGHTS_NAME).is_file():
-            raise ValueError(f"{uri} is not a world-model checkpoint "
-                             f"(needs {WEIGHTS_NAME} and {CONFIG_NAME})")
-        model = WorldModel(config_from_dict(json.loads((local / CONFIG_NAME).read_text())))
-        model.load_state_dict(load_file(str(local / WEIGHTS_NAME)))
-    return model.to(device).eval()
+    return checkpoint.load(WorldModel, config_from_dict, uri, storage_options=storage_options, device=device,
+                           what="world-model")
 
 
 # ---- evaluation ---------------------------------------------------------------------------------
@@ -417,10 +416,11 @@ def frame_metrics(pred_BTHWC: torch.Tensor | np.ndarray, true_BTHWC: torch.Tenso
 
 def rollout_metrics(model: WorldModel, history_BKHWC: torch.Tensor | np.ndarray,
                     actions_BTA: torch.Tensor | np.ndarray, future_BTHWC: torch.Tensor | np.ndarray,
-                    steps: int | None = None, generator: torch.Generator | None = None) -> dict:
+                    steps: int | None = None, generator: torch.Generator | None = None,
+                    tasks: Sequence[str] | None = None) -> dict:
     """Open-loop rollout of the logged actions scored against the logged future, beside copy-last-frame:
     {"model": frame_metrics, "copy_last": frame_metrics, "sampling_steps": n}."""
-    pred = model.rollout(history_BKHWC, actions_BTA, steps=steps, generator=generator)
+    pred = model.rollout(history_BKHWC, actions_BTA, steps=steps, generator=generator, tasks=tasks)
     future = _to_tensor(future_BTHWC)[0]
     baseline = copy_last_baseline(_to_tensor(history_BKHWC)[0], future.shape[1])
     return {"model": frame_metrics(pred, future), "copy_last": frame_metrics(baseline, future),

@@ -29,17 +29,21 @@ def _bounded(submit, items: list, parallelism: int) -> list:
     return results
 
 
-def _build_driver(spec: dict):
-    """A driver from a picklable spec: expert | random | policy (registry) | endpoint (HTTP)."""
-    from sim import expert, rollout
+def _policy_act(model):
+    """The policy's act over (frames, state, tasks), passing only the inputs its config reads."""
+    return lambda frames, state, tasks: model.act(frames, state if model.config.state_dim else None,
+                                                  list(tasks) if model.config.task_vocab else None)
+
+
+def _build_driver(spec: dict, world):
+    """A driver from a picklable spec: expert (noisy or not) | random | policy (registry) | endpoint (HTTP)."""
+    from sim import rollout
 
     kind = spec["kind"]
     if kind == "expert":
-        if spec.get("noise") is None:
-            return rollout.ExpertDriver(expert.Expert())
-        return rollout.ExpertDriver(expert.NoisyExpert(expert.NoiseConfig(**spec["noise"])))
+        return world.expert(noisy=bool(spec.get("noisy")))
     if kind == "random":
-        return rollout.RandomDriver()
+        return world.random_driver()
     if kind == "policy":
         from models import policy as policy_model
         from models.registry import Registry
@@ -47,52 +51,52 @@ def _build_driver(spec: dict):
         registry = Registry(spec["registry_uri"], storage_options=spec.get("storage_options"))
         mv = registry.get(spec["name"], version=spec["version"])
         model = policy_model.load(registry.fetch(mv))
-        return rollout.PolicyDriver(model.act, history=model.config.history, name="policy",
+        return rollout.PolicyDriver(_policy_act(model), history=model.config.history, name="policy",
                                     policy_version=f"{spec['name']}:v{mv.version}")
     if kind == "endpoint":
         from serving.client import ActClient
 
-        client = ActClient(spec["url"])
-        return rollout.PolicyDriver(lambda frames_BKHWC: client.act(frames_BKHWC[0])[None],
+        client = ActClient(spec["url"], world=world.spec.name)
+        return rollout.PolicyDriver(lambda frames, state, tasks: client.act(frames[0], state=state[0],
+                                                                            task=tasks[0])[None],
                                     history=spec["history"], name="champion-endpoint",
                                     policy_version=spec.get("version", spec["url"]))
     raise ValueError(f"unknown driver kind {kind!r}")
 
 
 @ray.remote(num_cpus=ROLLOUT_CPUS)
-def _rollout(seed: int, spec: dict, world: dict, safety: str, log_uri: str | None,
+def _rollout(seed: int, task: str, spec: dict, world: dict, safety: str, log_uri: str | None,
              storage_options: dict | None) -> dict:
     import torch
 
-    from sim import carracing, rollout
+    from sim import rollout, worlds
+    from sim.worlds.base import WorldConfig
     from stages import mcap_log
 
     torch.set_num_threads(1)
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
-    episode, summary = rollout.run_episode(world=carracing.WorldConfig(**world), seed=seed,
-                                           driver=_build_driver(spec), safety=safety,
-                                           record=log_uri is not None)
+    w = worlds.get(WorldConfig(**world))
+    episode, summary = rollout.run_episode(world=w, seed=seed, task=task, driver=_build_driver(spec, w),
+                                           safety=safety, record=log_uri is not None)
     if log_uri is not None:
         mcap_log.write_episode(episode, log_uri, storage_options)
         summary["log_uri"] = log_uri
     return summary
 
 
-def run_rollouts(seeds: list[int], *, spec: dict | list[dict], world, safety: str,
+def run_rollouts(scenes: list[tuple[int, str]], *, spec: dict | list[dict], world, safety: str,
                  log_uris: list[str] | None = None, storage_options: dict | None = None,
                  parallelism: int = 2) -> list[dict]:
-    """Drive one episode per seed, `parallelism` at a time; with `log_uris`, each is logged as MCAP.
-
-    `spec` is one driver spec for all seeds, or one per seed (so several drivers share the pool).
-    """
+    """Drive one episode per (seed, task) scene, `parallelism` at a time; with `log_uris`, each is
+    logged as MCAP. `spec` is one driver spec for all scenes, or one per scene."""
     world_dict = dataclasses.asdict(world)
-    specs = spec if isinstance(spec, list) else [spec] * len(seeds)
-    items = list(zip(seeds, specs, log_uris or [None] * len(seeds)))
-    return _bounded(lambda it: _rollout.remote(it[0], it[1], world_dict, safety, it[2], storage_options),
-                    items, parallelism)
+    specs = spec if isinstance(spec, list) else [spec] * len(scenes)
+    items = list(zip(scenes, specs, log_uris or [None] * len(scenes)))
+    return _bounded(lambda it: _rollout.remote(it[0][0], it[0][1], it[1], world_dict, safety, it[2],
+                                               storage_options), items, parallelism)
 
 
-def synthesize_batches(model_dir: str, batches: list[dict], *, params: dict[str, Any], seed: int,
+def synthesize_batches(model_dir: str, batches: list[dict], *, world: dict, params: dict[str, Any], seed: int,
                        parallelism: int = 1) -> list[dict]:
     """Hold the world model in `parallelism` Ray actors and synthesize the batches across them."""
     from ray.util import ActorPool
@@ -100,7 +104,7 @@ def synthesize_batches(model_dir: str, batches: list[dict], *, params: dict[str,
     from stages.synthesize import WorldModelActor
 
     actor = ray.remote(num_cpus=SYNTH_CPUS)(WorldModelActor)
-    pool = ActorPool([actor.remote(model_dir, threads=SYNTH_CPUS) for _ in range(max(1, parallelism))])
+    pool = ActorPool([actor.remote(model_dir, world, threads=SYNTH_CPUS) for _ in range(max(1, parallelism))])
     items = list(enumerate(batches))
     return list(pool.map(lambda a, item: a.synthesize.remote(item[1], **params, seed=seed + item[0]),
                          items))

@@ -13,8 +13,8 @@ from PIL import Image
 
 from stages.streams import LogError, Streams
 
-_VECTOR_ROLES = ("action", "expert_action", "state")
-_SCALAR_ROLES = ("reward", "intervention", "off_track")
+_VECTOR_ROLES = ("action", "expert_action", "state", "signals")
+_SCALAR_ROLES = ("reward", "intervention")
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,7 @@ def _cut_reason(fresh: np.ndarray, cut: np.ndarray, step: int) -> str:
 
 
 def align(streams: Streams, *, image_size: int | tuple[int, int], action_dim: int = 3,
-          state_dim: int = 8, gap_factor: float = 3.0, max_gap_ns: int | None = None,
+          state_dim: int = 8, signal_names: tuple[str, ...] = (), gap_factor: float = 3.0, max_gap_ns: int | None = None,
           hold_factor: float = 2.0, min_length: int = 1) -> tuple[list[dict], list[dict]]:
     """Resample one episode's streams to its camera frames and cut it into spans.
 
@@ -166,7 +166,7 @@ def align(streams: Streams, *, image_size: int | tuple[int, int], action_dim: in
     * action and expert_action (zero-order hold, never interpolated), reward (held), state
       (componentwise linear interpolation between the latest sample <= f and the next sample
       when both are within hold of f; otherwise held as above). Stale or absent: NaN.
-      intervention and off_track are held the same way and True where the value > 0.5;
+      intervention and signals are held the same way and True where the value > 0.5;
       stale, absent or NaN: False.
     * action is required: a log without action samples raises
       ``LogError("missing_topic", "no action")``. Steps where the action is stale belong to
@@ -179,14 +179,14 @@ def align(streams: Streams, *, image_size: int | tuple[int, int], action_dim: in
       the step before it has a stale action, else "camera_gap"), or, for a span starting the
       log, of the cut just after it; "" when the span is the whole log.
     * action and expert_action must be [M, action_dim] (1-D accepted when action_dim is 1),
-      state [M, state_dim]; reward/intervention/off_track [M] or [M, 1]; any other shape
+      state [M, state_dim], signals [M, len(signal_names)]; reward/intervention [M] or [M, 1]; any other shape
       raises ``LogError("bad_shape")``.
     * Frames whose (H, W) differs from ``image_size`` (int: square) are resized with Pillow:
       BOX when neither side grows, BILINEAR otherwise; ``source_shape`` is the original (H, W).
 
     Each span is an episode dict: frames uint8[T,H,W,3], timestamps_ns int64[T], actions and
     expert_actions float32[T,action_dim], states float32[T,state_dim], rewards float32[T],
-    interventions and off_track bool[T], action_age_ns int64[T] (frame stamp minus the used
+    interventions bool[T], signals {name: bool[T]} (one per signal_names), action_age_ns int64[T] (frame stamp minus the used
     action sample's stamp; negative when the sample is after the frame), span_index,
     start_ns/end_ns (first/last frame stamp), split_reason, source_shape, dropped_duplicates,
     task, world/seed/driver/policy_version from meta (defaults "unknown", -1, "unknown", ""),
@@ -201,6 +201,7 @@ def align(streams: Streams, *, image_size: int | tuple[int, int], action_dim: in
     signals = {"action": action,
                "expert_action": _signal(streams, "expert_action", action_dim),
                "state": _signal(streams, "state", state_dim),
+               "signals": _signal(streams, "signals", len(signal_names)) if signal_names else None,
                **{role: _signal(streams, role, None) for role in _SCALAR_ROLES}}
     kept, dropped = _dedupe_camera(streams.camera_t, streams.frames)
     frame_t = streams.camera_t[kept]
@@ -213,7 +214,7 @@ def align(streams: Streams, *, image_size: int | tuple[int, int], action_dim: in
                                  hold_ns=period / 2 if role == "expert_action" else None)
                  for role, sig in signals.items() if sig is not None}
     fresh = resampled["action"].fresh
-    widths = {"action": action_dim, "expert_action": action_dim, "state": state_dim}
+    widths = {"action": action_dim, "expert_action": action_dim, "state": state_dim, "signals": len(signal_names)}
     columns: dict[str, np.ndarray] = {}
     for role in (*_VECTOR_ROLES, *_SCALAR_ROLES):
         if signals[role] is None:
@@ -257,7 +258,7 @@ def align(streams: Streams, *, image_size: int | tuple[int, int], action_dim: in
             "states": columns["state"][a:b].astype(np.float32),
             "rewards": columns["reward"][a:b].astype(np.float32),
             "interventions": columns["intervention"][a:b] > 0.5,
-            "off_track": columns["off_track"][a:b] > 0.5,
+            "signals": {name: columns["signals"][a:b, k] > 0.5 for k, name in enumerate(signal_names)},
             "action_age_ns": resampled["action"].age_ns[a:b].astype(np.int64),
             "split_reason": reason, "source_shape": tuple(streams.frames.shape[1:3]),
             "dropped_duplicates": int(dropped[a:b].sum()),

@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from stages.mcap_log import STATE_FIELDS
 
 PRIVILEGED_EXPERT, EXECUTED, MIXED = "privileged_expert", "executed", "mixed"
 _TS = pa.timestamp("us", tz="UTC")
@@ -24,7 +23,7 @@ EPISODES = pa.schema([
     ("episode_id", pa.string()), ("source_uri", pa.string()), ("content_hash", pa.string()),
     ("world", pa.string()), ("seed", pa.int64()), ("length", pa.int64()),
     ("episode_return", pa.float64()), ("interventions", pa.int64()),
-    ("intervention_steps", pa.int64()), ("off_track_steps", pa.int64()), ("split", pa.string()),
+    ("intervention_steps", pa.int64()), ("signal_steps", pa.string()), ("split", pa.string()),
     ("turn", pa.int64()), ("origin", pa.string()), ("parent_episode_id", pa.string()),
     ("generator_version", pa.string()), ("driver", pa.string()), ("policy_version", pa.string()),
     ("label_source", pa.string()), ("created_at", _TS),
@@ -69,24 +68,36 @@ def _hw(image_size: int | Sequence[int]) -> tuple[int, int]:
     return int(height), int(width)
 
 
-def frames_schema(image_size: int | Sequence[int], *, action_dim: int = 3,
-                  state_dim: int = len(STATE_FIELDS)) -> pa.Schema:
+def frames_schema(image_size: int | Sequence[int], *, action_dim: int, state_dim: int,
+                  features: dict[str, Any] | None = None) -> pa.Schema:
     """Schema of the frames table for images of ``image_size`` (int or (H, W)).
 
     ``flags`` lists the quality signals a kept frame raised (``frozen``, ``dark``,
-    ``overexposed``, ``dropped_before``); an empty list is a clean frame.
+    ``overexposed``, ``dropped_before``); an empty list is a clean frame. ``signals`` lists the
+    world's boolean signals raised at the step (``off_track``, ``success``, ...); ``task`` is the
+    instruction. ``features`` (world, action and state names, ...) go to the schema metadata
+    under ``worldloop.features``, so a reader learns the names without knowing the world.
     """
     height, width = _hw(image_size)
+    metadata = {b"worldloop.features": to_json(features).encode()} if features else None
     return pa.schema([
         ("frame_id", pa.string()), ("episode_id", pa.string()), ("step", pa.int32()),
         ("timestamp_ns", pa.int64()),
         ("image", pa.fixed_shape_tensor(pa.uint8(), [height, width, 3])),
         ("action", pa.list_(pa.float32(), action_dim)), ("label", pa.list_(pa.float32(), action_dim)),
         ("label_source", pa.string()), ("state", pa.list_(pa.float32(), state_dim)),
-        ("reward", pa.float32()), ("intervention", pa.bool_()), ("off_track", pa.bool_()),
-        ("origin", pa.string()), ("split", pa.string()), ("turn", pa.int64()),
+        ("reward", pa.float32()), ("intervention", pa.bool_()), ("signals", pa.list_(pa.string())),
+        ("task", pa.string()), ("origin", pa.string()), ("split", pa.string()), ("turn", pa.int64()),
         ("flags", pa.list_(pa.string())),
-    ])
+    ], metadata=metadata)
+
+
+def features_of(spec) -> dict[str, Any]:
+    """What a frames table records about its world: names of actions, state and signals, rate."""
+    return {"world": spec.name, "camera": spec.camera, "actions": list(spec.action_names),
+            "action_low": spec.action_low.tolist(), "action_high": spec.action_high.tolist(),
+            "state": list(spec.state_names), "policy_state": list(spec.policy_state),
+            "signals": list(spec.signals), "rate_hz": spec.rate_hz}
 
 
 def content_hash(data: bytes) -> str:
@@ -122,7 +133,7 @@ def reject_row(source_uri: str, *, stage: str, reason: str, detail: str, turn: i
 def expert_labels(episode: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     """Training labels: the privileged expert's action where finite, else the executed action.
 
-    Returns (labels float32[T,3], label_source str[T] of "privileged_expert"/"executed").
+    Returns (labels float32[T,A], label_source str[T] of "privileged_expert"/"executed").
     """
     expert = np.asarray(episode["expert_actions"], np.float32)
     actions = np.asarray(episode["actions"], np.float32)
@@ -144,13 +155,15 @@ def episode_to_tables(episode: dict[str, Any], *, episode_id: str, source_uri: s
                       content_hash: str, turn: int, origin: str, parent_episode_id: str,
                       generator_version: str, label_source: str | Sequence[str],
                       split: str, lineage: dict[str, Any] | None = None,
-                      flags: Sequence[Sequence[str]] | None = None) -> tuple[dict[str, Any], pa.Table]:
+                      flags: Sequence[Sequence[str]] | None = None,
+                      features: dict[str, Any] | None = None) -> tuple[dict[str, Any], pa.Table]:
     """An episode dict as (episodes-table row, frames table).
 
     ``episode["labels"]`` (float32[T,A]) are the training labels; ``label_source`` is one
     string for the whole episode or one per step (the row then says "mixed" if they differ).
-    Optional keys default for synthetic episodes: states NaN, rewards NaN, flags False. The
-    action width A and state width S come from the arrays. ``lineage`` fills the episodes
+    ``states`` [T,S] are required (NaN where unknown); rewards default to NaN, interventions
+    and ``signals`` ({name: bool[T]}) to False. The action width A and state width S come from
+    the arrays; ``features`` (``features_of``) go to the frames schema's metadata. ``lineage`` fills the episodes
     columns that say where the span came from (format, span_index, start_ns, ..., code_version,
     config_digest; see ``EPISODES``); ``flags`` gives each frame's quality flags.
     """
@@ -160,11 +173,12 @@ def episode_to_tables(episode: dict[str, Any], *, episode_id: str, source_uri: s
     n = len(frames)
     actions = np.asarray(episode["actions"], np.float32).reshape(n, -1)
     labels = np.asarray(episode["labels"], np.float32).reshape(n, actions.shape[1])
-    states = np.asarray(episode.get("states", np.full((n, len(STATE_FIELDS)), np.nan)),
-                        np.float32).reshape(n, -1)
+    states = np.asarray(episode["states"], np.float32).reshape(n, -1)
     rewards = np.asarray(episode.get("rewards", np.full(n, np.nan)), np.float32)
     interventions = np.asarray(episode.get("interventions", np.zeros(n, bool)), bool)
-    off_track = np.asarray(episode.get("off_track", np.zeros(n, bool)), bool)
+    signals = {k: np.asarray(v, bool) for k, v in episode.get("signals", {}).items()}
+    raised = [[k for k, v in signals.items() if v[i]] for i in range(n)] if signals else [[]] * n
+    task = str(episode.get("instruction", episode.get("task", "")))
     sources = np.broadcast_to(np.asarray(label_source, dtype=object), (n,))
     distinct = set(sources.tolist())
     flags = [list(f) for f in flags] if flags is not None else [[] for _ in range(n)]
@@ -177,7 +191,7 @@ def episode_to_tables(episode: dict[str, Any], *, episode_id: str, source_uri: s
         "world": str(episode.get("world", "unknown")), "seed": int(episode.get("seed", -1)),
         "length": n, "episode_return": float(rewards.astype(np.float64).sum()),
         "interventions": _rising_edges(interventions),
-        "intervention_steps": int(interventions.sum()), "off_track_steps": int(off_track.sum()),
+        "intervention_steps": int(interventions.sum()), "signal_steps": to_json({k: int(v.sum()) for k, v in signals.items()}),
         "split": split, "turn": int(turn), "origin": origin,
         "parent_episode_id": parent_episode_id, "generator_version": generator_version,
         "driver": str(episode.get("driver", "")),
@@ -187,7 +201,8 @@ def episode_to_tables(episode: dict[str, Any], *, episode_id: str, source_uri: s
     }
     row["flagged_frames"] = sum(1 for f in flags if f)
     steps = np.arange(n, dtype=np.int32)
-    schema = frames_schema(frames.shape[1:3], action_dim=actions.shape[1], state_dim=states.shape[1])
+    schema = frames_schema(frames.shape[1:3], action_dim=actions.shape[1], state_dim=states.shape[1],
+                           features=features)
     columns = [
         pa.array([f"{episode_id}:{s:05d}" for s in range(n)], pa.string()),
         pa.array([episode_id] * n, pa.string()), pa.array(steps),
@@ -196,7 +211,8 @@ def episode_to_tables(episode: dict[str, Any], *, episode_id: str, source_uri: s
         _fixed_list(actions, actions.shape[1]), _fixed_list(labels, actions.shape[1]),
         pa.array(sources.tolist(), pa.string()),
         _fixed_list(states, states.shape[1]), pa.array(rewards), pa.array(interventions),
-        pa.array(off_track), pa.array([origin] * n, pa.string()),
+        pa.array(raised, pa.list_(pa.string())), pa.array([task] * n, pa.string()),
+        pa.array([origin] * n, pa.string()),
         pa.array([split] * n, pa.string()), pa.array(np.full(n, turn, np.int64)),
         pa.array(flags, pa.list_(pa.string())),
     ]

@@ -23,6 +23,8 @@ import numpy as np
 import pyarrow as pa
 import ray
 
+from sim import worlds
+from sim.worlds.base import WorldConfig
 from stages import describe, events, quality, storage
 from stages.curate import to_json
 from stages.ingest import ingest_unit
@@ -35,15 +37,16 @@ INGEST_CPUS = 1
 DESCRIBE_CPUS = 0
 
 
-def _span(sub: pa.Table) -> dict[str, np.ndarray]:
+def _span(sub: pa.Table, signal_names: tuple[str, ...]) -> dict[str, Any]:
+    raised = sub.column("signals").to_pylist()
     return {"timestamps_ns": sub.column("timestamp_ns").to_numpy(),
             "actions": vectors(sub.column("action")), "states": vectors(sub.column("state")),
             "rewards": sub.column("reward").to_numpy(zero_copy_only=False).astype(np.float32),
             "interventions": sub.column("intervention").to_numpy(zero_copy_only=False).astype(bool),
-            "off_track": sub.column("off_track").to_numpy(zero_copy_only=False).astype(bool)}
+            "signals": {name: np.array([name in r for r in raised], bool) for name in signal_names}}
 
 
-def judge_batch(batch: pa.Table, *, lake: Lake, signal_params: dict, verdict_params: dict,
+def judge_batch(batch: pa.Table, *, lake: Lake, world: dict, signal_params: dict, verdict_params: dict,
                 event_params: dict, clip_k: int) -> pa.Table:
     """Quality, verdict, events, clips and fragment writes for the spans in one batch.
 
@@ -58,7 +61,8 @@ def judge_batch(batch: pa.Table, *, lake: Lake, signal_params: dict, verdict_par
          "timestamp_ns": batch.column("timestamp_ns").to_numpy(), "image": imgs,
          "action": vectors(batch.column("action")), "state": vectors(batch.column("state"))},
         **signal_params)
-    config = events.EventConfig(**event_params)
+    w = worlds.get(WorldConfig(**world))
+    config, thresholds = events.EventConfig.split(event_params)
     out: dict[str, list] = {k: [] for k in ("span_id", "kept", "reasons", "detail", "counts", "frames",
                                             "fragments", "clips", "clip_frames")}
     for verdict in quality.span_verdicts(signals, **verdict_params):
@@ -77,16 +81,16 @@ def judge_batch(batch: pa.Table, *, lake: Lake, signal_params: dict, verdict_par
             table = batch.slice(rows.start, len(where))
             table = table.set_column(table.schema.get_field_index("flags"), "flags", flags)
             fragments = lake.write_fragments("frames", table)
-            span = _span(table)
-            found = events.mine_events(span, config=config)
+            span = _span(table, w.spec.signals)
+            found = events.mine_events(span, world=w, config=config, params=thresholds)
             clips = events.event_clips(len(where), found, config=config)
             span_imgs = imgs[rows]
             clip_frames = np.stack([describe.clip_frames(span_imgs, c["start_step"], c["end_step"], clip_k)
                                     for c in clips]) if clips else clip_frames
             for c in clips:
-                c["label_tags"] = describe.privileged_tags(
-                    span["states"], timestamps_ns=span["timestamps_ns"], start=c["start_step"],
-                    end=c["end_step"])
+                c["label_tags"] = w.privileged_tags(
+                    span["states"][c["start_step"]:], {k: v[c["start_step"]:] for k, v in span["signals"].items()},
+                    clip_len=c["end_step"] - c["start_step"])
         out["fragments"].append(pickle.dumps(fragments))
         out["clips"].append(to_json(clips))
         out["clip_frames"].append(pickle.dumps(clip_frames))
@@ -176,7 +180,7 @@ def ingest_and_judge(units: list[dict], *, storage_options: dict | None, params:
 _REASONERS: dict[tuple, Any] = {}  # per process: the loaded reasoner by (URI, its files)
 
 
-def _reasoner(uri: str, storage_options: dict | None) -> Any:
+def _reasoner(uri: str, storage_options: dict | None, tags: dict) -> Any:
     """The reasoner at ``uri``, loaded once per process while its files stay the same; a
     changed file (size or etag) loads the model again."""
     files = tuple((o["uri"], o["size"], o["etag"]) for o in storage.list_objects(
@@ -186,15 +190,17 @@ def _reasoner(uri: str, storage_options: dict | None) -> Any:
         from models.reasoner import load_reasoner
 
         _REASONERS.clear()
-        _REASONERS[key] = load_reasoner(uri, storage_options=storage_options)
+        _REASONERS[key] = load_reasoner(uri, storage_options=storage_options, tags=tags)
     return _REASONERS[key]
 
 
-def describe_batch(clips: pa.Table, *, reasoner: Any) -> pa.Table:
+def describe_batch(clips: pa.Table, *, reasoner: Any, caption_fn) -> pa.Table:
     """Embedding (``describe_and_embed``: the L2-normalised mean over a clip's frames), tags
-    and caption for clip rows (clip_id, event, frames: a uint8 [k, H, W, 3] tensor column)."""
+    and caption (the world's ``caption``) for clip rows (clip_id, event, frames: a uint8
+    [k, H, W, 3] tensor column)."""
     frames = images(clips.column("frames"))  # [N, k, H, W, 3]
-    emb, described = reasoner.describe_and_embed(frames, [str(e) for e in clips.column("event").to_pylist()])
+    emb, described = reasoner.describe_and_embed(frames, [str(e) for e in clips.column("event").to_pylist()],
+                                                 caption_fn=caption_fn)
     return pa.table({"clip_id": clips.column("clip_id"),
                      "embedding": pa.array(emb.astype(np.float32).tolist(), pa.list_(pa.float32())),
                      "tags": pa.array([to_json(d["tags"]) for d in described], pa.string()),
@@ -212,8 +218,10 @@ class Describer:
 
         torch.set_num_threads(1)
 
-    def describe(self, clips: pa.Table, reasoner_uri: str, storage_options: dict | None) -> pa.Table:
-        return describe_batch(clips, reasoner=_reasoner(reasoner_uri, storage_options))
+    def describe(self, clips: pa.Table, reasoner_uri: str, storage_options: dict | None, world: dict) -> pa.Table:
+        w = worlds.get(WorldConfig(**world))
+        return describe_batch(clips, reasoner=_reasoner(reasoner_uri, storage_options, dict(w.spec.tags)),
+                              caption_fn=w.caption)
 
 
 _DESCRIBERS: dict[str, list] = {}  # Ray job id -> describer actors, reused by later runs of this process
@@ -228,7 +236,7 @@ def _describers(count: int) -> list:
     return actors[:count]
 
 
-def describe_clips(clips: pa.Table, *, reasoner_uri: str, storage_options: dict | None,
+def describe_clips(clips: pa.Table, *, reasoner_uri: str, storage_options: dict | None, world: dict,
                    parallelism: int, batch_size: int = 128) -> pa.Table:
     """Embedding, tags and caption for each clip (columns clip_id, event, frames), in chunks of
     ``batch_size`` spread over ``parallelism`` describer actors."""
@@ -237,6 +245,6 @@ def describe_clips(clips: pa.Table, *, reasoner_uri: str, storage_options: dict 
     clips = clips.select(["clip_id", "event", "frames"])
     actors = _describers(max(1, parallelism))  # always all: a later, larger run finds them warm
     futures = [actors[i % len(actors)].describe.remote(clips.slice(start, batch_size), reasoner_uri,
-                                                       storage_options)
+                                                       storage_options, world)
                for i, start in enumerate(range(0, clips.num_rows, batch_size))]
     return pa.concat_tables(ray.get(futures))

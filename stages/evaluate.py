@@ -1,12 +1,14 @@
 """Closed-loop evaluation statistics: pure functions over per-seed rollout summaries.
 
-Scores are CarRacing episode returns. Candidate and champion are driven on the same held-out
-seeds, so comparisons are paired (STACK.md: evaluation noise is large, std 200-270 over 10 seeds).
+Scores are the world's (episode return, or 1/0 task success). Candidate and champion are driven
+on the same held-out scenes, (task, seed) pairs, so comparisons are paired (STACK.md: evaluation
+noise is large, e.g. CarRacing's std 200-270 over 10 seeds).
 Confidence intervals are percentile bootstraps over seeds, with a fixed generator so that the
 same scores always give the same interval.
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import numpy as np
@@ -27,7 +29,8 @@ def bootstrap_ci(values: Sequence[float], *, resamples: int = 10_000, level: flo
 
 
 def summarize(rows: Sequence[dict], *, resamples: int = 10_000) -> dict:
-    """Aggregate per-seed rows (score, off_track_rate, interventions, steps) of one driver."""
+    """Aggregate per-scene rows (task, score, success, signal_rates JSON, interventions, steps) of one
+    driver: the mean score with its CI, the success rate, per-signal rates and per-task means."""
     if not rows:
         raise ValueError("summarize needs at least one rollout")
     scores = np.array([r["score"] for r in rows], dtype=np.float64)
@@ -37,18 +40,22 @@ def summarize(rows: Sequence[dict], *, resamples: int = 10_000) -> dict:
         "mean": float(scores.mean()),
         "std": float(scores.std(ddof=1)) if scores.size > 1 else 0.0,
         "ci95": [lo, hi],
-        "off_track_rate": float(np.mean([r["off_track_rate"] for r in rows])),
+        "success_rate": float(np.mean([bool(r["success"]) for r in rows])),
+        "signal_rates": {k: float(np.mean([json.loads(r["signal_rates"]).get(k, 0.0) for r in rows]))
+                         for k in sorted({k for r in rows for k in json.loads(r["signal_rates"])})},
         "interventions_per_episode": float(np.mean([r["interventions"] for r in rows])),
         "mean_steps": float(np.mean([r["steps"] for r in rows])),
+        "per_task": {t: float(np.mean([r["score"] for r in rows if r["task"] == t]))
+                     for t in sorted({r["task"] for r in rows})},
     }
 
 
-def paired(candidate: dict[int, float], reference: dict[int, float], *,
-           resamples: int = 10_000) -> dict:
-    """Paired difference candidate - reference over the seeds both were driven on."""
+def paired(candidate: dict, reference: dict, *, resamples: int = 10_000) -> dict:
+    """Paired difference candidate - reference over the scenes (keys: seeds or (task, seed)) both
+    were driven on."""
     seeds = sorted(set(candidate) & set(reference))
     if not seeds:
-        raise ValueError("no common seeds between candidate and reference")
+        raise ValueError("no common scenes between candidate and reference")
     diff = np.array([candidate[s] - reference[s] for s in seeds], dtype=np.float64)
     lo, hi = bootstrap_ci(diff, resamples=resamples)
     return {"seeds": seeds, "mean_diff": float(diff.mean()), "ci95": [lo, hi],

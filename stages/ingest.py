@@ -43,7 +43,7 @@ def episode_id_for(unit_hash: str, episode_index: int, span_index: int) -> str:
 
 def ingest_unit(unit: dict, *, fetch: Callable[[str], bytes], mapping: Mapping, turn: int,
                 image_size: int | tuple[int, int], action_dim: int, state_dim: int,
-                min_length: int, gap_factor: float, hold_factor: float, val_fraction: float,
+                signal_names: tuple[str, ...] = (), features: dict | None = None, min_length: int, gap_factor: float, hold_factor: float, val_fraction: float,
                 lineage: dict[str, str]) -> dict[str, Any]:
     """Decode and align one unit.
 
@@ -74,7 +74,7 @@ def ingest_unit(unit: dict, *, fetch: Callable[[str], bytes], mapping: Mapping, 
         out["frames_seen"] += len(streams.frames)
         try:
             spans, short = align(streams, image_size=image_size, action_dim=action_dim,
-                                 state_dim=state_dim, gap_factor=gap_factor,
+                                 state_dim=state_dim, signal_names=tuple(signal_names), gap_factor=gap_factor,
                                  hold_factor=hold_factor, min_length=min_length)
         except LogError as err:
             span = (int(streams.camera_t.min()), int(streams.camera_t.max())) if len(streams.camera_t) else (-1, -1)
@@ -95,7 +95,7 @@ def ingest_unit(unit: dict, *, fetch: Callable[[str], bytes], mapping: Mapping, 
                 {**span, "labels": labels}, episode_id=episode_id, source_uri=source_uri,
                 content_hash=unit_hash, turn=turn, origin="real", parent_episode_id="",
                 generator_version="", label_source=label_sources,
-                split=split_for(episode_id, val_fraction=val_fraction),
+                split=split_for(episode_id, val_fraction=val_fraction), features=features,
                 lineage={"format": span.get("format", unit["format"]),
                          "span_index": int(span["span_index"]), "start_ns": int(span["start_ns"]),
                          "end_ns": int(span["end_ns"]), "split_reason": span.get("split_reason", ""),

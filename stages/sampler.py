@@ -6,7 +6,7 @@ by their physical position, and every fetched row is checked against the index.
 
 With a ``clips`` table, windows are drawn with probability proportional to the weight of the
 clips that cover their last step (``window_weights``): event clips are oversampled (their
-``weight`` column, from ``stages.events.OVERSAMPLE``) and near-duplicate clips down-weighted,
+``weight`` column, from ``stages.events.oversample``: the world's event weights) and near-duplicate clips down-weighted,
 as a fleet data engine feeds its triggers back into training.
 """
 from __future__ import annotations
@@ -179,7 +179,7 @@ class HistorySampler:
         wanted = [rows.reshape(-1), rows[:, -1]] + ([self._next[picks]] if self.require_next else [])
         unique, inverse = np.unique(np.concatenate(wanted), return_inverse=True)
         fetched = self.dataset.take(pa.array(unique), columns=["episode_id", "step", "image",
-                                                               "label", "action"])
+                                                               "label", "action", "state", "task"])
         self._check(unique, fetched)
         images = fetched.column("image").combine_chunks().to_numpy_ndarray()
         labels = _fixed(fetched.column("label"))
@@ -187,8 +187,9 @@ class HistorySampler:
         b, k = rows.shape
         history_idx = inverse[:b * k].reshape(b, k)
         end_idx = inverse[b * k:b * k + b]
-        out = {"frames_BKHWC": images[history_idx], "label_B3": labels[end_idx],
-               "action_B3": actions[end_idx]}
+        out = {"frames_BKHWC": images[history_idx], "label_BA": labels[end_idx],
+               "action_BA": actions[end_idx], "state_BS": _fixed(fetched.column("state"))[end_idx],
+               "tasks": np.asarray(fetched.column("task").to_pylist(), object)[end_idx]}
         if self.require_next:
             out["next_BHWC"] = images[inverse[b * k + b:]]
         return out

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-ROLES = ("action", "state", "expert_action", "reward", "intervention", "off_track")
+ROLES = ("action", "state", "expert_action", "reward", "intervention", "signals")
 
 
 class LogError(ValueError):
@@ -49,7 +49,7 @@ class Mapping:
     expert_action: tuple[str, ...] = ("/expert/action", "expert_action")
     reward: tuple[str, ...] = ("/reward", "next.reward", "reward")
     intervention: tuple[str, ...] = ("/intervention", "intervention")
-    off_track: tuple[str, ...] = ("/off_track", "off_track")
+    signals: tuple[str, ...] = ("/signals", "signals")  # a world's boolean signals, in its spec's order
     task: tuple[str, ...] = ("/task", "task")
 
     def candidates(self, role: str) -> tuple[str, ...]:

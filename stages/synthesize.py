@@ -1,11 +1,12 @@
 """Synthesize: counterfactual recovery variants rolled out by the world model from real histories.
 
 For a real window (K history frames ending at step t and the parent's next T actions), the
-world model is driven with the parent's actions plus a steer offset for `drift_steps` (the car
-drifts off the parent's line), then with the counter-steer (it comes back). Every generated frame
-is labelled honestly, per frame, in `label_source`:
-  * during the drift the label is the parent's expert label minus `gain * offset` — the corrective
-    steer of NVIDIA's PilotNet recovery augmentation (Bojarski et al., 2016): "recovery_heuristic";
+world model is driven with the parent's actions under the world's counterfactual perturbation
+(``World.counterfactual``: for the car a steer offset, then the counter-steer; for the arm a push
+of the hand) for `drift_steps`, then recovers. Every generated frame is labelled honestly, per
+frame, in `label_source`:
+  * during the drift the label is the world's recovery label (e.g. PilotNet's corrective steer,
+    Bojarski et al., 2016), with the source the world names ("recovery_heuristic");
   * afterwards the label is the action the world model was conditioned on: "generator_action".
 `action` always holds what the generator was conditioned on. A variant whose frames change too
 abruptly or drift in colour from the real frame is implausible and becomes a reject, not a row.
@@ -25,8 +26,9 @@ LABEL_RECOVERY, LABEL_GENERATOR = "recovery_heuristic", "generator_action"
 def select_parents(frames: pa.Table, *, n: int, horizon: int, min_step: int, seed: int) -> list[tuple[str, int]]:
     """Pick `n` (episode_id, start_step) windows from light frame columns (episode_id, step).
 
-    A start step leaves `horizon` parent actions after it; interventions and off-track frames
-    (mined events) are preferred when present, so variants cluster around what went wrong.
+    A start step leaves `horizon` parent actions after it; interventions and frames that raised
+    a world signal (``signals``, e.g. off track) are preferred, so variants cluster around what
+    went wrong.
     The picks depend on the rows and `seed` only, not on their order: a table's scan order is
     the order its fragments were written in, which parallel writers vary from run to run.
     """
@@ -41,30 +43,30 @@ def select_parents(frames: pa.Table, *, n: int, horizon: int, min_step: int, see
     if not ok.any():
         return []
     weight = ok.astype(np.float64)
-    for name in ("intervention", "off_track"):
-        if name in frames.column_names:
-            weight += 4.0 * (ok & frames.column(name).to_numpy(zero_copy_only=False))
+    if "intervention" in frames.column_names:
+        weight += 4.0 * (ok & frames.column("intervention").to_numpy(zero_copy_only=False))
+    if "signals" in frames.column_names:
+        raised = np.array([bool(r) for r in frames.column("signals").to_pylist()])
+        weight += 4.0 * (ok & raised)
     rng = np.random.default_rng(seed)
     picks = rng.choice(len(ids), size=min(n, int(ok.sum())), replace=False, p=weight / weight.sum())
     return [(str(ids[i]), int(steps[i])) for i in sorted(picks)]
 
 
-def counterfactual(parent_actions_BTA: np.ndarray, parent_labels_BTA: np.ndarray, offsets_B: np.ndarray,
-                   *, drift_steps: int, gain: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def counterfactual(world, parent_actions_BTA: np.ndarray, parent_labels_BTA: np.ndarray, offsets_B: np.ndarray,
+                   *, drift_steps: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Actions to condition on, training labels and per-step label sources for each variant."""
-    actions = parent_actions_BTA.astype(np.float32).copy()
-    labels = parent_labels_BTA.astype(np.float32).copy()
-    horizon = actions.shape[1]
-    drift = slice(0, min(drift_steps, horizon))
-    back = slice(drift.stop, min(2 * drift.stop, horizon))
-    actions[:, drift, 0] += offsets_B[:, None]
-    actions[:, back, 0] -= gain * offsets_B[:, None]
-    labels[:, drift, 0] -= gain * offsets_B[:, None]
-    labels[:, drift.stop:] = actions[:, drift.stop:]
-    np.clip(actions[..., 0], -1.0, 1.0, out=actions[..., 0])
-    np.clip(labels[..., 0], -1.0, 1.0, out=labels[..., 0])
-    sources = np.where(np.arange(horizon) < drift.stop, LABEL_RECOVERY, LABEL_GENERATOR)
-    return actions, labels, np.broadcast_to(sources, actions.shape[:2]).copy()
+    rng = np.random.default_rng(seed)
+    horizon = parent_actions_BTA.shape[1]
+    actions, labels, sources = [], [], []
+    for a, l, offset in zip(parent_actions_BTA, parent_labels_BTA, offsets_B):
+        act, lab, source = world.counterfactual(a, l, offset=float(offset), drift_steps=drift_steps, rng=rng)
+        drift = min(drift_steps, horizon)
+        lab[drift:] = act[drift:]
+        actions.append(act)
+        labels.append(lab)
+        sources.append(np.where(np.arange(horizon) < drift, source, LABEL_GENERATOR))
+    return np.stack(actions).astype(np.float32), np.stack(labels).astype(np.float32), np.stack(sources)
 
 
 def plausibility(frames_BTHWC: np.ndarray, parent_last_BHWC: np.ndarray, *, max_frame_change: float,
@@ -86,12 +88,13 @@ def plausibility(frames_BTHWC: np.ndarray, parent_last_BHWC: np.ndarray, *, max_
     return reasons
 
 
-def synthesize_batch(batch: dict[str, np.ndarray], *, model, offsets: Sequence[float], drift_steps: int,
-                     gain: float, max_frame_change: float, max_color_shift: float, seed: int) -> dict:
+def synthesize_batch(batch: dict[str, np.ndarray], *, model, world, offsets: Sequence[float], drift_steps: int,
+                     max_frame_change: float, max_color_shift: float, seed: int) -> dict:
     """Roll the world model out for a batch of parent windows.
 
     `batch`: history_BKHWC uint8 (frames t-K+1..t), parent_actions_BTA and parent_labels_BTA
-    float32 for steps t..t+H (H+1 of them). The model is driven with the first H counterfactual
+    float32 for steps t..t+H (H+1 of them), and tasks (the parents' instructions) when the
+    world model reads tasks. The model is driven with the first H counterfactual
     actions and generates frames t+1..t+H; row i of a variant is frame t+1+i with the action and
     label of step t+1+i (what is done after seeing it). Returns frames_BHHWC, actions, labels,
     label_sources, offsets_B and a reject reason (None = plausible) per variant.
@@ -101,10 +104,12 @@ def synthesize_batch(batch: dict[str, np.ndarray], *, model, offsets: Sequence[f
     history = batch["history_BKHWC"]
     rng = np.random.default_rng(seed)
     offsets_B = rng.choice(np.asarray(offsets, dtype=np.float32), size=len(history))
-    actions, labels, sources = counterfactual(batch["parent_actions_BTA"], batch["parent_labels_BTA"],
-                                              offsets_B, drift_steps=drift_steps, gain=gain)
+    actions, labels, sources = counterfactual(world, batch["parent_actions_BTA"], batch["parent_labels_BTA"],
+                                              offsets_B, drift_steps=drift_steps, seed=seed)
     generator = torch.Generator().manual_seed(seed)
-    frames = np.asarray(model.rollout(history, actions[:, :-1], generator=generator))
+    tasks = list(batch["tasks"]) if getattr(model.config, "task_vocab", ()) else None
+    kwargs = {"tasks": tasks} if tasks is not None else {}
+    frames = np.asarray(model.rollout(history, actions[:, :-1], generator=generator, **kwargs))
     reasons = plausibility(frames, history[:, -1], max_frame_change=max_frame_change,
                            max_color_shift=max_color_shift)
     return {"frames_BTHWC": frames, "actions_BTA": actions[:, 1:], "labels_BTA": labels[:, 1:],
@@ -114,13 +119,16 @@ def synthesize_batch(batch: dict[str, np.ndarray], *, model, offsets: Sequence[f
 class WorldModelActor:
     """Ray actor adapter: holds one world model and synthesizes batches with it."""
 
-    def __init__(self, model_dir: str, threads: int = 1):
+    def __init__(self, model_dir: str, world: dict, threads: int = 1):
         import torch
 
         from models import world_model
+        from sim import worlds
+        from sim.worlds.base import WorldConfig
 
         torch.set_num_threads(threads)
         self.model = world_model.load(model_dir).eval()
+        self.world = worlds.get(WorldConfig(**world))
 
     def synthesize(self, batch: dict[str, np.ndarray], **params) -> dict:
-        return synthesize_batch(batch, model=self.model, **params)
+        return synthesize_batch(batch, model=self.model, world=self.world, **params)

@@ -34,18 +34,23 @@ def _model_module(kind: str):
 class _LossModule(nn.Module):
     """Routes a model's `loss` through `forward`, so DistributedDataParallel syncs its gradients."""
 
-    def __init__(self, model: nn.Module, kind: str):
+    def __init__(self, model: nn.Module, kind: str, state_index: list[int]):
         super().__init__()
-        self.model, self.kind = model, kind
+        self.model, self.kind, self.state_index = model, kind, state_index
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, batch: dict) -> torch.Tensor:
+        c = self.model.config
+        tasks = list(batch["tasks"]) if getattr(c, "task_vocab", ()) else None
         if self.kind == "policy":
-            return self.model.loss(batch["frames_BKHWC"], batch["label_B3"])
-        return self.model.loss(batch["frames_BKHWC"], batch["action_B3"], batch["next_BHWC"])
+            state = batch["state_BS"][:, self.state_index] if c.state_dim else None
+            return self.model.loss(batch["frames_BKHWC"], batch["label_BA"], state, tasks)
+        extra = {"tasks": tasks} if tasks is not None else {}
+        return self.model.loss(batch["frames_BKHWC"], batch["action_BA"], batch["next_BHWC"], **extra)
 
 
-def _to_torch(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(v).to(device) for k, v in batch.items()}
+def _to_torch(batch: dict, device: torch.device) -> dict:
+    """Arrays to tensors on ``device``; the task strings stay a list."""
+    return {k: v if v.dtype == object else torch.from_numpy(v).to(device) for k, v in batch.items()}
 
 
 def _build(kind: str, config: dict, init_dir: str | None) -> nn.Module:
@@ -73,7 +78,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     model = _build(cfg["kind"], cfg["model_config"], cfg.get("init_dir"))
     hp = cfg["model_config"]
-    wrapped = ray.train.torch.prepare_model(_LossModule(model, cfg["kind"]))
+    wrapped = ray.train.torch.prepare_model(_LossModule(model, cfg["kind"], cfg["state_index"]))
     sampler = HistorySampler(
         cfg["frames_uri"], history=hp["history"], storage_options=cfg["storage_options"],
         filter=_split_filter("train", cfg["filter"]), rank=rank, world_size=world,
@@ -125,7 +130,7 @@ def _validate(model: nn.Module, cfg: dict, device: torch.device, batches: int = 
         if "no windows" in str(err):
             return None
         raise
-    wrapped, losses = _LossModule(model, cfg["kind"]).eval(), []
+    wrapped, losses = _LossModule(model, cfg["kind"], cfg["state_index"]).eval(), []
     for _ in range(batches):
         losses.append(float(wrapped(_to_torch(sampler.batch(cfg["model_config"]["batch_size"]), device))))
     model.train()
@@ -136,12 +141,14 @@ def train_model(kind: str, *, frames_uri: str, model_config, storage_path: str, 
                 storage_options: dict | None = None, num_workers: int = 2, cpus_per_worker: float = 1.0,
                 use_gpu: bool = False, synthetic_fraction: float | None = None, init_dir: str | None = None,
                 filter: str | None = None, seed: int = 0, run_name: str | None = None,
-                clips_uri: str | None = None, duplicate_weight: float = 0.0) -> dict:
+                clips_uri: str | None = None, duplicate_weight: float = 0.0,
+                state_index: list[int] | None = None) -> dict:
     """Train `kind` on the frames table with a TorchTrainer; returns metrics and the checkpoint dir.
 
     With ``clips_uri`` training windows are drawn by the clips' weights (event clips oversampled,
     near-duplicates weighted ``duplicate_weight``; ``stages.sampler.window_weights``); validation
-    always samples uniformly.
+    always samples uniformly. ``state_index``: the columns of the frames' ``state`` the policy reads
+    (the world's ``policy_state``).
     """
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -154,7 +161,7 @@ def train_model(kind: str, *, frames_uri: str, model_config, storage_path: str, 
         "storage_options": storage_options, "steps": int(steps or config["steps"]),
         "synthetic_fraction": synthetic_fraction, "init_dir": init_dir, "filter": filter,
         "seed": seed, "require_next": require_next, "threads": max(1, int(cpus_per_worker)),
-        "clips_uri": clips_uri, "duplicate_weight": duplicate_weight,
+        "clips_uri": clips_uri, "duplicate_weight": duplicate_weight, "state_index": list(state_index or []),
     }
     trainer = TorchTrainer(
         train_loop, train_loop_config=loop_config,

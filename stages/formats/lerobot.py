@@ -28,7 +28,7 @@ Rules:
   ``missing_topic``. Each role of ``ROLES`` is picked from the data columns that are neither a
   camera nor bookkeeping; its values are float32 [N] for a scalar column, [N, D] for a list
   column (bools become 0/1), and a width-1 list is flattened for the scalar roles (reward,
-  intervention, off_track).
+  intervention; a signals list stays [N, D]).
 - Stamps: a row's ``timestamp`` to int64 ns, rounded; float32 stamps are first read as their
   shortest round-tripping decimal (``float32(0.38)`` is 380 000 000 ns, not 379 999 995). The
   signals carry the same stamps as the frames (LeRobot rows are synchronous).
@@ -67,7 +67,7 @@ from stages.streams import ROLES, LogError, Mapping, Streams
 
 VERSIONS = ("v2.0", "v2.1", "v3.0")
 BOOKKEEPING = ("timestamp", "frame_index", "episode_index", "index", "task_index")
-SCALAR_ROLES = ("reward", "intervention", "off_track")
+SCALAR_ROLES = ("reward", "intervention")
 INFO = "meta/info.json"
 _V3_EPISODES = re.compile(r"meta/episodes/chunk-\d+/file-\d+\.parquet")
 

@@ -28,7 +28,7 @@ Rules:
   ``TwistStamped`` and ``Twist`` give [linear.x, y, z, angular.x, y, z];
   ``sensor_msgs/JointState`` gives ``position``; a numeric or bool ``data`` field (std_msgs
   Float32/64, Bool, Int*, UInt*) gives [data]. Anything else is ``bad_message``.
-* Scalar roles (reward, intervention, off_track) need one value per message and give
+* Scalar roles (reward, intervention) need one value per message and give
   float32[M]; vector roles give float32[M,D] and need the same D in every message.
 * Task text: the ``data`` string of the first message on the task topic.
 """
@@ -46,7 +46,7 @@ from PIL import Image
 from stages.streams import ROLES, LogError, Mapping, Streams
 
 TOPIC_ROLES = ("camera", *ROLES, "task")
-SCALAR_ROLES = frozenset({"reward", "intervention", "off_track"})
+SCALAR_ROLES = frozenset({"reward", "intervention"})
 # encoding -> (bytes per pixel, channel indices giving R, G, B)
 RAW_ENCODINGS = {"rgb8": (3, (0, 1, 2)), "bgr8": (3, (2, 1, 0)), "rgba8": (4, (0, 1, 2)),
                  "bgra8": (4, (2, 1, 0)), "mono8": (1, (0, 0, 0))}

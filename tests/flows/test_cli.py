@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 
 from flows import cli
-from flows.config import preset
+import pytest
+
+from flows.config import preset, resolve
 
 
 def test_json_summary_is_one_object_on_stdout(tmp_path, capsys, ray_cluster, prefect_harness):
@@ -42,8 +44,34 @@ def test_heartbeats_are_off_only_without_a_prefect_server():
 
 
 def test_presets_derive_and_agree():
-    tiny, default, gpu = preset("tiny"), preset("default"), preset("gpu")
+    tiny, default, gpu = (resolve(name, world="carracing") for name in ("tiny", "default", "gpu"))
     assert tiny.fleet.seed_base == default.fleet.seed_base and gpu.train.use_gpu and not default.train.use_gpu
-    assert tiny.world.image_size == tiny.policy.image_size == tiny.world_model.image_size
-    assert not set(default.eval.seeds) & {default.fleet.seed_base + i for i in range(1000)}
+    assert tiny.world.image_size == tiny.policy.image_size == tiny.world_model.image_size == 32
+    assert not set(default.eval_seeds) & {default.fleet.seed_base + i for i in range(1000)}
     assert tiny.digest() != default.digest()
+    assert preset("tiny").name == "tiny"
+
+
+def test_overrides_and_config_file_resolve_in_order(tmp_path):
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps({"train": {"num_workers": 1}, "eval.seeds": [1000, 1002]}))
+    cfg = resolve("tiny", world="carracing", config_file=str(path),
+                  overrides=["eval.seeds=[1003]", "world.image_size=64", "synth.offsets=[0.25]"])
+    assert cfg.train.num_workers == 1 and cfg.eval_seeds == (1003,) and cfg.synth.offsets == (0.25,)
+    assert cfg.world.image_size == cfg.policy.image_size == cfg.world_model.image_size == 64  # shapes follow the world
+    assert cfg.policy.action_low == (-1.0, 0.0, 0.0) and cfg.policy.state_dim == 0
+    with pytest.raises(ValueError, match="unknown config key 'train.nope'"):
+        resolve("tiny", overrides=["train.nope=1"])
+    with pytest.raises(ValueError, match="expected a number"):
+        resolve("tiny", overrides=["train.num_workers=many"])
+    with pytest.raises(ValueError, match="unknown world"):
+        resolve("tiny", world="no-such-world")
+
+
+def test_worlds_command_lists_every_registered_world(capsys):
+    assert cli.main(["worlds", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)["worlds"]
+    assert {"carracing", "metaworld-mt10"} <= set(out)
+    assert [a["name"] for a in out["carracing"]["actions"]] == ["steer", "gas", "brake"]
+    assert cli.main(["worlds"]) == 0
+    assert "carracing  " in capsys.readouterr().out

@@ -78,7 +78,7 @@ def test_models_are_registered_with_lineage(turn):
 def test_evaluation_is_paired_and_gated(turn):
     ev, promote = turn["stages"]["evaluate"], turn["stages"]["promote"]
     assert set(ev["results"]) >= {"candidate", "expert", "random"}
-    assert ev["comparison"]["seeds"] == [1000, 1001]
+    assert ev["comparison"]["seeds"] == [("drive", 1000), ("drive", 1001)]
     assert promote["promote"] == (ev["comparison"]["mean_diff"] > 0)
     rows = turn["ctx"].lake.read("evaluations").to_pylist()
     assert {r["seed"] for r in rows} == {1000, 1001}

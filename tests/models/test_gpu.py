@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from models import policy, reasoner, world_model
-from stages.describe import TAGS
+from models.text import build_vocab
+
+TAGS = reasoner.DEFAULT_TAGS
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -33,20 +35,27 @@ def fit(model: torch.nn.Module, loss_fn, steps: int, lr: float) -> tuple[float, 
 
 def test_policy_gpu_preset_fits_on_cuda_and_loads_on_cpu(tmp_path):
     torch.manual_seed(0)
-    cfg = policy.preset("gpu")
+    tasks = ("pick up the cube", "open the drawer")
+    cfg = dataclasses.replace(policy.preset("gpu"), action_low=(-1.0, -1.0, 0.0, 0.0),
+                              action_high=(1.0, 1.0, 1.0, 0.5), state_dim=5, task_vocab=build_vocab(tasks))
     model = policy.Policy(cfg).to(CUDA)
     g = torch.Generator(device=CUDA).manual_seed(0)
     frames = torch.randint(0, 256, (64, cfg.history, cfg.image_size, cfg.image_size, 3),
                            device=CUDA, dtype=torch.uint8, generator=g)
-    target = torch.rand(64, 3, device=CUDA, generator=g) * torch.tensor([2.0, 1.0, 1.0], device=CUDA) \
-        - torch.tensor([1.0, 0.0, 0.0], device=CUDA)
-    first, last = fit(model, lambda: model.loss(frames, target), steps=60, lr=1e-3)
+    state = torch.randn(64, cfg.state_dim, device=CUDA, generator=g)
+    rows = [tasks[i % 2] for i in range(64)]
+    low, high = (torch.tensor(b, device=CUDA) for b in (cfg.action_low, cfg.action_high))
+    target = low + (high - low) * torch.rand(64, 4, device=CUDA, generator=g)
+    first, last = fit(model, lambda: model.loss(frames, target, state, rows), steps=60, lr=1e-3)
     assert last < 0.2 * first
     policy.save(model, tmp_path)
     on_cpu = policy.load(tmp_path, device="cpu")
     model.eval()
+    acts = model.act(frames[:8].cpu().numpy(), state[:8].cpu().numpy(), rows[:8])
+    assert acts.shape == (8, 4) and (acts >= cfg.action_low).all() and (acts <= cfg.action_high).all()
     with torch.no_grad():
-        np.testing.assert_allclose(on_cpu(frames.cpu()).numpy(), model(frames).cpu().numpy(), atol=2e-2)
+        np.testing.assert_allclose(on_cpu(frames.cpu(), state.cpu(), on_cpu.tokenize(rows)).numpy(),
+                                   model(frames, state, model.tokenize(rows)).cpu().numpy(), atol=2e-2)
 
 
 def test_world_model_gpu_preset_fits_and_rolls_out_on_cuda(tmp_path):
@@ -72,6 +81,10 @@ def test_world_model_gpu_preset_fits_and_rolls_out_on_cuda(tmp_path):
     assert seeded_loss() < 0.5 * before
     frames = model.rollout(history[:2], torch.rand(2, 3, 3, device=CUDA, generator=g))
     assert frames.shape == (2, 3, size, size, 3) and frames.dtype == torch.uint8 and frames.is_cuda
+    tasks = ["go", "stop"]
+    conditioned = world_model.WorldModel(dataclasses.replace(cfg, task_vocab=tuple(sorted(tasks)))).to(CUDA)
+    conditioned.loss(history[:2], action[:2], target[:2], tasks).backward()
+    assert conditioned.rollout(history[:2], action[:2, None], tasks=tasks).is_cuda
     world_model.save(model, tmp_path)
     on_cpu = world_model.load(tmp_path, device="cpu")
     x, sigma = torch.randn(2, 3, size, size, device=CUDA, generator=g), torch.full((2,), 1.0, device=CUDA)

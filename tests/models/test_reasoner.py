@@ -1,5 +1,6 @@
-"""The scene reasoner: config, decoding contract, embeddings, it learns CarRacing tags, checkpoints,
-and a (tiny, random, built offline) Hugging Face vision-language model behind the same interface."""
+"""The scene reasoner: config, decoding contract, embeddings, it learns CarRacing tags, any world's
+vocabulary, checkpoints, and a (tiny, random, built offline) Hugging Face vision-language model
+behind the same interface."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,14 +10,19 @@ import numpy as np
 import pytest
 import torch
 
-from models.reasoner import (CONFIG_NAME, PRESETS, VOCAB, HFVisionLanguageReasoner, Reasoner, ReasonerConfig,
-                             config_from_dict, load, load_reasoner, parse_tags, preset, save, train_reasoner)
-from sim.carracing import WorldConfig, make_env
-from sim.expert import NoiseConfig, NoisyExpert
-from sim.rollout import ExpertDriver, run_episode
-from stages.describe import EVENTS, TAGS, UNKNOWN, clip_frames, privileged_tags
+from models.reasoner import (CONFIG_NAME, PRESETS, UNKNOWN, HFVisionLanguageReasoner, Reasoner, ReasonerConfig,
+                             _mirror, config_from_dict, default_caption, load, load_reasoner, parse_tags, preset,
+                             save, train_reasoner)
+from sim import worlds
+from sim.rollout import run_episode
+from sim.worlds.base import WorldConfig
+from stages.describe import clip_frames, reasoner_config_for, vocabulary
 
 CLIP = 10  # steps per clip in the CarRacing data below
+CAR = worlds.get("carracing")
+TAGS, EVENTS = vocabulary(CAR.spec)
+ARM_TAGS = {"phase": ("reach", "grasp", "place"), "gripper": ("open", "closed")}  # a non-car vocabulary
+ARM_EVENTS = ("none", "intervention", "grasp")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -34,19 +40,17 @@ def random_clips(cfg: ReasonerConfig, n: int, seed: int = 0) -> np.ndarray:
 
 def carracing_clips(seeds: range, stride: int) -> tuple[np.ndarray, list[str], list[dict]]:
     """Clips of noisy-expert CarRacing episodes (32 px, 200 steps), their events and privileged tags."""
-    world, k = WorldConfig(image_size=32, max_steps=200), preset("tiny").frames_per_clip
-    env = make_env(world)
+    world = worlds.get(WorldConfig(name="carracing", image_size=32, max_steps=200,
+                                   options={"noise": {"pulse_prob": 0.03}}))
+    k = preset("tiny").frames_per_clip
     clips, events, tags = [], [], []
-    try:
-        for seed in seeds:
-            ep, _ = run_episode(world=world, seed=seed, env=env,
-                                driver=ExpertDriver(NoisyExpert(NoiseConfig(pulse_prob=0.03))))
-            for a in range(20, len(ep["frames"]) - CLIP + 1, stride):
-                clips.append(clip_frames(ep["frames"], a, a + CLIP, k))
-                events.append("intervention" if ep["interventions"][a:a + CLIP].any() else "none")
-                tags.append(privileged_tags(ep["states"], timestamps_ns=ep["timestamps_ns"], start=a, end=a + CLIP))
-    finally:
-        env.close()
+    for seed in seeds:
+        ep, _ = run_episode(world=world, seed=seed, driver=world.expert(noisy=True))
+        for a in range(20, len(ep["frames"]) - CLIP + 1, stride):
+            clips.append(clip_frames(ep["frames"], a, a + CLIP, k))
+            events.append("intervention" if ep["interventions"][a:a + CLIP].any() else "none")
+            tags.append(world.privileged_tags(ep["states"][a:], {n: v[a:] for n, v in ep["signals"].items()},
+                                              clip_len=CLIP))
     return np.stack(clips), events, tags
 
 
@@ -55,7 +59,8 @@ def trained() -> tuple[Reasoner, dict]:
     """The tiny preset trained on 6 episodes, scored on 3 held-out ones."""
     train = carracing_clips(range(6), stride=4)
     val = carracing_clips(range(100, 103), stride=CLIP)
-    return train_reasoner(*train, config=preset("tiny"), val_clips=val[0], val_events=val[1], val_tags=val[2])
+    return train_reasoner(*train, config=reasoner_config_for(CAR.spec, "tiny"), val_clips=val[0], val_events=val[1],
+                          val_tags=val[2])
 
 
 def test_presets_derive_and_validate():
@@ -70,10 +75,32 @@ def test_presets_derive_and_validate():
         ReasonerConfig(d_model=30, n_heads=4)
     with pytest.raises(ValueError, match=">= 1"):
         ReasonerConfig(frames_per_clip=0)
+    with pytest.raises(ValueError, match="mirror_prob"):
+        ReasonerConfig(mirror_prob=1.5)
     cfg = preset("default")
+    assert (cfg.tags, cfg.events, cfg.mirror) == (TAGS, EVENTS, dict(CAR.spec.mirror))  # the car's by default
     assert config_from_dict(json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
+    old = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(cfg))).items()
+           if k not in ("tags", "events", "mirror")}
+    assert config_from_dict(old) == cfg  # written before the vocabulary was in the config
     with pytest.raises(ValueError, match="unknown ReasonerConfig fields"):
         config_from_dict({"colour": "red"})
+
+
+@pytest.mark.parametrize("vocab, match", [
+    ({"tags": {}}, "at least one tag"),
+    ({"tags": {"phase": "reach"}, "mirror": {}}, "not one string"),
+    ({"tags": {"phase": ("reach", "reach")}, "mirror": {}}, "distinct"),
+    ({"tags": {"phase": ("reach", UNKNOWN)}, "mirror": {}}, "distinct"),
+    ({"events": ("none", "none")}, "events must be distinct"),
+    ({"events": ()}, "events must be"),
+    ({"mirror": {"phase": {"reach": "place"}}}, "maps outside"),
+    ({"mirror": {"curvature": {"left": "up"}}}, "maps outside"),
+    ({"tags": {"a": ("b=",), "b": ("x",)}, "mirror": {}}, "collide"),  # value "b=" is key token "b="
+])
+def test_vocabulary_is_validated(vocab, match):
+    with pytest.raises(ValueError, match=match):
+        ReasonerConfig(**vocab)
 
 
 def test_untrained_describe_and_embed_contract():
@@ -85,7 +112,10 @@ def test_untrained_describe_and_embed_contract():
     assert len(out) == 5 and model.training  # describe restores the mode it found
     for d, e in zip(out, events):
         assert set(d["tags"]) == set(TAGS) and all(d["tags"][k] in TAGS[k] for k in TAGS)  # constrained
-        assert d["caption"].endswith(f"event: {e}")
+        assert d["caption"] == default_caption(d["tags"], e) and d["caption"].endswith(f"event: {e}")
+    car = model.describe(clips, events, caption_fn=CAR.caption)  # the world's caption, same tags
+    assert [d["tags"] for d in car] == [d["tags"] for d in out]
+    assert [d["caption"] for d in car] == [CAR.caption(d["tags"], e) for d, e in zip(out, events)]
     emb = model.embed(clips[:, -1])
     assert emb.shape == (5, model.config.embed_dim) and emb.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
@@ -104,7 +134,7 @@ def test_untrained_describe_and_embed_contract():
         model.describe(clips, events[:4])
     with pytest.raises(ValueError, match="is not one of"):
         model.loss(clips[:1], ["none"], [{"curvature": "up", "track": "on", "speed": "slow"}])
-    assert len(VOCAB) == len(set(VOCAB))
+    assert len(model.vocab) == len(set(model.vocab)) == model.lm.config.vocab_size
 
 
 def test_event_token_conditions_the_answer():
@@ -130,6 +160,52 @@ def test_training_is_deterministic_given_the_seed():
     assert not np.array_equal(a.embed(clips[:, 0]), c.embed(clips[:, 0]))
     with pytest.raises(ValueError, match="together"):
         train_reasoner(clips, events, tags, config=cfg, val_clips=clips)
+
+
+def test_any_world_vocabulary(tmp_path):
+    """A non-car vocabulary (an arm's phases and gripper, its own events, no mirror) trains, describes
+    with values only from it, and survives a checkpoint."""
+    cfg = dataclasses.replace(preset("tiny"), steps=20, tags=ARM_TAGS, events=ARM_EVENTS, mirror={})
+    assert config_from_dict(json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
+    clips = random_clips(cfg, 12, seed=5)
+    events = [ARM_EVENTS[i % 3] for i in range(12)]
+    tags = [{"phase": ARM_TAGS["phase"][i % 3], "gripper": "closed" if e == "grasp" else "open"}
+            for i, e in enumerate(events)]
+    model, metrics = train_reasoner(clips, events, tags, config=cfg, val_clips=clips[:6], val_events=events[:6],
+                                    val_tags=tags[:6])
+    assert set(metrics["val"]["accuracy"]) == set(ARM_TAGS) and metrics["val"]["n"] == 6
+    assert {"event:grasp", "grasp", "phase=", "gripper="} <= set(model.vocab)  # event and value tokens apart
+    assert not {"curvature=", "left", "event:off_track"} & set(model.vocab)
+    out = model.describe(clips, events)
+    for d, e in zip(out, events):
+        assert set(d["tags"]) == set(ARM_TAGS) and all(d["tags"][k] in ARM_TAGS[k] for k in ARM_TAGS)
+        assert d["caption"] == f"phase {d['tags']['phase']}, gripper {d['tags']['gripper']}; event: {e}"
+    said = model.describe(clips[:2], events[:2], caption_fn=lambda t, e: f"{t['phase']} ({e})")
+    assert [d["caption"] for d in said] == [f"{d['tags']['phase']} ({e})" for d, e in zip(out, events[:2])]
+    with pytest.raises(ValueError, match="unknown events"):
+        model.describe(clips[:1], ["off_track"])
+    with pytest.raises(ValueError, match="is not one of"):
+        model.loss(clips[:1], ["none"], [{"curvature": "left", "track": "on", "speed": "slow"}])
+    save(model, tmp_path / "arm")
+    again = load_reasoner(tmp_path / "arm")
+    assert again.config == cfg and again.vocab == model.vocab and again.describe(clips, events) == out
+
+
+def test_mirror_map_and_no_mirror():
+    clips = random_clips(preset("tiny"), 3, seed=6)
+    tags = [{"side": "l", "phase": "reach"}, {"side": "r", "phase": "grasp"}, {"side": "l", "phase": "place"}]
+    flip = np.array([True, True, False])
+    flipped, mirrored = _mirror(clips, tags, flip, {"side": {"l": "r", "r": "l"}})
+    assert mirrored == [{"side": "r", "phase": "reach"}, {"side": "l", "phase": "grasp"}, tags[2]]
+    np.testing.assert_array_equal(flipped[0], clips[0, :, :, ::-1])
+    np.testing.assert_array_equal(flipped[2], clips[2])
+    # an empty mirror map: mirror_prob is ignored (the same model with or without it)
+    cfg = dataclasses.replace(preset("tiny"), steps=3, tags=ARM_TAGS, events=ARM_EVENTS, mirror={})
+    clips = random_clips(cfg, 8, seed=7)
+    events, tags = ["none"] * 8, [{"phase": "reach", "gripper": "open"}] * 8
+    a, _ = train_reasoner(clips, events, tags, config=dataclasses.replace(cfg, mirror_prob=1.0))
+    b, _ = train_reasoner(clips, events, tags, config=dataclasses.replace(cfg, mirror_prob=0.0))
+    np.testing.assert_array_equal(a.embed(clips[:, 0]), b.embed(clips[:, 0]))
 
 
 def test_learns_carracing_tags_on_held_out_episodes(trained):
@@ -176,6 +252,8 @@ def test_parse_tags():
     assert parse_tags("curvature=sideways track=on track=off") == {"curvature": UNKNOWN, "track": "on",
                                                                    "speed": UNKNOWN}
     assert parse_tags("") == {k: UNKNOWN for k in TAGS}
+    assert parse_tags("Phase=GRASP gripper: closed speed=fast", ARM_TAGS) == {"phase": "grasp", "gripper": "closed"}
+    assert parse_tags("phase=left", ARM_TAGS) == {"phase": UNKNOWN, "gripper": UNKNOWN}
 
 
 def build_tiny_vlm(directory) -> None:
@@ -228,3 +306,10 @@ def test_hugging_face_vlm_behind_the_same_interface(tmp_path):
     np.testing.assert_allclose(clip_emb, per_frame / np.linalg.norm(per_frame, axis=1, keepdims=True), atol=1e-5)
     with pytest.raises(ValueError, match="unknown events"):
         vlm.describe(clips, ["none", "none", "crash"])
+    arm = HFVisionLanguageReasoner(tmp_path / "vlm", tags=ARM_TAGS, events=ARM_EVENTS)  # another world's words
+    assert "phase=<reach|grasp|place> gripper=<open|closed>" in arm._prompt("grasp")
+    for d in arm.describe(clips, ["none", "grasp", "intervention"], caption_fn=lambda t, e: e):
+        assert set(d["tags"]) == set(ARM_TAGS) and all(d["tags"][k] in (*ARM_TAGS[k], UNKNOWN) for k in ARM_TAGS)
+        assert d["tags"] == parse_tags(d["answer"], ARM_TAGS)
+    with pytest.raises(ValueError, match="unknown events"):
+        arm.describe(clips[:1], ["off_track"])

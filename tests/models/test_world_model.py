@@ -1,4 +1,5 @@
-"""The world model: shapes and contracts, training signal, action conditioning, checkpoints, metrics."""
+"""The world model: shapes and contracts, training signal, action and task conditioning, checkpoints,
+metrics."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from models.text import build_vocab
 from models.world_model import (
     WorldModel,
     WorldModelConfig,
@@ -21,6 +23,9 @@ from models.world_model import (
 
 CFG = preset("tiny")
 S = CFG.image_size
+TASKS = ("Make it brighter.", "Make it darker!")
+# a world with 4 actions whose next frame depends on the task instruction, not on the action
+TASK_CFG = dataclasses.replace(CFG, action_dim=4, task_vocab=build_vocab(TASKS), task_hidden=16, lr=1e-2)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -161,6 +166,72 @@ def test_load_from_s3(trained, tmp_path, s3_server):
                        restored.predict(history, action, generator=g()))
     with pytest.raises(ValueError, match="does not exist"):
         load("s3://lake/models/missing", storage_options=options)
+
+
+def brightness_task(batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    """Uniform grey frames; the next one 20 levels brighter or darker, as the task says; random actions."""
+    levels = np.random.default_rng(seed).integers(64, 192, (batch, CFG.history, 1, 1, 1), dtype=np.uint8)
+    history = torch.from_numpy(np.ascontiguousarray(np.broadcast_to(levels, (batch, CFG.history, S, S, 3))))
+    darker = torch.arange(batch) % 2
+    target = (history[:, -1].int() + 20 * (1 - 2 * darker[:, None, None, None].int())).to(torch.uint8)
+    action = torch.rand(batch, 4, generator=torch.Generator().manual_seed(seed))
+    return history, action, target, [TASKS[i] for i in darker.tolist()]
+
+
+@pytest.fixture(scope="module")
+def task_trained():
+    """A tiny task-conditioned model overfitted on one batch of the brightness task."""
+    torch.manual_seed(0)
+    model = WorldModel(TASK_CFG)
+    batch = brightness_task(8, seed=1)
+    before = seeded_loss(model, batch)
+    opt = model.make_optimizer()
+    for _ in range(40):
+        loss = model.loss(*batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), batch, before, seeded_loss(model, batch)
+
+
+def test_tasks_are_required_and_reach_the_conditioning():
+    model = WorldModel(TASK_CFG)
+    history, action, target, tasks = brightness_task(4, seed=0)
+    with pytest.raises(ValueError, match="task instruction"):
+        model.loss(history, action, target)
+    with pytest.raises(ValueError, match="list of 4"):
+        model.predict(history, action, tasks=tasks[:2])
+    with pytest.raises(ValueError, match="actions must"):
+        model.predict(history, action[:, :3], tasks=tasks)
+    model.loss(history, action, target, tasks).backward()
+    for name, p in [*model.cond_mlp.named_parameters(), *model.task_encoder.named_parameters()]:
+        if "token_type" not in name:  # one segment: its embedding is a constant offset
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+    frames = model.rollout(history[:2], torch.zeros(2, 3, 4), tasks=tasks[:2])
+    assert frames.shape == (2, 3, S, S, 3)
+    # a model without task input ignores tasks
+    plain = WorldModel(CFG)
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    assert torch.equal(plain.predict(history, action[:, :3], generator=g()),
+                       plain.predict(history, action[:, :3], generator=g(), tasks=tasks))
+
+
+def test_tasks_condition_the_prediction(task_trained, tmp_path):
+    model, (history, action, _, _), before, after = task_trained
+    assert after < 0.5 * before, (before, after)
+    brightness = {}
+    for task in TASKS:
+        pred = model.predict(history, action, steps=1, generator=torch.Generator().manual_seed(0),
+                             tasks=[task] * len(history))
+        brightness[task] = pred.float().mean().item()
+    assert brightness[TASKS[0]] - brightness[TASKS[1]] > 10, brightness  # untrained: ~0
+    save(model, tmp_path / "wm")
+    restored = load(tmp_path / "wm")
+    assert restored.config == TASK_CFG
+    g = lambda: torch.Generator().manual_seed(7)  # noqa: E731
+    tasks = [TASKS[0], TASKS[1]] * 4
+    assert torch.equal(model.rollout(history, action[:, None].repeat(1, 2, 1), generator=g(), tasks=tasks),
+                       restored.rollout(history, action[:, None].repeat(1, 2, 1), generator=g(), tasks=tasks))
 
 
 def test_frame_metrics_and_copy_last_baseline():

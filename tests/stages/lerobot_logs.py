@@ -7,7 +7,7 @@ Follows the published layout (see ``stages.formats.lerobot``) without the ``lero
 text as the index named ``task``), ``episodes_per_file`` episodes per data parquet and per mp4,
 each episode's video starting at ``from_timestamp`` (frame pts count on across the file).
 
-Rows: ``observation.state`` (the 8 STATE_FIELDS) and ``action`` as fixed-size lists of float32
+Rows: ``observation.state`` (the car world's 8 state names) and ``action`` as fixed-size lists of float32
 (v3.0: variable-size lists, which converted datasets hold), ``next.reward``, ``timestamp`` =
 frame_index / fps as float32, ``frame_index``, ``episode_index``, ``index`` (over the dataset),
 ``task_index``. Camera ``observation.images.front``: codec ``ffv1`` (pix_fmt bgr0, lossless),
@@ -39,7 +39,8 @@ CHUNKS_SIZE = 1000
 
 
 def make_episode(length: int, *, size: int = 64, seed: int = 0, smooth: bool = False) -> dict:
-    """A synthetic episode dict; ``smooth`` frames are moving gradients (fit for lossy codecs)."""
+    """A synthetic car episode dict (the contract of ``sim.worlds.base``); ``smooth`` frames are
+    moving gradients (fit for lossy codecs)."""
     rng = np.random.default_rng(seed)
     if smooth:
         yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
@@ -51,12 +52,12 @@ def make_episode(length: int, *, size: int = 64, seed: int = 0, smooth: bool = F
     else:
         frames = rng.integers(0, 256, (length, size, size, 3), dtype=np.uint8)
     actions = np.column_stack([rng.uniform(-1, 1, length), rng.uniform(0, 1, (length, 2))])
-    return {"world": "CarRacing-v3", "seed": seed, "driver": "expert", "policy_version": "",
+    return {"world": "carracing", "seed": seed, "task": "drive", "driver": "expert", "policy_version": "",
             "frames": frames, "actions": actions.astype(np.float32),
             "expert_actions": np.full((length, 3), np.nan, np.float32),
             "states": rng.normal(size=(length, 8)).astype(np.float32),
             "rewards": rng.normal(size=length).astype(np.float32),
-            "interventions": np.zeros(length, bool), "off_track": np.zeros(length, bool),
+            "interventions": np.zeros(length, bool), "signals": {"off_track": np.zeros(length, bool)},
             "timestamps_ns": np.arange(length, dtype=np.int64) * 20_000_000}
 
 

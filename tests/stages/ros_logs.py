@@ -4,12 +4,13 @@ Formats: MCAP of ROS 2 messages (mcap_ros2), MCAP of Foxglove protobuf messages
 (mcap_protobuf), rosbag2 with sqlite3 or MCAP storage and rosbag1 (rosbags' writers and
 typestores: ROS 2 Humble, ROS 1 Noetic).
 
-Topics: the camera ``/camera/image_raw`` (raw image, ``encoding`` rgb8 by default) or, with
-``compressed``, ``/camera/image_raw/compressed`` (PNG); ``/vehicle/action`` and
-``/expert/action`` (steer, gas, brake; the expert only where not all NaN), ``/vehicle/state``
-(the 8 STATE_FIELDS) as Float32MultiArray with a one-dim layout labelled by the field names;
-``/reward`` Float32; ``/intervention`` and ``/off_track`` Bool; ``/task`` a String written once
-first when ``task`` is given. Protobuf logs use foxglove.RawImage / CompressedImage and this
+Topics, the fleet's (``stages.mcap_log``) for a car episode: the camera ``/camera/image_raw``
+(raw image, ``encoding`` rgb8 by default) or, with ``compressed``, ``/camera/image_raw/compressed``
+(PNG); ``/action`` and ``/expert/action`` (the world's actions: steer, gas, brake; the expert only
+where not all NaN), ``/state`` (the world's 8 state names) and ``/signals`` (one 0/1 per signal
+name of the world: off_track) as Float32MultiArray with a one-dim layout labelled by the names;
+``/reward`` Float32; ``/intervention`` Bool; ``/task`` a String written once first when ``task``
+is given. Protobuf logs use foxglove.RawImage / CompressedImage and this
 module's ``worldloop.Vector`` (repeated float data: arrays and Float32), ``worldloop.Flag``
 (bool data) and ``worldloop.Text`` (string data), each with a ``timestamp``.
 
@@ -19,8 +20,8 @@ written for every ``action_every``-th frame, logged at the frame stamp + ``actio
 the other signals at each frame stamp. ROS signal messages have no header, so readers stamp
 them by log time; protobuf ones carry the same stamp in ``timestamp``.
 
-Episode metadata (world, seed, driver, policy_version): an MCAP metadata record ``episode``, a
-rosbag2's ``custom_data``; a rosbag1 has nowhere to keep it.
+Episode metadata (world, seed, task, driver, policy_version): an MCAP metadata record
+``episode``, a rosbag2's ``custom_data``; a rosbag1 has nowhere to keep it.
 """
 from __future__ import annotations
 
@@ -47,11 +48,12 @@ from rosbags.rosbag2 import Writer as Rosbag2Writer
 from rosbags.typesys import Stores, get_typestore
 from rosbags.typesys.store import Typestore
 
-from stages.mcap_log import ACTION_FIELDS, STATE_FIELDS
+from sim import worlds
+from stages.mcap_log import ACTION, CAMERA, EXPERT, INTERVENTION, REWARD, SIGNALS, STATE, TASK
 
-CAMERA, CAMERA_COMPRESSED = "/camera/image_raw", "/camera/image_raw/compressed"
-ACTION, EXPERT, STATE, TASK = "/vehicle/action", "/expert/action", "/vehicle/state", "/task"
-REWARD, INTERVENTION, OFF_TRACK = "/reward", "/intervention", "/off_track"
+SPEC = worlds.spec("carracing")
+ACTION_FIELDS, STATE_FIELDS, SIGNAL_FIELDS = SPEC.action_names, SPEC.state_names, SPEC.signals
+CAMERA_COMPRESSED = CAMERA + "/compressed"
 MAGIC = b"\x89MCAP0\r\n"
 ROS2_TYPES, ROS1_TYPES = get_typestore(Stores.ROS2_HUMBLE), get_typestore(Stores.ROS1_NOETIC)
 _RAW_CHANNELS = {"rgb8": [0, 1, 2], "bgr8": [2, 1, 0], "rgba8": [0, 1, 2, 3],
@@ -133,12 +135,13 @@ def plan(ep: dict, *, compressed: bool = False, encoding: str = "rgb8", row_padd
         entries += [Entry(STATE, "vector", t, t, (STATE_FIELDS, ep["states"][i])),
                     Entry(REWARD, "float", t, t, float(ep["rewards"][i])),
                     Entry(INTERVENTION, "bool", t, t, bool(ep["interventions"][i])),
-                    Entry(OFF_TRACK, "bool", t, t, bool(ep["off_track"][i]))]
+                    Entry(SIGNALS, "vector", t, t,
+                          (SIGNAL_FIELDS, [float(ep["signals"][k][i]) for k in SIGNAL_FIELDS]))]
     return entries
 
 
 def episode_metadata(ep: dict) -> dict[str, str]:
-    return {"world": str(ep["world"]), "seed": str(int(ep["seed"])),
+    return {"world": str(ep["world"]), "seed": str(int(ep["seed"])), "task": str(ep.get("task", "")),
             "driver": str(ep.get("driver", "")),
             "policy_version": str(ep.get("policy_version", ""))}
 

@@ -41,7 +41,7 @@ def test_resampling_rules_camera_20hz_action_10hz_state_50hz():
                          reward=(reward_t, np.arange(10, dtype=np.float32)[:, None]),
                          intervention=(np.array([0, 500]) * MS, np.array([0.0, 1.0])))
     streams.meta.update({"world": "w1", "seed": "7", "topic.camera": "/camera/image_raw"})
-    spans, rejected = align(streams, image_size=8)
+    spans, rejected = align(streams, image_size=8, signal_names=("off_track",))
     assert rejected == [] and len(spans) == 1
     span = spans[0]
     j = np.arange(20)
@@ -56,7 +56,9 @@ def test_resampling_rules_camera_20hz_action_10hz_state_50hz():
     np.testing.assert_allclose(span["states"][:, 0], expected)
     np.testing.assert_array_equal(span["rewards"], (j // 2).astype(np.float32))
     np.testing.assert_array_equal(span["interventions"], camera_ms >= 500)
-    assert not span["off_track"].any() and np.isnan(span["expert_actions"]).all()
+    assert set(span["signals"]) == {"off_track"} and span["signals"]["off_track"].dtype == np.bool_
+    assert not span["signals"]["off_track"].any() and np.isnan(span["expert_actions"]).all()
+    assert "off_track" not in span
     assert span["actions"].dtype == span["states"].dtype == np.float32
     assert (span["span_index"], span["split_reason"], span["dropped_duplicates"]) == (0, "", 0)
     assert (span["start_ns"], span["end_ns"]) == (0, 950 * MS)
@@ -64,6 +66,25 @@ def test_resampling_rules_camera_20hz_action_10hz_state_50hz():
         ("w1", 7, "unknown", "")
     assert span["format"] == "test" and span["topics"] == {"topic.camera": "/camera/image_raw"}
     assert span["source_shape"] == (8, 8) and span["frames"].shape == (20, 8, 8, 3)
+
+
+def test_signals_are_held_and_named_in_order():
+    camera_ms = np.arange(10) * 50
+    signal_t = np.array([0, 200, 400]) * MS  # 5 Hz: hold = 2 * 200 ms
+    signal_v = np.array([[0.0, 1.0], [1.0, 0.0], [np.nan, 1.0]], np.float32)
+    spans, _ = align(streams_at(camera_ms, signals=(signal_t, signal_v)), image_size=8,
+                     signal_names=("off_track", "success"))
+    signals = spans[0]["signals"]
+    assert list(signals) == ["off_track", "success"]
+    np.testing.assert_array_equal(signals["off_track"], (camera_ms >= 200) & (camera_ms < 400))  # NaN: False
+    np.testing.assert_array_equal(signals["success"], (camera_ms < 200) | (camera_ms >= 400))
+    # without signal names the stream is not read; absent signals are all False
+    assert align(streams_at(camera_ms, signals=(signal_t, signal_v)), image_size=8)[0][0]["signals"] == {}
+    absent = align(streams_at(camera_ms), image_size=8, signal_names=("off_track",))[0][0]["signals"]
+    assert list(absent) == ["off_track"] and not absent["off_track"].any()
+    with pytest.raises(LogError, match="bad_shape"):  # two values per sample, three names
+        align(streams_at(camera_ms, signals=(signal_t, signal_v)), image_size=8,
+              signal_names=("off_track", "success", "collision"))
 
 
 def test_state_is_held_when_next_sample_is_beyond_hold():

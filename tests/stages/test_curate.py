@@ -1,18 +1,21 @@
 """Ingest (pure): a unit in, spans with labels and lineage or reject rows out; table schemas."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pytest
-from tests.stages.test_mcap_log import make_episode
+from tests.stages.test_mcap_log import SPEC, make_episode
 
-from stages.curate import EPISODES, REJECTS, clips_schema, episode_to_tables, frames_schema
+from stages.curate import EPISODES, REJECTS, clips_schema, episode_to_tables, features_of, frames_schema
 from stages.ingest import ingest_unit
 from stages.mcap_log import episode_to_mcap_bytes
 from stages.sources import discover
 from stages.streams import Mapping
 
 OPTS = {"turn": 2, "image_size": 64, "min_length": 10, "val_fraction": 0.2}
+DIMS = {"action_dim": len(SPEC.actions), "state_dim": len(SPEC.state_names)}
 
 
 def curate_log(data: bytes, *, source_uri: str, turn: int, image_size, min_length: int,
@@ -21,8 +24,9 @@ def curate_log(data: bytes, *, source_uri: str, turn: int, image_size, min_lengt
     unit = {"uri": source_uri, "format": "mcap",
             "files": [{"uri": source_uri, "rel": source_uri.rsplit("/", 1)[-1], "size": len(data), "etag": "e"}]}
     out = ingest_unit(unit, fetch=lambda uri: data, mapping=Mapping(), turn=turn, image_size=image_size,
-                      action_dim=3, state_dim=8, min_length=min_length, gap_factor=3.0, hold_factor=2.0,
-                      val_fraction=val_fraction, lineage={"code_version": "test", "config_digest": "c"})
+                      **DIMS, signal_names=SPEC.signals, features=features_of(SPEC), min_length=min_length,
+                      gap_factor=3.0, hold_factor=2.0, val_fraction=val_fraction,
+                      lineage={"code_version": "test", "config_digest": "c"})
     if out["spans"]:
         row, frames = out["spans"][0]
         return {"episode": row, "frames": frames, "reject": None}
@@ -50,7 +54,13 @@ def test_kept_episode_row_and_frames():
     assert row["episode_return"] == pytest.approx(float(episode["rewards"].astype(np.float64).sum()))
     assert row["label_source"] == "mixed" and row["split"] in ("train", "val")
     pa.Table.from_pylist([row], schema=EPISODES)  # the row fits the episodes schema
-    assert frames.schema == frames_schema(64) and frames.num_rows == 30
+    off = episode["signals"]["off_track"]
+    assert json.loads(row["signal_steps"]) == {"off_track": int(off.sum())}
+    assert row["task"] == SPEC.instruction("drive") and row["world"] == "carracing"
+    assert frames.schema == frames_schema(64, **DIMS) and frames.num_rows == 30
+    assert json.loads(frames.schema.metadata[b"worldloop.features"]) == features_of(SPEC)
+    assert frames.column("signals").to_pylist() == [["off_track"] if o else [] for o in off]
+    assert set(frames.column("task").to_pylist()) == {SPEC.instruction("drive")}
     assert frames.column("frame_id")[7].as_py() == f"{row['episode_id']}:00007"
     labels = np.stack(frames.column("label").to_pylist())
     expected = episode["expert_actions"].copy()
@@ -72,7 +82,7 @@ def test_same_bytes_same_id_and_split():
 
 def test_frames_are_resized_to_the_lake_size():
     out = curate(make_episode(12, size=96))
-    assert out["frames"].schema == frames_schema(64) and out["episode"]["source_shape"] == "96x96"
+    assert out["frames"].schema == frames_schema(64, **DIMS) and out["episode"]["source_shape"] == "96x96"
 
 
 def test_unreadable_and_short_logs_are_rejects_with_stable_ids():
@@ -110,8 +120,9 @@ def test_discover_groups_units_by_format():
 
 def test_synthetic_episode_tables_and_clips_schema():
     episode = make_episode(8, size=16)
-    for key in ("states", "rewards", "interventions", "off_track", "expert_actions"):
+    for key in ("rewards", "interventions", "signals", "expert_actions"):
         del episode[key]
+    episode["states"] = np.full((8, len(SPEC.state_names)), np.nan, np.float32)  # no state known
     episode["labels"] = episode["actions"]
     row, frames = episode_to_tables(
         episode, episode_id="syn-1", source_uri="worldmodel://wm-3", content_hash="abc", turn=1,
@@ -119,11 +130,33 @@ def test_synthetic_episode_tables_and_clips_schema():
         label_source="privileged_expert", split="train")
     assert (row["origin"], row["parent_episode_id"], row["label_source"]) == (
         "synthetic", "ep-1", "privileged_expert")
-    assert frames.schema == frames_schema(16)
+    assert frames.schema == frames_schema(16, **DIMS)
     assert np.isnan(np.stack(frames.column("state").to_pylist())).all()
+    assert row["signal_steps"] == "{}" and frames.column("signals").to_pylist() == [[]] * 8
+    assert not any(frames.column("intervention").to_pylist()) and np.isnan(frames.column("reward")).all()
+    assert set(frames.column("task").to_pylist()) == {SPEC.instruction("drive")}
     assert set(frames.column("origin").to_pylist()) == {"synthetic"}
     assert "embedding" in clips_schema().names
     with pytest.raises(ValueError, match="labels"):
         episode_to_tables({k: v for k, v in episode.items() if k != "labels"}, episode_id="x",
                           source_uri="", content_hash="", turn=0, origin="synthetic",
                           parent_episode_id="", generator_version="", label_source="", split="train")
+    with pytest.raises(KeyError, match="states"):  # states are required (NaN where unknown)
+        episode_to_tables({k: v for k, v in episode.items() if k != "states"}, episode_id="x",
+                          source_uri="", content_hash="", turn=0, origin="synthetic",
+                          parent_episode_id="", generator_version="", label_source="", split="train")
+
+
+def test_frames_schema_widths_and_features():
+    schema = frames_schema((48, 64), action_dim=4, state_dim=39, features={"world": "arm", "actions": ["x"]})
+    assert schema.field("image").type.shape == [48, 64, 3]
+    assert schema.field("action").type.list_size == schema.field("label").type.list_size == 4
+    assert schema.field("state").type.list_size == 39
+    assert schema.field("signals").type == pa.list_(pa.string()) and schema.field("task").type == pa.string()
+    assert "off_track" not in schema.names
+    assert json.loads(schema.metadata[b"worldloop.features"]) == {"actions": ["x"], "world": "arm"}
+    assert frames_schema(16, action_dim=3, state_dim=8).metadata is None
+    features = features_of(SPEC)
+    assert (features["world"], features["actions"], features["signals"]) == (
+        "carracing", ["steer", "gas", "brake"], ["off_track"])
+    assert features["state"] == list(SPEC.state_names) and features["rate_hz"] == 50.0

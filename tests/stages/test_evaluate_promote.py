@@ -1,6 +1,8 @@
 """Evaluation statistics and the promotion gate."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from stages.evaluate import bootstrap_ci, paired, summarize
@@ -17,18 +19,46 @@ def test_bootstrap_ci_brackets_the_mean_and_is_deterministic():
         bootstrap_ci([])
 
 
+def row(score: float, *, task: str = "drive", success: bool = False, interventions: int = 2,
+        steps: int = 1000, **rates: float) -> dict:
+    return {"task": task, "score": score, "success": success, "signal_rates": json.dumps(rates),
+            "interventions": interventions, "steps": steps}
+
+
 def test_summarize_reports_score_and_safety():
-    rows = [{"score": s, "off_track_rate": 0.1, "interventions": 2, "steps": 1000} for s in (800, 900)]
+    rows = [row(s, off_track=0.1) for s in (800, 900)]
     out = summarize(rows, resamples=500)
     assert out["mean"] == 850 and out["n"] == 2 and out["interventions_per_episode"] == 2
     assert out["ci95"][0] <= 850 <= out["ci95"][1]
+    assert out["signal_rates"] == pytest.approx({"off_track": 0.1}) and out["mean_steps"] == 1000
+    assert out["success_rate"] == 0.0 and out["per_task"] == {"drive": 850.0}
+
+
+def test_summarize_reports_success_and_per_task_means():
+    rows = [row(1.0, task="reach", success=True, steps=80), row(0.0, task="reach", steps=150),
+            row(1.0, task="push", success=True, steps=60, collision=0.5),
+            row(1.0, task="push", success=True, steps=70)]
+    out = summarize(rows, resamples=500)
+    assert out["success_rate"] == 0.75 and out["mean"] == 0.75 and out["mean_steps"] == 90
+    assert out["per_task"] == {"push": 1.0, "reach": 0.5}
+    assert out["signal_rates"] == {"collision": 0.125}  # a row without the signal counts 0
+    with pytest.raises(ValueError, match="at least one"):
+        summarize([])
 
 
 def test_paired_uses_only_common_seeds():
     out = paired({1: 10.0, 2: 20.0, 3: 99.0}, {1: 5.0, 2: 25.0, 4: 0.0}, resamples=500)
     assert out["seeds"] == [1, 2] and out["mean_diff"] == 0.0 and out["wins"] == 1
-    with pytest.raises(ValueError, match="no common seeds"):
+    with pytest.raises(ValueError, match="no common scenes"):
         paired({1: 1.0}, {2: 1.0})
+
+
+def test_paired_keys_may_be_task_seed_scenes():
+    candidate = {("push", 1): 1.0, ("reach", 1): 1.0, ("reach", 2): 0.0, ("push", 3): 1.0}
+    reference = {("push", 1): 0.0, ("reach", 1): 1.0, ("reach", 2): 1.0, ("push", 2): 1.0}
+    out = paired(candidate, reference, resamples=500)
+    assert out["seeds"] == [("push", 1), ("reach", 1), ("reach", 2)] and out["n"] == 3
+    assert out["mean_diff"] == 0.0 and out["wins"] == 1
 
 
 def test_gate_promotes_only_a_better_candidate():
@@ -37,6 +67,7 @@ def test_gate_promotes_only_a_better_candidate():
     assert gate(better, reference_role="random policy")["promote"]
     decision = gate(worse, reference_role="champion")
     assert not decision["promote"] and "does not beat champion" in decision["reason"]
+    assert "over 10 scenes, 0 wins" in decision["reason"]
     noisy = paired({0: 900.0, 1: 100.0}, {0: 400.0, 1: 550.0}, resamples=500)  # +25 on average
     assert gate(noisy, reference_role="champion")["promote"]
     assert not gate(noisy, reference_role="champion", require_ci_above_zero=True)["promote"]

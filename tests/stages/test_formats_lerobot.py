@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from stages.align import align
 from stages.formats import lerobot
 from stages.streams import LogError, Mapping
 from tests.stages.lerobot_logs import (CAMERA, dataset_unit, encode_video, make_episode,
@@ -118,6 +119,20 @@ def test_width_one_lists_and_bools_for_scalar_roles(tmp_path):
     np.testing.assert_array_equal(s.signals["reward"][1], eps[0]["rewards"])
     np.testing.assert_array_equal(s.signals["intervention"][1], flags.astype(np.float32))
     assert s.meta["topic.intervention"] == "intervention"
+
+
+def test_a_signals_list_column_is_the_signals_role(tmp_path):
+    eps = episodes()[:1]
+    write_lerobot(eps, tmp_path, version="v2.1", codec="ffv1")
+    path = next(tmp_path.glob("data/**/*.parquet"))
+    off = np.arange(LENGTHS[0]) % 4 == 1
+    column = pa.FixedSizeListArray.from_arrays(pa.array(off), 1)  # one bool per signal name
+    pq.write_table(pq.read_table(path).append_column("signals", column), path)
+    (s,) = read(tmp_path)
+    assert s.meta["topic.signals"] == "signals"
+    np.testing.assert_array_equal(s.signals["signals"][1], off[:, None].astype(np.float32))  # kept [N, 1]
+    [span], _ = align(s, image_size=64, signal_names=("off_track",))
+    np.testing.assert_array_equal(span["signals"]["off_track"], off)
 
 
 def rewrite_info(root: Path, **changes) -> None:

@@ -13,6 +13,7 @@ from mcap_ros2.decoder import DecoderFactory
 from PIL import Image
 from rosbags.rosbag2 import Writer as Rosbag2Writer
 
+from sim import worlds
 from stages.formats import mcap, rosbag
 from stages.formats.ros_messages import (CDR_SIGNALS, Collector, cdr_batch, cdr_parser, compressed_to_rgb,
                                          image_to_rgb, signal_values, stamp_ns)
@@ -30,12 +31,12 @@ def episode(length: int = 12, size: int = 16, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     expert = rng.uniform(-1, 1, (length, 3)).astype(np.float32)
     expert[length // 2] = np.nan
-    return {"world": "CarRacing-v3", "seed": seed, "driver": "human", "policy_version": "p7",
+    return {"world": "carracing", "seed": seed, "task": "drive", "driver": "human", "policy_version": "p7",
             "frames": rng.integers(0, 256, (length, size, size, 3), dtype=np.uint8),
             "actions": rng.uniform(-1, 1, (length, 3)).astype(np.float32),
             "expert_actions": expert, "states": rng.normal(size=(length, 8)).astype(np.float32),
             "rewards": rng.normal(size=length).astype(np.float32),
-            "interventions": rng.random(length) < 0.5, "off_track": rng.random(length) < 0.5,
+            "interventions": rng.random(length) < 0.5, "signals": {"off_track": rng.random(length) < 0.5},
             "timestamps_ns": T0 + np.arange(length, dtype=np.int64) * STEP}
 
 
@@ -86,21 +87,23 @@ def test_every_format_reads_back_what_was_written(tmp_path, name):
     has_expert = ~np.isnan(ep["expert_actions"]).all(axis=1)
     np.testing.assert_array_equal(s.signals["expert_action"][0], t[has_expert])
     np.testing.assert_array_equal(s.signals["expert_action"][1], ep["expert_actions"][has_expert])
-    for role, key in (("state", "states"), ("reward", "rewards"),
-                      ("intervention", "interventions"), ("off_track", "off_track")):
+    signals = np.stack([ep["signals"][k] for k in ros_logs.SIGNAL_FIELDS], axis=1)  # one column per name
+    for role, want in (("state", ep["states"]), ("reward", ep["rewards"]),
+                       ("intervention", ep["interventions"]), ("signals", signals)):
         stamps, values = s.signals[role]
         assert values.dtype == np.float32, role
         np.testing.assert_array_equal(stamps, t, err_msg=role)
-        np.testing.assert_array_equal(values, np.asarray(ep[key], np.float32), err_msg=role)
+        np.testing.assert_array_equal(values, np.asarray(want, np.float32), err_msg=role)
     assert s.signals["reward"][1].shape == (12,) and s.signals["state"][1].shape == (12, 8)
+    assert s.signals["signals"][1].shape == (12, 1)
     assert s.task == "lap the track"
     assert s.meta["format"] == FORMATS[name][3]
     camera = "/camera/image_raw/compressed" if "png" in name else "/camera/image_raw"
-    assert s.meta["topic.camera"] == camera and s.meta["topic.action"] == "/vehicle/action"
-    assert s.meta["topic.task"] == "/task"
+    assert s.meta["topic.camera"] == camera and s.meta["topic.action"] == "/action"
+    assert (s.meta["topic.state"], s.meta["topic.signals"], s.meta["topic.task"]) == ("/state", "/signals", "/task")
     if name != "rosbag1":  # a rosbag1 has nowhere to keep the episode metadata
-        assert {k: s.meta[k] for k in ("world", "seed", "driver", "policy_version")} == {
-            "world": "CarRacing-v3", "seed": "0", "driver": "human", "policy_version": "p7"}
+        assert {k: s.meta[k] for k in ("world", "seed", "task", "driver", "policy_version")} == {
+            "world": "carracing", "seed": "0", "task": "drive", "driver": "human", "policy_version": "p7"}
 
 
 def test_reads_the_fleet_mcap_writer_and_mcaps_without_summary(tmp_path):
@@ -110,7 +113,10 @@ def test_reads_the_fleet_mcap_writer_and_mcaps_without_summary(tmp_path):
         s = mcap.read_bytes(raw, source_uri="mem", mapping=Mapping())
         np.testing.assert_array_equal(s.frames, ep["frames"])
         np.testing.assert_array_equal(s.signals["state"][1], ep["states"])
+        np.testing.assert_array_equal(s.signals["signals"][1][:, 0], ep["signals"]["off_track"])
+        assert s.task == worlds.spec("carracing").instruction("drive")
         assert s.meta["seed"] == "0" and s.meta["format"] == "mcap-ros2"
+        assert (s.meta["world"], s.meta["task"]) == ("carracing", "drive")
     assert len(ros_logs.strip_summary(data)) < len(data)
 
 

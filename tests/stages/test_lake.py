@@ -39,7 +39,8 @@ def test_append_is_idempotent(root):
     assert lake.count("episodes") == 2 and lake.count("frames") == 6
     assert lake.table_uri("frames") == storage.join(uri, "lake", "frames.lance")
     frames = lake.read("frames", filter=f"episode_id = '{a['episode']['episode_id']}'")
-    assert frames.schema.field("image").type == frames_schema(16).field("image").type
+    assert frames.schema.field("image").type == \
+        frames_schema(16, action_dim=3, state_dim=8).field("image").type
     np.testing.assert_array_equal(frames.column("image").combine_chunks().to_numpy_ndarray(),
                                   a["frames"].column("image").combine_chunks().to_numpy_ndarray())
 
@@ -77,11 +78,13 @@ def test_rejects_and_evaluations_tables(tmp_path):
     assert lake.append("rejects", rejects, key="reject_id") == 1
     assert lake.append("rejects", rejects, key="reject_id") == 0
     row = {"eval_id": "e1", "model_name": "policy", "model_version": "3", "role": "candidate",
-           "seed": 7, "score": 812.5, "steps": 900, "off_track_rate": 0.01, "interventions": 0,
-           "turn": 1, "created_at": now_utc()}
+           "task": "drive", "seed": 7, "score": 812.5, "success": True, "steps": 900,
+           "signal_rates": '{"off_track":0.01}', "interventions": 0, "turn": 1, "created_at": now_utc()}
+    assert "off_track_rate" not in EVALUATIONS.names
     assert lake.append("evaluations", pa.Table.from_pylist([row], schema=EVALUATIONS),
                        key="eval_id") == 1
-    assert lake.read("evaluations", columns=["score"]).column("score").to_pylist() == [812.5]
+    back = lake.read("evaluations", columns=["score", "task", "success", "signal_rates"]).to_pylist()
+    assert back == [{"score": 812.5, "task": "drive", "success": True, "signal_rates": '{"off_track":0.01}'}]
 
 
 def test_append_rejects_mismatched_schema_and_null_keys(tmp_path):

@@ -4,34 +4,39 @@ from __future__ import annotations
 
 import io
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
 from mcap_ros2.writer import Writer
 
+from sim import worlds
+from sim.worlds.base import ActionSpec, TaskSpec, WorldSpec
 from stages import storage
 from stages.align import align
 from stages.formats.mcap import read_bytes
-from stages.mcap_log import (ACTION, BOOL_MSG, CAMERA, FLOAT32_MULTI_ARRAY_MSG, IMAGE_MSG, STATE,
-                             episode_to_mcap_bytes, write_episode)
+from stages.mcap_log import (ACTION, BOOL_MSG, CAMERA, EXPERT, FLOAT32_MULTI_ARRAY_MSG, IMAGE_MSG, INTERVENTION,
+                             JOINT_STATES, REWARD, SIGNALS, STATE, TASK, episode_to_mcap_bytes, write_episode)
 from stages.streams import LogError, Mapping
 
 STEP_NS = 20_000_000
+SPEC = worlds.spec("carracing")
 
 
 def make_episode(length: int = 40, *, size: int = 64, seed: int = 0) -> dict:
-    """A synthetic episode in the shared contract (no simulator)."""
+    """A synthetic car episode in the contract of ``sim.worlds.base`` (no simulator)."""
     rng = np.random.default_rng(seed)
     expert = np.column_stack([rng.uniform(-1, 1, length), rng.uniform(0, 1, (length, 2))])
     actions = np.clip(expert + rng.normal(0, 0.05, expert.shape), [-1, 0, 0], [1, 1, 1])
     return {
-        "world": "CarRacing-v3", "seed": seed, "driver": "expert", "policy_version": "",
+        "world": "carracing", "seed": seed, "task": "drive", "instruction": SPEC.instruction("drive"),
+        "driver": "expert", "policy_version": "",
         "frames": rng.integers(0, 256, (length, size, size, 3), dtype=np.uint8),
         "actions": actions.astype(np.float32), "expert_actions": expert.astype(np.float32),
         "states": rng.normal(size=(length, 8)).astype(np.float32),
         "rewards": rng.normal(size=length).astype(np.float32),
-        "interventions": rng.random(length) < 0.2, "off_track": rng.random(length) < 0.2,
+        "interventions": rng.random(length) < 0.2, "signals": {"off_track": rng.random(length) < 0.2},
         "timestamps_ns": np.arange(length, dtype=np.int64) * STEP_NS,
     }
 
@@ -39,10 +44,15 @@ def make_episode(length: int = 40, *, size: int = 64, seed: int = 0) -> dict:
 def assert_same_episode(a: dict, b: dict) -> None:
     for key in ("world", "seed", "driver", "policy_version"):
         assert a[key] == b[key], key
+    assert b["task"] == SPEC.instruction(a["task"])  # the /task topic carries the instruction
     for key in ("frames", "actions", "expert_actions", "states", "rewards", "interventions",
-                "off_track", "timestamps_ns"):
+                "timestamps_ns"):
         assert b[key].dtype == np.asarray(a[key]).dtype, key
         np.testing.assert_array_equal(b[key], a[key], err_msg=key)
+    assert set(b["signals"]) == set(a["signals"]) == set(SPEC.signals)
+    for name in SPEC.signals:
+        assert b["signals"][name].dtype == np.asarray(a["signals"][name]).dtype, name
+        np.testing.assert_array_equal(b["signals"][name], a["signals"][name], err_msg=name)
 
 
 def custom_log(*, n: int = 5, encoding: str = "rgb8", topics: tuple = (CAMERA, ACTION),
@@ -71,11 +81,13 @@ def custom_log(*, n: int = 5, encoding: str = "rgb8", topics: tuple = (CAMERA, A
     return buf.getvalue()
 
 
-def read_episode(data: bytes, *, source_uri: str, image_size: Any = None) -> dict:
+def read_episode(data: bytes, *, source_uri: str, image_size: Any = None,
+                 signal_names: tuple[str, ...] = SPEC.signals) -> dict:
     """Decode and align a log into one episode dict (its single span)."""
     streams = read_bytes(data, source_uri=source_uri, mapping=Mapping())
     size = image_size or streams.frames.shape[1:3]
-    spans, rejected = align(streams, image_size=tuple(size))
+    spans, rejected = align(streams, image_size=tuple(size), action_dim=len(SPEC.actions),
+                            state_dim=len(SPEC.state_names), signal_names=signal_names)
     assert len(spans) == 1 and not rejected, rejected
     return spans[0]
 
@@ -86,7 +98,66 @@ def test_round_trip_is_exact(tmp_path):
     uri = write_episode(episode, str(tmp_path / "logs" / "ep.mcap"))
     back = read_episode(storage.read_bytes(uri), source_uri=uri)
     assert_same_episode(episode, back)
-    assert back["format"] == "mcap-ros2" and back["topics"]["topic.camera"] == CAMERA
+    assert back["format"] == "mcap-ros2"
+    assert back["topics"] == {"topic.camera": CAMERA, "topic.action": ACTION, "topic.expert_action": EXPERT,
+                              "topic.state": STATE, "topic.reward": REWARD, "topic.intervention": INTERVENTION,
+                              "topic.signals": SIGNALS, "topic.task": TASK}
+    streams = read_bytes(storage.read_bytes(uri), source_uri=uri, mapping=Mapping())
+    assert {k: streams.meta[k] for k in ("world", "seed", "task", "driver", "policy_version")} == {
+        "world": "carracing", "seed": "0", "task": "drive", "driver": "expert", "policy_version": ""}
+
+
+def test_episode_needs_a_registered_world_and_its_widths():
+    episode = make_episode(5)
+    with pytest.raises(ValueError, match="unknown world"):
+        episode_to_mcap_bytes({**episode, "world": "CarRacing-v3"})
+    with pytest.raises(ValueError, match="states"):
+        episode_to_mcap_bytes({**episode, "states": episode["states"][:, :6]})
+    with pytest.raises(ValueError, match="signals"):
+        episode_to_mcap_bytes({**episode, "signals": {"off_track": episode["signals"]["off_track"][:4]}})
+    with pytest.raises(ValueError, match="no task"):
+        episode_to_mcap_bytes({**episode, "task": "fly"})
+
+
+def test_absent_signals_and_task_default():
+    episode = make_episode(6)
+    del episode["signals"], episode["task"]
+    back = read_episode(episode_to_mcap_bytes(episode), source_uri="mem")
+    assert not back["signals"]["off_track"].any()  # an episode without signals logs them all False
+    assert back["task"] == SPEC.instruction(SPEC.task_names[0])  # the world's first task
+
+
+ARM = WorldSpec(
+    name="test-arm", description="a two-joint arm (test only)", camera="corner", image_size=16,
+    state_names=("shoulder", "elbow", "goal_x"), policy_state=("shoulder", "elbow"),
+    actions=(ActionSpec("dx", -1.0, 1.0), ActionSpec("dy", -1.0, 1.0)),
+    tasks=(TaskSpec("reach", "Reach the goal."), TaskSpec("push", "Push the puck to the goal.")),
+    rate_hz=12.5, warmup_steps=0, max_steps=100, score="success", signals=("success", "grasped"),
+    events=(), tags={}, mirror={}, eval_seeds=(1, 2), state_message="sensor_msgs/msg/JointState")
+
+
+def test_joint_state_world_round_trip(monkeypatch):
+    monkeypatch.setitem(worlds._REGISTRY, ARM.name, SimpleNamespace(spec=ARM))  # a spec is all logging reads
+    rng = np.random.default_rng(5)
+    n = 9
+    episode = {"world": ARM.name, "seed": 3, "task": "push", "driver": "expert", "policy_version": "v1",
+               "frames": rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8),
+               "actions": rng.uniform(-1, 1, (n, 2)).astype(np.float32),
+               "expert_actions": rng.uniform(-1, 1, (n, 2)).astype(np.float32),
+               "states": rng.normal(size=(n, 3)).astype(np.float32),
+               "rewards": rng.normal(size=n).astype(np.float32), "interventions": np.zeros(n, bool),
+               "signals": {"success": np.arange(n) >= 6, "grasped": np.arange(n) % 2 == 1},
+               "timestamps_ns": np.arange(n, dtype=np.int64) * ARM.step_ns}
+    data = episode_to_mcap_bytes(episode)
+    streams = read_bytes(data, source_uri="mem", mapping=Mapping())
+    assert streams.meta["topic.state"] == JOINT_STATES and STATE not in streams.meta.values()
+    assert (streams.meta["world"], streams.meta["task"]) == ("test-arm", "push")
+    assert streams.task == "Push the puck to the goal."
+    [back], _ = align(streams, image_size=16, action_dim=2, state_dim=3, signal_names=ARM.signals)
+    for key in ("frames", "actions", "expert_actions", "states", "rewards", "timestamps_ns"):
+        np.testing.assert_array_equal(back[key], episode[key], err_msg=key)
+    for name in ARM.signals:
+        np.testing.assert_array_equal(back["signals"][name], episode["signals"][name], err_msg=name)
 
 
 def test_thousand_frames_write_and_read_fast():
@@ -138,6 +209,7 @@ def test_optional_topics_fill_and_metadata_defaults():
     assert episode["states"][0, 0] == 0 and episode["states"][2, 0] == 2 * STEP_NS
     assert episode["states"][1, 0] == STEP_NS  # interpolated between the two samples
     assert np.isnan(episode["rewards"]).all() and not episode["interventions"].any()
+    assert not episode["signals"]["off_track"].any() and episode["task"] == ""  # no /signals, no /task
     assert episode["world"] == "unknown" and episode["seed"] == -1  # no metadata record
 
 

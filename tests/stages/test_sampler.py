@@ -20,8 +20,9 @@ def coded_episode(index: int, length: int) -> dict:
     frames = np.zeros((length, SIZE, SIZE, 3), np.uint8)
     frames[..., 0], frames[..., 1] = index, steps[:, None, None]
     actions = np.column_stack([np.full(length, index), steps, np.zeros(length)]).astype(np.float32)
-    return {"frames": frames, "actions": actions, "labels": actions + 0.5,
-            "timestamps_ns": steps.astype(np.int64) * 20_000_000}
+    states = np.column_stack([np.full(length, index), steps]).astype(np.float32) - 0.25
+    return {"frames": frames, "actions": actions, "labels": actions + 0.5, "states": states,
+            "instruction": f"task {index}", "timestamps_ns": steps.astype(np.int64) * 20_000_000}
 
 
 def decode(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -58,11 +59,15 @@ def test_windows_stay_inside_episodes_and_pad_at_start(frames_uri):
     assert len(sampler) == sum(n for _, n, _ in EPISODES) and sampler.skipped_windows == 0
     batch = sampler.batch(64)
     assert batch["frames_BKHWC"].shape == (64, 4, SIZE, SIZE, 3)
-    assert batch["frames_BKHWC"].dtype == np.uint8 and batch["label_B3"].dtype == np.float32
+    assert batch["frames_BKHWC"].dtype == np.uint8 and batch["label_BA"].dtype == np.float32
+    assert batch["label_BA"].shape == batch["action_BA"].shape == (64, 3)
+    assert batch["state_BS"].shape == (64, 2) and batch["state_BS"].dtype == np.float32
     check_windows(batch["frames_BKHWC"])
     episode, step = decode(batch["frames_BKHWC"][:, -1])
-    np.testing.assert_array_equal(batch["action_B3"][:, :2], np.column_stack([episode, step]))
-    np.testing.assert_array_equal(batch["label_B3"], batch["action_B3"] + 0.5)
+    np.testing.assert_array_equal(batch["action_BA"][:, :2], np.column_stack([episode, step]))
+    np.testing.assert_array_equal(batch["label_BA"], batch["action_BA"] + 0.5)
+    np.testing.assert_array_equal(batch["state_BS"], np.column_stack([episode, step]) - 0.25)  # the last step's
+    assert batch["tasks"].tolist() == [f"task {e}" for e in episode]
     padded = step < 3
     assert padded.any()  # windows at an episode start repeat its first frame
     assert "next_BHWC" not in batch

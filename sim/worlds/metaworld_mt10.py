@@ -1,0 +1,449 @@
+"""Meta-World MT10 as a worldloop world: a Sawyer arm on ten tabletop tasks, seen from a corner.
+
+Meta-World (Yu et al., "Meta-World: A Benchmark and Evaluation for Multi-Task and Meta
+Reinforcement Learning", CoRL 2019), v3 as maintained by the Farama Foundation (``metaworld==3.1.1``,
+MuJoCo 3.3.0). Actions move the hand's mocap target by up to 1 cm per step along x, y, z and drive
+the gripper (+1 closes); one step is ``frame_skip`` 5 x 2.5 ms of simulation, so 80 Hz. The scripted
+experts of ``metaworld.policies`` read the privileged observation (object and goal positions); the
+fleet's noisy expert adds DART-style noise (Laskey et al., "DART: Noise Injection for Robust
+Imitation Learning", CoRL 2017) plus short pushes and gripper openings, so recoveries reach the data.
+
+Traps handled here (see shared/STACK.md):
+* ``reset(seed=)`` is ignored in 3.1.1: the scene comes from the seed given to ``gym.make``, so each
+  env is built for one (seed, task) and re-resetting it keeps its scene.
+* Rendering is OSMesa on CPUs (EGL needs a GPU); shadows and offscreen multisampling are switched off
+  (20-60x faster). Several envs in one process each own a GL context: ours is made current before
+  every render, and on close MuJoCo's GL objects are freed in our context before the context itself
+  (freeing them in another env's context corrupts its frames).
+* The ``corner`` camera renders upside down: frames are flipped on both axes.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("MUJOCO_GL", "osmesa")
+os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa" if os.environ["MUJOCO_GL"] == "osmesa" else "egl")
+
+import warnings  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from sim.worlds import detectors, register  # noqa: E402
+from sim.worlds.base import ActionSpec, EventSpec, Observation, TaskSpec, World, WorldConfig, WorldSpec  # noqa: E402
+
+TASKS = (
+    TaskSpec("reach", "Move the gripper to the goal position."),
+    TaskSpec("push", "Push the puck across the table to the goal."),
+    TaskSpec("pick-place", "Pick up the puck and place it at the goal."),
+    TaskSpec("door-open", "Open the door by pulling its handle."),
+    TaskSpec("drawer-open", "Pull the drawer open."),
+    TaskSpec("drawer-close", "Push the drawer closed."),
+    TaskSpec("button-press-topdown", "Press the button down from above."),
+    TaskSpec("peg-insert-side", "Pick up the peg and insert it sideways into the hole."),
+    TaskSpec("window-open", "Slide the window open."),
+    TaskSpec("window-close", "Slide the window closed."),
+)
+STATE_NAMES = ("hand_x", "hand_y", "hand_z", "gripper", "goal_x", "goal_y", "goal_z",
+               "obj_x", "obj_y", "obj_z", "obj_to_goal")
+HAND, GRIP, GOAL, OBJ, TO_GO = slice(0, 3), 3, slice(4, 7), slice(7, 10), 10
+GRASPS = ("push", "pick-place", "peg-insert-side")  # tasks whose expert closes the fingers on a free object
+PHASES = ("reach", "grasp", "transport", "place", "push", "done")
+MAX_PATH = 500  # Meta-World refuses to step an episode past this
+# metaworld.policies warns on every step whose proportional gain saturates; the env clips anyway
+warnings.filterwarnings("ignore", message=r"Constant\(s\) may be too high", category=UserWarning)
+
+SPEC = WorldSpec(
+    name="metaworld-mt10",
+    description="Meta-World v3 MT10: a Sawyer arm on ten tabletop tasks, from a corner camera (MuJoCo).",
+    camera="corner",
+    image_size=64,
+    state_names=STATE_NAMES,
+    policy_state=STATE_NAMES[:7],  # hand, gripper opening, goal; object positions are privileged
+    actions=(ActionSpec("dx", -1.0, 1.0, "move the hand along x (across the table), 1 = 1 cm per step"),
+             ActionSpec("dy", -1.0, 1.0, "move the hand along y (away from the robot), 1 = 1 cm per step"),
+             ActionSpec("dz", -1.0, 1.0, "move the hand along z (up), 1 = 1 cm per step"),
+             ActionSpec("gripper", -1.0, 1.0, "gripper effort: +1 closes, -1 opens")),
+    tasks=TASKS,
+    rate_hz=80.0,  # frame_skip 5 x timestep 0.0025 s
+    warmup_steps=5,
+    max_steps=150,  # the clean expert succeeds in 36-117 steps (measured; see tests)
+    score="success",
+    signals=("success", "grasped"),
+    events=(EventSpec("intervention", 4.0, "the safety driver took over"),
+            EventSpec("stall", 4.0, "the hand barely moved for stall_steps before success"),
+            EventSpec("drift", 3.0, "the shaped reward fell drift_reward below its best so far"),
+            EventSpec("drop", 3.0, "the fingers lost a free object away from the goal"),
+            EventSpec("grasp", 2.0, "the fingers closed on a free object"),
+            EventSpec("release", 2.0, "the fingers let go of a free object near the goal"),
+            EventSpec("success", 2.0, "the task's success condition became true")),
+    tags={"phase": PHASES, "gripper": ("open", "closed"), "held": ("yes", "no")},
+    mirror={},  # a mirrored corner view is not a scene of this arm
+    eval_seeds=tuple(range(1000, 1010)),
+    state_message="sensor_msgs/msg/JointState",
+    static_state=("goal_x", "goal_y", "goal_z"),
+    presets={"all": {"world.image_size": 64},  # at 32 px the puck and the goal vanish
+             "tiny": {"world.max_steps": 60, "world.options": {"noise": {"pulse_prob": 0.05}}}},
+)
+
+
+@dataclass(frozen=True)
+class NoiseConfig:
+    """The fleet expert's noise: Gaussian on dx, dy, dz every step, and pulses after warmup and
+    before success (a full push along one random hand axis, or the gripper opened)."""
+
+    sigma: float = 0.2
+    pulse_prob: float = 0.02  # chance per step of starting a pulse
+    pulse_steps: tuple[int, int] = (4, 10)  # pulse length range (inclusive)
+    push: float = 1.0
+    open_fraction: float = 0.3  # fraction of pulses that open the gripper instead of pushing
+
+
+@dataclass(frozen=True)
+class SafetyConfig:
+    """When the expert takes over (stall, drift, timeout) and when it hands back."""
+
+    stall_steps: int = 15
+    stall_dist: float = 0.004  # m the hand must move within stall_steps (clean expert >= 0.007)
+    drift_reward: float = 3.0  # shaped reward (0-10) below its best (clean expert drops <= 1.8)
+    timeout_fraction: float = 0.6  # past this share of max_steps unsolved: the expert finishes
+    handback_steps: int = 10  # at least this many expert steps with progress before handing back
+    progress_reward: float = 0.5  # reward gained since takeover that counts as progress
+
+
+@dataclass(frozen=True)
+class EventThresholds:
+    stall_steps: int = 15
+    stall_dist: float = 0.004
+    drift_reward: float = 3.0
+    place_radius: float = 0.08  # obj_to_goal under which letting go is a release, not a drop
+
+
+@dataclass(frozen=True)
+class TagThresholds:
+    near: float = 0.09  # hand-object distance of contact phases (window handles sit ~8 cm off)
+    gripper_closed: float = 0.75  # opening (1 = wide) under which the gripper is closed
+    place_radius: float = 0.08
+    moved: float = 0.01  # object displacement over the clip that makes a contact clip a push
+
+
+@dataclass(frozen=True)
+class Options:
+    success_hold: int = 5  # the episode ends once success has held this many steps
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    safety: SafetyConfig = field(default_factory=SafetyConfig)
+    events: EventThresholds = field(default_factory=EventThresholds)
+    tags: TagThresholds = field(default_factory=TagThresholds)
+
+
+class MetaWorldEnv:
+    """One (seed, task) scene: the ``Env`` contract over one Meta-World MT1 gym env."""
+
+    def __init__(self, world: "MetaWorldMT10", seed: int, task: str) -> None:
+        import gymnasium as gym
+        import metaworld  # noqa: F401  (registers the Meta-World/* envs)
+        import mujoco
+
+        self.seed, self.task = int(seed), task
+        self.max_steps, self.hold = world.max_steps, world.options.success_hold
+        self.gym = gym.make("Meta-World/MT1", env_name=f"{task}-v3", seed=self.seed, render_mode="rgb_array",
+                            camera_name=SPEC.camera, width=world.image_size, height=world.image_size,
+                            disable_env_checker=True)
+        model = self.gym.unwrapped.model
+        model.vis.quality.shadowsize = 0  # before the renderer exists (it is created on first render)
+        model.vis.quality.offsamples = 0
+        free = {int(model.jnt_bodyid[j]) for j in range(model.njnt) if model.jnt_type[j] == mujoco.mjtJoint.mjJNT_FREE}
+        self._free_geoms = {g for g in range(model.ngeom) if int(model.body_rootid[model.geom_bodyid[g]]) in free}
+        self._pads = (model.geom("leftpad_geom").id, model.geom("rightpad_geom").id)
+        self.raw_obs = np.zeros(39)
+        self.t, self.reward, self.ever, self.now, self._streak = 0, 0.0, False, False, 0
+        self._to_go = np.nan
+        self._resets = 0
+
+    def reset(self) -> np.ndarray:
+        obs, _ = self.gym.reset()
+        if self._resets == 0:  # the wrapper would draw a new scene on every later reset
+            self.gym.get_wrapper_attr("toggle_sample_tasks_on_reset")(False)
+        self._resets += 1
+        self.raw_obs = obs
+        self._to_go = float(self.gym.unwrapped.evaluate_state(obs, np.zeros(4, np.float32))[1]["obj_to_target"])
+        self.t, self.reward, self.ever, self.now, self._streak = 0, 0.0, False, False, 0
+        return self._frame()
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, dict]:
+        a = np.clip(np.asarray(action, np.float32).reshape(4), -1.0, 1.0)
+        obs, reward, _, truncated, info = self.gym.step(a)
+        self.raw_obs, self.reward, self.t = obs, float(reward), self.t + 1
+        self._to_go = float(info["obj_to_target"])
+        self.now = bool(info["success"])
+        self.ever |= self.now
+        self._streak = self._streak + 1 if self.now else 0
+        done = self._streak >= self.hold or self.t >= self.max_steps or bool(truncated)
+        return self._frame(), self.reward, done, info
+
+    def _frame(self) -> np.ndarray:
+        self._viewer().make_context_current()  # another env's GL context may be the current one
+        return np.ascontiguousarray(self.gym.render()[::-1, ::-1])
+
+    def _viewer(self):
+        return self.gym.unwrapped.mujoco_renderer._get_viewer("rgb_array")
+
+    def state(self) -> np.ndarray:
+        o = self.raw_obs
+        return np.concatenate([o[0:4], o[-3:], o[4:7], [self._to_go]]).astype(np.float32)
+
+    def grasped(self) -> bool:
+        """Both finger pads touch one geom of a free body (the puck, the peg), not a handle or button."""
+        data, (left, right) = self.gym.unwrapped.data, self._pads
+        touch: tuple[set, set] = (set(), set())
+        for c in data.contact[:data.ncon]:
+            for side, pad in enumerate((left, right)):
+                if pad in (c.geom1, c.geom2):
+                    touch[side].add(int(c.geom2 if c.geom1 == pad else c.geom1))
+        return bool(touch[0] & touch[1] & self._free_geoms)
+
+    def jammed(self) -> bool:
+        """Fingers closed above a resting object (closed too early): the scripted expert would press
+        down on it forever. In clean runs the fingertips close 0.5-2 cm below the object's centre."""
+        s, tcp = self.state(), self.gym.unwrapped.tcp_center
+        return bool(s[GRIP] < 0.6 and s[OBJ][2] < 0.05 and tcp[2] - s[OBJ][2] > 0.01
+                    and np.linalg.norm(tcp[:2] - s[OBJ][:2]) < 0.05)
+
+    def signals(self) -> dict[str, bool]:
+        return {"success": self.now, "grasped": self.grasped()}
+
+    def success(self) -> bool:
+        return self.ever
+
+    def close(self) -> None:
+        if getattr(self, "gym", None) is None:
+            return
+        viewer = self.gym.unwrapped.mujoco_renderer._viewers.get("rgb_array")
+        if viewer is not None:  # free MuJoCo's GL objects in our own context, then the context
+            viewer.make_context_current()
+            viewer.con.free()
+        self.gym.close()
+        self.gym = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class Expert:
+    """Meta-World's scripted policy for the env's task, on the privileged observation; stateless.
+    One rule is added: fingers jammed on top of the object (``MetaWorldEnv.jammed``) open and lift."""
+
+    name, policy_version = "expert", ""
+
+    def __init__(self) -> None:
+        self._policies: dict = {}
+
+    def reset(self, env: MetaWorldEnv, seed: int = 0) -> None:
+        pass
+
+    def act(self, env: MetaWorldEnv, obs: Observation | None = None) -> np.ndarray:
+        if env.task not in self._policies:
+            from metaworld.policies import ENV_POLICY_MAP
+
+            self._policies[env.task] = ENV_POLICY_MAP[f"{env.task}-v3"]()
+        if env.task in GRASPS and env.jammed():
+            return np.array([0.0, 0.0, 1.0, -1.0], np.float32)
+        # a copy: some policies edit their observation in place (door-open shifts the handle's x)
+        return np.clip(self._policies[env.task].get_action(env.raw_obs.copy()), -1.0, 1.0).astype(np.float32)
+
+
+class NoisyExpert:
+    """The expert plus DART noise and pulses; deterministic given (seed, episode seed)."""
+
+    name, policy_version = "noisy_expert", ""
+
+    def __init__(self, noise: NoiseConfig, seed: int = 0, warmup: int = SPEC.warmup_steps) -> None:
+        self.noise, self.seed, self.warmup, self.expert = noise, int(seed), warmup, Expert()
+        self.reset(None, 0)
+
+    def reset(self, env: MetaWorldEnv | None, seed: int = 0) -> None:
+        self._rng = np.random.default_rng([self.seed, int(seed), 0xDA27])
+        self._t, self._left, self._axis, self._push = 0, 0, -1, 0.0
+
+    def act(self, env: MetaWorldEnv, obs: Observation | None = None) -> np.ndarray:
+        n, rng = self.noise, self._rng
+        a = self.expert.act(env, obs).astype(np.float64)
+        self._t += 1
+        if self._left == 0 and self._t > self.warmup and not env.success() and rng.random() < n.pulse_prob:
+            self._left = int(rng.integers(n.pulse_steps[0], n.pulse_steps[1] + 1))
+            self._axis = 3 if rng.random() < n.open_fraction else int(rng.integers(3))
+            self._push = -1.0 if self._axis == 3 else float(rng.choice([-n.push, n.push]))
+        a[:3] += rng.normal(0.0, n.sigma, 3)
+        if self._left > 0:
+            a[self._axis] = self._push
+            self._left -= 1
+        return np.clip(a, -1.0, 1.0).astype(np.float32)
+
+
+class SafetyMonitor:
+    """Takes over on a stall (the hand still for ``stall_steps``), a drift (the shaped reward well
+    below its best) or a timeout (unsolved past ``timeout_fraction`` of the episode: the expert keeps
+    control to the end); hands back after ``handback_steps`` of progress. Quiet once solved."""
+
+    def __init__(self, config: SafetyConfig, max_steps: int, warmup: int) -> None:
+        self.config, self.warmup = config, warmup
+        self.timeout_step = int(config.timeout_fraction * max_steps)
+        self.engaged, self.events = False, 0
+        self._hands: list[np.ndarray] = []
+        self._best = -np.inf
+        self._since, self._reward_at = 0, 0.0
+
+    def update(self, env: MetaWorldEnv, step: int) -> tuple[bool, str]:
+        c = self.config
+        hand, reward = env.state()[HAND].astype(np.float64), env.reward
+        self._hands = (self._hands + [hand])[-(c.stall_steps + 1):]
+        self._best = max(self._best, reward)
+        reason = ""
+        if env.success():
+            self.engaged = False
+            return False, ""
+        if step >= self.timeout_step:
+            reason = "timeout"
+        elif (step >= self.warmup and len(self._hands) > c.stall_steps
+              and np.linalg.norm(self._hands[-1] - self._hands[0]) < c.stall_dist):
+            reason = "stall"
+        elif reward < self._best - c.drift_reward:
+            reason = "drift"
+        if not self.engaged and reason:
+            self.engaged, self._since, self._reward_at = True, 0, reward
+            self.events += 1
+        elif self.engaged and reason != "timeout":
+            self._since += 1
+            if self._since >= c.handback_steps and reward >= self._reward_at + c.progress_reward:
+                self.engaged, self._hands, self._best = False, [], reward  # fresh windows after handing back
+        return self.engaged, reason
+
+
+@register
+class MetaWorldMT10(World):
+    spec = SPEC
+    Options = Options
+
+    def __init__(self, config: WorldConfig | None = None) -> None:
+        super().__init__(config)
+        if self.max_steps > MAX_PATH:
+            raise ValueError(f"max_steps must be <= {MAX_PATH} (Meta-World's episode limit), got {self.max_steps}")
+
+    def make_env(self, seed: int, task: str) -> MetaWorldEnv:
+        self.spec.instruction(task)  # an unknown task is an error
+        return MetaWorldEnv(self, seed, task)
+
+    def expert(self, *, noisy: bool = False, seed: int = 0):
+        return NoisyExpert(self.options.noise, seed, self.spec.warmup_steps) if noisy else Expert()
+
+    def safety_monitor(self, env: MetaWorldEnv) -> SafetyMonitor:
+        return SafetyMonitor(self.options.safety, env.max_steps, self.spec.warmup_steps)
+
+    def detect_events(self, span: dict, *, params: dict) -> list[dict]:
+        c = EventThresholds(**{k: v for k, v in params.items() if k in EventThresholds.__dataclass_fields__})
+        states = np.asarray(span["states"], np.float64)
+        steps = len(states)
+        signals = span.get("signals", {})
+        success = np.asarray(signals.get("success", np.zeros(steps, bool)), bool)
+        grasped = np.asarray(signals.get("grasped", np.zeros(steps, bool)), bool)
+        solved = np.maximum.accumulate(success) if steps else success
+        live = (np.arange(steps) >= self.spec.warmup_steps) & ~solved
+        moved = np.full(steps, np.nan)
+        k = c.stall_steps
+        if steps > k:
+            moved[k:] = np.linalg.norm(states[k:, HAND] - states[:-k, HAND], axis=1)
+        rewards = np.asarray(span["rewards"], np.float64)
+        below = np.fmax.accumulate(rewards) - rewards if steps else rewards
+        before = np.concatenate([[False], grasped[:-1]]) if steps else grasped
+        let_go = before & ~grasped
+        near_goal = (states[:, TO_GO] <= c.place_radius) | success
+        return detectors.events_of({
+            "intervention": detectors.flag(span["interventions"]),
+            "stall": detectors.flag(live & (moved < c.stall_dist)),
+            "drift": detectors.flag(live & (below > c.drift_reward)),
+            "drop": detectors.flag(let_go & ~near_goal),
+            "grasp": detectors.flag(grasped & ~before),
+            "release": detectors.flag(let_go & near_goal),
+            "success": detectors.flag(success & ~np.concatenate([[False], success[:-1]])),
+        }, int(params.get("merge_gap", 16)))
+
+    def privileged_tags(self, states: np.ndarray, signals: dict[str, np.ndarray], *,
+                        clip_len: int) -> dict[str, str] | None:
+        """At the clip's last step: gripper opening and whether a free object is pinched; phase
+        from hand-object distance, holding, the object's distance to the goal and its motion."""
+        t = self.options.tags
+        states = np.asarray(states, np.float64)
+        n = int(clip_len)
+        if states.ndim != 2 or states.shape[1] != len(STATE_NAMES) or not 0 < n <= len(states):
+            raise ValueError(f"states must be [T, {len(STATE_NAMES)}] with the clip in its first rows, "
+                             f"got {states.shape} and clip_len {n}")
+        s, first = states[n - 1], states[0]
+        if np.isnan(s).any() or np.isnan(first[OBJ]).any():
+            return None
+        flag = {k: bool(np.asarray(signals.get(k, np.zeros(len(states), bool)))[n - 1]) for k in SPEC.signals}
+        near = np.linalg.norm(s[HAND] - s[OBJ]) < t.near
+        if flag["success"]:
+            phase = "done"
+        elif flag["grasped"]:
+            phase = "place" if s[TO_GO] <= t.place_radius else "transport"
+        elif not near:
+            phase = "reach"
+        else:
+            phase = "push" if np.linalg.norm(s[OBJ] - first[OBJ]) > t.moved else "grasp"
+        return {"phase": phase, "gripper": "closed" if s[GRIP] < t.gripper_closed else "open",
+                "held": "yes" if flag["grasped"] else "no"}
+
+    def caption(self, tags: dict[str, str], event: str) -> str:
+        held = {"yes": "object held", "no": "nothing held"}.get(tags.get("held", ""), "holding unknown")
+        return f"{tags.get('phase', 'unknown')} phase, gripper {tags.get('gripper', 'unknown')}, {held}; event: {event}"
+
+    def plan(self, task: str, tags: dict[str, str]) -> str:
+        self.spec.instruction(task)
+        if tags.get("phase") == "done":
+            return "hold still: the task is done"
+        if task == "reach":
+            return "move the gripper to the goal and hold it there"
+        thing, grasps, move, finish = _PLANS[task]
+        steps = {"reach": [f"move the gripper {'above' if grasps else 'to'} the {thing}"],
+                 "grasp": [f"lower the gripper to grasp the {thing}" if grasps else f"bring the gripper against the {thing}"],
+                 "transport": [move], "place": [finish]}
+        order = ("reach", "grasp", "transport", "place")
+        phase = {"push": "transport"}.get(tags.get("phase", ""), tags.get("phase", ""))
+        start = order.index(phase) if phase in order else 0
+        if grasps and phase in ("transport", "place") and tags.get("held") == "no":
+            start = 0  # the object slipped: start over
+        if grasps and start <= 1 and tags.get("gripper") == "closed" and tags.get("held") != "yes":
+            steps["reach"] = ["open the gripper"] + steps["reach"]
+        return ", ".join(c for p in order[start:] for c in steps[p])
+
+    def counterfactual(self, actions: np.ndarray, labels: np.ndarray, *, offset: float, drift_steps: int,
+                       rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, str]:
+        """A push of ``offset`` along one random hand axis (random sign) for ``drift_steps``, then the
+        opposite push as long (the recovery); labels oppose the push throughout."""
+        actions, labels = np.array(actions, np.float32), np.array(labels, np.float32)
+        axis, sign = int(rng.integers(3)), float(rng.choice([-1.0, 1.0]))
+        drift = slice(0, min(drift_steps, len(actions)))
+        back = slice(drift.stop, min(2 * drift.stop, len(actions)))
+        push = np.float32(sign * offset)
+        actions[drift, axis] += push
+        actions[back, axis] -= push
+        labels[drift, axis] -= push
+        labels[back, axis] -= push
+        low, high = self.spec.action_low, self.spec.action_high
+        return np.clip(actions, low, high), np.clip(labels, low, high), "recovery_heuristic"
+
+
+_PLANS = {  # task: (object, grasped?, move clause, finishing clause)
+    "push": ("puck", True, "push the puck across the table toward the goal", "let go at the goal"),
+    "pick-place": ("puck", True, "lift it and move it toward the goal", "place it at the goal"),
+    "peg-insert-side": ("peg", True, "lift it and carry it to the hole", "push it sideways into the hole"),
+    "door-open": ("door handle", False, "pull the door open in an arc", "move clear of the door"),
+    "drawer-open": ("drawer handle", False, "pull the drawer open", "move clear of the drawer"),
+    "drawer-close": ("drawer", False, "push the drawer closed", "move clear of the drawer"),
+    "button-press-topdown": ("button", False, "press the button straight down", "hold it down"),
+    "window-open": ("window handle", False, "slide the window open", "move clear of the window"),
+    "window-close": ("window handle", False, "slide the window closed", "move clear of the window"),
+}
