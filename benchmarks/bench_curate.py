@@ -377,7 +377,7 @@ def bench_curate(root: str, *, episodes: int, frames: int, seed: int, runs: int 
 def _champion_reasoner(lake: str) -> str:
     """The artifact URI of the reasoner the first curate of ``lake`` trained."""
     from flows.describe import REASONER
-    from models.registry import Registry
+    from stages.registry import Registry
 
     champion = Registry(lake).get(REASONER, alias="champion")
     if champion is None:

@@ -27,15 +27,9 @@ from flows.describe import write_clips
 from flows.runtime import Context, code_version, ensure_ray
 from sim import worlds
 from stages import curate_ray, sources, storage
-from stages.curate import EPISODES, REJECTS, features_of, frames_schema, reject_row, to_json
+from stages.curate import reject_row
+from stages.schemas import EPISODES, REJECTS, SOURCES, features_of, frames_schema, to_json
 
-SOURCES = pa.schema([
-    ("source_key", pa.string()), ("source_uri", pa.string()), ("format", pa.string()),
-    ("files", pa.int64()), ("size", pa.int64()), ("etag", pa.string()),
-    ("content_hash", pa.string()), ("outcome", pa.string()), ("episodes", pa.int64()),
-    ("spans_kept", pa.int64()), ("spans_rejected", pa.int64()), ("frames_seen", pa.int64()),
-    ("frames_kept", pa.int64()), ("turn", pa.int64()), ("processed_at", pa.timestamp("us", tz="UTC")),
-])
 TABLES = ("frames", "episodes", "clips", "rejects", "sources")
 
 

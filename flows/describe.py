@@ -22,8 +22,9 @@ import ray
 
 from flows.runtime import Context
 from stages import curate_ray, dedup, events
-from stages.curate import clips_schema, now_utc, to_json
+from stages.curate import now_utc
 from stages.lake import images
+from stages.schemas import clips_schema, to_json
 
 REASONER = "reasoner"
 

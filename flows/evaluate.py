@@ -20,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.runtime import POLICY, Context, ensure_ray
 from stages import adapters
 from stages.evaluate import paired, summarize
-from stages.lake import EVALUATIONS
+from stages.schemas import EVALUATIONS
 
 REFERENCES = {"expert": {"kind": "expert", "noisy": False}, "random": {"kind": "random"}}
 

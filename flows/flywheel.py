@@ -20,12 +20,8 @@ from flows.promote import promote_flow, serve_champion
 from flows.runtime import POLICY, WORLD_MODEL, Context, ensure_ray
 from flows.synthesize import synthesize_flow
 from flows.train import train_flow
+from stages.schemas import TURNS
 
-TURNS = pa.schema([
-    ("turn", pa.int64()), ("config", pa.string()), ("started_at", pa.timestamp("us", tz="UTC")),
-    ("finished_at", pa.timestamp("us", tz="UTC")), ("candidate_version", pa.int64()),
-    ("promoted", pa.bool_()), ("champion_version", pa.int64()), ("summary", pa.string()),
-])
 TAGGED = ("episodes", "frames", "rejects", "clips", "evaluations", "sources")
 
 

@@ -36,7 +36,7 @@ def code_version() -> str:
     """The package version and, in a git checkout, the commit: lineage for every table row."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from models.registry import git_commit
+    from stages.registry import git_commit
 
     try:
         package = version("worldloop")
@@ -136,7 +136,7 @@ class Context:
 
     @cached_property
     def registry(self):
-        from models.registry import Registry
+        from stages.registry import Registry
 
         return Registry(self.world_uri, storage_options=self.storage_options)
 

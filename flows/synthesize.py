@@ -17,7 +17,8 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.runtime import WORLD_MODEL, Context, ensure_ray
 from stages import adapters
-from stages.curate import EPISODES, REJECTS, episode_to_tables, reject_row
+from stages.curate import episode_to_tables, reject_row
+from stages.schemas import EPISODES, REJECTS
 from stages.lake import images, vectors
 from stages.synthesize import select_parents
 

@@ -254,13 +254,11 @@ class Policy(nn.Module):
         return out.cpu().numpy().astype(np.float32)
 
 
-def save(policy: Policy, dir: str | os.PathLike, *, storage_options: dict | None = None) -> str:
-    """Write model.safetensors + config.json to a local dir or an s3:// prefix; returns the location."""
-    return checkpoint.save(policy, dir, storage_options=storage_options)
+def save(policy: Policy, directory: str | os.PathLike) -> str:
+    """Write model.safetensors + config.json to a local directory; returns it."""
+    return checkpoint.save(policy, directory)
 
 
-def load(dir_or_uri: str | os.PathLike, *, storage_options: dict | None = None,
-         device: str = "cpu") -> Policy:
-    """Load a policy saved by `save` from a local dir or an s3:// prefix (eval mode)."""
-    return checkpoint.load(Policy, config_from_dict, dir_or_uri, storage_options=storage_options,
-                           device=device, what="policy")
+def load(directory: str | os.PathLike, *, device: str = "cpu") -> Policy:
+    """Load a policy saved by `save` from a local directory (eval mode)."""
+    return checkpoint.load(Policy, config_from_dict, directory, device=device, what="policy")

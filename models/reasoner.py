@@ -15,8 +15,8 @@ The caption is the caller's ``caption_fn(tags, event)`` (a world's ``caption``),
 ``default_caption``.
 
 ``load_reasoner`` also opens a pretrained Hugging Face vision-language model saved in a local
-directory (or s3:// prefix) behind the same describe()/embed() interface:
-``HFVisionLanguageReasoner``.
+directory behind the same describe()/embed() interface: ``HFVisionLanguageReasoner``
+(``stages.curate_ray`` copies one from an s3:// prefix first).
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -353,32 +354,33 @@ def train_reasoner(train_clips: np.ndarray, train_events: list[str], train_tags:
 # ---- checkpoints --------------------------------------------------------------------------------
 
 
-def save(model: Reasoner, uri: str | os.PathLike, *, storage_options: dict | None = None) -> str:
-    """Write model.safetensors + reasoner_config.json to a local dir or an s3:// prefix; returns it."""
-    return checkpoint.save(model, uri, storage_options=storage_options, config_name=CONFIG_NAME)
+def save(model: Reasoner, directory: str | os.PathLike) -> str:
+    """Write model.safetensors + reasoner_config.json to a local directory; returns it."""
+    return checkpoint.save(model, directory, config_name=CONFIG_NAME)
 
 
-def load(uri: str | os.PathLike, *, storage_options: dict | None = None, device: str = "cpu") -> Reasoner:
-    """Load a reasoner written by `save` (local dir or s3:// prefix), in eval mode."""
-    return checkpoint.load(Reasoner, config_from_dict, uri, storage_options=storage_options, device=device,
-                           config_name=CONFIG_NAME, what="reasoner")
+def load(directory: str | os.PathLike, *, device: str = "cpu") -> Reasoner:
+    """Load a reasoner written by `save` from a local directory, in eval mode."""
+    return checkpoint.load(Reasoner, config_from_dict, directory, device=device, config_name=CONFIG_NAME,
+                           what="reasoner")
 
 
-def load_reasoner(uri: str | os.PathLike, *, storage_options: dict | None = None, device: str = "cpu",
-                  tags: dict | None = None, events: tuple[str, ...] | None = None
+def load_reasoner(directory: str | os.PathLike, *, device: str = "cpu", tags: dict | None = None,
+                  events: tuple[str, ...] | None = None, source: str | os.PathLike | None = None
                   ) -> Reasoner | HFVisionLanguageReasoner:
-    """Our checkpoint when the directory holds reasoner_config.json (its vocabulary is in its
+    """Our checkpoint when the local directory holds reasoner_config.json (its vocabulary is in its
     config); else a Hugging Face vision-language model (config.json plus processor_config.json or
     preprocessor_config.json) as `HFVisionLanguageReasoner`, asked for ``tags`` and told
-    ``events``; else ValueError. Never downloads."""
-    with checkpoint.local_copy(uri, storage_options) as local:
-        if (local / CONFIG_NAME).is_file():
-            return load(local, device=device)
-        processor_files = ("processor_config.json", "preprocessor_config.json")
-        if (local / "config.json").is_file() and any((local / f).is_file() for f in processor_files):
-            return HFVisionLanguageReasoner(local, device=device, tags=tags, events=events)
-    raise ValueError(f"{uri} holds neither a reasoner checkpoint ({CONFIG_NAME}) nor a Hugging Face "
-                     "vision-language model (config.json + processor files)")
+    ``events``; else ValueError, naming ``source`` (where the directory was copied from, say an
+    s3:// URI) when given. Never downloads."""
+    local = Path(directory)
+    if (local / CONFIG_NAME).is_file():
+        return load(local, device=device)
+    processor_files = ("processor_config.json", "preprocessor_config.json")
+    if (local / "config.json").is_file() and any((local / f).is_file() for f in processor_files):
+        return HFVisionLanguageReasoner(local, device=device, tags=tags, events=events)
+    raise ValueError(f"{directory if source is None else source} holds neither a reasoner checkpoint "
+                     f"({CONFIG_NAME}) nor a Hugging Face vision-language model (config.json + processor files)")
 
 
 # ---- pretrained vision-language models ----------------------------------------------------------

@@ -351,16 +351,15 @@ class WorldModel(nn.Module):
 # ---- checkpoints --------------------------------------------------------------------------------
 
 
-def save(model: WorldModel, dir: str | os.PathLike, *, storage_options: dict | None = None) -> str:
-    """Write model.safetensors + config.json to a local dir or an s3:// prefix; returns the location."""
-    return checkpoint.save(model, dir, storage_options=storage_options)
+def save(model: WorldModel, directory: str | os.PathLike) -> str:
+    """Write model.safetensors + config.json to a local directory; returns it."""
+    return checkpoint.save(model, directory)
 
 
-def load(uri: str | os.PathLike, storage_options: dict | None = None, *, device: str = "cpu") -> WorldModel:
+def load(directory: str | os.PathLike, *, device: str = "cpu") -> WorldModel:
     """Load a world model saved by `save` (or real pretrained weights laid out the same way) from a
-    local dir or an s3:// prefix; returned in eval mode."""
-    return checkpoint.load(WorldModel, config_from_dict, uri, storage_options=storage_options, device=device,
-                           what="world-model")
+    local directory; returned in eval mode."""
+    return checkpoint.load(WorldModel, config_from_dict, directory, device=device, what="world-model")
 
 
 # ---- evaluation ---------------------------------------------------------------------------------

@@ -27,9 +27,9 @@ from ray import serve
 from ray.serve.context import _get_global_client
 
 from models.policy import PolicyConfig, config_from_dict, load
-from models.registry import Registry
 from models.text import words
 from sim.worlds.base import WorldSpec
+from stages.registry import Registry
 
 Encoding = Literal["png_base64", "raw_base64", "list"]
 FrameList = list[list[list[int]]]

@@ -46,7 +46,7 @@ def _build_driver(spec: dict, world):
         return world.random_driver()
     if kind == "policy":
         from models import policy as policy_model
-        from models.registry import Registry
+        from stages.registry import Registry
 
         registry = Registry(spec["registry_uri"], storage_options=spec.get("storage_options"))
         mv = registry.get(spec["name"], version=spec["version"])

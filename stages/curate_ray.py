@@ -26,9 +26,9 @@ import ray
 from sim import worlds
 from sim.worlds.base import WorldConfig
 from stages import describe, events, quality, storage
-from stages.curate import to_json
 from stages.ingest import ingest_unit
 from stages.lake import Lake, images, vectors
+from stages.schemas import to_json
 from stages.streams import Mapping
 
 INGEST_CPUS = 1
@@ -181,8 +181,9 @@ _REASONERS: dict[tuple, Any] = {}  # per process: the loaded reasoner by (URI, i
 
 
 def _reasoner(uri: str, storage_options: dict | None, tags: dict) -> Any:
-    """The reasoner at ``uri``, loaded once per process while its files stay the same; a
-    changed file (size or etag) loads the model again."""
+    """The reasoner at ``uri`` (a local directory or an s3:// prefix, copied here first), loaded
+    once per process while its files stay the same; a changed file (size or etag) loads the
+    model again."""
     files = tuple((o["uri"], o["size"], o["etag"]) for o in storage.list_objects(
         uri, suffix="", storage_options=storage_options))
     key = (uri, files)
@@ -190,7 +191,8 @@ def _reasoner(uri: str, storage_options: dict | None, tags: dict) -> Any:
         from models.reasoner import load_reasoner
 
         _REASONERS.clear()
-        _REASONERS[key] = load_reasoner(uri, storage_options=storage_options, tags=tags)
+        with storage.local_copy(uri, storage_options) as local:
+            _REASONERS[key] = load_reasoner(local, tags=tags, source=uri)
     return _REASONERS[key]
 
 

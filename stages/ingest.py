@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from stages.align import align
-from stages.curate import content_hash, episode_to_tables, expert_labels, reject_row, split_for, to_json
+from stages.curate import content_hash, episode_to_tables, expert_labels, reject_row, split_for
+from stages.schemas import to_json
 from stages.sources import read_unit
 from stages.streams import LogError, Mapping
 

@@ -16,17 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from stages import storage
-from stages.curate import EPISODES, REJECTS, clips_schema, frames_schema  # the lake's table schemas
 
-__all__ = ["EPISODES", "EVALUATIONS", "REJECTS", "Lake", "clips_schema", "frames_schema"]
-
-EVALUATIONS = pa.schema([
-    ("eval_id", pa.string()), ("model_name", pa.string()), ("model_version", pa.string()),
-    ("role", pa.string()), ("task", pa.string()), ("seed", pa.int64()), ("score", pa.float64()),
-    ("success", pa.bool_()), ("steps", pa.int64()), ("signal_rates", pa.string()),
-    ("interventions", pa.int64()), ("turn", pa.int64()),
-    ("created_at", pa.timestamp("us", tz="UTC")),
-])
 _SECRET_KEYS = ("secret", "password", "token", "access_key", "credential")
 
 

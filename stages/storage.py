@@ -1,4 +1,6 @@
-"""Object storage for a URI that is a local path or ``s3://bucket/prefix``.
+"""Object storage for a URI that is a local path or ``s3://bucket/prefix``: objects (list,
+read, write), pyarrow filesystems, and whole directories (a model checkpoint, say) copied to
+and from a local one (``local_copy``, ``upload_dir``).
 
 Storage options use Lance's keys (``access_key_id``, ``secret_access_key``, ``endpoint``,
 ``region``, ``allow_http``) so the same dict configures boto3, pyarrow and Lance. Keys that
@@ -9,6 +11,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -140,9 +145,11 @@ def write_bytes(uri: str, data: bytes, storage_options: dict[str, str] | None = 
         raise
 
 
-def pyarrow_fs(uri: str, storage_options: dict[str, str] | None = None
+def pyarrow_fs(uri: str | os.PathLike, storage_options: dict[str, str] | None = None
                ) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem and the path inside it (``bucket/key`` on s3, absolute locally)."""
+    """A pyarrow filesystem and the path inside it (``bucket/key`` on s3, absolute locally; no
+    trailing ``/`` on either)."""
+    uri = str(uri)
     if not is_s3(uri):
         return pafs.LocalFileSystem(), os.path.abspath(uri)
     opts = resolve_options(storage_options)
@@ -155,4 +162,36 @@ def pyarrow_fs(uri: str, storage_options: dict[str, str] | None = None
         session_token=opts.get("session_token"), region=opts.get("region", "us-east-1"),
         endpoint_override=endpoint, scheme=scheme,
     )
-    return fs, uri[len("s3://"):]
+    return fs, uri[len("s3://"):].rstrip("/")
+
+
+@contextmanager
+def local_copy(uri: str | os.PathLike, storage_options: dict[str, str] | None = None) -> Iterator[Path]:
+    """The directory at ``uri`` as a local path while the context lasts (a local one is itself).
+
+    An s3:// prefix is downloaded (everything under it) to a temporary directory first; a prefix
+    holding nothing yields an empty directory.
+    """
+    fs, path = pyarrow_fs(uri, storage_options)
+    if isinstance(fs, pafs.LocalFileSystem):
+        yield Path(path)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        if fs.get_file_info(path).type == pafs.FileType.Directory:
+            pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        yield Path(tmp)
+
+
+def upload_dir(local_dir: str | os.PathLike, uri: str | os.PathLike,
+               storage_options: dict[str, str] | None = None) -> str:
+    """Copy the files under the local directory ``local_dir`` to ``uri`` (a local directory or an
+    s3:// prefix; existing files of the same names are replaced). Returns ``str(uri)``."""
+    src = Path(local_dir).resolve()
+    if not src.is_dir():
+        raise NotADirectoryError(f"{local_dir} is not a directory")
+    fs, path = pyarrow_fs(uri, storage_options)
+    if isinstance(fs, pafs.LocalFileSystem) and Path(path) == src:
+        return str(uri)
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(str(src), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    return str(uri)

@@ -1,4 +1,6 @@
-"""The shared checkpoint format: config dataclasses from JSON, save/load locally and on S3 (moto)."""
+"""The shared checkpoint format: config dataclasses from JSON, save/load in local directories.
+
+To and from S3 through stages.storage: tests/stages/test_model_storage.py."""
 from __future__ import annotations
 
 import json
@@ -93,7 +95,7 @@ def test_save_load_local(tmp_path):
         checkpoint.save(torch.nn.Linear(2, 2), tmp_path / "bad")
 
 
-def test_custom_config_name_and_local_copy(tmp_path):
+def test_custom_config_name(tmp_path):
     model = Toy(ToyConfig())
     checkpoint.save(model, tmp_path / "r", config_name="toy_config.json")
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["model.safetensors", "toy_config.json"]
@@ -101,35 +103,4 @@ def test_custom_config_name_and_local_copy(tmp_path):
         checkpoint.load_state(tmp_path / "r")
     again = checkpoint.load(Toy, toy_from_dict, tmp_path / "r", config_name="toy_config.json")
     assert again.config == model.config
-    with checkpoint.local_copy(tmp_path / "r") as local:
-        assert local == tmp_path / "r"
 
-
-def test_save_load_s3(s3_server):
-    _, options = s3_server
-    torch.manual_seed(1)
-    model = Toy(ToyConfig(width=6))
-    uri = "s3://lake/models/toy/v1/"
-    checkpoint.save(model, uri, storage_options=options, extra_files={"vocab.txt": "a b"})
-    again = checkpoint.load(Toy, toy_from_dict, uri, storage_options=options)
-    assert again.config == model.config
-    x = torch.randn(3, 6)
-    assert torch.equal(again.lin(x), model.lin(x))
-    ckpt = checkpoint.read(uri, storage_options=options, extra_files=("vocab.txt",))
-    assert ckpt.files == {"vocab.txt": b"a b"} and ckpt.model == "Toy"
-    with checkpoint.local_copy(uri, options) as local:  # the whole prefix
-        assert sorted(p.name for p in local.iterdir()) == ["config.json", "model.safetensors", "vocab.txt"]
-    with pytest.raises(ValueError, match="does not exist or is not a toy checkpoint"):
-        checkpoint.load(Toy, toy_from_dict, "s3://lake/models/toy/missing", storage_options=options, what="toy")
-    with checkpoint.local_copy("s3://lake/models/toy/missing", options) as local:
-        assert list(local.iterdir()) == []
-
-
-def test_filesystem():
-    import pyarrow.fs as pafs
-
-    fs, path = checkpoint.filesystem("relative/dir")
-    assert isinstance(fs, pafs.LocalFileSystem) and path.endswith("relative/dir") and path.startswith("/")
-    fs, path = checkpoint.filesystem("s3://bucket/a/b/", {"endpoint": "http://127.0.0.1:9", "region": "eu-west-1",
-                                                          "access_key_id": "k", "secret_access_key": "s"})
-    assert isinstance(fs, pafs.S3FileSystem) and path == "bucket/a/b" and fs.region == "eu-west-1"

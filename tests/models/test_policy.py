@@ -1,4 +1,5 @@
-"""The policy: shapes and bounds, state and task inputs, errors, save/load (local and S3), it can learn."""
+"""The policy: shapes and bounds, state and task inputs, errors, save/load (to and from S3:
+tests/stages/test_model_storage.py), it can learn."""
 from __future__ import annotations
 
 import dataclasses
@@ -167,15 +168,6 @@ def test_save_load_round_trip(tiny, arm, tmp_path):
     torch.testing.assert_close(again.state_norm.mean, arm.state_norm.mean)
     x, s = frames(ARM, 3, seed=5), states(3, seed=5)
     np.testing.assert_array_equal(again.act(x, s, list(TASKS)), arm.act(x, s, list(TASKS)))
-
-
-def test_save_load_s3(arm, s3_server):
-    _, options = s3_server
-    uri = "s3://lake/models/policy/test-v1"
-    save(arm, uri, storage_options=options)
-    again = load(uri, storage_options=options)
-    x, s = frames(ARM, 2, seed=2), states(2, seed=2)
-    np.testing.assert_array_equal(again.act(x, s, list(TASKS[1:])), arm.act(x, s, list(TASKS[1:])))
 
 
 def test_tiny_overfit_loss_drops():

@@ -234,16 +234,6 @@ def test_save_load_and_load_reasoner(trained, tmp_path):
         load_reasoner(tmp_path / "missing")
 
 
-def test_save_load_s3(trained, s3_server):
-    _, options = s3_server
-    model, _ = trained
-    uri = "s3://lake/models/reasoner/test-v1"
-    save(model, uri, storage_options=options)
-    again = load_reasoner(uri, storage_options=options)
-    clips = random_clips(model.config, 2, seed=3)
-    np.testing.assert_array_equal(again.embed(clips[:, 0]), model.embed(clips[:, 0]))
-
-
 def test_parse_tags():
     assert parse_tags("curvature=left track=off speed=fast") == {"curvature": "left", "track": "off",
                                                                   "speed": "fast"}

@@ -150,24 +150,6 @@ def test_save_load_round_trip(trained, tmp_path):
         load(tmp_path)
 
 
-def test_load_from_s3(trained, tmp_path, s3_server):
-    import pyarrow.fs as pafs
-
-    endpoint, options = s3_server
-    model, (history, action, _), _, _ = trained
-    save(model, tmp_path / "wm")
-    scheme, host = endpoint.split("://")
-    s3 = pafs.S3FileSystem(access_key=options["access_key_id"], secret_key=options["secret_access_key"],
-                           endpoint_override=host, scheme=scheme, region=options["region"])
-    pafs.copy_files(str(tmp_path / "wm"), "lake/models/wm-test", destination_filesystem=s3)
-    restored = load("s3://lake/models/wm-test", storage_options=options)
-    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
-    assert torch.equal(model.predict(history, action, generator=g()),
-                       restored.predict(history, action, generator=g()))
-    with pytest.raises(ValueError, match="does not exist"):
-        load("s3://lake/models/missing", storage_options=options)
-
-
 def brightness_task(batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
     """Uniform grey frames; the next one 20 levels brighter or darker, as the task says; random actions."""
     levels = np.random.default_rng(seed).integers(64, 192, (batch, CFG.history, 1, 1, 1), dtype=np.uint8)

@@ -17,11 +17,11 @@ from PIL import Image
 
 import sim.worlds
 from models.policy import Policy, preset, save
-from models.registry import Registry
 from models.text import build_vocab
 from serving.app import build_app, deploy
 from serving.client import ActClient, ActError, _server_message
 from sim.worlds.base import ActionSpec, TaskSpec, World
+from stages.registry import Registry
 
 APP = "act_test"
 CFG = preset("tiny")

@@ -8,9 +8,10 @@ import pyarrow as pa
 import pytest
 from tests.stages.test_mcap_log import SPEC, make_episode
 
-from stages.curate import EPISODES, REJECTS, clips_schema, episode_to_tables, features_of, frames_schema
+from stages.curate import episode_to_tables
 from stages.ingest import ingest_unit
 from stages.mcap_log import episode_to_mcap_bytes
+from stages.schemas import EPISODES, REJECTS, clips_schema, features_of, frames_schema
 from stages.sources import discover
 from stages.streams import Mapping
 

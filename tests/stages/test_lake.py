@@ -10,8 +10,9 @@ from tests.stages.test_storage import root  # noqa: F401  (fixture: local and s3
 
 from stages import storage
 from stages.curate import now_utc
-from stages.lake import EPISODES, EVALUATIONS, REJECTS, Lake, frames_schema
+from stages.lake import Lake
 from stages.mcap_log import episode_to_mcap_bytes, write_episode
+from stages.schemas import EPISODES, EVALUATIONS, REJECTS, frames_schema
 
 OPTS = {"turn": 0, "image_size": 16, "min_length": 4, "val_fraction": 0.5}
 

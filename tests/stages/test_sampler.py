@@ -6,9 +6,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from stages.curate import clips_schema, episode_to_tables
+from stages.curate import episode_to_tables
 from stages.lake import Lake
 from stages.sampler import HistorySampler, window_weights
+from stages.schemas import clips_schema
 
 SIZE = 8
 # (episode index, length, origin); channel 0 of every pixel = episode index, channel 1 = step

@@ -75,3 +75,33 @@ def test_env_fallback_and_explicit_options_win(monkeypatch):
 def test_s3_uri_needs_a_bucket():
     with pytest.raises(ValueError, match="bucket"):
         storage.read_bytes("s3:///key")
+
+
+def test_pyarrow_fs_paths():
+    fs, path = storage.pyarrow_fs("relative/dir")
+    assert isinstance(fs, pafs.LocalFileSystem) and path.endswith("relative/dir") and path.startswith("/")
+    fs, path = storage.pyarrow_fs("s3://bucket/a/b/", {"endpoint": "http://127.0.0.1:9", "region": "eu-west-1",
+                                                        "access_key_id": "k", "secret_access_key": "s"})
+    assert isinstance(fs, pafs.S3FileSystem) and path == "bucket/a/b" and fs.region == "eu-west-1"
+
+
+def test_upload_dir_and_local_copy(root, tmp_path):
+    """A directory copied up and back holds the same files; a local directory is its own copy."""
+    uri, options = root
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_bytes(b"a")
+    (src / "sub" / "b.bin").write_bytes(b"\x00b")
+    with storage.local_copy(src) as local:
+        assert local == src
+    target = storage.join(uri, "dir")
+    assert storage.upload_dir(src, target, options) == target
+    with storage.local_copy(target, options) as local:
+        assert sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()) == ["a.txt",
+                                                                                                   "sub/b.bin"]
+        assert (local / "sub" / "b.bin").read_bytes() == b"\x00b"
+    (src / "a.txt").write_bytes(b"A")  # a second upload replaces the files of the same names
+    storage.upload_dir(src, target, options)
+    assert storage.read_bytes(storage.join(target, "a.txt"), options) == b"A"
+    with pytest.raises(NotADirectoryError):
+        storage.upload_dir(tmp_path / "absent", target, options)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from models.policy import Policy, load, preset, save
-from models.registry import Registry
+from stages.registry import Registry
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -7,6 +7,8 @@ Layout under ``<uri>/registry/`` (``uri`` a local path or ``s3://bucket/prefix``
 * ``aliases.lance`` — append-only alias history: name, alias, version, set_at; the latest row wins.
 * ``<name>/v<version>/`` — a copy of the registered model directory (immutable once written).
 
+The two tables' schemas are ``stages.schemas.MODELS`` and ``ALIASES``.
+
 A single writer is assumed. Versions are monotonic per name and ``register`` never writes into
 an existing version's artifact folder (a folder left by an interrupted register is skipped).
 """
@@ -30,19 +32,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from stages.storage import is_s3, join, pyarrow_fs, resolve_options
+from stages.schemas import ALIASES, MODELS
+from stages.storage import is_s3, join, pyarrow_fs, resolve_options, upload_dir
 
 KINDS = ("policy", "world_model", "reasoner")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-_TS = pa.timestamp("us", tz="UTC")
-MODELS_SCHEMA = pa.schema([
-    ("name", pa.string()), ("version", pa.int64()), ("artifact_uri", pa.string()),
-    ("kind", pa.string()), ("metrics", pa.string()), ("lineage", pa.string()),
-    ("config", pa.string()), ("created_at", _TS),
-])
-ALIASES_SCHEMA = pa.schema([
-    ("name", pa.string()), ("alias", pa.string()), ("version", pa.int64()), ("set_at", _TS),
-])
 
 
 @dataclass(frozen=True)
@@ -190,12 +184,9 @@ class Registry:
         dest_path = f"{self._root_path}/{name}/v{version}"
         if self._fs.get_file_info(dest_path).type != pafs.FileType.NotFound:  # never overwrite
             raise FileExistsError(f"artifacts for {name} v{version} already exist at {dest_path}")
-        self._fs.create_dir(dest_path, recursive=True)
-        pafs.copy_files(str(src.resolve()), dest_path, source_filesystem=pafs.LocalFileSystem(),
-                        destination_filesystem=self._fs)
-        row.update(version=version, artifact_uri=join(self.root, name, f"v{version}"),
-                   created_at=dt.datetime.now(dt.timezone.utc))
-        self._append("models", [row], MODELS_SCHEMA)
+        artifact_uri = upload_dir(src, join(self.root, name, f"v{version}"), self.storage_options)
+        row.update(version=version, artifact_uri=artifact_uri, created_at=dt.datetime.now(dt.timezone.utc))
+        self._append("models", [row], MODELS)
         return _row_to_version(row)
 
     def get(self, name: str, *, version: int | None = None, alias: str | None = None) -> ModelVersion | None:
@@ -221,7 +212,7 @@ class Registry:
         updated = dataclasses.replace(mv, metrics=merged)
         row = dataclasses.asdict(updated) | {k: _to_json(getattr(updated, k), k)
                                              for k in ("metrics", "lineage", "config")}
-        data = pa.Table.from_pylist([row], schema=MODELS_SCHEMA)
+        data = pa.Table.from_pylist([row], schema=MODELS)
         self._dataset("models").merge_insert(["name", "version"]).when_matched_update_all().execute(data)
         return updated
 
@@ -232,7 +223,7 @@ class Registry:
         if self.get(name, version=version) is None:
             raise LookupError(f"model {name!r} has no version {version}; cannot set alias {alias!r}")
         event = AliasEvent(name, alias, int(version), dt.datetime.now(dt.timezone.utc))
-        self._append("aliases", [dataclasses.asdict(event)], ALIASES_SCHEMA)
+        self._append("aliases", [dataclasses.asdict(event)], ALIASES)
         return event
 
     def alias_history(self, name: str, alias: str) -> list[AliasEvent]:

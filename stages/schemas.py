@@ -1,0 +1,135 @@
+"""Every lake table's schema, in one place.
+
+The curated tables (``EPISODES``, ``REJECTS``, ``clips_schema``, ``frames_schema`` with the
+world's ``features_of`` in its metadata), the ones the flows write (``SOURCES``: the curate
+manifest, ``EVALUATIONS``, ``TURNS``) and the model registry's (``MODELS``, ``ALIASES``).
+Pure Arrow: no Ray, Prefect or Lance. ``to_json`` is the encoding of the string columns (and
+schema metadata) that hold small structures.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+_TS = pa.timestamp("us", tz="UTC")
+
+# ---- curated tables (row builders: stages.curate) --------------------------------------------
+
+EPISODES = pa.schema([
+    ("episode_id", pa.string()), ("source_uri", pa.string()), ("content_hash", pa.string()),
+    ("world", pa.string()), ("seed", pa.int64()), ("length", pa.int64()),
+    ("episode_return", pa.float64()), ("interventions", pa.int64()),
+    ("intervention_steps", pa.int64()), ("signal_steps", pa.string()), ("split", pa.string()),
+    ("turn", pa.int64()), ("origin", pa.string()), ("parent_episode_id", pa.string()),
+    ("generator_version", pa.string()), ("driver", pa.string()), ("policy_version", pa.string()),
+    ("label_source", pa.string()), ("created_at", _TS),
+    # where in the source this span came from, and how it was read
+    ("format", pa.string()), ("span_index", pa.int64()), ("start_ns", pa.int64()),
+    ("end_ns", pa.int64()), ("split_reason", pa.string()), ("task", pa.string()),
+    ("topics", pa.string()), ("source_shape", pa.string()),
+    ("flagged_frames", pa.int64()), ("quality", pa.string()),
+    ("code_version", pa.string()), ("config_digest", pa.string()),
+])
+REJECTS = pa.schema([
+    ("reject_id", pa.string()), ("source_uri", pa.string()), ("stage", pa.string()),
+    ("reason", pa.string()), ("detail", pa.string()), ("turn", pa.int64()), ("created_at", _TS),
+    ("span_start_ns", pa.int64()), ("span_end_ns", pa.int64()), ("frames", pa.int64()),
+])
+
+
+def clips_schema() -> pa.Schema:
+    """Schema of the clips table: event windows and routine tiles of kept episodes.
+
+    ``embedding`` is empty when no reasoner was available to embed the clip; ``tags`` and
+    ``label_tags`` are JSON objects (predicted, and from privileged state where the log has it).
+    """
+    return pa.schema([
+        ("clip_id", pa.string()), ("episode_id", pa.string()), ("source_uri", pa.string()),
+        ("start_step", pa.int32()), ("end_step", pa.int32()), ("event", pa.string()),
+        ("event_step", pa.int32()), ("score", pa.float32()), ("weight", pa.float32()),
+        ("embedding", pa.list_(pa.float32())), ("duplicate_of", pa.string()),
+        ("novelty", pa.float32()), ("tags", pa.string()), ("caption", pa.string()),
+        ("label_tags", pa.string()), ("describer", pa.string()), ("split", pa.string()),
+        ("turn", pa.int64()), ("created_at", _TS),
+    ])
+
+
+def _hw(image_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(image_size, (int, np.integer)):
+        return int(image_size), int(image_size)
+    height, width = image_size
+    return int(height), int(width)
+
+
+def frames_schema(image_size: int | Sequence[int], *, action_dim: int, state_dim: int,
+                  features: dict[str, Any] | None = None) -> pa.Schema:
+    """Schema of the frames table for images of ``image_size`` (int or (H, W)).
+
+    ``flags`` lists the quality signals a kept frame raised (``frozen``, ``dark``,
+    ``overexposed``, ``dropped_before``); an empty list is a clean frame. ``signals`` lists the
+    world's boolean signals raised at the step (``off_track``, ``success``, ...); ``task`` is the
+    instruction. ``features`` (world, action and state names, ...) go to the schema metadata
+    under ``worldloop.features``, so a reader learns the names without knowing the world.
+    """
+    height, width = _hw(image_size)
+    metadata = {b"worldloop.features": to_json(features).encode()} if features else None
+    return pa.schema([
+        ("frame_id", pa.string()), ("episode_id", pa.string()), ("step", pa.int32()),
+        ("timestamp_ns", pa.int64()),
+        ("image", pa.fixed_shape_tensor(pa.uint8(), [height, width, 3])),
+        ("action", pa.list_(pa.float32(), action_dim)), ("label", pa.list_(pa.float32(), action_dim)),
+        ("label_source", pa.string()), ("state", pa.list_(pa.float32(), state_dim)),
+        ("reward", pa.float32()), ("intervention", pa.bool_()), ("signals", pa.list_(pa.string())),
+        ("task", pa.string()), ("origin", pa.string()), ("split", pa.string()), ("turn", pa.int64()),
+        ("flags", pa.list_(pa.string())),
+    ], metadata=metadata)
+
+
+def features_of(spec) -> dict[str, Any]:
+    """What a frames table records about its world: names of actions, state and signals, rate."""
+    return {"world": spec.name, "camera": spec.camera, "actions": list(spec.action_names),
+            "action_low": spec.action_low.tolist(), "action_high": spec.action_high.tolist(),
+            "state": list(spec.state_names), "policy_state": list(spec.policy_state),
+            "signals": list(spec.signals), "rate_hz": spec.rate_hz}
+
+
+def to_json(value: Any) -> str:
+    """Compact, key-sorted JSON for the string columns that hold small structures."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+# ---- tables the flows write ------------------------------------------------------------------
+
+SOURCES = pa.schema([  # the curate manifest: one row per source unit seen
+    ("source_key", pa.string()), ("source_uri", pa.string()), ("format", pa.string()),
+    ("files", pa.int64()), ("size", pa.int64()), ("etag", pa.string()),
+    ("content_hash", pa.string()), ("outcome", pa.string()), ("episodes", pa.int64()),
+    ("spans_kept", pa.int64()), ("spans_rejected", pa.int64()), ("frames_seen", pa.int64()),
+    ("frames_kept", pa.int64()), ("turn", pa.int64()), ("processed_at", _TS),
+])
+EVALUATIONS = pa.schema([
+    ("eval_id", pa.string()), ("model_name", pa.string()), ("model_version", pa.string()),
+    ("role", pa.string()), ("task", pa.string()), ("seed", pa.int64()), ("score", pa.float64()),
+    ("success", pa.bool_()), ("steps", pa.int64()), ("signal_rates", pa.string()),
+    ("interventions", pa.int64()), ("turn", pa.int64()), ("created_at", _TS),
+])
+TURNS = pa.schema([
+    ("turn", pa.int64()), ("config", pa.string()), ("started_at", _TS),
+    ("finished_at", _TS), ("candidate_version", pa.int64()),
+    ("promoted", pa.bool_()), ("champion_version", pa.int64()), ("summary", pa.string()),
+])
+
+# ---- the model registry (stages.registry) ------------------------------------------------------
+
+MODELS = pa.schema([  # one row per version; metrics, lineage and config as JSON strings
+    ("name", pa.string()), ("version", pa.int64()), ("artifact_uri", pa.string()),
+    ("kind", pa.string()), ("metrics", pa.string()), ("lineage", pa.string()),
+    ("config", pa.string()), ("created_at", _TS),
+])
+ALIASES = pa.schema([  # append-only alias history; the latest row wins
+    ("name", pa.string()), ("alias", pa.string()), ("version", pa.int64()), ("set_at", _TS),
+])
