@@ -11,10 +11,13 @@ Imitation Learning", CoRL 2017) plus short pushes and gripper openings, so recov
 Traps handled here (see shared/STACK.md):
 * ``reset(seed=)`` is ignored in 3.1.1: the scene comes from the seed given to ``gym.make``, so each
   env is built for one (seed, task) and re-resetting it keeps its scene.
-* Rendering is OSMesa on CPUs (EGL needs a GPU); shadows and offscreen multisampling are switched off
-  (20-60x faster). Several envs in one process each own a GL context: ours is made current before
-  every render, and on close MuJoCo's GL objects are freed in our context before the context itself
-  (freeing them in another env's context corrupts its frames).
+* Rendering is OSMesa on CPUs (EGL needs a GPU); shadows, offscreen multisampling and reflections
+  are switched off (reflections alone cost ~40% of a frame and change it by < 0.03/255 on average).
+  Several envs in one process each own a GL context: ours is made current before every render, and
+  on close MuJoCo's GL objects are freed in our context before the context itself (freeing them in
+  another env's context corrupts its frames).
+* Some scripted policies edit the observation they are given (door-open shifts the handle's x in
+  place): the expert gets a copy, or a second call in one step (label and driver) breaks the task.
 * The ``corner`` camera renders upside down: frames are flipped on both axes.
 """
 from __future__ import annotations
@@ -50,8 +53,6 @@ HAND, GRIP, GOAL, OBJ, TO_GO = slice(0, 3), 3, slice(4, 7), slice(7, 10), 10
 GRASPS = ("push", "pick-place", "peg-insert-side")  # tasks whose expert closes the fingers on a free object
 PHASES = ("reach", "grasp", "transport", "place", "push", "done")
 MAX_PATH = 500  # Meta-World refuses to step an episode past this
-# metaworld.policies warns on every step whose proportional gain saturates; the env clips anyway
-warnings.filterwarnings("ignore", message=r"Constant\(s\) may be too high", category=UserWarning)
 
 SPEC = WorldSpec(
     name="metaworld-mt10",
@@ -90,13 +91,14 @@ SPEC = WorldSpec(
 @dataclass(frozen=True)
 class NoiseConfig:
     """The fleet expert's noise: Gaussian on dx, dy, dz every step, and pulses after warmup and
-    before success (a full push along one random hand axis, or the gripper opened)."""
+    before success: a push along one random hand axis, or the gripper opened for a moment."""
 
-    sigma: float = 0.2
+    sigma: float = 0.1
     pulse_prob: float = 0.02  # chance per step of starting a pulse
-    pulse_steps: tuple[int, int] = (4, 10)  # pulse length range (inclusive)
-    push: float = 1.0
-    open_fraction: float = 0.3  # fraction of pulses that open the gripper instead of pushing
+    pulse_steps: tuple[int, int] = (3, 8)  # push length range (inclusive)
+    push: float = 0.5  # push size (0.5: 5 mm per step)
+    open_fraction: float = 0.25  # fraction of pulses that open the gripper instead of pushing
+    open_steps: tuple[int, int] = (1, 3)  # longer openings drop a lifted puck out of reach
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,7 @@ class SafetyConfig:
     stall_steps: int = 15
     stall_dist: float = 0.004  # m the hand must move within stall_steps (clean expert >= 0.007)
     drift_reward: float = 3.0  # shaped reward (0-10) below its best (clean expert drops <= 1.8)
-    timeout_fraction: float = 0.6  # past this share of max_steps unsolved: the expert finishes
+    timeout_fraction: float = 0.7  # past this share of max_steps unsolved: the expert finishes
     handback_steps: int = 10  # at least this many expert steps with progress before handing back
     progress_reward: float = 0.5  # reward gained since takeover that counts as progress
 
@@ -152,6 +154,7 @@ class MetaWorldEnv:
         model = self.gym.unwrapped.model
         model.vis.quality.shadowsize = 0  # before the renderer exists (it is created on first render)
         model.vis.quality.offsamples = 0
+        model.mat_reflectance[:] = 0  # mirrored second pass: ~40% of a frame, < 0.03/255 of its pixels
         free = {int(model.jnt_bodyid[j]) for j in range(model.njnt) if model.jnt_type[j] == mujoco.mjtJoint.mjJNT_FREE}
         self._free_geoms = {g for g in range(model.ngeom) if int(model.body_rootid[model.geom_bodyid[g]]) in free}
         self._pads = (model.geom("leftpad_geom").id, model.geom("rightpad_geom").id)
@@ -251,8 +254,11 @@ class Expert:
             self._policies[env.task] = ENV_POLICY_MAP[f"{env.task}-v3"]()
         if env.task in GRASPS and env.jammed():
             return np.array([0.0, 0.0, 1.0, -1.0], np.float32)
-        # a copy: some policies edit their observation in place (door-open shifts the handle's x)
-        return np.clip(self._policies[env.task].get_action(env.raw_obs.copy()), -1.0, 1.0).astype(np.float32)
+        with warnings.catch_warnings():  # the policies warn whenever their gain saturates (the env clips)
+            warnings.filterwarnings("ignore", message=r"Constant\(s\) may be too high", category=UserWarning)
+            # a copy: some policies edit their observation in place (door-open shifts the handle's x)
+            action = self._policies[env.task].get_action(env.raw_obs.copy())
+        return np.clip(action, -1.0, 1.0).astype(np.float32)
 
 
 class NoisyExpert:
@@ -273,8 +279,9 @@ class NoisyExpert:
         a = self.expert.act(env, obs).astype(np.float64)
         self._t += 1
         if self._left == 0 and self._t > self.warmup and not env.success() and rng.random() < n.pulse_prob:
-            self._left = int(rng.integers(n.pulse_steps[0], n.pulse_steps[1] + 1))
             self._axis = 3 if rng.random() < n.open_fraction else int(rng.integers(3))
+            low, high = n.open_steps if self._axis == 3 else n.pulse_steps
+            self._left = int(rng.integers(low, high + 1))
             self._push = -1.0 if self._axis == 3 else float(rng.choice([-n.push, n.push]))
         a[:3] += rng.normal(0.0, n.sigma, 3)
         if self._left > 0:
@@ -398,7 +405,8 @@ class MetaWorldMT10(World):
 
     def caption(self, tags: dict[str, str], event: str) -> str:
         held = {"yes": "object held", "no": "nothing held"}.get(tags.get("held", ""), "holding unknown")
-        return f"{tags.get('phase', 'unknown')} phase, gripper {tags.get('gripper', 'unknown')}, {held}; event: {event}"
+        phase, gripper = tags.get("phase", "unknown"), tags.get("gripper", "unknown")
+        return f"{phase} phase, gripper {gripper}, {held}; event: {event}"
 
     def plan(self, task: str, tags: dict[str, str]) -> str:
         self.spec.instruction(task)
@@ -407,15 +415,15 @@ class MetaWorldMT10(World):
         if task == "reach":
             return "move the gripper to the goal and hold it there"
         thing, grasps, move, finish = _PLANS[task]
-        steps = {"reach": [f"move the gripper {'above' if grasps else 'to'} the {thing}"],
-                 "grasp": [f"lower the gripper to grasp the {thing}" if grasps else f"bring the gripper against the {thing}"],
+        grasp = f"lower the gripper to grasp the {thing}" if grasps else f"bring the gripper against the {thing}"
+        steps = {"reach": [f"move the gripper {'above' if grasps else 'to'} the {thing}"], "grasp": [grasp],
                  "transport": [move], "place": [finish]}
         order = ("reach", "grasp", "transport", "place")
         phase = {"push": "transport"}.get(tags.get("phase", ""), tags.get("phase", ""))
         start = order.index(phase) if phase in order else 0
         if grasps and phase in ("transport", "place") and tags.get("held") == "no":
             start = 0  # the object slipped: start over
-        if grasps and start <= 1 and tags.get("gripper") == "closed" and tags.get("held") != "yes":
+        if grasps and start == 0 and tags.get("gripper") == "closed":
             steps["reach"] = ["open the gripper"] + steps["reach"]
         return ", ".join(c for p in order[start:] for c in steps[p])
 
