@@ -199,7 +199,7 @@ def stages_one_core(paths: list[str], root: str) -> float:
     start = perf_counter()
     for unit in units:
         result = ingest_unit(unit, fetch=storage.read_bytes, mapping=mapping, **params["ingest"])
-        for _, table in result["spans"]:
+        for _, table in result.spans:
             judge_batch(table, lake=lake, **params["judge"])
     return perf_counter() - start
 

@@ -14,8 +14,6 @@ nothing is duplicated and nothing is lost.
 from __future__ import annotations
 
 import dataclasses
-import json
-import pickle
 from datetime import datetime, timezone
 
 import pyarrow as pa
@@ -27,7 +25,8 @@ from flows.describe import write_clips
 from flows.runtime import Context, code_version, ensure_ray
 from sim import worlds
 from stages import curate_ray, sources, storage
-from stages.curate import reject_row
+from stages.curate import SpanVerdict, reject_row
+from stages.ingest import IngestResult
 from stages.schemas import EPISODES, REJECTS, SOURCES, features_of, frames_schema, to_json
 
 TABLES = ("frames", "episodes", "clips", "rejects", "sources")
@@ -79,21 +78,23 @@ def stage_params(config: FlywheelConfig, turn: int) -> dict:
 
 
 @task(name="ingest-and-judge", cache_policy=NO_CACHE)
-def ingest_and_judge(ctx: Context, units: list[dict], turn: int) -> tuple[list[dict], dict]:
+def ingest_and_judge(ctx: Context, units: list[dict],
+                     turn: int) -> tuple[list[IngestResult], dict[str, SpanVerdict]]:
     """Decode, align and judge each unit's new spans (one Ray Data pipeline)."""
     params = stage_params(ctx.config, turn)
     results, judged = curate_ray.ingest_and_judge(
         units, storage_options=ctx.storage_options, params={k: params[k] for k in ("mapping", "ingest")},
         known=ctx.lake.keys("episodes", "episode_id"), lake=ctx.lake, judge_params=params["judge"],
         parallelism=ctx.config.fleet.parallelism)
-    return results, {j["span_id"]: j for j in judged}
+    return results, {v.span_id: v for v in judged}
 
 
 @task(name="commit-tables", cache_policy=NO_CACHE)
-def commit(ctx: Context, units: list[dict], results: list[dict], verdicts: dict, turn: int) -> dict:
+def commit(ctx: Context, units: list[dict], results: list[IngestResult], verdicts: dict[str, SpanVerdict],
+           turn: int) -> dict:
     """Commit frames, clips, episodes, rejects and the manifest, in that order; returns counts."""
     spec, lake, now = ctx.config.spec, ctx.lake, datetime.now(timezone.utc)
-    fragments = [f for v in verdicts.values() for f in pickle.loads(v["fragments"])]
+    fragments = [f for v in verdicts.values() for f in v.fragments]
     schema = frames_schema(ctx.config.world.image_size, action_dim=len(spec.actions),
                            state_dim=len(spec.state_names), features=features_of(spec))
     before = lake.count("frames")
@@ -101,28 +102,27 @@ def commit(ctx: Context, units: list[dict], results: list[dict], verdicts: dict,
     added = {"frames": lake.count("frames") - before}
     episodes, rejects, manifest = [], [], []
     for unit, result in zip(units, results):
-        rejects += result["rejects"]
+        rejects += result.rejects
         kept = rejected = frames_kept = 0
-        for row in result["spans"]:
+        for row in result.episodes:
             verdict = verdicts.get(row["episode_id"])
             if verdict is None:  # already in the lake from an earlier run
                 kept, frames_kept = kept + 1, frames_kept + row["length"]
-            elif verdict["kept"]:
+            elif verdict.kept:
                 kept, frames_kept = kept + 1, frames_kept + row["length"]
-                episodes.append({**row, "quality": verdict["counts"]})
+                episodes.append({**row, "quality": to_json(verdict.counts)})
             else:
                 rejected += 1
-                rejects.append(reject_row(row["source_uri"], stage="quality",
-                                          reason=",".join(json.loads(verdict["reasons"])),
-                                          detail=verdict["detail"], turn=turn,
+                rejects.append(reject_row(row["source_uri"], stage="quality", reason=",".join(verdict.reasons),
+                                          detail=verdict.detail, turn=turn,
                                           span=(row["start_ns"], row["end_ns"]), frames=row["length"]))
         manifest.append({
             "source_key": unit["key"], "source_uri": unit["uri"], "format": unit["format"],
             "files": len(unit["files"]), "size": sum(f["size"] for f in unit["files"]),
-            "etag": to_json([f["etag"] for f in unit["files"]]), "content_hash": result["content_hash"],
-            "outcome": "kept" if kept else "rejected", "episodes": result["episodes_seen"],
-            "spans_kept": kept, "spans_rejected": rejected + len(result["rejects"]),
-            "frames_seen": result["frames_seen"], "frames_kept": frames_kept, "turn": turn,
+            "etag": to_json([f["etag"] for f in unit["files"]]), "content_hash": result.content_hash,
+            "outcome": "kept" if kept else "rejected", "episodes": result.episodes_seen,
+            "spans_kept": kept, "spans_rejected": rejected + len(result.rejects),
+            "frames_seen": result.frames_seen, "frames_kept": frames_kept, "turn": turn,
             "processed_at": now})
     clips = write_clips(ctx, verdicts, episodes, turn)
     added["clips"] = clips.pop("added")

@@ -9,22 +9,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.runtime import POLICY, WORLD_MODEL, Context, ensure_ray
+from stages.registry import git_commit
 from stages.train import train_model
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=os.path.dirname(os.path.abspath(__file__)))
-        return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -48,8 +39,8 @@ def run_training(ctx: Context, kind: str, turn: int, init_dir: str | None, run_n
     model_config = ctx.config.policy if kind == POLICY else ctx.config.world_model
     weighted = kind == POLICY and t.oversample_events and ctx.lake.exists("clips")
     spec = ctx.config.spec
-    # synthetic rows know only the static part of the state (``_variant_states``): a policy that
-    # reads moving state trains on real rows
+    # synthetic rows know only the static part of the state (``stages.synthesize.variant_states``):
+    # a policy that reads moving state trains on real rows
     moving = any(name not in spec.static_state for name in spec.policy_state)
     return train_model(
         kind, frames_uri=ctx.lake.table_uri("frames"), model_config=model_config,

@@ -10,7 +10,10 @@ import dataclasses
 import os
 from typing import Any
 
+import numpy as np
 import ray
+
+from stages.synthesize import Variant, synthesize_batch
 
 ROLLOUT_CPUS = 1
 SYNTH_CPUS = 1
@@ -96,15 +99,33 @@ def run_rollouts(scenes: list[tuple[int, str]], *, spec: dict | list[dict], worl
                                                storage_options), items, parallelism)
 
 
+@ray.remote(num_cpus=SYNTH_CPUS)
+class WorldModelActor:
+    """Holds one world model and synthesizes batches with it (``stages.synthesize``)."""
+
+    def __init__(self, model_dir: str, world: dict, threads: int = 1):
+        import torch
+
+        from models import world_model
+        from sim import worlds
+        from sim.worlds.base import WorldConfig
+
+        torch.set_num_threads(threads)
+        self.model = world_model.load(model_dir).eval()
+        self.world = worlds.get(WorldConfig(**world))
+
+    def synthesize(self, batch: dict[str, np.ndarray], **params) -> list[Variant]:
+        return Variant.split(synthesize_batch(batch, model=self.model, world=self.world, **params))
+
+
 def synthesize_batches(model_dir: str, batches: list[dict], *, world: dict, params: dict[str, Any], seed: int,
-                       parallelism: int = 1) -> list[dict]:
-    """Hold the world model in `parallelism` Ray actors and synthesize the batches across them."""
+                       parallelism: int = 1) -> list[Variant]:
+    """Hold the world model in `parallelism` Ray actors and synthesize the batches across them
+    (batch i with seed ``seed + i``); the variants of all batches, in order."""
     from ray.util import ActorPool
 
-    from stages.synthesize import WorldModelActor
-
-    actor = ray.remote(num_cpus=SYNTH_CPUS)(WorldModelActor)
-    pool = ActorPool([actor.remote(model_dir, world, threads=SYNTH_CPUS) for _ in range(max(1, parallelism))])
+    pool = ActorPool([WorldModelActor.remote(model_dir, world, threads=SYNTH_CPUS)
+                      for _ in range(max(1, parallelism))])
     items = list(enumerate(batches))
-    return list(pool.map(lambda a, item: a.synthesize.remote(item[1], **params, seed=seed + item[0]),
-                         items))
+    done = pool.map(lambda a, item: a.synthesize.remote(item[1], **params, seed=seed + item[0]), items)
+    return [variant for variants in done for variant in variants]

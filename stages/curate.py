@@ -1,4 +1,5 @@
-"""Row builders of the curated tables: episodes, frames, rejects (schemas: ``stages.schemas``).
+"""Row builders of the curated tables: episodes, frames, rejects (schemas: ``stages.schemas``),
+and ``SpanVerdict``, what judging one span decided.
 
 Pure functions over NumPy and Arrow: no Ray, Prefect or Lance. Every row carries lineage: the
 source URI, a content hash, the flywheel turn, and (for episodes) the code and config versions
@@ -6,7 +7,9 @@ that produced it.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any
@@ -141,3 +144,54 @@ def episode_to_tables(episode: dict[str, Any], *, episode_id: str, source_uri: s
     ]
     return row, pa.Table.from_arrays(columns, schema=schema)
 
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # eq: arrays have no single truth value
+class SpanVerdict:
+    """What judging one span decided (``stages.curate_ray.judge_batch``).
+
+    ``kept`` is True exactly when there are no ``reasons`` (codes; ``detail`` says them in
+    words); ``counts`` are its quality counts (``stages.quality.span_verdicts``), ``frames`` its
+    rows. A kept span also has ``fragments`` (its frames written as uncommitted Lance fragments:
+    their metadata as JSON, ``stages.lake.Lake.write_fragments``), ``clips`` (``stages.events``
+    clip dicts with ``label_tags``) and ``clip_frames``, each clip's sampled frames
+    (uint8 [C, k, H, W, 3], C = len(clips)).
+
+    It travels through Ray Data as one Arrow struct (``ARROW``; ``to_row`` / ``from_row``):
+    reasons, fragments and clip frames in plain columns (the frames as raw bytes and their
+    shape), counts and clips as JSON.
+    """
+
+    span_id: str
+    kept: bool
+    reasons: tuple[str, ...]
+    detail: str
+    counts: dict[str, int]
+    frames: int
+    fragments: tuple[str, ...] = ()
+    clips: tuple[dict[str, Any], ...] = ()
+    clip_frames: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0,), np.uint8))
+
+    ARROW = pa.struct([
+        ("span_id", pa.string()), ("kept", pa.bool_()), ("reasons", pa.list_(pa.string())),
+        ("detail", pa.string()), ("counts", pa.string()), ("frames", pa.int64()),
+        ("fragments", pa.list_(pa.string())), ("clips", pa.string()),
+        ("clip_frames", pa.binary()), ("clip_shape", pa.list_(pa.int64())),
+    ])
+
+    def to_row(self) -> dict[str, Any]:
+        """This verdict as a value of the ``ARROW`` struct."""
+        frames = np.ascontiguousarray(self.clip_frames, np.uint8)
+        return {"span_id": self.span_id, "kept": bool(self.kept), "reasons": list(self.reasons),
+                "detail": self.detail, "counts": to_json(self.counts), "frames": int(self.frames),
+                "fragments": list(self.fragments), "clips": to_json(list(self.clips)),
+                "clip_frames": frames.tobytes(), "clip_shape": list(frames.shape)}
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> SpanVerdict:
+        """The verdict of a value of the ``ARROW`` struct (as ``to_pylist`` gives it)."""
+        frames = np.frombuffer(row["clip_frames"], np.uint8).reshape(row["clip_shape"])
+        return cls(span_id=row["span_id"], kept=row["kept"], reasons=tuple(row["reasons"]),
+                   detail=row["detail"], counts=json.loads(row["counts"]), frames=row["frames"],
+                   fragments=tuple(row["fragments"]), clips=tuple(json.loads(row["clips"])),
+                   clip_frames=frames)

@@ -5,18 +5,23 @@
    unit's new spans in one batch (``judge_batch``): quality signals (``stages.quality``) on
    every frame, keep/reject per span, events and clips (``stages.events``) for kept spans, and
    the kept frames written as uncommitted Lance fragments. Frames never leave the worker that
-   decoded them: only episode rows, verdicts, fragment metadata and each clip's ``k`` frames
-   (for the reasoner, with label tags where the log has privileged state) come back.
+   decoded them: only each unit's ``IngestResult`` without frames and a ``SpanVerdict`` per
+   new span (fragment metadata as JSON, clips, each clip's ``k`` frames for the reasoner, with
+   label tags where the log has privileged state) come back.
 2. ``describe`` — describer actors hold the reasoner and give each clip an embedding,
    structured tags and a caption; the actors live as long as the driver's Ray job, so later
    curate runs of the same process (the turns of a flywheel run) skip loading torch again.
+3. ``train_reasoner`` — a Ray task trains a reasoner on labelled clips
+   (``stages.describe.training_clips``) and sends its checkpoint back as a tar archive.
 Resources are declared here, beside the adapters.
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
-import pickle
+import tarfile
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -26,12 +31,14 @@ import ray
 from sim import worlds
 from sim.worlds.base import WorldConfig
 from stages import describe, events, quality, storage
-from stages.ingest import ingest_unit
-from stages.lake import Lake, images, vectors
-from stages.schemas import to_json
+from stages.curate import SpanVerdict
+from stages.ingest import IngestResult, ingest_unit
+from stages.lake import Lake
+from stages.schemas import images, to_json, vectors
 from stages.streams import Mapping
 
 INGEST_CPUS = 1
+REASONER_TRAIN_CPUS = 1
 # Describer actors outlive the describe step (see ``_describers``) and are idle outside it: they
 # reserve no CPU, so the stages after curation (Ray Train, rollouts) can always be scheduled.
 DESCRIBE_CPUS = 0
@@ -47,13 +54,9 @@ def _span(sub: pa.Table, signal_names: tuple[str, ...]) -> dict[str, Any]:
 
 
 def judge_batch(batch: pa.Table, *, lake: Lake, world: dict, signal_params: dict, verdict_params: dict,
-                event_params: dict, clip_k: int) -> pa.Table:
-    """Quality, verdict, events, clips and fragment writes for the spans in one batch.
-
-    Returns one row per span: span_id, kept, reasons (JSON list), detail, counts (JSON),
-    frames, fragments (pickled Lance fragment metadata of the kept frames), clips (JSON list),
-    clip_frames (pickled uint8[C,k,H,W,3] of the clips' sampled frames).
-    """
+                event_params: dict, clip_k: int) -> list[SpanVerdict]:
+    """Quality, verdict, events, clips and fragment writes for the spans in one batch: a
+    ``SpanVerdict`` per span."""
     ids = batch.column("episode_id").to_numpy(zero_copy_only=False)
     imgs = images(batch.column("image"))
     signals = quality.frame_signals(
@@ -63,18 +66,11 @@ def judge_batch(batch: pa.Table, *, lake: Lake, world: dict, signal_params: dict
         **signal_params)
     w = worlds.get(WorldConfig(**world))
     config, thresholds = events.EventConfig.split(event_params)
-    out: dict[str, list] = {k: [] for k in ("span_id", "kept", "reasons", "detail", "counts", "frames",
-                                            "fragments", "clips", "clip_frames")}
+    out: list[SpanVerdict] = []
     for verdict in quality.span_verdicts(signals, **verdict_params):
         where = np.flatnonzero(ids == verdict["span_id"])  # one run of rows: frame_signals checked
         rows = slice(int(where[0]), int(where[0]) + len(where))
-        out["span_id"].append(verdict["span_id"])
-        out["kept"].append(bool(verdict["kept"]))
-        out["reasons"].append(to_json(verdict["reasons"]))
-        out["detail"].append(verdict["detail"])
-        out["counts"].append(to_json(verdict["counts"]))
-        out["frames"].append(len(where))
-        fragments, clips, clip_frames = [], [], np.zeros((0,), np.uint8)
+        fragments, clips, sampled = [], [], {}
         if verdict["kept"]:
             offsets, names = quality.flag_names(signals, rows)
             flags = pa.ListArray.from_arrays(pa.array(offsets), pa.array(names.tolist(), pa.string()))
@@ -85,17 +81,18 @@ def judge_batch(batch: pa.Table, *, lake: Lake, world: dict, signal_params: dict
             found = events.mine_events(span, world=w, config=config, params=thresholds)
             clips = events.event_clips(len(where), found, config=config)
             span_imgs = imgs[rows]
-            clip_frames = np.stack([describe.clip_frames(span_imgs, c["start_step"], c["end_step"], clip_k)
-                                    for c in clips]) if clips else clip_frames
+            if clips:
+                sampled["clip_frames"] = np.stack([describe.clip_frames(span_imgs, c["start_step"], c["end_step"],
+                                                                        clip_k) for c in clips])
             for c in clips:
                 c["label_tags"] = w.privileged_tags(
                     span["states"][c["start_step"]:], {k: v[c["start_step"]:] for k, v in span["signals"].items()},
                     clip_len=c["end_step"] - c["start_step"])
-        out["fragments"].append(pickle.dumps(fragments))
-        out["clips"].append(to_json(clips))
-        out["clip_frames"].append(pickle.dumps(clip_frames))
-    return pa.table({k: pa.array(v, pa.binary() if k in ("fragments", "clip_frames") else None)
-                     for k, v in out.items()})
+        out.append(SpanVerdict(span_id=verdict["span_id"], kept=bool(verdict["kept"]),
+                               reasons=tuple(verdict["reasons"]), detail=verdict["detail"],
+                               counts=verdict["counts"], frames=len(where), fragments=tuple(fragments),
+                               clips=tuple(clips), **sampled))
+    return out
 
 
 def ingest_and_judge_batch(batch: pa.Table, *, storage_options: dict | None, params: dict,
@@ -105,23 +102,22 @@ def ingest_and_judge_batch(batch: pa.Table, *, storage_options: dict | None, par
     decoded them.
 
     Spans already in the lake (``known`` episode ids) are not judged again. Returns one row
-    per unit: index, result (pickled ``ingest_unit`` result whose spans are only the episode
-    rows), verdicts (pickled list of ``judge_batch`` rows of its new spans).
+    per unit: index, result (``IngestResult.to_bytes`` of its result without frames), verdicts
+    (``SpanVerdict.ARROW`` structs of its new spans).
     """
     mapping = Mapping.from_dict(params["mapping"])
     out: dict[str, list] = {"index": [], "result": [], "verdicts": []}
     for index, unit in (pair for units in batch.column("units").to_pylist() for pair in json.loads(units)):
         result = ingest_unit(unit, fetch=lambda uri: storage.read_bytes(uri, storage_options),
                              mapping=mapping, **params["ingest"])
-        new = [table for row, table in result["spans"] if row["episode_id"] not in known]
-        verdicts = judge_batch(pa.concat_tables(new), lake=lake, **judge_params).to_pylist() if new else []
-        result["spans"] = [row for row, _ in result["spans"]]
+        new = [table for row, table in result.spans if row["episode_id"] not in known]
+        verdicts = judge_batch(pa.concat_tables(new), lake=lake, **judge_params) if new else []
         out["index"].append(index)
-        out["result"].append(pickle.dumps(result))
-        out["verdicts"].append(pickle.dumps(verdicts))
+        out["result"].append(result.without_frames().to_bytes())
+        out["verdicts"].append([v.to_row() for v in verdicts])
     return pa.table({"index": pa.array(out["index"], pa.int64()),
                      "result": pa.array(out["result"], pa.binary()),
-                     "verdicts": pa.array(out["verdicts"], pa.binary())})
+                     "verdicts": pa.array(out["verdicts"], pa.list_(SpanVerdict.ARROW))})
 
 
 def task_bins(units: list[dict], *, parallelism: int, units_per_task: int = 16) -> list[list[int]]:
@@ -149,7 +145,8 @@ def _quiet_console() -> None:
 
 
 def ingest_and_judge(units: list[dict], *, storage_options: dict | None, params: dict, known: set,
-                     lake: Lake, judge_params: dict, parallelism: int) -> tuple[list[dict], list[dict]]:
+                     lake: Lake, judge_params: dict,
+                     parallelism: int) -> tuple[list[IngestResult], list[SpanVerdict]]:
     """``ingest_and_judge_batch`` over source units with Ray Data, one task per ``task_bins``
     bin and at most ``parallelism`` at once; returns the units' results in order and the
     verdicts of all new spans.
@@ -172,8 +169,8 @@ def ingest_and_judge(units: list[dict], *, storage_options: dict | None, params:
                    "lake": lake, "judge_params": judge_params})
     results, verdicts = [None] * len(units), []
     for row in ds.take_all():
-        results[row["index"]] = pickle.loads(row["result"])
-        verdicts += pickle.loads(row["verdicts"])
+        results[row["index"]] = IngestResult.from_bytes(row["result"])
+        verdicts += [SpanVerdict.from_row(v) for v in row["verdicts"]]
     return results, verdicts
 
 
@@ -250,3 +247,47 @@ def describe_clips(clips: pa.Table, *, reasoner_uri: str, storage_options: dict 
                                                        storage_options, world)
                for i, start in enumerate(range(0, clips.num_rows, batch_size))]
     return pa.concat_tables(ray.get(futures))
+
+
+@ray.remote(num_cpus=REASONER_TRAIN_CPUS)
+def _train_reasoner(data: describe.TrainingClips, preset: str, world: str, device: str) -> tuple[bytes, dict]:
+    import torch
+
+    from models import reasoner
+
+    torch.set_num_threads(1)
+    spec = worlds.spec(world)
+    # the world's vocabulary, at the resolution its clips were curated at
+    config = describe.reasoner_config_for(spec, preset, image_size=int(data.frames.shape[-2]))
+    held, evts, tags = data.held, data.events, data.tags
+    model, metrics = reasoner.train_reasoner(
+        data.frames[~held], [e for e, h in zip(evts, held) if not h], [t for t, h in zip(tags, held) if not h],
+        config=config, val_clips=data.frames[held],
+        val_events=[e for e, h in zip(evts, held) if h], val_tags=[t for t, h in zip(tags, held) if h],
+        device=device)
+    with tempfile.TemporaryDirectory() as d:
+        reasoner.save(model, d)
+        return pack(d), metrics
+
+
+def pack(directory: str) -> bytes:
+    """A directory (a checkpoint) as an uncompressed tar archive."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        tar.add(directory, arcname=".")
+    return buf.getvalue()
+
+
+def unpack(data: bytes, directory: str) -> None:
+    """Extract a ``pack`` archive into ``directory`` (only plain files and folders inside it)."""
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        tar.extractall(directory, filter="data")
+
+
+def train_reasoner(data: describe.TrainingClips, *, preset: str, world: str, use_gpu: bool, out_dir: str) -> dict:
+    """Train a reasoner of ``preset`` for ``world`` on ``data`` in a Ray task (on a GPU with
+    ``use_gpu``), measured on its held-out clips; saves it into ``out_dir`` and returns its metrics."""
+    packed, metrics = ray.get(_train_reasoner.options(num_gpus=int(use_gpu)).remote(
+        data, preset, world, "cuda" if use_gpu else "cpu"))
+    unpack(packed, out_dir)
+    return metrics

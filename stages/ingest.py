@@ -1,7 +1,7 @@
 """Ingest one source unit: decode it, align its streams, and tabulate the spans.
 
 Pure stage (no Ray, Prefect or Lance): bytes come through ``fetch``, rows go out as Arrow and
-dicts. Quality signals, events and the final keep/reject decision come after, over batches of
+dicts in an ``IngestResult``. Quality signals, events and the final keep/reject decision come after, over batches of
 frame rows (``stages.quality``, ``stages.events``).
 
 Ids are content-derived, so the same bytes always produce the same rows wherever they sit:
@@ -10,17 +10,56 @@ episode id hashes (unit content hash, episode index within the unit, span index)
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import pickle
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from stages.align import align
 from stages.curate import content_hash, episode_to_tables, expert_labels, reject_row, split_for
 from stages.schemas import to_json
 from stages.sources import read_unit
 from stages.streams import LogError, Mapping
+
+
+@dataclasses.dataclass(frozen=True)
+class IngestResult:
+    """One unit ingested: its content hash, one episode row per span with the span's frames
+    table (``spans`` pairs them), the rejects, and how many frames and episodes the unit held.
+
+    ``without_frames`` is what travels back from a worker once the frames are written; its
+    bytes (``to_bytes`` / ``from_bytes``) are what a Ray Data column holds.
+    """
+
+    content_hash: str = ""
+    episodes: tuple[dict[str, Any], ...] = ()
+    frames: tuple[pa.Table, ...] = ()
+    rejects: tuple[dict[str, Any], ...] = ()
+    frames_seen: int = 0
+    episodes_seen: int = 0
+
+    @property
+    def spans(self) -> list[tuple[dict[str, Any], pa.Table]]:
+        """(episode row, frames table) per span; an error once the frames were dropped."""
+        return list(zip(self.episodes, self.frames, strict=True))
+
+    def without_frames(self) -> IngestResult:
+        return dataclasses.replace(self, frames=())
+
+    def to_bytes(self) -> bytes:
+        # a pickle (rows hold datetimes); it never leaves this code's own processes
+        return pickle.dumps(self)
+
+    @staticmethod
+    def from_bytes(data: bytes) -> IngestResult:
+        result = pickle.loads(data)
+        if not isinstance(result, IngestResult):
+            raise TypeError(f"not an IngestResult: {type(result).__name__}")
+        return result
 
 
 def _hashing(fetch: Callable[[str], bytes], seen: dict[str, str]) -> Callable[[str], bytes]:
@@ -45,49 +84,44 @@ def episode_id_for(unit_hash: str, episode_index: int, span_index: int) -> str:
 def ingest_unit(unit: dict, *, fetch: Callable[[str], bytes], mapping: Mapping, turn: int,
                 image_size: int | tuple[int, int], action_dim: int, state_dim: int,
                 signal_names: tuple[str, ...] = (), features: dict | None = None, min_length: int, gap_factor: float, hold_factor: float, val_fraction: float,
-                lineage: dict[str, str]) -> dict[str, Any]:
+                lineage: dict[str, str]) -> IngestResult:
     """Decode and align one unit.
 
-    Returns ``{"content_hash", "spans": [(episode row, frames table)], "rejects": [rows],
-    "frames_seen", "episodes_seen"}``. A unit that cannot be decoded is one reject row of stage
-    ``read``; an episode whose streams cannot be aligned is one of stage ``align``; a span too
-    short to keep is one of stage ``align`` with its time span. Spans are not yet judged on
-    quality: their frames carry no flags.
+    Returns an ``IngestResult``: an episode row and frames table per span, reject rows. A unit
+    that cannot be decoded is one reject row of stage ``read``; an episode whose streams cannot
+    be aligned is one of stage ``align``; a span too short to keep is one of stage ``align``
+    with its time span. Spans are not yet judged on quality: their frames carry no flags.
     """
     hashes: dict[str, str] = {}
-    out: dict[str, Any] = {"content_hash": "", "spans": [], "rejects": [], "frames_seen": 0,
-                           "episodes_seen": 0}
     try:
         streams_list = read_unit(unit, mapping=mapping, fetch=_hashing(fetch, hashes))
     except LogError as err:
-        out["rejects"].append(reject_row(unit["uri"], stage="read", reason=err.reason,
-                                         detail=err.detail, turn=turn))
-        return out
+        return IngestResult(rejects=(reject_row(unit["uri"], stage="read", reason=err.reason,
+                                                detail=err.detail, turn=turn),))
     except OSError as err:  # an object that vanished or cannot be read: a reject, not a crash
-        out["rejects"].append(reject_row(unit["uri"], stage="read", reason="unreadable",
-                                         detail=str(err), turn=turn))
-        return out
-    unit_hash = out["content_hash"] = unit_content_hash(unit, hashes)
+        return IngestResult(rejects=(reject_row(unit["uri"], stage="read", reason="unreadable",
+                                                detail=str(err), turn=turn),))
+    unit_hash = unit_content_hash(unit, hashes)
+    episodes, frames, rejects, frames_seen, episodes_seen = [], [], [], 0, 0
     for index, streams in enumerate(streams_list):
         episode_index = int(streams.meta.get("episode_index", index))
         source_uri = streams.source_uri or unit["uri"]
-        out["episodes_seen"] += 1
-        out["frames_seen"] += len(streams.frames)
+        episodes_seen += 1
+        frames_seen += len(streams.frames)
         try:
             spans, short = align(streams, image_size=image_size, action_dim=action_dim,
                                  state_dim=state_dim, signal_names=tuple(signal_names), gap_factor=gap_factor,
                                  hold_factor=hold_factor, min_length=min_length)
         except LogError as err:
             span = (int(streams.camera_t.min()), int(streams.camera_t.max())) if len(streams.camera_t) else (-1, -1)
-            out["rejects"].append(reject_row(source_uri, stage="align", reason=err.reason,
-                                             detail=err.detail, turn=turn, span=span,
-                                             frames=len(streams.frames)))
+            rejects.append(reject_row(source_uri, stage="align", reason=err.reason, detail=err.detail,
+                                      turn=turn, span=span, frames=len(streams.frames)))
             continue
         for s in short:
             n = int(np.count_nonzero((streams.camera_t >= s["start_ns"]) & (streams.camera_t <= s["end_ns"])))
-            out["rejects"].append(reject_row(source_uri, stage="align", reason=s["reason"],
-                                             detail=s.get("detail", ""), turn=turn,
-                                             span=(s["start_ns"], s["end_ns"]), frames=n))
+            rejects.append(reject_row(source_uri, stage="align", reason=s["reason"],
+                                      detail=s.get("detail", ""), turn=turn,
+                                      span=(s["start_ns"], s["end_ns"]), frames=n))
         for span in spans:
             episode_id = episode_id_for(unit_hash, episode_index, span["span_index"])
             labels, label_sources = expert_labels(span)
@@ -102,5 +136,7 @@ def ingest_unit(unit: dict, *, fetch: Callable[[str], bytes], mapping: Mapping, 
                          "end_ns": int(span["end_ns"]), "split_reason": span.get("split_reason", ""),
                          "task": span.get("task", ""), "topics": to_json(span.get("topics", {})),
                          "source_shape": f"{h}x{w}", **lineage})
-            out["spans"].append((row, table))
-    return out
+            episodes.append(row)
+            frames.append(table)
+    return IngestResult(content_hash=unit_hash, episodes=tuple(episodes), frames=tuple(frames),
+                        rejects=tuple(rejects), frames_seen=frames_seen, episodes_seen=episodes_seen)

@@ -11,11 +11,11 @@ import json
 from typing import Any
 
 import lance
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from stages import storage
+from stages.schemas import images, vectors  # noqa: F401 -- column decoders, re-exported here
 
 _SECRET_KEYS = ("secret", "password", "token", "access_key", "credential")
 
@@ -88,22 +88,28 @@ class Lake:
         result = ds.merge_insert(key).when_not_matched_insert_all().execute(table)
         return int(result["num_inserted_rows"])
 
-    def write_fragments(self, name: str, table: pa.Table) -> list:
+    def write_fragments(self, name: str, table: pa.Table) -> list[str]:
         """Write ``table`` as data files of ``name`` without committing them (any worker may
-        call this); ``commit_fragments`` on the driver makes them visible in one version."""
+        call this); ``commit_fragments`` on the driver makes them visible in one version.
+
+        Returns each fragment's metadata as JSON (Lance's ``FragmentMetadata.to_json``), a plain
+        string that travels between processes without pickling Lance objects."""
         from lance.fragment import write_fragments
 
-        return write_fragments(table, self.table_uri(name), schema=table.schema,
-                               storage_options=self.storage_options)
+        written = write_fragments(table, self.table_uri(name), schema=table.schema,
+                                  storage_options=self.storage_options)
+        return [json.dumps(fragment.to_json()) for fragment in written]
 
-    def commit_fragments(self, name: str, fragments: list, schema: pa.Schema) -> int:
-        """Commit fragments written by ``write_fragments`` as one new version; returns its number.
+    def commit_fragments(self, name: str, fragments: list[str], schema: pa.Schema) -> int:
+        """Commit fragments written by ``write_fragments`` (their JSON metadata) as one new
+        version; returns its number.
 
         Creates the table if absent. Fragments never committed (a crash before this call) are
         invisible: a re-run writes them again, and nothing is duplicated.
         """
         if not fragments:
             return self.version(name)
+        fragments = [lance.FragmentMetadata.from_json(f) for f in fragments]
         if self.exists(name):
             ds = self.dataset(name)
             if ds.schema.remove_metadata() != schema.remove_metadata():
@@ -165,15 +171,3 @@ class Lake:
         """The config saved beside a table version (default latest)."""
         version = self.version(name) if version is None else version
         return json.loads(storage.read_bytes(self.config_uri(name, version), self.storage_options))
-
-
-def images(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """A fixed-shape tensor column of images as uint8 [N, H, W, 3] (or of clips: [N, k, H, W, 3])."""
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    return np.ascontiguousarray(arr.to_numpy_ndarray(), dtype=np.uint8)
-
-
-def vectors(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """A fixed-size-list column (actions, labels, states) as float32 [N, D]."""
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    return arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), -1).astype(np.float32)

@@ -4,7 +4,8 @@ The curated tables (``EPISODES``, ``REJECTS``, ``clips_schema``, ``frames_schema
 world's ``features_of`` in its metadata), the ones the flows write (``SOURCES``: the curate
 manifest, ``EVALUATIONS``, ``TURNS``) and the model registry's (``MODELS``, ``ALIASES``).
 Pure Arrow: no Ray, Prefect or Lance. ``to_json`` is the encoding of the string columns (and
-schema metadata) that hold small structures.
+schema metadata) that hold small structures; ``images`` and ``vectors`` decode the tensor and
+fixed-size-list columns into NumPy.
 """
 from __future__ import annotations
 
@@ -100,6 +101,18 @@ def features_of(spec) -> dict[str, Any]:
 def to_json(value: Any) -> str:
     """Compact, key-sorted JSON for the string columns that hold small structures."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def images(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A fixed-shape tensor column of images as uint8 [N, H, W, 3] (or of clips: [N, k, H, W, 3])."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    return np.ascontiguousarray(arr.to_numpy_ndarray(), dtype=np.uint8)
+
+
+def vectors(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A fixed-size-list column (actions, labels, states) as float32 [N, D]."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    return arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), -1).astype(np.float32)
 
 
 # ---- tables the flows write ------------------------------------------------------------------

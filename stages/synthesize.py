@@ -11,16 +11,25 @@ frame, in `label_source`:
 `action` always holds what the generator was conditioned on. A variant whose frames change too
 abruptly or drift in colour from the real frame is implausible and becomes a reject, not a row.
 
-Pure functions over NumPy batches; `WorldModelActor` is the thin Ray adapter holding the model.
+Pure functions over Arrow and NumPy batches: the parents' windows (`parent_batch`, from frames
+rows the flow reads), the rollout (`synthesize_batch`, held in a Ray actor by
+``stages.adapters``), and each `Variant`'s episode rows, frames table or reject (`variant_tables`).
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from stages.curate import episode_to_tables, reject_row
+from stages.schemas import images, vectors
+
 LABEL_RECOVERY, LABEL_GENERATOR = "recovery_heuristic", "generator_action"
+WINDOW_COLUMNS = ("step", "image", "action", "label", "state", "task")  # what parent_batch reads
 
 
 def select_parents(frames: pa.Table, *, n: int, horizon: int, min_step: int, seed: int) -> list[tuple[str, int]]:
@@ -51,6 +60,40 @@ def select_parents(frames: pa.Table, *, n: int, horizon: int, min_step: int, see
     rng = np.random.default_rng(seed)
     picks = rng.choice(len(ids), size=min(n, int(ok.sum())), replace=False, p=weight / weight.sum())
     return [(str(ids[i]), int(steps[i])) for i in sorted(picks)]
+
+
+def _window(rows: pa.Table, start: int, history: int) -> dict[str, Any]:
+    rows = rows.sort_by("step")
+    steps = rows.column("step").to_numpy()
+    frames, actions = images(rows.column("image")), vectors(rows.column("action"))
+    labels = vectors(rows.column("label"))
+    at = int(np.searchsorted(steps, start))
+    return {"history": frames[at - history + 1: at + 1], "actions": actions[at:], "labels": labels[at:],
+            "states": vectors(rows.column("state"))[at + 1:], "task": rows.column("task")[at].as_py()}
+
+
+def parent_batch(windows: Sequence[pa.Table], *, starts: Sequence[int],
+                 history: int) -> tuple[dict, list[np.ndarray]]:
+    """The batch ``synthesize_batch`` takes, and each parent's states after its start step.
+
+    ``windows[i]`` holds the frames rows (``WINDOW_COLUMNS``) of one parent episode from step
+    ``starts[i] - history + 1`` to ``starts[i] + horizon``, in any order. No windows: ({}, []).
+    """
+    if not windows:
+        return {}, []
+    cut = [_window(rows, start, history) for rows, start in zip(windows, starts, strict=True)]
+    batch = {"history_BKHWC": np.stack([w["history"] for w in cut]),
+             "parent_actions_BTA": np.stack([w["actions"] for w in cut]),
+             "parent_labels_BTA": np.stack([w["labels"] for w in cut]),
+             "tasks": np.array([w["task"] for w in cut], dtype=object)}
+    return batch, [w["states"] for w in cut]
+
+
+def split_batch(batch: dict[str, np.ndarray], parts: int) -> list[dict[str, np.ndarray]]:
+    """``batch`` cut into at most ``parts`` consecutive batches of near-equal size."""
+    n = len(next(iter(batch.values())))
+    return [{k: v[idx] for k, v in batch.items()}
+            for idx in np.array_split(np.arange(n), max(1, parts)) if len(idx)]
 
 
 def counterfactual(world, parent_actions_BTA: np.ndarray, parent_labels_BTA: np.ndarray, offsets_B: np.ndarray,
@@ -116,19 +159,68 @@ def synthesize_batch(batch: dict[str, np.ndarray], *, model, world, offsets: Seq
             "label_sources_BT": sources[:, 1:], "offsets_B": offsets_B, "reject_reasons": reasons}
 
 
-class WorldModelActor:
-    """Ray actor adapter: holds one world model and synthesizes batches with it."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class Variant:
+    """One variant ``synthesize_batch`` generated from a parent window: the steer (or push)
+    offset, frames uint8 [T, H, W, 3], actions and labels [T, A], each label's source [T], and
+    why it is implausible (None when it is not)."""
 
-    def __init__(self, model_dir: str, world: dict, threads: int = 1):
-        import torch
+    offset: float
+    frames: np.ndarray
+    actions: np.ndarray
+    labels: np.ndarray
+    label_sources: np.ndarray
+    reject_reason: str | None
 
-        from models import world_model
-        from sim import worlds
-        from sim.worlds.base import WorldConfig
+    @classmethod
+    def split(cls, out: dict) -> list[Variant]:
+        """The variants of a ``synthesize_batch`` result, in batch order."""
+        return [cls(offset=float(out["offsets_B"][i]), frames=out["frames_BTHWC"][i], actions=out["actions_BTA"][i],
+                    labels=out["labels_BTA"][i], label_sources=out["label_sources_BT"][i],
+                    reject_reason=out["reject_reasons"][i]) for i in range(len(out["reject_reasons"]))]
 
-        torch.set_num_threads(threads)
-        self.model = world_model.load(model_dir).eval()
-        self.world = worlds.get(WorldConfig(**world))
 
-    def synthesize(self, batch: dict[str, np.ndarray], **params) -> dict:
-        return synthesize_batch(batch, model=self.model, world=self.world, **params)
+def variant_states(spec, parent_states: np.ndarray, n: int) -> np.ndarray:
+    """States of a variant: the policy's inputs that the perturbation does not move (the task's
+    goal, say) are kept from the parent where the world marks them static; everything else is
+    unknown (NaN), since no simulator produced it."""
+    states = np.full((n, len(spec.state_names)), np.nan, np.float32)
+    static = [spec.state_names.index(name) for name in spec.static_state]
+    if static and len(parent_states):
+        states[:len(parent_states), static] = parent_states[:, static]
+        states[len(parent_states):, static] = parent_states[-1, static]
+    return states
+
+
+def variant_tables(variants: Sequence[Variant], *, parents: Sequence[tuple[str, int]], tasks: Sequence[str],
+                   parent_states: Sequence[np.ndarray], spec, turn: int,
+                   generator_version: str) -> tuple[list[dict], list[pa.Table], list[dict]]:
+    """(episodes rows, frames tables, reject rows) of the variants of ``parents`` ((episode id,
+    start step) each, with its task and states after the start: ``parent_batch``).
+
+    A variant's source URI names the generator, parent, start step, offset and turn; its id
+    hashes that URI. An implausible variant is a reject of stage ``synthesize``; a plausible one
+    an episode of origin ``synthetic`` with per-frame label sources, in the "train" split.
+    """
+    episodes, frames, rejects = [], [], []
+    for variant, (parent, start), task, states in zip(variants, parents, tasks, parent_states, strict=True):
+        uri = (f"worldmodel://{generator_version}?parent={parent}&step={start}&offset={variant.offset:+.2f}"
+               f"&turn={turn}")
+        if variant.reject_reason is not None:
+            rejects.append(reject_row(uri, stage="synthesize", reason="implausible",
+                                      detail=variant.reject_reason, turn=turn))
+            continue
+        digest = hashlib.sha256(uri.encode()).hexdigest()
+        n = len(variant.frames)
+        # the parent's logged states are those of the real trajectory, not of this variant: NaN
+        episode = {"world": spec.name, "seed": -1, "driver": generator_version, "policy_version": "",
+                   "frames": variant.frames, "actions": variant.actions, "labels": variant.labels,
+                   "instruction": task, "states": variant_states(spec, states[:n], n),
+                   "timestamps_ns": (start + 1 + np.arange(n, dtype=np.int64)) * spec.step_ns}
+        row, table = episode_to_tables(
+            episode, episode_id=f"syn-{digest[:24]}", source_uri=uri, content_hash=digest, turn=turn,
+            origin="synthetic", parent_episode_id=parent, generator_version=generator_version,
+            label_source=variant.label_sources.tolist(), split="train")
+        episodes.append(row)
+        frames.append(table)
+    return episodes, frames, rejects

@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import json
+import pickle
 
 import numpy as np
 import pyarrow as pa
 import pytest
 from tests.stages.test_mcap_log import SPEC, make_episode
 
-from stages.curate import episode_to_tables
-from stages.ingest import ingest_unit
+from stages.curate import SpanVerdict, episode_to_tables
+from stages.ingest import IngestResult, ingest_unit
 from stages.mcap_log import episode_to_mcap_bytes
 from stages.schemas import EPISODES, REJECTS, clips_schema, features_of, frames_schema
 from stages.sources import discover
@@ -28,10 +29,10 @@ def curate_log(data: bytes, *, source_uri: str, turn: int, image_size, min_lengt
                       **DIMS, signal_names=SPEC.signals, features=features_of(SPEC), min_length=min_length,
                       gap_factor=3.0, hold_factor=2.0, val_fraction=val_fraction,
                       lineage={"code_version": "test", "config_digest": "c"})
-    if out["spans"]:
-        row, frames = out["spans"][0]
+    if out.spans:
+        row, frames = out.spans[0]
         return {"episode": row, "frames": frames, "reject": None}
-    return {"episode": None, "frames": None, "reject": out["rejects"][0]}
+    return {"episode": None, "frames": None, "reject": out.rejects[0]}
 
 
 def curate(episode: dict, **overrides) -> dict:
@@ -161,3 +162,34 @@ def test_frames_schema_widths_and_features():
     assert (features["world"], features["actions"], features["signals"]) == (
         "carracing", ["steer", "gas", "brake"], ["off_track"])
     assert features["state"] == list(SPEC.state_names) and features["rate_hz"] == 50.0
+
+
+def test_span_verdict_travels_as_an_arrow_struct():
+    clip = {"event": "off_track", "event_step": 3, "start_step": 0, "end_step": 8, "score": 1.5,
+            "label_tags": {"track": "off"}}
+    kept = SpanVerdict(span_id="ep-a", kept=True, reasons=(), detail="", counts={"frozen": 1, "dark": 0},
+                       frames=30, fragments=('{"id": 0}', '{"id": 1}'), clips=(clip,),
+                       clip_frames=np.arange(24, dtype=np.uint8).reshape(1, 2, 2, 2, 3))
+    rejected = SpanVerdict(span_id="ep-b", kept=False, reasons=("frozen", "dropped_frames"),
+                           detail="frozen: 9 of 10 rows", counts={"frozen": 9}, frames=10)
+    column = pa.array([[kept.to_row(), rejected.to_row()], []], pa.list_(SpanVerdict.ARROW))
+    back = [SpanVerdict.from_row(row) for row in column.to_pylist()[0]]
+    for before, after in zip((kept, rejected), back):
+        for field in ("span_id", "kept", "reasons", "detail", "counts", "frames", "fragments", "clips"):
+            assert getattr(after, field) == getattr(before, field)
+        np.testing.assert_array_equal(after.clip_frames, before.clip_frames)
+    assert back[1].clip_frames.shape == (0,) and back[1].clips == ()
+
+
+def test_ingest_result_travels_without_its_frames():
+    out = curate(make_episode(12))
+    result = IngestResult(content_hash="h", episodes=(out["episode"],), frames=(out["frames"],),
+                          frames_seen=12, episodes_seen=1)
+    assert result.spans == [(out["episode"], out["frames"])]
+    back = IngestResult.from_bytes(result.without_frames().to_bytes())
+    assert back.episodes == (out["episode"],) and back.frames == ()
+    assert (back.content_hash, back.frames_seen, back.episodes_seen, back.rejects) == ("h", 12, 1, ())
+    with pytest.raises(ValueError):
+        _ = back.spans  # the frames stayed in the worker
+    with pytest.raises(TypeError, match="not an IngestResult"):
+        IngestResult.from_bytes(pickle.dumps({"spans": []}))

@@ -1,15 +1,20 @@
-"""The reasoner's vocabulary of a world, the car world's privileged scene tags and captions, and
-clip frame sampling."""
+"""The reasoner's vocabulary of a world, the car world's privileged scene tags and captions,
+clip frame sampling, and the clips of a curate run as Arrow (candidates, training set, final table)."""
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from types import SimpleNamespace
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from sim import worlds
 from sim.worlds.base import WorldConfig
-from stages.describe import clip_frames, reasoner_config_for, vocabulary
+from stages.curate import SpanVerdict
+from stages.describe import (candidate_clips, clip_counts, clip_frames, clips_table, held_out, reasoner_config_for,
+                             training_clips, vocabulary)
+from stages.schemas import clips_schema, images
 
 STEP_NS = 20_000_000  # 50 Hz
 
@@ -151,3 +156,87 @@ def test_clip_frames_even_spacing_last_included():
         clip_frames(frames, 0, 10, 0)
     with pytest.raises(ValueError, match="non-empty window"):
         clip_frames(frames, 5, 31, 2)
+
+
+def clip(start: int, event: str = "none", tags: dict | None = None) -> dict:
+    return {"event": event, "event_step": -1 if event == "none" else start + 2, "start_step": start,
+            "end_step": start + 8, "score": 0.0 if event == "none" else 1.5, "label_tags": tags}
+
+
+def verdict(episode_id: str, clips: list[dict]) -> SpanVerdict:
+    """A kept span's verdict; clip i's two sampled frames are all i."""
+    frames = np.stack([np.full((2, 4, 4, 3), i, np.uint8) for i in range(len(clips))]) if clips else None
+    return SpanVerdict(span_id=episode_id, kept=True, reasons=(), detail="", counts={}, frames=40,
+                       clips=tuple(clips), **({"clip_frames": frames} if clips else {}))
+
+
+def candidates(*, label_b: bool = False) -> pa.Table:
+    verdicts = {"ep-a": verdict("ep-a", [clip(0, tags={"speed": "slow"}), clip(8, "off_track", {"speed": "fast"})]),
+                "ep-b": verdict("ep-b", [clip(0, tags={"speed": "slow"} if label_b else None)]),
+                "ep-c": verdict("ep-c", [])}
+    episodes = [{"episode_id": e, "source_uri": f"/{e}.mcap", "split": split}
+                for e, split in (("ep-a", "train"), ("ep-b", "val"), ("ep-c", "train"))]
+    return candidate_clips(verdicts, episodes, turn=3)
+
+
+def test_candidate_clips_one_row_per_clip_with_its_frames():
+    table = candidates()
+    assert table.column("clip_id").to_pylist() == ["ep-a:00000-00008:none", "ep-a:00008-00016:off_track",
+                                                   "ep-b:00000-00008:none"]
+    assert table.column("label_tags").to_pylist() == ['{"speed":"slow"}', '{"speed":"fast"}', ""]
+    assert table.column("source_uri").to_pylist() == ["/ep-a.mcap", "/ep-a.mcap", "/ep-b.mcap"]
+    assert table.column("turn").to_pylist() == [3, 3, 3]
+    frames = images(table.column("frames"))
+    assert frames.shape == (3, 2, 4, 4, 3) and frames[:, 0, 0, 0, 0].tolist() == [0, 1, 0]
+    assert candidate_clips({}, [], turn=0).num_rows == 0
+
+
+def test_held_out_prefers_val_episodes_else_whole_episodes():
+    table = pa.table({"split": ["train", "val", "train"], "episode_id": ["a", "b", "c"]})
+    assert held_out(table).tolist() == [False, True, False]
+    table = pa.table({"split": ["train"] * 4, "episode_id": ["a", "a", "b", "b"]})
+    held = held_out(table)
+    assert held.any() and not held.all() and held[0] == held[1] and held[2] == held[3]
+
+
+def test_training_clips_need_labelled_clips_of_two_episodes():
+    assert training_clips(candidates()) is None  # only ep-a's clips have labels
+    data = training_clips(candidates(label_b=True))
+    assert data.frames.shape == (3, 2, 4, 4, 3) and data.events == ["none", "off_track", "none"]
+    assert data.tags == [{"speed": "slow"}, {"speed": "fast"}, {"speed": "slow"}]
+    assert data.held.tolist() == [False, False, True]  # ep-b is the val episode
+
+
+NOW = datetime(2025, 1, 1, tzinfo=timezone.utc)
+TABLE_ARGS = {"weights": {"off_track": 3.0, "novelty": 2.0, "none": 1.0}, "dedup_threshold": 0.1,
+              "novelty_threshold": 0.3, "created_at": NOW}
+
+
+def test_clips_table_without_a_reasoner():
+    out = clips_table(candidates(), described=None, bank=None, describer="", **TABLE_ARGS)
+    assert out.schema == clips_schema()
+    assert out.column("event").to_pylist() == ["none", "off_track", "none"]
+    assert out.column("weight").to_pylist() == [1.0, 3.0, 1.0]
+    assert out.column("embedding").to_pylist() == [[], [], []] and out.column("tags").to_pylist() == [""] * 3
+    assert out.column("novelty").to_pylist() == [-1.0] * 3 and out.column("describer").to_pylist() == [""] * 3
+    assert out.column("created_at").to_pylist() == [NOW] * 3
+    assert clip_counts(out) == {"events": {"none": 2, "off_track": 1}, "duplicates": 0}
+
+
+def test_clips_table_with_a_reasoner_marks_duplicates_and_novelty():
+    clips = candidates()
+    ids = clips.column("clip_id").to_pylist()
+    described = pa.table({"clip_id": ids[::-1], "embedding": [[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]],
+                          "tags": ['{"t":"c"}', '{"t":"b"}', '{"t":"a"}'], "caption": ["c", "b", "a"]})
+    bank = pa.table({"clip_id": ["old", "wide"], "event": ["none", "none"],
+                     "embedding": pa.array([[0.6, 0.8], [1.0, 0.0, 0.0]], pa.list_(pa.float32()))})
+    out = clips_table(clips, described=described, bank=bank, describer='{"source":"config"}', **TABLE_ARGS)
+    assert out.column("caption").to_pylist() == ["a", "b", "c"]  # in the clips' order
+    assert out.column("embedding").to_pylist() == [[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]
+    # ep-b's routine clip repeats ep-a's (same event type); "wide" has another width: left out
+    assert out.column("duplicate_of").to_pylist() == ["", "", ids[0]]
+    # distance to "old": 0.4, 0.2, 0.4 -> routine clips past 0.3 are novelty; event clips stay
+    assert out.column("novelty").to_pylist() == pytest.approx([0.4, 0.2, 0.4])
+    assert out.column("event").to_pylist() == ["novelty", "off_track", "novelty"]
+    assert out.column("weight").to_pylist() == [2.0, 3.0, 2.0]
+    assert clip_counts(out) == {"events": {"novelty": 2, "off_track": 1}, "duplicates": 1}

@@ -1,6 +1,8 @@
 """The Lance lake adapter on a tmp dir and on moto S3: idempotent appends, tags, configs."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -96,6 +98,17 @@ def test_append_rejects_mismatched_schema_and_null_keys(tmp_path):
     with pytest.raises(ValueError, match="null"):
         lake.append("episodes", pa.table({"episode_id": pa.array([None], pa.string())}),
                     key="episode_id")
+
+
+def test_fragments_travel_as_json_and_commit_as_one_version(tmp_path):
+    lake = Lake(str(tmp_path))
+    tables = [curated(seed)["frames"] for seed in range(2)]
+    fragments = [f for t in tables for f in lake.write_fragments("frames", t)]
+    assert all(isinstance(f, str) for f in fragments)
+    assert sum(json.loads(f)["physical_rows"] for f in fragments) == 12
+    assert not lake.exists("frames")  # written, not committed
+    lake.commit_fragments("frames", fragments, tables[0].schema)
+    assert lake.count("frames") == 12 and lake.version("frames") == 1
 
 
 def test_repr_hides_credentials(s3_server):

@@ -1,4 +1,5 @@
-"""Counterfactual recovery variants: honest labels, plausibility filter, parent selection."""
+"""Counterfactual recovery variants: honest labels, plausibility filter, parent selection, parent
+windows as a batch, and the variants' episode rows, frames tables and rejects."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -7,8 +8,9 @@ import numpy as np
 import pyarrow as pa
 
 from sim import worlds
-from stages.synthesize import (LABEL_GENERATOR, LABEL_RECOVERY, counterfactual, plausibility,
-                               select_parents, synthesize_batch)
+from stages.synthesize import (LABEL_GENERATOR, LABEL_RECOVERY, Variant, counterfactual, parent_batch,
+                               plausibility, select_parents, split_batch, synthesize_batch, variant_states,
+                               variant_tables)
 
 WORLD = worlds.get("carracing")
 
@@ -100,3 +102,61 @@ def test_synthesize_batch_drives_the_world_model_with_the_worlds_counterfactual(
     assert kwargs == {}  # a world model without a task vocabulary is not given tasks
     assert out["label_sources_BT"][0].tolist() == [LABEL_RECOVERY] + [LABEL_GENERATOR] * 3
     assert out["reject_reasons"] == [None, None]
+
+
+def window_rows(steps: list[int], task: str = "drive") -> pa.Table:
+    """Frames rows of steps: image, action and state all hold the step; labels the step + 100."""
+    def vec(values, width: int) -> pa.FixedSizeListArray:
+        return pa.FixedSizeListArray.from_arrays(pa.array(np.repeat(np.asarray(values, np.float32), width)), width)
+
+    frames = np.asarray(steps, np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
+    return pa.table({"step": pa.array(steps, pa.int32()), "image": pa.FixedShapeTensorArray.from_numpy_ndarray(frames),
+                     "action": vec(steps, 3), "label": vec(np.asarray(steps) + 100, 3), "state": vec(steps, 2),
+                     "task": [task] * len(steps)})
+
+
+def test_parent_batch_cuts_history_and_the_steps_after_the_start():
+    windows = [window_rows([7, 3, 5, 4, 9, 6, 8]), window_rows(list(range(10, 17)), task="push")]  # any order
+    batch, states = parent_batch(windows, starts=[5, 12], history=3)
+    assert batch["history_BKHWC"].shape == (2, 3, 2, 2, 3)
+    assert batch["history_BKHWC"][:, :, 0, 0, 0].tolist() == [[3, 4, 5], [10, 11, 12]]
+    assert batch["parent_actions_BTA"][:, :, 0].tolist() == [[5, 6, 7, 8, 9], [12, 13, 14, 15, 16]]
+    assert batch["parent_labels_BTA"][0, :, 0].tolist() == [105, 106, 107, 108, 109]
+    assert batch["tasks"].tolist() == ["drive", "push"]
+    assert [s[:, 0].tolist() for s in states] == [[6, 7, 8, 9], [13, 14, 15, 16]]
+    assert parent_batch([], starts=[], history=3) == ({}, [])
+    parts = split_batch(batch, 3)  # no more parts than rows
+    assert [len(p["tasks"]) for p in parts] == [1, 1] and parts[1]["tasks"].tolist() == ["push"]
+
+
+def test_variant_states_keep_only_the_static_state():
+    spec = SimpleNamespace(state_names=("x", "goal"), static_state=("goal",))
+    parent = np.array([[1.0, 7.0], [2.0, 8.0]], np.float32)
+    states = variant_states(spec, parent, 3)
+    assert np.isnan(states[:, 0]).all() and states[:, 1].tolist() == [7.0, 8.0, 8.0]
+    assert np.isnan(variant_states(worlds.spec("carracing"), np.zeros((3, 8), np.float32), 3)).all()
+
+
+def test_variant_tables_keep_plausible_variants_and_reject_the_rest():
+    rng = np.random.default_rng(0)
+    out = {"frames_BTHWC": rng.integers(0, 256, (2, 4, 8, 8, 3), dtype=np.uint8),
+           "actions_BTA": np.zeros((2, 4, 3), np.float32), "labels_BTA": np.ones((2, 4, 3), np.float32),
+           "label_sources_BT": np.array([[LABEL_RECOVERY] + [LABEL_GENERATOR] * 3] * 2),
+           "offsets_B": np.array([0.5, -0.5], np.float32), "reject_reasons": [None, "implausible: colour drift"]}
+    variants = Variant.split(out)
+    assert [v.offset for v in variants] == [0.5, -0.5] and variants[1].reject_reason == "implausible: colour drift"
+    spec = worlds.spec("carracing")
+    episodes, frames, rejects = variant_tables(
+        variants, parents=[("ep-a", 10), ("ep-b", 20)], tasks=["drive", "drive"],
+        parent_states=[np.zeros((4, 8), np.float32)] * 2, spec=spec, turn=2, generator_version="world_model:v3")
+    assert len(episodes) == len(frames) == len(rejects) == 1
+    row, table = episodes[0], frames[0]
+    assert row["source_uri"] == "worldmodel://world_model:v3?parent=ep-a&step=10&offset=+0.50&turn=2"
+    assert row["episode_id"] == "syn-" + row["content_hash"][:24] and row["origin"] == "synthetic"
+    assert (row["parent_episode_id"], row["generator_version"], row["split"]) == ("ep-a", "world_model:v3", "train")
+    assert row["label_source"] == "mixed" and row["length"] == 4
+    assert table.column("timestamp_ns").to_pylist() == [(11 + i) * spec.step_ns for i in range(4)]
+    assert table.column("label_source").to_pylist() == [LABEL_RECOVERY] + [LABEL_GENERATOR] * 3
+    assert (rejects[0]["stage"], rejects[0]["reason"], rejects[0]["detail"]) == \
+        ("synthesize", "implausible", "implausible: colour drift")
+    assert "parent=ep-b&step=20&offset=-0.50" in rejects[0]["source_uri"]
