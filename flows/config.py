@@ -90,8 +90,8 @@ class EvalConfig:
 class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
-    app_name: str = "act"
-    route_prefix: str = "/"  # POST /act, GET /healthz at the root; later apps take their own prefix
+    app_name: str = ""  # "" = "act-<world>": each world's champion is its own Serve application
+    route_prefix: str = ""  # "" = "/<world>": POST /<world>/act, GET /<world>/healthz
     num_replicas: int = 1
 
 
@@ -198,10 +198,11 @@ def _world_shapes(spec: worlds.WorldSpec, cfg: FlywheelConfig) -> dict[str, Any]
     """What the models must take from the world: action bounds, state width, task words."""
     words = sorted({w for t in spec.tasks for w in re.findall(r"[a-z0-9]+", t.instruction.lower())})
     vocab = tuple(words) if len(spec.tasks) > 1 else ()
-    return {"policy.action_low": tuple(spec.action_low.tolist()), "policy.action_high": tuple(spec.action_high.tolist()),
-            "policy.state_dim": len(spec.policy_state), "policy.task_vocab": vocab,
-            "world_model.action_dim": len(spec.actions), "world_model.task_vocab": vocab,
-            "world_model.image_size": cfg.world.image_size, "policy.image_size": cfg.world.image_size}
+    # one section at a time, so the policy's bounds change together (a config validates its widths)
+    return {"policy": {"action_low": tuple(spec.action_low.tolist()), "action_high": tuple(spec.action_high.tolist()),
+                       "state_dim": len(spec.policy_state), "task_vocab": vocab, "image_size": cfg.world.image_size},
+            "world_model": {"action_dim": len(spec.actions), "task_vocab": vocab,
+                            "image_size": cfg.world.image_size}}
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

@@ -36,8 +36,9 @@ def serve_champion(ctx: Context) -> dict:
 
     s = ctx.config.serve
     url = deploy(registry_uri=ctx.world_uri, model_name=POLICY, alias="champion", world=ctx.world_name,
-                 storage_options=ctx.storage_options, host=s.host, port=s.port, app_name=s.app_name,
-                 num_replicas=s.num_replicas, route_prefix=s.route_prefix)
+                 storage_options=ctx.storage_options, host=s.host, port=s.port,
+                 app_name=s.app_name or f"act-{ctx.world_name}", num_replicas=s.num_replicas,
+                 route_prefix=s.route_prefix or f"/{ctx.world_name}")
     champion = ctx.registry.get(POLICY, alias="champion")
     k = champion.config["history"]
     start = ctx.config.spec.warmup_steps

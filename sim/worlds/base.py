@@ -128,11 +128,6 @@ class WorldSpec:
         raise ValueError(f"world {self.name!r} has no task {task!r}; tasks: {list(self.task_names)}")
 
     @property
-    def reasoner_events(self) -> tuple[str, ...]:
-        """What the reasoner is told a clip is about: routine, the world's events, novelty."""
-        return ("none", *(e.name for e in self.events), "novelty")
-
-    @property
     def event_weights(self) -> dict[str, float]:
         return {e.name: e.weight for e in self.events}
 

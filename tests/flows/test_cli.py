@@ -68,6 +68,15 @@ def test_overrides_and_config_file_resolve_in_order(tmp_path):
         resolve("tiny", world="no-such-world")
 
 
+def test_models_take_the_worlds_shapes():
+    arm = resolve("tiny", world="metaworld-mt10")
+    assert arm.policy.action_low == (-1.0,) * 4 and arm.policy.action_high == (1.0,) * 4
+    assert arm.policy.state_dim == 7 and {"drawer", "window", "door"} <= set(arm.policy.task_vocab)
+    assert arm.world_model.action_dim == 4 and arm.world_model.task_vocab == arm.policy.task_vocab
+    car = resolve("tiny", world="carracing")
+    assert car.policy.task_vocab == () and car.policy.loss_weights == (2.0, 1.0, 1.0)
+
+
 def test_worlds_command_lists_every_registered_world(capsys):
     assert cli.main(["worlds", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)["worlds"]

@@ -1,10 +1,13 @@
-"""One tiny turn end to end: real Ray, Lance, Prefect (test API), CarRacing and a Ray Serve HTTP call."""
+"""One tiny turn of each built-in world end to end, on one lake: real Ray, Lance, Prefect (test
+API), CarRacing and the Meta-World arm, and a Ray Serve HTTP call to each world's champion."""
 from __future__ import annotations
 
 import base64
 import json
 import os
 
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401 -- pa.compute
 import pytest
 import requests
 
@@ -15,8 +18,14 @@ from stages.lake import images
 from tests.conftest import free_port
 
 
+WORLDS = ("carracing", "metaworld-mt10")
+# the arm's tiny turn evaluates two of its ten tasks, so the suite stays quick
+OVERRIDES = {"carracing": None, "metaworld-mt10": ['eval.tasks=["reach", "drawer-close"]']}
+
+
 @pytest.fixture(scope="module")
-def turn(tmp_path_factory, ray_cluster, prefect_harness):
+def turns(tmp_path_factory, ray_cluster, prefect_harness):
+    """A tiny turn of each world, one after the other, into one lake and one landing zone."""
     root = tmp_path_factory.mktemp("flywheel")
     mp = pytest.MonkeyPatch()
     mp.setenv("WORLDLOOP_WORK_DIR", str(root / "work"))
@@ -24,10 +33,19 @@ def turn(tmp_path_factory, ray_cluster, prefect_harness):
     lake, landing = root / "lake", root / "landing"
     (landing / "turn-0000").mkdir(parents=True)
     (landing / "turn-0000" / "corrupt.mcap").write_bytes(b"\x89MCAP0\r\n\x01\x02 not an mcap file")
-    out = flywheel_flow(config="tiny", lake=str(lake), landing=str(landing), turns=1)
-    yield {"lake": str(lake), "landing": str(landing), "stages": out["turns"][0]["stages"],
-           "ctx": Context.create(config="tiny", lake=str(lake), landing=str(landing))}
+    out = {}
+    for world in WORLDS:
+        common = {"config": "tiny", "lake": str(lake), "landing": str(landing), "world": world,
+                  "overrides": OVERRIDES[world]}
+        run = flywheel_flow(**common, turns=1)
+        out[world] = {**common, "stages": run["turns"][0]["stages"], "ctx": Context.create(**common)}
+    yield out
     mp.undo()
+
+
+@pytest.fixture(params=WORLDS)
+def turn(request, turns):
+    return turns[request.param]
 
 
 def test_every_source_is_accounted_for(turn):
@@ -41,7 +59,7 @@ def test_every_source_is_accounted_for(turn):
 def test_recurate_adds_nothing(turn, ray_cluster):
     lake = turn["ctx"].lake
     before = {n: lake.count(n) for n in ("episodes", "frames", "rejects")}
-    again = curate_flow(config="tiny", lake=turn["lake"], landing=turn["landing"])
+    again = curate_flow(config="tiny", lake=turn["lake"], landing=turn["landing"], world=turn["world"])
     assert again["seen"] == 0
     assert {n: lake.count(n) for n in ("episodes", "frames", "rejects")} == before
 
@@ -76,12 +94,29 @@ def test_models_are_registered_with_lineage(turn):
 
 
 def test_evaluation_is_paired_and_gated(turn):
-    ev, promote = turn["stages"]["evaluate"], turn["stages"]["promote"]
+    ev, promote, cfg = turn["stages"]["evaluate"], turn["stages"]["promote"], turn["ctx"].config
     assert set(ev["results"]) >= {"candidate", "expert", "random"}
-    assert ev["comparison"]["seeds"] == [("drive", 1000), ("drive", 1001)]
+    scenes = sorted((t, s) for t in cfg.eval_tasks for s in (1000, 1001))
+    assert ev["comparison"]["seeds"] == scenes  # every driver on the same (task, seed) scenes
     assert promote["promote"] == (ev["comparison"]["mean_diff"] > 0)
     rows = turn["ctx"].lake.read("evaluations").to_pylist()
-    assert {r["seed"] for r in rows} == {1000, 1001}
+    assert sorted({(r["task"], r["seed"]) for r in rows}) == scenes
+    assert set(ev["results"]["candidate"]["per_task"]) == set(cfg.eval_tasks)
+
+
+def test_one_lake_holds_both_worlds_apart(turns):
+    car, arm = (turns[w]["ctx"] for w in WORLDS)
+    assert car.world_uri != arm.world_uri and car.lake_uri == arm.lake_uri
+    for ctx in (car, arm):
+        spec = ctx.config.spec
+        assert set(ctx.lake.read("episodes", columns=["world"], filter="origin = 'real'")
+                   .column("world").to_pylist()) == {spec.name}
+        features = json.loads(ctx.lake.dataset("frames").schema.metadata[b"worldloop.features"])
+        assert features["actions"] == list(spec.action_names) and features["state"] == list(spec.state_names)
+        assert ctx.registry.get("policy", alias="champion").config["state_dim"] == len(spec.policy_state)
+    # the arm's fleet logs are its own: the car's curate never read them, and the reverse
+    assert all("/metaworld-mt10/" not in u for u in car.lake.keys("sources", "source_uri"))
+    assert all("/carracing/" not in u for u in arm.lake.keys("sources", "source_uri"))
 
 
 def test_served_champion_answers_a_real_frame(turn):
@@ -90,13 +125,20 @@ def test_served_champion_answers_a_real_frame(turn):
         pytest.fail(f"tiny candidate was not promoted, so nothing is served: {promote['reason']}")
     url = promote["endpoint"]["url"].rstrip("/")
     champion = turn["ctx"].registry.get("policy", alias="champion")
-    k = champion.config["history"]
-    frames = turn["ctx"].lake.read("frames", columns=["image"], filter="origin = 'real' AND step < 8")
-    body = {"frames": [base64.b64encode(f.tobytes()).decode() for f in images(frames.column("image"))[:k]],
+    k, spec = champion.config["history"], turn["ctx"].config.spec
+    rows = turn["ctx"].lake.read("frames", columns=["episode_id", "image", "state", "task"],
+                                 filter="origin = 'real' AND step < 8")
+    rows = rows.filter(pa.compute.equal(rows.column("episode_id"), rows.column("episode_id")[0]))
+    body = {"frames": [base64.b64encode(f.tobytes()).decode() for f in images(rows.column("image"))[:k]],
             "encoding": "raw_base64"}
+    if spec.policy_state:  # what the world observes besides pixels: named state and the task
+        state = rows.column("state")[0].as_py()
+        body["state"] = {name: state[spec.state_names.index(name)] for name in spec.policy_state}
+        body["task"] = rows.column("task")[0].as_py()
     reply = requests.post(f"{url}/act", json=body, timeout=30)
     assert reply.status_code == 200, reply.text
     assert reply.json()["model_version"] == champion.version
+    assert list(reply.json()["action"]) == list(spec.action_names)
     bad = requests.post(f"{url}/act", json={"frames": ["@@@"], "encoding": "raw_base64"}, timeout=30)
     assert 400 <= bad.status_code < 500 and bad.json()
     assert requests.get(f"{url}/healthz", timeout=30).json()["model_version"] == champion.version
@@ -106,7 +148,8 @@ def test_served_champion_answers_a_real_frame(turn):
 def test_status_reports_tables_models_and_turn_tags(turn):
     from flows import cli
 
-    status = cli._status(cli._parser().parse_args(["status", "--lake", turn["lake"], "--landing", turn["landing"]]))
+    status = cli._status(cli._parser().parse_args(["status", "--lake", turn["lake"], "--landing", turn["landing"],
+                                                   "--world", turn["world"]]))
     assert status["next_turn"] == 1
     assert "turn-0" in status["tables"]["frames"]["tags"]
     assert status["models"]["policy"]["versions"] == [1]
