@@ -13,7 +13,8 @@ CONFIG  ?= default
 TURNS   ?= 1
 WORLD   ?= carracing
 export SDL_VIDEODRIVER := dummy
-export MUJOCO_GL := osmesa          # MuJoCo (the Meta-World arm) renders on the CPU through OSMesa
+# MuJoCo (the Meta-World arm) renders on the CPU through OSMesa. (No comment after a value: make keeps the spaces.)
+export MUJOCO_GL := osmesa
 export PYOPENGL_PLATFORM := osmesa
 export HF_HUB_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false

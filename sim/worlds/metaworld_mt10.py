@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("MUJOCO_GL", "osmesa")
+os.environ["MUJOCO_GL"] = os.environ.get("MUJOCO_GL", "").strip() or "osmesa"  # " osmesa " breaks MuJoCo
 os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa" if os.environ["MUJOCO_GL"] == "osmesa" else "egl")
 
 import warnings  # noqa: E402
