@@ -18,6 +18,7 @@ import time
 import warnings
 from pathlib import Path
 
+from sim import worlds
 
 
 def _environment() -> None:
@@ -41,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="named config preset (default: %(default)s)")
     common.add_argument("--lake", default="./lake", help="Lance lake: a path or s3:// URI")
     common.add_argument("--landing", default="./landing", help="landing zone of raw logs: a path or s3:// URI")
-    common.add_argument("--world", default="carracing", help="registered world (`worldloop worlds` lists them)")
+    common.add_argument("--world", default=worlds.DEFAULT, help="registered world (`worldloop worlds` lists them)")
     common.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value (JSON or text), e.g. --set train.num_workers=1; repeatable")
     common.add_argument("--config-file", default=None, help="JSON or YAML file of config sections or dotted keys")
@@ -107,8 +108,6 @@ def _dispatch(args: argparse.Namespace) -> dict:
 
 def _worlds() -> dict:
     """Every registered world's spec: features, actions, tasks, rate, score, events, tags, seeds."""
-    from sim import worlds
-
     return {"worlds": {name: worlds.spec(name).describe() for name in worlds.names()}}
 
 
@@ -184,6 +183,8 @@ def _render_turn(turn: dict) -> str:
         lines.append(f"    {role:<10} {r['model']:<18} {r['mean']:7.2f}  95% CI [{r['ci95'][0]:.2f}, "
                      f"{r['ci95'][1]:.2f}]  success {r['success_rate']:.2f}{rates}  "
                      f"interventions needed {r['interventions_per_episode']:.1f}")
+        if len(r.get("per_task", {})) > 1:
+            lines.append(" " * 15 + "per task  " + "  ".join(f"{t} {v:.2f}" for t, v in r["per_task"].items()))
     lines.append(f"  promote     {'PROMOTED' if pr['promote'] else 'kept champion'}: {pr['reason']}")
     if "endpoint" in pr:
         lines.append(f"  endpoint    {pr['endpoint']['url']}  champion policy:v{pr['champion_version']} "
@@ -229,6 +230,9 @@ def _render_clips(curate: dict) -> list[str]:
     if val:
         acc = " ".join(f"{k} {val['accuracy'][k]:.2f} (majority {val['majority_accuracy'][k]:.2f})"
                        for k in val["accuracy"])
+        plan = val.get("plan") or {}
+        if plan.get("accuracy") is not None:
+            acc += f"; plan {plan['accuracy']:.2f} ({plan['n']} clips)"
         lines.append(f"  reasoner    {describer['source']}, tag accuracy on {val['n']} held-out clips: {acc}")
     elif describer:
         lines.append(f"  reasoner    {describer['source']}")

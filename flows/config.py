@@ -12,9 +12,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass, field, replace
-
 import re
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from models import policy as policy_model
@@ -179,7 +178,7 @@ def preset(name: str) -> FlywheelConfig:
     return PRESETS[name]()
 
 
-def resolve(name: str = "default", *, world: str = "carracing", config_file: str | None = None,
+def resolve(name: str = "default", *, world: str = worlds.DEFAULT, config_file: str | None = None,
             overrides: list[str] | dict[str, Any] | None = None) -> FlywheelConfig:
     """The preset ``name`` for ``world``, then the file's and the command line's dotted overrides;
     last, the shapes the models take from the world (so they always agree with it)."""

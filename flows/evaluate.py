@@ -18,6 +18,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.runtime import POLICY, Context, ensure_ray
+from sim import worlds
 from stages import adapters
 from stages.evaluate import paired, summarize
 from stages.schemas import EVALUATIONS
@@ -74,7 +75,7 @@ def evaluate_drivers(ctx: Context, drivers: dict[str, tuple[str, str]], turn: in
 
 @flow(name="evaluate")
 def evaluate_flow(config: str = "default", lake: str = "./lake", landing: str = "./landing",
-                  world: str = "carracing", overrides: list[str] | None = None,
+                  world: str = worlds.DEFAULT, overrides: list[str] | None = None,
                   config_file: str | None = None, version: int | None = None, turn: int | None = None) -> dict:
     """Evaluate a policy version (default: the latest) against the champion and the references."""
     ctx = Context.create(config=config, lake=lake, landing=landing, world=world, overrides=overrides,

@@ -11,6 +11,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.runtime import POLICY, Context, ensure_ray
+from sim import worlds
 from stages import adapters, storage
 
 
@@ -45,7 +46,7 @@ def drive(ctx: Context, turn: int, spec: dict) -> list[dict]:
 
 @flow(name="fleet")
 def fleet_flow(config: str = "default", lake: str = "./lake", landing: str = "./landing",
-               world: str = "carracing", overrides: list[str] | None = None,
+               world: str = worlds.DEFAULT, overrides: list[str] | None = None,
                config_file: str | None = None, turn: int | None = None, endpoint: str | None = None) -> dict:
     """Drive `config.fleet.episodes` episodes and log them; returns a summary."""
     ctx = Context.create(config=config, lake=lake, landing=landing, world=world, overrides=overrides,

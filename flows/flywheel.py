@@ -20,6 +20,7 @@ from flows.promote import promote_flow, serve_champion
 from flows.runtime import POLICY, WORLD_MODEL, Context, ensure_ray
 from flows.synthesize import synthesize_flow
 from flows.train import train_flow
+from sim import worlds
 from stages.schemas import TURNS
 
 TAGGED = ("episodes", "frames", "rejects", "clips", "evaluations", "sources")
@@ -46,7 +47,7 @@ def finish_turn(ctx: Context, turn: int, started: datetime, stages: dict) -> Non
 
 @flow(name="flywheel")
 def flywheel_flow(config: str = "default", lake: str = "./lake", landing: str = "./landing",
-                  world: str = "carracing", overrides: list[str] | None = None,
+                  world: str = worlds.DEFAULT, overrides: list[str] | None = None,
                   config_file: str | None = None, turns: int = 1, serve: bool = True) -> dict:
     """Run `turns` whole turns of the flywheel; returns every stage's summary per turn."""
     ctx = Context.create(config=config, lake=lake, landing=landing, world=world, overrides=overrides,

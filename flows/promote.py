@@ -13,6 +13,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.runtime import POLICY, Context, ensure_ray
+from sim import worlds
 from stages.evaluate import paired
 from stages.lake import images, vectors
 from stages.promote import gate
@@ -54,7 +55,7 @@ def serve_champion(ctx: Context) -> dict:
 
 @flow(name="promote")
 def promote_flow(config: str = "default", lake: str = "./lake", landing: str = "./landing",
-                 world: str = "carracing", overrides: list[str] | None = None,
+                 world: str = worlds.DEFAULT, overrides: list[str] | None = None,
                  config_file: str | None = None, version: int | None = None, serve: bool = True) -> dict:
     """Gate a policy version (default: the latest) and roll the champion out to Ray Serve."""
     ctx = Context.create(config=config, lake=lake, landing=landing, world=world, overrides=overrides,

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from functools import cached_property
 
 from flows.config import FlywheelConfig, resolve
+from sim import worlds
 
 POLICY, WORLD_MODEL = "policy", "world_model"
 
@@ -95,7 +96,7 @@ class Context:
     storage_options: dict | None = None
 
     @classmethod
-    def create(cls, *, config: str, lake: str, landing: str, world: str = "carracing",
+    def create(cls, *, config: str, lake: str, landing: str, world: str = worlds.DEFAULT,
                overrides: list[str] | None = None, config_file: str | None = None) -> "Context":
         """Resolve a preset for a world with overrides; WORLDLOOP_SERVE_PORT overrides the endpoint's
         port (a deployment detail)."""
@@ -112,8 +113,6 @@ class Context:
 
     @cached_property
     def world(self):
-        from sim import worlds
-
         return worlds.get(self.config.world)
 
     @property

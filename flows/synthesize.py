@@ -15,6 +15,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.runtime import WORLD_MODEL, Context, ensure_ray
+from sim import worlds
 from stages import adapters, synthesize
 from stages.schemas import EPISODES, REJECTS
 
@@ -36,7 +37,7 @@ def parent_batch(ctx: Context, turn: int, history: int) -> tuple[list[tuple[str,
 
 @flow(name="synthesize")
 def synthesize_flow(config: str = "default", lake: str = "./lake", landing: str = "./landing",
-                    world: str = "carracing", overrides: list[str] | None = None,
+                    world: str = worlds.DEFAULT, overrides: list[str] | None = None,
                     config_file: str | None = None, turn: int | None = None) -> dict:
     """Generate `config.synth.variants` synthetic episodes with the latest world model."""
     ctx = Context.create(config=config, lake=lake, landing=landing, world=world, overrides=overrides,

@@ -14,6 +14,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.runtime import POLICY, WORLD_MODEL, Context, ensure_ray
+from sim import worlds
 from stages.registry import git_commit
 from stages.train import train_model
 
@@ -54,7 +55,7 @@ def run_training(ctx: Context, kind: str, turn: int, init_dir: str | None, run_n
 
 @flow(name="train")
 def train_flow(config: str = "default", lake: str = "./lake", landing: str = "./landing",
-               world: str = "carracing", overrides: list[str] | None = None,
+               world: str = worlds.DEFAULT, overrides: list[str] | None = None,
                config_file: str | None = None, model: str = POLICY, turn: int | None = None) -> dict:
     """Train `model` ("policy" or "world_model") and register a new version; returns a summary."""
     if model not in (POLICY, WORLD_MODEL):

@@ -28,6 +28,7 @@ from ray.serve.context import _get_global_client
 
 from models.policy import PolicyConfig, config_from_dict, load
 from models.text import words
+from sim import worlds
 from sim.worlds.base import WorldSpec
 from stages.registry import Registry
 
@@ -281,7 +282,7 @@ class ActDeployment:
     """One replica holding one registered policy version for one world (its app is built at init)."""
 
     def __init__(self, *, registry_uri: str, model_name: str, version: int,
-                 storage_options: dict[str, str] | None = None, world: str = "carracing",
+                 storage_options: dict[str, str] | None = None, world: str = worlds.DEFAULT,
                  world_spec: WorldSpec | None = None) -> None:
         import torch
 
@@ -306,7 +307,7 @@ class ActDeployment:
 
 def build_app(*, registry_uri: str, model_name: str, alias: str = "champion",
               storage_options: dict[str, str] | None = None, num_replicas: int = 1,
-              world: str = "carracing") -> serve.Application:
+              world: str = worlds.DEFAULT) -> serve.Application:
     """The bound application serving the version ``alias`` points at now, for the registered ``world``.
 
     The world's spec is read here (``sim.worlds.spec(world)``) and travels to the replicas with its
@@ -333,7 +334,7 @@ def build_app(*, registry_uri: str, model_name: str, alias: str = "champion",
 def deploy(*, registry_uri: str, model_name: str, alias: str = "champion",
            storage_options: dict[str, str] | None = None, host: str = "127.0.0.1", port: int = 8000,
            app_name: str = "act", num_replicas: int = 1, route_prefix: str | None = None,
-           world: str = "carracing") -> str:
+           world: str = worlds.DEFAULT) -> str:
     """Serve (or roll to) the policy ``alias`` points at, for ``world``; returns the application's base URL.
 
     Serve is started on ``host:port`` unless it already runs, in which case its existing HTTP

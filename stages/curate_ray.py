@@ -259,12 +259,19 @@ def _train_reasoner(data: describe.TrainingClips, preset: str, world: str, devic
     spec = worlds.spec(world)
     # the world's vocabulary, at the resolution its clips were curated at
     config = describe.reasoner_config_for(spec, preset, image_size=int(data.frames.shape[-2]))
-    held, evts, tags = data.held, data.events, data.tags
+    held = data.held
+
+    def part(values: list, keep: bool) -> list:
+        return [v for v, h in zip(values, held) if h == keep]
     model, metrics = reasoner.train_reasoner(
-        data.frames[~held], [e for e, h in zip(evts, held) if not h], [t for t, h in zip(tags, held) if not h],
-        config=config, val_clips=data.frames[held],
-        val_events=[e for e, h in zip(evts, held) if h], val_tags=[t for t, h in zip(tags, held) if h],
+        data.frames[~held], part(data.events, False), part(data.tags, False), config=config,
+        val_clips=data.frames[held], val_events=part(data.events, True), val_tags=part(data.tags, True),
         device=device)
+    if "val" in metrics:  # the one-line plan from predicted tags against the plan from the simulator's
+        pred = [d["tags"] for d in model.describe(data.frames[held], part(data.events, True))]
+        names = {**{t.name: t.name for t in spec.tasks}, **{t.instruction: t.name for t in spec.tasks}}
+        metrics["val"]["plan"] = describe.plan_accuracy(worlds.get(world).plan, names, part(data.tasks, True),
+                                                        pred, part(data.tags, True))
     with tempfile.TemporaryDirectory() as d:
         reasoner.save(model, d)
         return pack(d), metrics

@@ -19,7 +19,7 @@ import dataclasses
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -93,7 +93,7 @@ def candidate_clips(verdicts: Mapping[str, SpanVerdict], episodes: Sequence[dict
                 "start_step": clip["start_step"], "end_step": clip["end_step"],
                 "event": clip["event"], "event_step": clip["event_step"], "score": clip["score"],
                 "label_tags": to_json(clip["label_tags"]) if clip.get("label_tags") else "",
-                "split": ep["split"], "turn": turn})
+                "task": ep.get("task", ""), "split": ep["split"], "turn": turn})
     if not rows:
         return pa.table({"clip_id": pa.array([], pa.string())})
     table = pa.Table.from_pylist(rows)
@@ -114,12 +114,13 @@ def held_out(table: pa.Table) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class TrainingClips:
-    """A reasoner's training set: clip frames uint8 [N, k, H, W, 3], their events and label
-    tags, and which are held out (bool [N]) to measure it on."""
+    """A reasoner's training set: clip frames uint8 [N, k, H, W, 3], their events, label tags and
+    tasks (a name or instruction, "" if the log has none), and which are held out (bool [N])."""
 
     frames: np.ndarray
     events: list[str]
     tags: list[dict[str, str]]
+    tasks: list[str]
     held: np.ndarray
 
 
@@ -133,7 +134,17 @@ def training_clips(clips: pa.Table) -> TrainingClips | None:
     table = clips.filter(pa.array(labelled))
     return TrainingClips(frames=images(table.column("frames")), events=table.column("event").to_pylist(),
                          tags=[json.loads(t) for t in table.column("label_tags").to_pylist()],
-                         held=held_out(table))
+                         tasks=table.column("task").to_pylist(), held=held_out(table))
+
+
+def plan_accuracy(plan: Callable[[str, dict], str], task_names: Mapping[str, str], tasks: Sequence[str],
+                  pred: Sequence[dict], true: Sequence[dict]) -> dict[str, Any]:
+    """How often the plan in words from predicted tags, ``plan(task, tags)`` (the world's), is the
+    plan from the simulator's tags, on clips whose task (a name or an instruction: ``task_names``
+    maps both to the name) the world knows; {"n": clips judged, "accuracy": share or None}."""
+    judged = [(task_names[t], p, q) for t, p, q in zip(tasks, pred, true) if t in task_names]
+    hits = sum(plan(name, p) == plan(name, q) for name, p, q in judged)
+    return {"n": len(judged), "accuracy": hits / len(judged) if judged else None}
 
 
 def _described(clips: pa.Table, described: pa.Table) -> tuple[np.ndarray, list[str], list[str]]:

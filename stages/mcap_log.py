@@ -28,6 +28,14 @@ REWARD, INTERVENTION, SIGNALS, TASK = "/reward", "/intervention", "/signals", "/
 METADATA_NAME = "episode"
 _SEP = "=" * 80
 
+_HEADER = f"""MSG: std_msgs/Header
+builtin_interfaces/Time stamp
+string frame_id
+{_SEP}
+MSG: builtin_interfaces/Time
+int32 sec
+uint32 nanosec
+"""  # the definitions a Header brings
 IMAGE_MSG = f"""std_msgs/Header header
 uint32 height
 uint32 width
@@ -36,14 +44,7 @@ uint8 is_bigendian
 uint32 step
 uint8[] data
 {_SEP}
-MSG: std_msgs/Header
-builtin_interfaces/Time stamp
-string frame_id
-{_SEP}
-MSG: builtin_interfaces/Time
-int32 sec
-uint32 nanosec
-"""
+{_HEADER}"""
 FLOAT32_MULTI_ARRAY_MSG = f"""std_msgs/MultiArrayLayout layout
 float32[] data
 {_SEP}
@@ -62,14 +63,7 @@ float64[] position
 float64[] velocity
 float64[] effort
 {_SEP}
-MSG: std_msgs/Header
-builtin_interfaces/Time stamp
-string frame_id
-{_SEP}
-MSG: builtin_interfaces/Time
-int32 sec
-uint32 nanosec
-"""
+{_HEADER}"""
 FLOAT32_MSG = "float32 data\n"
 STRING_MSG = "string data\n"
 BOOL_MSG = "bool data\n"

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import importlib
 
-from sim.worlds.base import World, WorldConfig, WorldSpec
+from sim.worlds.base import DEFAULT, World, WorldConfig, WorldSpec
+
+__all__ = ["BUILTIN", "DEFAULT", "World", "WorldConfig", "WorldSpec", "get", "names", "register", "spec"]
 
 # name -> module that registers it (imported on first use)
 BUILTIN = {"carracing": "sim.worlds.carracing", "metaworld-mt10": "sim.worlds.metaworld_mt10"}

@@ -30,6 +30,8 @@ import numpy as np
 
 SCORES = ("return", "success")
 
+DEFAULT = "carracing"  # the world a command runs when none is named
+
 
 @dataclass(frozen=True)
 class ActionSpec:
@@ -158,7 +160,7 @@ class WorldConfig:
     ``World.options``; ``max_steps`` 0 means the spec's.
     """
 
-    name: str = "carracing"
+    name: str = DEFAULT
     image_size: int = 64
     max_steps: int = 0
     options: dict = field(default_factory=dict)

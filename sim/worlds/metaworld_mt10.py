@@ -84,7 +84,12 @@ SPEC = WorldSpec(
     state_message="sensor_msgs/msg/JointState",
     static_state=("goal_x", "goal_y", "goal_z"),
     presets={"all": {"world.image_size": 64},  # at 32 px the puck and the goal vanish
-             "tiny": {"world.max_steps": 60, "world.options": {"noise": {"pulse_prob": 0.05}}}},
+             "tiny": {"world.max_steps": 60, "world.options": {"noise": {"pulse_prob": 0.05}}},
+             # one turn in about 20 minutes on 2 cores: 8 fleet episodes per task, 5 held-out seeds per
+             # task (50 scenes), a longer policy fit; the world model's variants are few, as the arm's
+             # policy trains on real rows (its moving state is not synthesized)
+             "default": {"fleet.episodes": 80, "eval.seeds": (1000, 1001, 1002, 1003, 1004),
+                         "policy.steps": 2000, "world_model.steps": 200, "synth.variants": 8}},
 )
 
 

@@ -61,9 +61,14 @@ def seeded_loss(model: WorldModel, batch) -> float:
 @pytest.fixture(scope="module")
 def trained():
     """A tiny model overfitted on one batch of the gas task; (model, batch, loss before, loss after)."""
+    return overfit(dataclasses.replace(CFG, lr=1e-2), gas_task)
+
+
+def overfit(config, make_batch):
+    """(model, batch, loss before, loss after) for 40 optimizer steps on one batch of 8."""
     torch.manual_seed(0)
-    model = WorldModel(dataclasses.replace(CFG, lr=1e-2))
-    batch = gas_task(8, seed=1)
+    model = WorldModel(config)
+    batch = make_batch(8, seed=1)
     before = seeded_loss(model, batch)
     opt = model.make_optimizer()
     for _ in range(40):
@@ -163,17 +168,7 @@ def brightness_task(batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, 
 @pytest.fixture(scope="module")
 def task_trained():
     """A tiny task-conditioned model overfitted on one batch of the brightness task."""
-    torch.manual_seed(0)
-    model = WorldModel(TASK_CFG)
-    batch = brightness_task(8, seed=1)
-    before = seeded_loss(model, batch)
-    opt = model.make_optimizer()
-    for _ in range(40):
-        loss = model.loss(*batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval(), batch, before, seeded_loss(model, batch)
+    return overfit(TASK_CFG, brightness_task)
 
 
 def test_tasks_are_required_and_reach_the_conditioning():

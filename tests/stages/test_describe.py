@@ -13,7 +13,7 @@ from sim import worlds
 from sim.worlds.base import WorldConfig
 from stages.curate import SpanVerdict
 from stages.describe import (candidate_clips, clip_counts, clip_frames, clips_table, held_out, reasoner_config_for,
-                             training_clips, vocabulary)
+                             plan_accuracy, training_clips, vocabulary)
 from stages.schemas import clips_schema, images
 
 STEP_NS = 20_000_000  # 50 Hz
@@ -174,7 +174,7 @@ def candidates(*, label_b: bool = False) -> pa.Table:
     verdicts = {"ep-a": verdict("ep-a", [clip(0, tags={"speed": "slow"}), clip(8, "off_track", {"speed": "fast"})]),
                 "ep-b": verdict("ep-b", [clip(0, tags={"speed": "slow"} if label_b else None)]),
                 "ep-c": verdict("ep-c", [])}
-    episodes = [{"episode_id": e, "source_uri": f"/{e}.mcap", "split": split}
+    episodes = [{"episode_id": e, "source_uri": f"/{e}.mcap", "split": split, "task": f"task of {e}"}
                 for e, split in (("ep-a", "train"), ("ep-b", "val"), ("ep-c", "train"))]
     return candidate_clips(verdicts, episodes, turn=3)
 
@@ -205,6 +205,18 @@ def test_training_clips_need_labelled_clips_of_two_episodes():
     assert data.frames.shape == (3, 2, 4, 4, 3) and data.events == ["none", "off_track", "none"]
     assert data.tags == [{"speed": "slow"}, {"speed": "fast"}, {"speed": "slow"}]
     assert data.held.tolist() == [False, False, True]  # ep-b is the val episode
+    assert data.tasks == ["task of ep-a", "task of ep-a", "task of ep-b"]
+
+
+def test_plan_accuracy_compares_plans_from_predicted_and_true_tags_on_known_tasks():
+    def plan(task, tags):  # a plan that ignores the "held" tag
+        return f"{task}: {tags['phase']}"
+    names = {"push": "push", "Push the puck.": "push"}
+    true = [{"phase": "reach", "held": "no"}] * 4
+    pred = [{"phase": "reach", "held": "yes"}, {"phase": "grasp", "held": "no"}, true[0], true[0]]
+    out = plan_accuracy(plan, names, ["push", "Push the puck.", "Push the puck.", "unknown task"], pred, true)
+    assert out == {"n": 3, "accuracy": 2 / 3}  # a wrong tag the plan ignores is no wrong plan
+    assert plan_accuracy(plan, names, [""], pred[:1], true[:1]) == {"n": 0, "accuracy": None}
 
 
 NOW = datetime(2025, 1, 1, tzinfo=timezone.utc)
