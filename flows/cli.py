@@ -166,7 +166,7 @@ def _render_turn(turn: dict) -> str:
     ev, pr = s["evaluate"]["results"], s["promote"]
     lines = [f"turn {turn['turn']}",
              f"  fleet       {s['fleet']['episodes']} episodes by {s['fleet']['driver']}, mean score "
-             f"{s['fleet']['mean_score']:.0f}, {s['fleet']['interventions']} interventions  ({s['fleet']['wall_s']} s)",
+             f"{s['fleet']['mean_score']:.3g}, {s['fleet']['interventions']} interventions  ({s['fleet']['wall_s']} s)",
              f"  curate      seen {s['curate']['seen']} = kept {s['curate']['kept']} + rejected "
              f"{s['curate']['rejected']}, +{s['curate']['rows_added']['frames']} frames  ({s['curate']['wall_s']} s)",
              *_render_clips(s["curate"]),
@@ -179,7 +179,8 @@ def _render_turn(turn: dict) -> str:
              f"  ({s['train_policy']['wall_s']} s)",
              f"  evaluate    ({s['evaluate']['wall_s']} s)"]
     for role, r in ev.items():
-        rates = "".join(f"  {k.replace('_', '-')} {v:.2f}" for k, v in r["signal_rates"].items())
+        rates = ", ".join(f"{k.replace('_', '-')} {v:.2f}" for k, v in r["signal_rates"].items())
+        rates = f"  share of steps: {rates}" if rates else ""
         lines.append(f"    {role:<10} {r['model']:<18} {r['mean']:7.2f}  95% CI [{r['ci95'][0]:.2f}, "
                      f"{r['ci95'][1]:.2f}]  success {r['success_rate']:.2f}{rates}  "
                      f"interventions needed {r['interventions_per_episode']:.1f}")

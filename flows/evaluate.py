@@ -61,7 +61,7 @@ def evaluate_drivers(ctx: Context, drivers: dict[str, tuple[str, str]], turn: in
     if missing:
         results = adapters.run_rollouts([s for _, s in missing], spec=[_driver(ctx, *drivers[r]) for r, _ in missing],
                                         world=ctx.config.world, safety="shadow", storage_options=ctx.storage_options,
-                                        parallelism=ctx.config.eval.parallelism)
+                                        parallelism=ctx.config.eval.parallelism, desc="evaluate")
         now = datetime.now(timezone.utc)
         rows = [{"eval_id": ids[(role, s)], "model_name": drivers[role][0], "model_version": drivers[role][1],
                  "role": role, "task": s[1], "seed": s[0], "score": float(r["score"]),

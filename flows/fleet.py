@@ -41,7 +41,7 @@ def drive(ctx: Context, turn: int, spec: dict) -> list[dict]:
             for s, task in scenes]
     return adapters.run_rollouts(scenes, spec=spec, world=ctx.config.world, safety="active",
                                  log_uris=uris, storage_options=ctx.storage_options,
-                                 parallelism=ctx.config.fleet.parallelism)
+                                 parallelism=ctx.config.fleet.parallelism, desc="fleet")
 
 
 @flow(name="fleet")

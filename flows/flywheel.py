@@ -7,6 +7,7 @@ From turn 1 on, the fleet is driven by the served champion. A finished turn is r
 from __future__ import annotations
 
 import json
+import sys
 import time
 from datetime import datetime, timezone
 
@@ -26,10 +27,12 @@ from stages.schemas import TURNS
 TAGGED = ("episodes", "frames", "rejects", "clips", "evaluations", "sources")
 
 
-def _timed(stages: dict, name: str, fn, **kwargs) -> dict:
+def _timed(stages: dict, turn: int, name: str, fn, **kwargs) -> dict:
+    """Run one stage, record its wall time and say on stderr that it ended (a person is watching)."""
     start = time.perf_counter()
     stages[name] = fn(**kwargs)
     stages[name]["wall_s"] = round(time.perf_counter() - start, 1)
+    print(f"turn {turn}: {name} done in {stages[name]['wall_s']} s", file=sys.stderr, flush=True)
     return stages[name]
 
 
@@ -61,13 +64,13 @@ def flywheel_flow(config: str = "default", lake: str = "./lake", landing: str = 
         endpoint = None
         if serve and ctx.registry.get(POLICY, alias="champion") is not None:
             endpoint = serve_champion(ctx)["url"]  # the fleet drives through the served champion
-        _timed(stages, "fleet", fleet_flow, **common, turn=turn, endpoint=endpoint)
-        _timed(stages, "curate", curate_flow, **common, turn=turn)
-        _timed(stages, "train_world_model", train_flow, **common, model=WORLD_MODEL, turn=turn)
-        _timed(stages, "synthesize", synthesize_flow, **common, turn=turn)
-        policy = _timed(stages, "train_policy", train_flow, **common, model=POLICY, turn=turn)
-        _timed(stages, "evaluate", evaluate_flow, **common, version=policy["version"], turn=turn)
-        _timed(stages, "promote", promote_flow, **common, version=policy["version"], serve=serve)
+        _timed(stages, turn, "fleet", fleet_flow, **common, turn=turn, endpoint=endpoint)
+        _timed(stages, turn, "curate", curate_flow, **common, turn=turn)
+        _timed(stages, turn, "train_world_model", train_flow, **common, model=WORLD_MODEL, turn=turn)
+        _timed(stages, turn, "synthesize", synthesize_flow, **common, turn=turn)
+        policy = _timed(stages, turn, "train_policy", train_flow, **common, model=POLICY, turn=turn)
+        _timed(stages, turn, "evaluate", evaluate_flow, **common, version=policy["version"], turn=turn)
+        _timed(stages, turn, "promote", promote_flow, **common, version=policy["version"], serve=serve)
         finish_turn(ctx, turn, started, stages)
         get_run_logger().info("turn %d finished: %s", turn, stages["promote"]["reason"])
         done.append({"turn": turn, "stages": stages})

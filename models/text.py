@@ -82,10 +82,15 @@ class TaskEncoder(nn.Module):
                              f"{tokens_BL.dtype}{list(tokens_BL.shape)}")
         if tokens_BL.numel() and (tokens_BL.min() < 0 or tokens_BL.max() >= n):
             raise ValueError(f"token ids must be in [0, {n}), got [{tokens_BL.min()}, {tokens_BL.max()}]")
-        mask_BL = tokens_BL != PAD_ID
-        hidden_BLD = self.bert(input_ids=tokens_BL, attention_mask=mask_BL.long()).last_hidden_state
-        mask = mask_BL[..., None].to(hidden_BLD.dtype)
-        return (hidden_BLD * mask).sum(1) / mask.sum(1).clamp_min(1.0)  # an empty text pools to zeros
+        if tokens_BL.shape[0] == 0:
+            return torch.zeros(0, self.bert.config.hidden_size, device=tokens_BL.device)
+        # a batch repeats a handful of instructions: encode each distinct one once
+        unique_UL, index_B = torch.unique(tokens_BL, dim=0, return_inverse=True)
+        mask_UL = unique_UL != PAD_ID
+        hidden_ULD = self.bert(input_ids=unique_UL, attention_mask=mask_UL.long()).last_hidden_state
+        mask = mask_UL[..., None].to(hidden_ULD.dtype)
+        pooled_UD = (hidden_ULD * mask).sum(1) / mask.sum(1).clamp_min(1.0)  # an empty text pools to zeros
+        return pooled_UD[index_B]
 
     def encode(self, texts: Sequence[str], batch: int, device: torch.device) -> torch.Tensor:
         """Embeddings [B, hidden] of ``batch`` texts (a missing or wrong-length list is an error)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from typing import Any
 
 import numpy as np
@@ -19,16 +20,23 @@ ROLLOUT_CPUS = 1
 SYNTH_CPUS = 1
 
 
-def _bounded(submit, items: list, parallelism: int) -> list:
-    """Run `submit(item) -> ObjectRef` over items with at most `parallelism` in flight, in order."""
+def _bounded(submit, items: list, parallelism: int, desc: str) -> list:
+    """Run `submit(item) -> ObjectRef` over items with at most `parallelism` in flight, in order,
+    with a progress bar named `desc` on stderr."""
+    from tqdm import tqdm
+
     results, pending = [None] * len(items), {}
-    for i, item in enumerate(items):
-        if len(pending) >= max(1, parallelism):
-            done, _ = ray.wait(list(pending), num_returns=1)
-            results[pending.pop(done[0])] = ray.get(done[0])
-        pending[submit(item)] = i
-    for ref, i in pending.items():
-        results[i] = ray.get(ref)
+    with tqdm(total=len(items), desc=desc, unit="episode", file=sys.stderr, mininterval=2.0,
+              disable=not items) as bar:
+        def collect(ref) -> None:
+            results[pending.pop(ref)] = ray.get(ref)
+            bar.update()
+        for i, item in enumerate(items):
+            if len(pending) >= max(1, parallelism):
+                collect(ray.wait(list(pending), num_returns=1)[0][0])
+            pending[submit(item)] = i
+        while pending:
+            collect(ray.wait(list(pending), num_returns=1)[0][0])
     return results
 
 
@@ -89,14 +97,15 @@ def _rollout(seed: int, task: str, spec: dict, world: dict, safety: str, log_uri
 
 def run_rollouts(scenes: list[tuple[int, str]], *, spec: dict | list[dict], world, safety: str,
                  log_uris: list[str] | None = None, storage_options: dict | None = None,
-                 parallelism: int = 2) -> list[dict]:
+                 parallelism: int = 2, desc: str = "episodes") -> list[dict]:
     """Drive one episode per (seed, task) scene, `parallelism` at a time; with `log_uris`, each is
-    logged as MCAP. `spec` is one driver spec for all scenes, or one per scene."""
+    logged as MCAP. `spec` is one driver spec for all scenes, or one per scene; `desc` names the
+    progress bar."""
     world_dict = dataclasses.asdict(world)
     specs = spec if isinstance(spec, list) else [spec] * len(scenes)
     items = list(zip(scenes, specs, log_uris or [None] * len(scenes)))
     return _bounded(lambda it: _rollout.remote(it[0][0], it[0][1], it[1], world_dict, safety, it[2],
-                                               storage_options), items, parallelism)
+                                               storage_options), items, parallelism, desc)
 
 
 @ray.remote(num_cpus=SYNTH_CPUS)

@@ -144,6 +144,13 @@ def test_state_and_tasks_are_required(arm):
     assert tokens[1, 3:].tolist() == [0, 0] and tokens[2, :2].tolist() == [1, 1]  # [PAD] = 0, [UNK] = 1
 
 
+def test_task_encoder_encodes_repeated_instructions_like_single_ones(arm):
+    texts = ["open the drawer", "Pick up the RED cube!", "open the drawer", "fly away", "Pick up the RED cube!"]
+    encoder, tokens = arm.task_encoder, arm.tokenize(texts)
+    torch.testing.assert_close(encoder(tokens), torch.cat([encoder(row[None]) for row in tokens]))
+    assert encoder(tokens[:0]).shape == (0, ARM.task_hidden)
+
+
 def test_default_preset_runs():
     policy = Policy(preset("default"))
     assert policy.act(frames(policy.config, 2)).shape == (2, 3)
