@@ -27,12 +27,12 @@ from stages.schemas import TURNS
 TAGGED = ("episodes", "frames", "rejects", "clips", "evaluations", "sources")
 
 
-def _timed(stages: dict, turn: int, name: str, fn, **kwargs) -> dict:
+def _timed(stages: dict, at_turn: int, name: str, fn, **kwargs) -> dict:
     """Run one stage, record its wall time and say on stderr that it ended (a person is watching)."""
     start = time.perf_counter()
     stages[name] = fn(**kwargs)
     stages[name]["wall_s"] = round(time.perf_counter() - start, 1)
-    print(f"turn {turn}: {name} done in {stages[name]['wall_s']} s", file=sys.stderr, flush=True)
+    print(f"turn {at_turn}: {name} done in {stages[name]['wall_s']} s", file=sys.stderr, flush=True)
     return stages[name]
 
 

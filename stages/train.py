@@ -19,6 +19,9 @@ from torch import nn
 
 from stages.sampler import HistorySampler
 
+# each ray.train.report waits for the controller's next poll (about 2 s on Ray Train v2, measured):
+# a short run reports every REPORT_MIN_STEPS steps at most, not every tenth of its steps
+REPORT_MIN_STEPS = 25
 # kind -> (module path, whether the sampler must provide the next frame)
 MODEL_KINDS = {"policy": ("models.policy", False), "world_model": ("models.world_model", True)}
 
@@ -87,7 +90,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
     opt = torch.optim.AdamW(wrapped.parameters(), lr=hp["lr"], weight_decay=hp.get("weight_decay", 0.0))
     steps, per_worker = cfg["steps"], max(1, hp["batch_size"] // world)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp["lr"], total_steps=steps, pct_start=0.1)
-    report_every, start, running = max(1, steps // 10), time.perf_counter(), []
+    report_every, start, running = max(REPORT_MIN_STEPS, steps // 10), time.perf_counter(), []
     for step in range(steps):
         batch = _to_torch(sampler.batch(per_worker, synthetic_fraction=cfg["synthetic_fraction"]), device)
         loss = wrapped(batch)
