@@ -73,6 +73,9 @@ def test_models_take_the_worlds_shapes():
     assert arm.policy.action_low == (-1.0,) * 4 and arm.policy.action_high == (1.0,) * 4
     assert arm.policy.state_dim == 7 and {"drawer", "window", "door"} <= set(arm.policy.task_vocab)
     assert arm.world_model.action_dim == 4 and arm.world_model.task_vocab == arm.policy.task_vocab
+    demo = resolve("default", world="metaworld-mt10")  # the world's own preset overrides
+    assert (demo.fleet.episodes, len(demo.eval_seeds), demo.curate.min_length) == (80, 5, 20)
+    assert resolve("gpu", world="metaworld-mt10").curate.min_length == 20  # "all" applies to every preset
     car = resolve("tiny", world="carracing")
     assert car.policy.task_vocab == () and car.policy.loss_weights == (2.0, 1.0, 1.0)
 
