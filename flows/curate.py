@@ -146,7 +146,7 @@ def save_lineage(ctx: Context, units: list[dict], turn: int) -> None:
 
 @flow(name="curate")
 def curate_flow(config: str = "default", lake: str = "./lake", landing: str = "./landing",
-                world: str = "carracing", overrides: list[str] | None = None,
+                world: str = worlds.DEFAULT, overrides: list[str] | None = None,
                 config_file: str | None = None, turn: int | None = None, mapping: dict | None = None, reasoner: str | None = None) -> dict:
     """Ingest new logs; returns counts (seen = kept + rejected), rows added and table versions.
 

@@ -42,7 +42,7 @@ class Health(BaseModel):
     status: Literal["ok"] = Field(description="Always `ok` when the replica answers.")
     model_name: str = Field(description="Registry name of the serving model.", examples=["policy"])
     model_version: int = Field(description="Registry version of the serving model.", examples=[3])
-    world: str = Field(description="The world the policy acts in (see `worldloop worlds`).", examples=["carracing"])
+    world: str = Field(description="The world the policy acts in (see `worldloop worlds`).", examples=[worlds.DEFAULT])
     history: int = Field(description="K: the number of frames POST /act expects.", examples=[3])
     image_size: int = Field(description="H = W of each frame in pixels.", examples=[64])
     actions: list[str] = Field(description="The action's fields, in the world's order.",
