@@ -27,6 +27,7 @@ class FleetConfig:
     """How many episodes the fleet drives (turn 0: the world's noisy expert; then the champion)."""
 
     episodes: int = 12  # behaviour cloning from 12 noisy-expert episodes drives near expert level
+    champion_episodes: int = 0  # episodes of the turns the champion drives (over HTTP); 0 = episodes
     seed_base: int = 100_000  # fleet seeds are seed_base + 1000 * turn + i; never the eval seeds
     parallelism: int = 2
 

@@ -15,10 +15,10 @@ from sim import worlds
 from stages import adapters, storage
 
 
-def fleet_scenes(ctx: Context, turn: int) -> list[tuple[int, str]]:
+def fleet_scenes(ctx: Context, turn: int, *, champion: bool = False) -> list[tuple[int, str]]:
     """(seed, task) of each episode of the turn; the seeds never meet the held-out ones."""
     f = ctx.config.fleet
-    seeds = [f.seed_base + 1000 * turn + i for i in range(f.episodes)]
+    seeds = [f.seed_base + 1000 * turn + i for i in range((champion and f.champion_episodes) or f.episodes)]
     if set(seeds) & set(ctx.config.eval_seeds):
         raise ValueError("fleet seeds overlap the held-out evaluation seeds; change fleet.seed_base")
     return list(zip(seeds, ctx.world.scene_tasks(len(seeds))))
@@ -35,8 +35,8 @@ def driver_spec(ctx: Context, endpoint: str | None) -> dict:
 
 @task(name="drive-episodes", cache_policy=NO_CACHE)
 def drive(ctx: Context, turn: int, spec: dict) -> list[dict]:
-    scenes = fleet_scenes(ctx, turn)
     who = "expert" if spec["kind"] == "expert" else "champion"
+    scenes = fleet_scenes(ctx, turn, champion=who == "champion")
     uris = [storage.join(ctx.fleet_landing_uri, f"turn-{turn:04d}", f"{who}-{task}-seed-{s}.mcap")
             for s, task in scenes]
     return adapters.run_rollouts(scenes, spec=spec, world=ctx.config.world, safety="active",
@@ -48,7 +48,8 @@ def drive(ctx: Context, turn: int, spec: dict) -> list[dict]:
 def fleet_flow(config: str = "default", lake: str = "./lake", landing: str = "./landing",
                world: str = worlds.DEFAULT, overrides: list[str] | None = None,
                config_file: str | None = None, turn: int | None = None, endpoint: str | None = None) -> dict:
-    """Drive `config.fleet.episodes` episodes and log them; returns a summary."""
+    """Drive `config.fleet.episodes` episodes (`champion_episodes` when the champion drives) and log
+    them; returns a summary."""
     ctx = Context.create(config=config, lake=lake, landing=landing, world=world, overrides=overrides,
                          config_file=config_file)
     ensure_ray()

@@ -17,6 +17,10 @@ bounds, the proprioceptive/goal state and the task vocabulary through the config
   (word-level tokens, a one-layer BERT trained from scratch, mean-pooled); its embedding
   FiLM-modulates the last convolutional features (Perez et al. 2018; as in RT-1 / BC-Z) and is
   concatenated before the head.
+* Augmentation (``shift`` > 0): in training, every sample's frames (its whole history alike) are
+  shifted by a random whole number of pixels in [-shift, shift] on each axis, the border repeated
+  (DrQ's random shift: Kostrikov et al., "Image Augmentation Is All You Need", ICLR 2021; RAD,
+  Laskin et al. 2020): few demonstrations, many frames that differ by a few pixels.
 
 Training hyper-parameters live beside the architecture so the resolved config saved with a
 checkpoint says how it was made.
@@ -49,6 +53,7 @@ class PolicyConfig:
     channels: tuple[int, ...] = (32, 64, 128)  # one stride-2 conv per entry, after a 2x space-to-depth
     hidden: int = 256
     dropout: float = 0.1
+    shift: int = 0  # random-shift augmentation in training, in pixels (0 = off)
     # outputs: one per action, squashed into [low, high]
     action_low: tuple[float, ...] = (-1.0, 0.0, 0.0)
     action_high: tuple[float, ...] = (1.0, 1.0, 1.0)
@@ -80,6 +85,8 @@ class PolicyConfig:
                                   or min(self.loss_weights) < 0 or sum(self.loss_weights) <= 0):
             raise ValueError(f"loss_weights must be () or {self.action_dim} non-negative floats with a "
                              f"positive sum, got {self.loss_weights}")
+        if not 0 <= self.shift < self.image_size // 2:
+            raise ValueError(f"shift must be in [0, {self.image_size // 2}), got {self.shift}")
         if self.state_dim < 0 or self.state_hidden < 1 or self.task_hidden < 1 or self.task_max_len < 1:
             raise ValueError("state_dim must be >= 0 and state_hidden, task_hidden, task_max_len >= 1")
         check_vocab(self.task_vocab)
@@ -133,6 +140,17 @@ class RunningNorm(nn.Module):
                 self.count.add_(m)
         std = self.var.clamp_min(self.min_std ** 2).sqrt()
         return ((x_BS - self.mean) / std).clamp(-self.clip, self.clip)
+
+
+def random_shift(x_BCHW: torch.Tensor, pad: int) -> torch.Tensor:
+    """Each sample translated by whole pixels in [-pad, pad] (replicated border), as DrQ does."""
+    B, _, H, W = x_BCHW.shape
+    padded = F.pad(x_BCHW, (pad, pad, pad, pad), mode="replicate")
+    off = torch.randint(0, 2 * pad + 1, (B, 2), device=x_BCHW.device)
+    rows = (off[:, 0, None] + torch.arange(H, device=x_BCHW.device))[:, :, None]  # [B, H, 1]
+    cols = (off[:, 1, None] + torch.arange(W, device=x_BCHW.device))[:, None, :]  # [B, 1, W]
+    index = (rows * (W + 2 * pad) + cols).reshape(B, 1, H * W).expand(-1, x_BCHW.shape[1], -1)
+    return padded.flatten(2).gather(2, index).reshape(x_BCHW.shape)
 
 
 class Policy(nn.Module):
@@ -201,6 +219,8 @@ class Policy(nn.Module):
         self._check(frames_BKHWC, state_BS, tokens_BL)
         B, K, H, W, C = frames_BKHWC.shape
         x = frames_BKHWC.permute(0, 1, 4, 2, 3).reshape(B, K * C, H, W).float() / 127.5 - 1.0
+        if self.training and self.config.shift:
+            x = random_shift(x, self.config.shift)
         feat_BCHW = self.encoder(x)
         parts = []
         if self.state_mlp is not None:

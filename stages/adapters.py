@@ -7,6 +7,7 @@ cluster and on a multi-node cluster with the lake on S3.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sys
 from typing import Any
@@ -46,6 +47,15 @@ def _policy_act(model):
                                                   list(tasks) if model.config.task_vocab else None)
 
 
+@functools.lru_cache(maxsize=2)
+def _load_policy(directory: str, created_at: str):
+    """A registered version's weights, loaded once per worker process (``created_at`` tells apart
+    a version of a lake deleted and made again at the same path)."""
+    from models import policy as policy_model
+
+    return policy_model.load(directory)
+
+
 def _build_driver(spec: dict, world):
     """A driver from a picklable spec: expert (noisy or not) | random | policy (registry) | endpoint (HTTP)."""
     from sim import rollout
@@ -56,12 +66,13 @@ def _build_driver(spec: dict, world):
     if kind == "random":
         return world.random_driver()
     if kind == "policy":
-        from models import policy as policy_model
         from stages.registry import Registry
 
         registry = Registry(spec["registry_uri"], storage_options=spec.get("storage_options"))
         mv = registry.get(spec["name"], version=spec["version"])
-        model = policy_model.load(registry.fetch(mv))
+        if mv is None:
+            raise ValueError(f"{spec['name']} version {spec['version']} is not in the registry at {spec['registry_uri']}")
+        model = _load_policy(registry.fetch(mv), mv.created_at.isoformat())
         return rollout.PolicyDriver(_policy_act(model), history=model.config.history, name="policy",
                                     policy_version=f"{spec['name']}:v{mv.version}")
     if kind == "endpoint":

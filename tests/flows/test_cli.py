@@ -74,10 +74,11 @@ def test_models_take_the_worlds_shapes():
     assert arm.policy.state_dim == 7 and {"drawer", "window", "door"} <= set(arm.policy.task_vocab)
     assert arm.world_model.action_dim == 4 and arm.world_model.task_vocab == arm.policy.task_vocab
     demo = resolve("default", world="metaworld-mt10")  # the world's own preset overrides
-    assert (demo.fleet.episodes, len(demo.eval_seeds), demo.curate.min_length) == (80, 5, 20)
+    assert (demo.fleet.episodes, demo.fleet.champion_episodes, len(demo.eval_seeds)) == (80, 30, 5)
+    assert (demo.curate.min_length, demo.policy.shift, arm.policy.shift) == (20, 4, 4)
     assert resolve("gpu", world="metaworld-mt10").curate.min_length == 20  # "all" applies to every preset
     car = resolve("tiny", world="carracing")
-    assert car.policy.task_vocab == () and car.policy.loss_weights == (2.0, 1.0, 1.0)
+    assert car.policy.task_vocab == () and car.policy.loss_weights == (2.0, 1.0, 1.0) and car.policy.shift == 0
 
 
 def test_worlds_command_lists_every_registered_world(capsys):
@@ -87,3 +88,17 @@ def test_worlds_command_lists_every_registered_world(capsys):
     assert [a["name"] for a in out["carracing"]["actions"]] == ["steer", "gas", "brake"]
     assert cli.main(["worlds"]) == 0
     assert "carracing  " in capsys.readouterr().out
+
+
+def test_fleet_scenes_per_driver(tmp_path):
+    from flows.fleet import fleet_scenes
+    from flows.runtime import Context
+
+    ctx = Context.create(config="default", lake=str(tmp_path / "lake"), landing=str(tmp_path / "landing"),
+                         world="metaworld-mt10")
+    expert, champion = fleet_scenes(ctx, 0), fleet_scenes(ctx, 1, champion=True)
+    assert (len(expert), len(champion)) == (80, 30)
+    assert {t for _, t in champion} == set(ctx.world.spec.task_names)  # round-robin over the ten tasks
+    assert not {s for s, _ in expert} & {s for s, _ in champion} and len({s for s, _ in expert}) == 80
+    car = Context.create(config="default", lake=str(tmp_path / "lake"), landing=str(tmp_path / "landing"))
+    assert len(fleet_scenes(car, 1, champion=True)) == car.config.fleet.episodes  # 0: same as the expert's

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.policy import PRESETS, Policy, PolicyConfig, config_from_dict, load, preset, save
+from models.policy import PRESETS, Policy, PolicyConfig, config_from_dict, load, preset, random_shift, save
 from models.text import build_vocab
 
 TASKS = ("Pick up the red cube.", "Push the blue block left!", "Open the drawer")
@@ -219,3 +219,23 @@ def test_learns_from_state_and_task():
     pred = policy.act(x.numpy(), s.numpy(), tasks)
     err = np.abs(pred - target.numpy()).mean(axis=0)
     assert (err[:3] < 0.1).all() and err[3] < 0.15, err
+
+
+def test_random_shift_translates_each_sample_in_training_only():
+    x = torch.arange(4 * 6 * 16 * 16, dtype=torch.float32).reshape(4, 6, 16, 16)
+    torch.manual_seed(0)
+    y = random_shift(x, 3)
+    assert y.shape == x.shape and not torch.equal(x, y)
+    for b in range(4):  # one whole-pixel translation per sample, shared by all its channels
+        rows = (y[b, 0, :, 0] - x[b, 0, 0, 0]) // 16
+        cols = (y[b, 0, 0, :] - x[b, 0, 0, 0]) % 16
+        dy, dx = int(rows[3]) - 3, int(cols[3]) - 3
+        assert -3 <= dy <= 3 and -3 <= dx <= 3
+        shifted = x[b].roll((-dy, -dx), dims=(1, 2))
+        inner = (slice(None), slice(3, 13), slice(3, 13))
+        assert torch.equal(y[b][inner], shifted[inner])
+    with pytest.raises(ValueError, match="shift"):
+        PolicyConfig(shift=32)
+    policy = Policy(dataclasses.replace(ARM, shift=4)).eval()
+    f, s = frames(ARM, 2), states(2)
+    assert np.array_equal(policy.act(f, s, TASKS[:2]), policy.act(f, s, TASKS[:2]))  # no shift when acting

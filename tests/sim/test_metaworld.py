@@ -108,6 +108,17 @@ def test_scenes_depend_on_the_seed_only(world, make):
     # each env owns a GL context: closing one must not corrupt the others' frames
     c.close()
     assert np.array_equal(b.reset(), fb) and np.array_equal(a.reset(), fa)
+    # a pooled env that ran another scene draws this one exactly as a fresh env did
+    d = make(1002, "push")
+    assert d.gym is not None and not np.array_equal(d.reset(), fa)
+    d.step(-np.ones(4, np.float32))
+    d.close()
+    again = make(1000, "push")
+    assert np.array_equal(again.reset(), fa) and np.array_equal(again.state(), sa)
+    # tasks sharing a sampler (reach, push, pick-place) get different scenes from one seed
+    reach, pick = make(1000, "reach"), make(1000, "pick-place")
+    reach.reset(), pick.reset()
+    assert not np.allclose(reach.state()[goal], pick.state()[goal])
 
 
 @pytest.mark.parametrize("task", ["reach", "drawer-close", "button-press-topdown"])
