@@ -46,7 +46,7 @@ class Health(BaseModel):
     history: int = Field(description="K: the number of frames POST /act expects.", examples=[3])
     image_size: int = Field(description="H = W of each frame in pixels.", examples=[64])
     actions: list[str] = Field(description="The action's fields, in the world's order.",
-                               examples=[["steer", "gas", "brake"]])
+                               examples=[list(worlds.spec(worlds.DEFAULT).action_names)])
     state: list[str] = Field(description="The fields of `state` POST /act needs, in order; empty: no state.",
                              examples=[[]])
     tasks: list[str] = Field(description="Task names POST /act accepts in `task` (their instructions are "
