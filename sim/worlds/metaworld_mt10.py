@@ -188,6 +188,14 @@ def _free(env) -> None:
     env.close()
 
 
+def _checkout(task: str, size: int):
+    """An idle pooled env of (task, size), or a new one."""
+    with _POOL_LOCK:
+        idle = _POOL.get((task, size))
+        env = idle.pop() if idle else None
+    return env or _build(task, size)
+
+
 @atexit.register
 def _drain() -> None:
     with _POOL_LOCK:
@@ -205,10 +213,7 @@ class MetaWorldEnv:
         self.max_steps, self.hold = world.max_steps, world.options.success_hold
         self._key = (task, world.image_size)
         self._scene = int(np.random.SeedSequence([self.seed, zlib.crc32(task.encode())]).generate_state(1)[0])
-        with _POOL_LOCK:
-            idle = _POOL.get(self._key)
-            self.gym = idle.pop() if idle else None
-        self.gym = self.gym or _build(task, world.image_size)
+        self.gym = _checkout(task, world.image_size)
         model = self.gym.model
         self._free_geoms = self.gym.worldloop_free_geoms
         self._pads = (model.geom("leftpad_geom").id, model.geom("rightpad_geom").id)
