@@ -22,7 +22,7 @@ SAFETY_MODES = ("active", "shadow", "off")
 class RandomDriver:
     """Uniformly random actions within the spec's bounds; seeded per episode."""
 
-    policy_version = ""
+    policy_version, reads_frames = "", False
 
     def __init__(self, spec: WorldSpec, *, name: str = "random") -> None:
         self.spec, self.name = spec, name
@@ -38,6 +38,8 @@ class RandomDriver:
 class PolicyDriver:
     """Drives with any `act_fn(frames_BKHWC uint8, state_BS float32, tasks [B]) -> float32[B, A]`
     over the last K frames (padded by repeating the episode's first frame)."""
+
+    reads_frames = True
 
     def __init__(self, act_fn: Callable[..., np.ndarray], *, history: int, name: str = "policy",
                  policy_version: str | None = None) -> None:
@@ -74,7 +76,8 @@ def run_episode(*, world: World, seed: int, task: str | None = None, driver, saf
         raise ValueError(f"safety must be one of {SAFETY_MODES}, got {safety!r}")
     task = task or spec.task_names[0]
     instruction = spec.instruction(task)
-    env = world.make_env(int(seed), task)
+    # nobody looks at an unrecorded episode's frames when the driver acts on privileged state
+    env = world.make_env(int(seed), task, frames=record or getattr(driver, "reads_frames", True))
     try:
         image = env.reset()
         want = (world.image_size, world.image_size, 3)

@@ -204,6 +204,7 @@ class Driver(Protocol):
 
     name: str
     policy_version: str
+    reads_frames: bool  # False: acts on the env's privileged state alone (the run may skip rendering)
 
     def reset(self, env: Env, seed: int) -> None: ...
 
@@ -234,8 +235,9 @@ class World(ABC):
         self.max_steps = config.max_steps or self.spec.max_steps
 
     @abstractmethod
-    def make_env(self, seed: int, task: str) -> Env:
-        """A fresh env whose scene depends only on (seed, task): distinct seeds give distinct scenes."""
+    def make_env(self, seed: int, task: str, *, frames: bool = True) -> Env:
+        """A fresh env whose scene depends only on (seed, task): distinct seeds give distinct scenes.
+        ``frames=False``: nobody reads the episode's frames; the env may return blank ones unrendered."""
 
     @abstractmethod
     def expert(self, *, noisy: bool = False, seed: int = 0) -> Driver:

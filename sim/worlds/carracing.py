@@ -144,7 +144,7 @@ class CarRacing(World):
     spec = SPEC
     Options = Options
 
-    def make_env(self, seed: int, task: str = "drive") -> CarEnv:
+    def make_env(self, seed: int, task: str = "drive", *, frames: bool = True) -> CarEnv:
         self.spec.instruction(task)
         return CarEnv(self, seed)
 

@@ -124,7 +124,7 @@ class ExpertConfig:
 class Expert:
     """Privileged driver: `reset(env)` per episode, then `act(env) -> float32[3]` each step."""
 
-    name, policy_version = "expert", ""
+    name, policy_version, reads_frames = "expert", "", False
 
     def __init__(self, config: ExpertConfig | None = None) -> None:
         self.config = config or ExpertConfig()
@@ -201,7 +201,7 @@ class NoiseConfig:
 class NoisyExpert:
     """The expert with action noise, steer and brake pulses; deterministic given the episode seed."""
 
-    name, policy_version = "noisy_expert", ""
+    name, policy_version, reads_frames = "noisy_expert", "", False
 
     def __init__(self, noise: NoiseConfig | None = None, config: ExpertConfig | None = None) -> None:
         self.noise = noise or NoiseConfig()

@@ -208,8 +208,9 @@ def _drain() -> None:
 class MetaWorldEnv:
     """One (seed, task) scene: the ``Env`` contract over a raw Meta-World env of the process's pool."""
 
-    def __init__(self, world: "MetaWorldMT10", seed: int, task: str) -> None:
+    def __init__(self, world: "MetaWorldMT10", seed: int, task: str, *, frames: bool = True) -> None:
         self.seed, self.task = int(seed), task
+        self._blank = None if frames else np.zeros((world.image_size, world.image_size, 3), np.uint8)
         self.max_steps, self.hold = world.max_steps, world.options.success_hold
         self._key = (task, world.image_size)
         self._scene = int(np.random.SeedSequence([self.seed, zlib.crc32(task.encode())]).generate_state(1)[0])
@@ -241,6 +242,8 @@ class MetaWorldEnv:
         return self._frame(), self.reward, done, info
 
     def _frame(self) -> np.ndarray:
+        if self._blank is not None:  # nobody reads the frames (make_env(frames=False)): ~20 ms saved
+            return self._blank
         self._viewer().make_context_current()  # another env's GL context may be the current one
         return np.ascontiguousarray(self.gym.render()[::-1, ::-1])
 
@@ -298,7 +301,7 @@ class Expert:
     """Meta-World's scripted policy for the env's task, on the privileged observation; stateless.
     One rule is added: fingers jammed on top of the object (``MetaWorldEnv.jammed``) open and lift."""
 
-    name, policy_version = "expert", ""
+    name, policy_version, reads_frames = "expert", "", False
 
     def __init__(self) -> None:
         self._policies: dict = {}
@@ -323,7 +326,7 @@ class Expert:
 class NoisyExpert:
     """The expert plus DART noise and pulses; deterministic given (seed, episode seed)."""
 
-    name, policy_version = "noisy_expert", ""
+    name, policy_version, reads_frames = "noisy_expert", "", False
 
     def __init__(self, noise: NoiseConfig, seed: int = 0, warmup: int = SPEC.warmup_steps) -> None:
         self.noise, self.seed, self.warmup, self.expert = noise, int(seed), warmup, Expert()
@@ -398,9 +401,9 @@ class MetaWorldMT10(World):
         if self.max_steps > MAX_PATH:
             raise ValueError(f"max_steps must be <= {MAX_PATH} (Meta-World's episode limit), got {self.max_steps}")
 
-    def make_env(self, seed: int, task: str) -> MetaWorldEnv:
+    def make_env(self, seed: int, task: str, *, frames: bool = True) -> MetaWorldEnv:
         self.spec.instruction(task)  # an unknown task is an error
-        return MetaWorldEnv(self, seed, task)
+        return MetaWorldEnv(self, seed, task, frames=frames)
 
     def expert(self, *, noisy: bool = False, seed: int = 0):
         return NoisyExpert(self.options.noise, seed, self.spec.warmup_steps) if noisy else Expert()
