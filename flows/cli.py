@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
 import time
 import warnings
@@ -240,8 +241,15 @@ def _render_clips(curate: dict) -> list[str]:
     return lines
 
 
+def _exit_on_sigterm(signum: int, frame) -> None:
+    """SIGTERM unwinds the command as an exit does, so the atexit hooks stop what it started:
+    Prefect's temporary API server, the local Ray cluster and its Serve endpoints."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     _environment()
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # Ray's init installs the same kind of handler
     from flows.runtime import prefect_settings
 
     args = _parser().parse_args(argv)

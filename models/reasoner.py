@@ -41,11 +41,10 @@ from models import checkpoint
 WEIGHTS_NAME = checkpoint.WEIGHTS_NAME
 CONFIG_NAME = "reasoner_config.json"  # not config.json: that name marks a Hugging Face model
 UNKNOWN = "unknown"  # a tag value a describer could not determine
-# Default vocabulary: the car world's (sim.worlds.carracing), so older configs and checkpoints keep their meaning
-DEFAULT_TAGS: Mapping[str, tuple[str, ...]] = {"curvature": ("left", "straight", "right"),
-                                               "track": ("on", "off"), "speed": ("slow", "medium", "fast")}
-DEFAULT_EVENTS = ("none", "intervention", "off_track", "hard_brake", "hard_steer", "low_reward", "novelty")
-DEFAULT_MIRROR: Mapping[str, Mapping[str, str]] = {"curvature": {"left": "right", "right": "left"}}
+# A placeholder vocabulary of no world (shape-only uses: benchmarks, smoke tests). A world's reasoner
+# takes the world's (stages.describe.reasoner_config_for), and a checkpoint carries its own.
+DEFAULT_TAGS: Mapping[str, tuple[str, ...]] = {"motion": ("still", "moving")}
+DEFAULT_EVENTS = ("none", "intervention", "novelty")
 CaptionFn = Callable[[dict, str], str]
 _BATCH = 256  # inference chunk
 
@@ -76,8 +75,7 @@ class ReasonerConfig:
     # vocabulary (a world's: stages.describe.reasoner_config_for)
     tags: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_TAGS))  # tag -> values
     events: tuple[str, ...] = DEFAULT_EVENTS  # the event tokens of the prompt
-    mirror: dict[str, dict[str, str]] = field(  # {tag: {value: value when flipped}}; {} = no flips
-        default_factory=lambda: {k: dict(v) for k, v in DEFAULT_MIRROR.items()})
+    mirror: dict[str, dict[str, str]] = field(default_factory=dict)  # {tag: {value: value when flipped}}; {} = none
 
     def __post_init__(self) -> None:
         # JSON gives lists (and any mapping may come in): store tuples and plain dicts

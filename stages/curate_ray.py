@@ -177,10 +177,10 @@ def ingest_and_judge(units: list[dict], *, storage_options: dict | None, params:
 _REASONERS: dict[tuple, Any] = {}  # per process: the loaded reasoner by (URI, its files)
 
 
-def _reasoner(uri: str, storage_options: dict | None, tags: dict) -> Any:
+def _reasoner(uri: str, storage_options: dict | None, spec: Any) -> Any:
     """The reasoner at ``uri`` (a local directory or an s3:// prefix, copied here first), loaded
     once per process while its files stay the same; a changed file (size or etag) loads the
-    model again."""
+    model again. A pretrained vision-language model is asked for the world's tags and told its events."""
     files = tuple((o["uri"], o["size"], o["etag"]) for o in storage.list_objects(
         uri, suffix="", storage_options=storage_options))
     key = (uri, files)
@@ -189,7 +189,8 @@ def _reasoner(uri: str, storage_options: dict | None, tags: dict) -> Any:
 
         _REASONERS.clear()
         with storage.local_copy(uri, storage_options) as local:
-            _REASONERS[key] = load_reasoner(local, tags=tags, source=uri)
+            tags, events = describe.vocabulary(spec)
+            _REASONERS[key] = load_reasoner(local, tags=tags, events=events, source=uri)
     return _REASONERS[key]
 
 
@@ -219,7 +220,7 @@ class Describer:
 
     def describe(self, clips: pa.Table, reasoner_uri: str, storage_options: dict | None, world: dict) -> pa.Table:
         w = worlds.get(WorldConfig(**world))
-        return describe_batch(clips, reasoner=_reasoner(reasoner_uri, storage_options, dict(w.spec.tags)),
+        return describe_batch(clips, reasoner=_reasoner(reasoner_uri, storage_options, w.spec),
                               caption_fn=w.caption)
 
 

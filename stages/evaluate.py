@@ -2,7 +2,7 @@
 
 Scores are the world's (episode return, or 1/0 task success). Candidate and champion are driven
 on the same held-out scenes, (task, seed) pairs, so comparisons are paired (STACK.md: evaluation
-noise is large, e.g. CarRacing's std 200-270 over 10 seeds).
+noise is large: an episode return's std can be a quarter of its mean over 10 seeds).
 Confidence intervals are percentile bootstraps over seeds, with a fixed generator so that the
 same scores always give the same interval.
 """

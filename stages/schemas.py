@@ -72,7 +72,7 @@ def frames_schema(image_size: int | Sequence[int], *, action_dim: int, state_dim
 
     ``flags`` lists the quality signals a kept frame raised (``frozen``, ``dark``,
     ``overexposed``, ``dropped_before``); an empty list is a clean frame. ``signals`` lists the
-    world's boolean signals raised at the step (``off_track``, ``success``, ...); ``task`` is the
+    world's boolean signals raised at the step (names from the spec's ``signals``); ``task`` is the
     instruction. ``features`` (world, action and state names, ...) go to the schema metadata
     under ``worldloop.features``, so a reader learns the names without knowing the world.
     """

@@ -2,11 +2,11 @@
 
 For a real window (K history frames ending at step t and the parent's next T actions), the
 world model is driven with the parent's actions under the world's counterfactual perturbation
-(``World.counterfactual``: for the car a steer offset, then the counter-steer; for the arm a push
-of the hand) for `drift_steps`, then recovers. Every generated frame is labelled honestly, per
+(``World.counterfactual``: an offset on the world's actions, then the correction that undoes it)
+for `drift_steps`, then recovers. Every generated frame is labelled honestly, per
 frame, in `label_source`:
-  * during the drift the label is the world's recovery label (e.g. PilotNet's corrective steer,
-    Bojarski et al., 2016), with the source the world names ("recovery_heuristic");
+  * during the drift the label is the world's recovery label (as PilotNet's shifted-camera
+    corrections, Bojarski et al., 2016), with the source the world names ("recovery_heuristic");
   * afterwards the label is the action the world model was conditioned on: "generator_action".
 `action` always holds what the generator was conditioned on. A variant whose frames change too
 abruptly or drift in colour from the real frame is implausible and becomes a reject, not a row.
@@ -36,7 +36,7 @@ def select_parents(frames: pa.Table, *, n: int, horizon: int, min_step: int, see
     """Pick `n` (episode_id, start_step) windows from light frame columns (episode_id, step).
 
     A start step leaves `horizon` parent actions after it; interventions and frames that raised
-    a world signal (``signals``, e.g. off track) are preferred, so variants cluster around what
+    a world signal (the spec's ``signals``) are preferred, so variants cluster around what
     went wrong.
     The picks depend on the rows and `seed` only, not on their order: a table's scan order is
     the order its fragments were written in, which parallel writers vary from run to run.
@@ -161,8 +161,8 @@ def synthesize_batch(batch: dict[str, np.ndarray], *, model, world, offsets: Seq
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Variant:
-    """One variant ``synthesize_batch`` generated from a parent window: the steer (or push)
-    offset, frames uint8 [T, H, W, 3], actions and labels [T, A], each label's source [T], and
+    """One variant ``synthesize_batch`` generated from a parent window: the world's
+    perturbation offset, frames uint8 [T, H, W, 3], actions and labels [T, A], each label's source [T], and
     why it is implausible (None when it is not)."""
 
     offset: float

@@ -2,9 +2,16 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
 
 from flows import cli
-import pytest
 
 from flows.config import preset, resolve
 
@@ -27,6 +34,36 @@ def test_stage_without_its_inputs_fails_clearly(tmp_path, capsys, prefect_harnes
                      "--landing", str(tmp_path / "landing")])
     assert code == 2
     assert "run `worldloop curate` first" in capsys.readouterr().err
+
+
+def test_sigterm_stops_what_the_command_started(tmp_path):
+    """A command killed by SIGTERM (a scheduler's stop, `kill`) stops its Prefect API server and
+    whatever else it started instead of leaving them orphaned."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "RAY_ADDRESS")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect")
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "fleet", "--config", "tiny", "--world", "carracing",
+                             "--lake", str(tmp_path / "lake"), "--landing", str(tmp_path / "landing"),
+                             "--set", "fleet.episodes=500"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    def cmdline(p: psutil.Process) -> str:
+        try:
+            return " ".join(p.cmdline())
+        except psutil.Error:  # gone meanwhile
+            return ""
+
+    try:
+        started, deadline = [], time.monotonic() + 120
+        while not any("prefect.server" in cmdline(c) for c in started):
+            assert proc.poll() is None and time.monotonic() < deadline, "no Prefect API server started"
+            time.sleep(0.5)
+            started = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) != 0
+        _, alive = psutil.wait_procs(started, timeout=30)
+        assert not alive, [cmdline(p)[:120] for p in alive]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def test_heartbeats_are_off_only_without_a_prefect_server():

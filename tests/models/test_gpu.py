@@ -13,7 +13,7 @@ import torch
 from models import policy, reasoner, world_model
 from models.text import build_vocab
 
-TAGS = reasoner.DEFAULT_TAGS
+TAGS = {"speed": ("slow", "medium", "fast"), "side": ("left", "right")}  # a vocabulary for the test
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -98,7 +98,7 @@ def test_world_model_gpu_preset_fits_and_rolls_out_on_cuda(tmp_path):
 
 def test_reasoner_gpu_preset_trains_on_cuda():
     cfg = reasoner.preset("gpu")
-    cfg = dataclasses.replace(cfg, steps=150, batch_size=64)
+    cfg = dataclasses.replace(cfg, steps=150, batch_size=64, tags=TAGS, events=("none",), mirror={})
     rng = np.random.default_rng(0)
     n, k, s = 96, cfg.frames_per_clip, cfg.image_size
     # the speed band is written into the brightness of the clip: learnable from pixels

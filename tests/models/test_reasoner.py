@@ -21,6 +21,7 @@ from stages.describe import clip_frames, reasoner_config_for, vocabulary
 CLIP = 10  # steps per clip in the CarRacing data below
 CAR = worlds.get("carracing")
 TAGS, EVENTS = vocabulary(CAR.spec)
+CAR_TINY = reasoner_config_for(CAR.spec, "tiny")  # the tiny preset with the car's vocabulary
 ARM_TAGS = {"phase": ("reach", "grasp", "place"), "gripper": ("open", "closed")}  # a non-car vocabulary
 ARM_EVENTS = ("none", "intervention", "grasp")
 
@@ -77,8 +78,10 @@ def test_presets_derive_and_validate():
         ReasonerConfig(frames_per_clip=0)
     with pytest.raises(ValueError, match="mirror_prob"):
         ReasonerConfig(mirror_prob=1.5)
-    cfg = preset("default")
-    assert (cfg.tags, cfg.events, cfg.mirror) == (TAGS, EVENTS, dict(CAR.spec.mirror))  # the car's by default
+    cfg = preset("default")  # a placeholder vocabulary of no world; a world's comes from its spec
+    assert not {"curvature", "phase"} & set(cfg.tags) and cfg.mirror == {} and "off_track" not in cfg.events
+    car = reasoner_config_for(CAR.spec, "default")
+    assert (car.tags, car.events, car.mirror) == (TAGS, EVENTS, dict(CAR.spec.mirror))
     assert config_from_dict(json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
     old = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(cfg))).items()
            if k not in ("tags", "events", "mirror")}
@@ -105,7 +108,7 @@ def test_vocabulary_is_validated(vocab, match):
 
 def test_untrained_describe_and_embed_contract():
     torch.manual_seed(0)
-    model = Reasoner(preset("tiny"))
+    model = Reasoner(CAR_TINY)
     clips = random_clips(model.config, 5)
     events = list(EVENTS[:5])
     out = model.describe(clips, events)
@@ -139,7 +142,7 @@ def test_untrained_describe_and_embed_contract():
 
 def test_event_token_conditions_the_answer():
     """With the same frames, a learnable link from event to tag is picked up (the prompt is read)."""
-    cfg = dataclasses.replace(preset("tiny"), steps=60)
+    cfg = dataclasses.replace(CAR_TINY, steps=60)
     clips = np.repeat(random_clips(cfg, 1), 32, axis=0)
     events = ["off_track", "none"] * 16
     tags = [{"curvature": "left", "track": "off" if e == "off_track" else "on", "speed": "slow"} for e in events]
@@ -150,7 +153,7 @@ def test_event_token_conditions_the_answer():
 
 
 def test_training_is_deterministic_given_the_seed():
-    cfg = dataclasses.replace(preset("tiny"), steps=3)
+    cfg = dataclasses.replace(CAR_TINY, steps=3)
     clips = random_clips(cfg, 8, seed=1)
     events, tags = ["none"] * 8, [{"curvature": "right", "track": "on", "speed": "fast"}] * 8
     a, _ = train_reasoner(clips, events, tags, config=cfg)
@@ -235,13 +238,13 @@ def test_save_load_and_load_reasoner(trained, tmp_path):
 
 
 def test_parse_tags():
-    assert parse_tags("curvature=left track=off speed=fast") == {"curvature": "left", "track": "off",
+    assert parse_tags("curvature=left track=off speed=fast", TAGS) == {"curvature": "left", "track": "off",
                                                                   "speed": "fast"}
-    assert parse_tags("Speed: SLOW, curvature = right") == {"curvature": "right", "track": UNKNOWN,
+    assert parse_tags("Speed: SLOW, curvature = right", TAGS) == {"curvature": "right", "track": UNKNOWN,
                                                             "speed": "slow"}
-    assert parse_tags("curvature=sideways track=on track=off") == {"curvature": UNKNOWN, "track": "on",
+    assert parse_tags("curvature=sideways track=on track=off", TAGS) == {"curvature": UNKNOWN, "track": "on",
                                                                    "speed": UNKNOWN}
-    assert parse_tags("") == {k: UNKNOWN for k in TAGS}
+    assert parse_tags("", TAGS) == {k: UNKNOWN for k in TAGS}
     assert parse_tags("Phase=GRASP gripper: closed speed=fast", ARM_TAGS) == {"phase": "grasp", "gripper": "closed"}
     assert parse_tags("phase=left", ARM_TAGS) == {"phase": UNKNOWN, "gripper": UNKNOWN}
 
@@ -278,14 +281,14 @@ def build_tiny_vlm(directory) -> None:
 
 def test_hugging_face_vlm_behind_the_same_interface(tmp_path):
     build_tiny_vlm(tmp_path / "vlm")
-    vlm = load_reasoner(tmp_path / "vlm")
+    vlm = load_reasoner(tmp_path / "vlm", tags=TAGS, events=EVENTS)
     assert isinstance(vlm, HFVisionLanguageReasoner)
     clips = random_clips(preset("tiny"), 3, seed=4)
     out = vlm.describe(clips, ["none", "off_track", "novelty"])
     assert len(out) == 3
     for d, e in zip(out, ["none", "off_track", "novelty"]):
         assert all(d["tags"][k] in (*TAGS[k], UNKNOWN) for k in TAGS)
-        assert d["tags"] == parse_tags(d["answer"]) and d["caption"].endswith(f"event: {e}")
+        assert d["tags"] == parse_tags(d["answer"], TAGS) and d["caption"].endswith(f"event: {e}")
     emb = vlm.embed(clips[:, -1])
     assert emb.shape[0] == 3 and emb.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)

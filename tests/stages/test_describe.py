@@ -50,7 +50,9 @@ def test_reasoner_config_for_a_world():
     from models.reasoner import preset
 
     car = worlds.get("carracing")
-    assert reasoner_config_for(car, "tiny") == preset("tiny")  # the reasoner's defaults are the car's
+    cfg = reasoner_config_for(car, "tiny")  # the preset's sizes, the world's words
+    assert (cfg.tags, cfg.events) == vocabulary(car.spec) and cfg.tags != preset("tiny").tags
+    assert cfg.image_size == preset("tiny").image_size
     assert reasoner_config_for(car.spec, "tiny").mirror == {"curvature": {"left": "right", "right": "left"}}
     arm = SimpleNamespace(tags={"phase": ("reach", "grasp", "place"), "gripper": ("open", "closed")},
                           events=("grasp",))  # no ``mirror``: no mirror augmentation

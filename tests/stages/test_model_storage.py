@@ -12,7 +12,7 @@ from stages import curate_ray, storage
 from stages.describe import reasoner_config_for
 from tests.models.test_checkpoint import Toy, ToyConfig, toy_from_dict
 from tests.models.test_policy import ARM, TASKS, arm, frames, states  # noqa: F401  (arm: a fixture)
-from tests.models.test_reasoner import random_clips
+from tests.models.test_reasoner import build_tiny_vlm, random_clips
 from tests.models.test_world_model import trained  # noqa: F401  (a fixture)
 
 
@@ -73,9 +73,23 @@ def test_reasoner_s3(s3_server, tmp_path):
     model = reasoner.Reasoner(reasoner_config_for(spec, "tiny")).eval()
     uri = "s3://lake/models/reasoner/test-v1"
     storage.upload_dir(reasoner.save(model, tmp_path / "reasoner"), uri, options)
-    again = curate_ray._reasoner(uri, options, dict(spec.tags))
+    again = curate_ray._reasoner(uri, options, spec)
     assert isinstance(again, reasoner.Reasoner)
     clips = random_clips(model.config, 2, seed=3)
     np.testing.assert_array_equal(again.embed(clips[:, 0]), model.embed(clips[:, 0]))
     with pytest.raises(ValueError, match="s3://lake/models/reasoner/missing holds neither"):
-        curate_ray._reasoner("s3://lake/models/reasoner/missing", options, dict(spec.tags))
+        curate_ray._reasoner("s3://lake/models/reasoner/missing", options, spec)
+
+
+def test_describer_asks_a_pretrained_vlm_in_the_worlds_words(tmp_path):
+    """A Hugging Face vision-language model as the describer of the arm's clips: asked for the
+    arm's tags and told the arm's events (not the reasoner module's placeholder vocabulary)."""
+    build_tiny_vlm(tmp_path / "vlm")
+    spec = worlds.spec("metaworld-mt10")
+    vlm = curate_ray._reasoner(str(tmp_path / "vlm"), None, spec)
+    assert isinstance(vlm, reasoner.HFVisionLanguageReasoner)
+    assert vlm.tags == {k: tuple(v) for k, v in spec.tags.items()}
+    assert {e.name for e in spec.events} <= set(vlm.events)
+    clips = random_clips(reasoner.preset("tiny"), 2, seed=8)
+    described = vlm.describe(clips, [spec.events[0].name, "novelty"])
+    assert all(set(d["tags"]) == set(spec.tags) for d in described)
