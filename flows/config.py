@@ -200,7 +200,8 @@ def _world_shapes(spec: worlds.WorldSpec, cfg: FlywheelConfig) -> dict[str, Any]
     vocab = tuple(words) if len(spec.tasks) > 1 else ()
     # one section at a time, so the policy's bounds change together (a config validates its widths)
     return {"policy": {"action_low": tuple(spec.action_low.tolist()), "action_high": tuple(spec.action_high.tolist()),
-                       "state_dim": len(spec.policy_state), "task_vocab": vocab, "image_size": cfg.world.image_size},
+                       "state_dim": len(spec.policy_state), "aux_dim": len(spec.state_names) - len(spec.policy_state),
+                       "task_vocab": vocab, "image_size": cfg.world.image_size},
             "world_model": {"action_dim": len(spec.actions), "task_vocab": vocab,
                             "image_size": cfg.world.image_size}}
 

@@ -21,6 +21,12 @@ bounds, the proprioceptive/goal state and the task vocabulary through the config
   shifted by a random whole number of pixels in [-shift, shift] on each axis, the border repeated
   (DrQ's random shift: Kostrikov et al., "Image Augmentation Is All You Need", ICLR 2021; RAD,
   Laskin et al. 2020): few demonstrations, many frames that differ by a few pixels.
+* Auxiliary targets (``aux_dim`` > 0 and ``aux_weight`` > 0): in training, a second head predicts
+  from the image features the state the policy is not given (object positions a simulator or a
+  labelled log knows), normalised like the state; its smooth-L1, times ``aux_weight``, joins the
+  loss. Inference never uses it: it shapes the encoder to find what the actions depend on (the
+  auxiliary pose targets of Levine et al. 2016, "End-to-End Training of Deep Visuomotor Policies";
+  UNREAL's auxiliary tasks, Jaderberg et al. 2017). Rows whose targets are not finite are skipped.
 
 Training hyper-parameters live beside the architecture so the resolved config saved with a
 checkpoint says how it was made.
@@ -64,6 +70,8 @@ class PolicyConfig:
     task_vocab: tuple[str, ...] = ()  # lower-case words of the world's task instructions; () = no task input
     task_hidden: int = 32
     task_max_len: int = 32  # tokens kept per instruction
+    aux_dim: int = 0  # width of the auxiliary target (the world's state the policy does not read)
+    aux_weight: float = 0.0  # its share of the training loss; 0 = no auxiliary head
     # training recipe (used by the post-training stage / recipe script)
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -89,11 +97,17 @@ class PolicyConfig:
             raise ValueError(f"shift must be in [0, {self.image_size // 2}), got {self.shift}")
         if self.state_dim < 0 or self.state_hidden < 1 or self.task_hidden < 1 or self.task_max_len < 1:
             raise ValueError("state_dim must be >= 0 and state_hidden, task_hidden, task_max_len >= 1")
+        if self.aux_dim < 0 or self.aux_weight < 0:
+            raise ValueError(f"aux_dim and aux_weight must be >= 0, got {self.aux_dim}, {self.aux_weight}")
         check_vocab(self.task_vocab)
 
     @property
     def action_dim(self) -> int:
         return len(self.action_low)
+
+    @property
+    def has_aux(self) -> bool:
+        return self.aux_dim > 0 and self.aux_weight > 0
 
 
 _DEFAULT = PolicyConfig()
@@ -182,6 +196,11 @@ class Policy(nn.Module):
         self.head = nn.Sequential(nn.Flatten(), nn.Dropout(c.dropout),
                                   nn.Linear(c_in * side * side + extra, c.hidden), nn.SiLU(),
                                   nn.Dropout(c.dropout), nn.Linear(c.hidden, c.action_dim))
+        self.aux_norm = self.aux_head = None
+        if c.has_aux:
+            self.aux_norm = RunningNorm(c.aux_dim)
+            self.aux_head = nn.Sequential(nn.Linear(c_in * side * side, c.hidden), nn.SiLU(),
+                                          nn.Linear(c.hidden, c.aux_dim))
         self.register_buffer("action_low", torch.tensor(c.action_low, dtype=torch.float32), persistent=False)
         self.register_buffer("action_high", torch.tensor(c.action_high, dtype=torch.float32), persistent=False)
 
@@ -216,6 +235,11 @@ class Policy(nn.Module):
                 tokens_BL: torch.Tensor | None = None) -> torch.Tensor:
         """Actions [B, A] in [action_low, action_high]. ``tokens_BL`` (from ``tokenize``) is ignored
         by a policy without task input."""
+        return self._forward(frames_BKHWC, state_BS, tokens_BL)[0]
+
+    def _forward(self, frames_BKHWC: torch.Tensor, state_BS: torch.Tensor | None,
+                 tokens_BL: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(actions [B, A], the image features [B, D] after the task's modulation)."""
         self._check(frames_BKHWC, state_BS, tokens_BL)
         B, K, H, W, C = frames_BKHWC.shape
         x = frames_BKHWC.permute(0, 1, 4, 2, 3).reshape(B, K * C, H, W).float() / 127.5 - 1.0
@@ -230,8 +254,9 @@ class Policy(nn.Module):
             gamma, beta = self.film(task_BD)[:, :, None, None].chunk(2, dim=1)
             feat_BCHW = feat_BCHW * (1 + gamma) + beta
             parts.append(task_BD)
-        raw_BA = self.head(torch.cat([feat_BCHW.flatten(1), *parts], dim=1))
-        return self.action_low + (self.action_high - self.action_low) * torch.sigmoid(raw_BA)
+        feat_BD = feat_BCHW.flatten(1)
+        raw_BA = self.head(torch.cat([feat_BD, *parts], dim=1))
+        return self.action_low + (self.action_high - self.action_low) * torch.sigmoid(raw_BA), feat_BD
 
     def _tokens(self, tasks: Sequence[str] | None, batch: int) -> torch.Tensor | None:
         if self.task_encoder is None:
@@ -242,17 +267,30 @@ class Policy(nn.Module):
         return self.tokenize(list(tasks))
 
     def loss(self, frames_BKHWC: torch.Tensor, target_BA: torch.Tensor, state_BS: torch.Tensor | None = None,
-             tasks: Sequence[str] | None = None) -> torch.Tensor:
-        """Weighted smooth-L1 between predicted and target actions (rows with NaN labels are an error)."""
+             tasks: Sequence[str] | None = None, aux_BX: torch.Tensor | None = None) -> torch.Tensor:
+        """Weighted smooth-L1 between predicted and target actions (rows with NaN labels are an error),
+        plus ``aux_weight`` times the auxiliary head's smooth-L1 on ``aux_BX`` when both are given."""
         A = self.config.action_dim
         if target_BA.ndim != 2 or target_BA.shape[1] != A or target_BA.shape[0] != frames_BKHWC.shape[0]:
             raise ValueError(f"target must be [B, {A}] with B={frames_BKHWC.shape[0]}, got {tuple(target_BA.shape)}")
         if torch.isnan(target_BA).any():
             raise ValueError("target actions contain NaN; filter unlabeled rows before training")
-        pred_BA = self(frames_BKHWC, state_BS, self._tokens(tasks, frames_BKHWC.shape[0]))
+        pred_BA, feat_BD = self._forward(frames_BKHWC, state_BS, self._tokens(tasks, frames_BKHWC.shape[0]))
         w = torch.tensor(self.config.loss_weights or (1.0,) * A, dtype=pred_BA.dtype, device=pred_BA.device)
         per = F.smooth_l1_loss(pred_BA, target_BA.to(pred_BA), reduction="none", beta=0.1)
-        return (per * w).sum(dim=1).mean() / w.sum()
+        loss = (per * w).sum(dim=1).mean() / w.sum()
+        if self.aux_head is None or aux_BX is None:
+            return loss
+        if tuple(aux_BX.shape) != (len(feat_BD), self.config.aux_dim):
+            raise ValueError(f"aux targets must be [{len(feat_BD)}, {self.config.aux_dim}], got {tuple(aux_BX.shape)}")
+        aux_BX = aux_BX.to(feat_BD)
+        ok_B = torch.isfinite(aux_BX).all(dim=1)
+        target_BX = torch.zeros_like(aux_BX)
+        if ok_B.any():  # the running norm learns from finite rows only
+            target_BX[ok_B] = self.aux_norm(aux_BX[ok_B])
+        per_B = F.smooth_l1_loss(self.aux_head(feat_BD), target_BX, reduction="none", beta=0.1).mean(dim=1)
+        aux = (per_B * ok_B).sum() / ok_B.sum().clamp_min(1)  # the head is always in the graph (DDP)
+        return loss + self.config.aux_weight * aux
 
     @torch.no_grad()
     def act(self, frames_BKHWC: np.ndarray, state_BS: np.ndarray | None = None,

@@ -37,16 +37,20 @@ def _model_module(kind: str):
 class _LossModule(nn.Module):
     """Routes a model's `loss` through `forward`, so DistributedDataParallel syncs its gradients."""
 
-    def __init__(self, model: nn.Module, kind: str, state_index: list[int]):
+    def __init__(self, model: nn.Module, kind: str, state_index: list[int], aux: bool = True):
         super().__init__()
-        self.model, self.kind, self.state_index = model, kind, state_index
+        self.model, self.kind, self.state_index, self.aux = model, kind, state_index, aux
 
     def forward(self, batch: dict) -> torch.Tensor:
         c = self.model.config
         tasks = list(batch["tasks"]) if getattr(c, "task_vocab", ()) else None
         if self.kind == "policy":
             state = batch["state_BS"][:, self.state_index] if c.state_dim else None
-            return self.model.loss(batch["frames_BKHWC"], batch["label_BA"], state, tasks)
+            aux = None
+            if self.aux and c.has_aux:  # the state columns the policy does not read
+                others = [i for i in range(batch["state_BS"].shape[1]) if i not in set(self.state_index)]
+                aux = batch["state_BS"][:, others]
+            return self.model.loss(batch["frames_BKHWC"], batch["label_BA"], state, tasks, aux)
         extra = {"tasks": tasks} if tasks is not None else {}
         return self.model.loss(batch["frames_BKHWC"], batch["action_BA"], batch["next_BHWC"], **extra)
 
@@ -133,7 +137,8 @@ def _validate(model: nn.Module, cfg: dict, device: torch.device, batches: int = 
         if "no windows" in str(err):
             return None
         raise
-    wrapped, losses = _LossModule(model, cfg["kind"], cfg["state_index"]).eval(), []
+    # the behaviour-cloning loss alone: comparable across configs with and without auxiliary targets
+    wrapped, losses = _LossModule(model, cfg["kind"], cfg["state_index"], aux=False).eval(), []
     for _ in range(batches):
         losses.append(float(wrapped(_to_torch(sampler.batch(cfg["model_config"]["batch_size"]), device))))
     model.train()

@@ -134,7 +134,7 @@ def test_fleet_scenes_per_driver(tmp_path):
     ctx = Context.create(config="default", lake=str(tmp_path / "lake"), landing=str(tmp_path / "landing"),
                          world="metaworld-mt10")
     expert, champion = fleet_scenes(ctx, 0), fleet_scenes(ctx, 1, champion=True)
-    assert (len(expert), len(champion)) == (80, 30)
+    assert (len(expert), len(champion)) == (80, 60)
     assert {t for _, t in champion} == set(ctx.world.spec.task_names)  # round-robin over the ten tasks
     assert not {s for s, _ in expert} & {s for s, _ in champion} and len({s for s, _ in expert}) == 80
     car = Context.create(config="default", lake=str(tmp_path / "lake"), landing=str(tmp_path / "landing"))

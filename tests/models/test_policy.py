@@ -239,3 +239,49 @@ def test_random_shift_translates_each_sample_in_training_only():
     policy = Policy(dataclasses.replace(ARM, shift=4)).eval()
     f, s = frames(ARM, 2), states(2)
     assert np.array_equal(policy.act(f, s, TASKS[:2]), policy.act(f, s, TASKS[:2]))  # no shift when acting
+
+
+def test_auxiliary_targets_shape_the_encoder_in_training_only(tmp_path):
+    """The auxiliary head learns the unread state (here: where a bright square sits) from the
+    pixels; its loss joins training, rows with non-finite targets are skipped, inference and a
+    policy without it are unchanged, and its statistics travel with the checkpoint."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(preset("tiny"), aux_dim=2, aux_weight=1.0, lr=1e-2)
+    assert not dataclasses.replace(cfg, aux_weight=0.0).has_aux and Policy(preset("tiny")).aux_head is None
+    with pytest.raises(ValueError, match="aux_dim and aux_weight"):
+        dataclasses.replace(cfg, aux_weight=-1.0)
+    policy = Policy(cfg)
+
+    def batch(n: int, seed: int):
+        r = np.random.default_rng(seed)
+        pos = r.integers(0, cfg.image_size - 8, (n, 2))
+        x = np.zeros((n, cfg.history, cfg.image_size, cfg.image_size, 3), np.uint8)
+        for i, (row, col) in enumerate(pos):
+            x[i, :, row:row + 8, col:col + 8] = 255
+        return torch.from_numpy(x), torch.full((n, 3), 0.5), torch.from_numpy(pos.astype(np.float32))
+
+    x, target, aux = batch(8, seed=1)
+    plain = policy.loss(x, target).item()
+    with_aux = policy.loss(x, target, aux_BX=aux).item()
+    assert with_aux > plain
+    aux[:4] = np.nan  # rows without targets add nothing, and the rest still count
+    assert plain < policy.loss(x, target, aux_BX=aux).item()
+    with pytest.raises(ValueError, match="aux targets must be"):
+        policy.loss(x, target, aux_BX=aux[:, :1])
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-2)
+    for step in range(80):
+        x, target, aux = batch(32, seed=100 + step)
+        loss = policy.loss(x, target, aux_BX=aux)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    policy.eval()
+    x, _, aux = batch(64, seed=999)  # unseen squares
+    with torch.no_grad():
+        feat = policy._forward(x, None, None)[1]
+        pred = policy.aux_head(feat) * policy.aux_norm.var.sqrt() + policy.aux_norm.mean
+    assert (pred - aux).abs().mean() < 0.25 * (aux - aux.mean(0)).abs().mean()  # far better than the mean
+    save(policy, tmp_path / "aux")
+    again = load(tmp_path / "aux")
+    torch.testing.assert_close(again.aux_norm.mean, policy.aux_norm.mean)
+    np.testing.assert_array_equal(again.act(x.numpy()), policy.act(x.numpy()))
