@@ -91,6 +91,9 @@ def ingest_unit(unit: dict, *, fetch: Callable[[str], bytes], mapping: Mapping, 
     that cannot be decoded is one reject row of stage ``read``; an episode whose streams cannot
     be aligned is one of stage ``align``; a span too short to keep is one of stage ``align``
     with its time span. Spans are not yet judged on quality: their frames carry no flags.
+    Any other exception while reading the unit, or aligning and tabulating one of its episodes,
+    is that unit's (or episode's) reject of reason ``error``, its type and message in the detail:
+    one bad log never stops a run.
     """
     hashes: dict[str, str] = {}
     try:
@@ -101,6 +104,9 @@ def ingest_unit(unit: dict, *, fetch: Callable[[str], bytes], mapping: Mapping, 
     except OSError as err:  # an object that vanished or cannot be read: a reject, not a crash
         return IngestResult(rejects=(reject_row(unit["uri"], stage="read", reason="unreadable",
                                                 detail=str(err), turn=turn),))
+    except Exception as err:  # a reader's bug or an input no check foresaw: this unit's reject
+        return IngestResult(rejects=(reject_row(unit["uri"], stage="read", reason="error",
+                                                detail=f"{type(err).__name__}: {err}", turn=turn),))
     unit_hash = unit_content_hash(unit, hashes)
     episodes, frames, rejects, frames_seen, episodes_seen = [], [], [], 0, 0
     for index, streams in enumerate(streams_list):
@@ -112,9 +118,14 @@ def ingest_unit(unit: dict, *, fetch: Callable[[str], bytes], mapping: Mapping, 
             spans, short = align(streams, image_size=image_size, action_dim=action_dim,
                                  state_dim=state_dim, signal_names=tuple(signal_names), gap_factor=gap_factor,
                                  hold_factor=hold_factor, min_length=min_length)
-        except LogError as err:
+            tabulated = [_tabulate(span, unit=unit, unit_hash=unit_hash, episode_index=episode_index,
+                                   source_uri=source_uri, turn=turn, features=features,
+                                   val_fraction=val_fraction, lineage=lineage) for span in spans]
+        except Exception as err:
+            reason, detail = (err.reason, err.detail) if isinstance(err, LogError) else \
+                ("error", f"{type(err).__name__}: {err}")
             span = (int(streams.camera_t.min()), int(streams.camera_t.max())) if len(streams.camera_t) else (-1, -1)
-            rejects.append(reject_row(source_uri, stage="align", reason=err.reason, detail=err.detail,
+            rejects.append(reject_row(source_uri, stage="align", reason=reason, detail=detail,
                                       turn=turn, span=span, frames=len(streams.frames)))
             continue
         for s in short:
@@ -122,21 +133,26 @@ def ingest_unit(unit: dict, *, fetch: Callable[[str], bytes], mapping: Mapping, 
             rejects.append(reject_row(source_uri, stage="align", reason=s["reason"],
                                       detail=s.get("detail", ""), turn=turn,
                                       span=(s["start_ns"], s["end_ns"]), frames=n))
-        for span in spans:
-            episode_id = episode_id_for(unit_hash, episode_index, span["span_index"])
-            labels, label_sources = expert_labels(span)
-            h, w = span["source_shape"]
-            row, table = episode_to_tables(
-                {**span, "labels": labels}, episode_id=episode_id, source_uri=source_uri,
-                content_hash=unit_hash, turn=turn, origin="real", parent_episode_id="",
-                generator_version="", label_source=label_sources,
-                split=split_for(episode_id, val_fraction=val_fraction), features=features,
-                lineage={"format": span.get("format", unit["format"]),
-                         "span_index": int(span["span_index"]), "start_ns": int(span["start_ns"]),
-                         "end_ns": int(span["end_ns"]), "split_reason": span.get("split_reason", ""),
-                         "task": span.get("task", ""), "topics": to_json(span.get("topics", {})),
-                         "source_shape": f"{h}x{w}", **lineage})
+        for row, table in tabulated:
             episodes.append(row)
             frames.append(table)
     return IngestResult(content_hash=unit_hash, episodes=tuple(episodes), frames=tuple(frames),
                         rejects=tuple(rejects), frames_seen=frames_seen, episodes_seen=episodes_seen)
+
+
+def _tabulate(span: dict, *, unit: dict, unit_hash: str, episode_index: int, source_uri: str, turn: int,
+              features: dict | None, val_fraction: float, lineage: dict[str, str]) -> tuple[dict, pa.Table]:
+    """One aligned span's episode row and frames table."""
+    episode_id = episode_id_for(unit_hash, episode_index, span["span_index"])
+    labels, label_sources = expert_labels(span)
+    h, w = span["source_shape"]
+    return episode_to_tables(
+        {**span, "labels": labels}, episode_id=episode_id, source_uri=source_uri,
+        content_hash=unit_hash, turn=turn, origin="real", parent_episode_id="",
+        generator_version="", label_source=label_sources,
+        split=split_for(episode_id, val_fraction=val_fraction), features=features,
+        lineage={"format": span.get("format", unit["format"]),
+                 "span_index": int(span["span_index"]), "start_ns": int(span["start_ns"]),
+                 "end_ns": int(span["end_ns"]), "split_reason": span.get("split_reason", ""),
+                 "task": span.get("task", ""), "topics": to_json(span.get("topics", {})),
+                 "source_shape": f"{h}x{w}", **lineage})

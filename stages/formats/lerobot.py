@@ -79,7 +79,7 @@ def _parsing(what: str) -> Iterator[None]:
         yield
     except LogError:
         raise
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError, OSError,
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, ArithmeticError, OSError,
             pa.ArrowException, av.FFmpegError) as err:
         raise LogError("corrupt", f"{what}: {type(err).__name__}: {err}") from err
 

@@ -99,6 +99,22 @@ def test_unreadable_and_short_logs_are_rejects_with_stable_ids():
     pa.Table.from_pylist([short], schema=REJECTS)
 
 
+def test_any_exception_reading_a_log_is_its_reject():
+    """An exception no reader check foresaw (here the storage layer's) rejects that log with its
+    type and message instead of escaping the stage."""
+    def broken(uri: str) -> bytes:
+        raise RuntimeError("connection reset by peer")
+
+    unit = {"uri": "/landing/x.mcap", "format": "mcap",
+            "files": [{"uri": "/landing/x.mcap", "rel": "x.mcap", "size": 10, "etag": "e"}]}
+    out = ingest_unit(unit, fetch=broken, mapping=Mapping(), turn=0, image_size=32, **DIMS,
+                      min_length=5, gap_factor=3.0, hold_factor=2.0, val_fraction=0.0, lineage={})
+    assert not out.spans and len(out.rejects) == 1
+    reject = out.rejects[0]
+    assert (reject["stage"], reject["reason"]) == ("read", "error")
+    assert reject["detail"] == "RuntimeError: connection reset by peer"
+
+
 def test_out_of_order_stamps_are_rejected():
     episode = make_episode(20)
     episode["timestamps_ns"][[5, 6]] = episode["timestamps_ns"][[6, 5]]

@@ -185,6 +185,15 @@ def test_broken_datasets_raise_log_error(tmp_path, version, damage):
     assert err.value.reason == reason, err.value
 
 
+def test_zero_chunks_size_is_corrupt(tmp_path):
+    """v2's file paths divide the episode index by ``chunks_size``: 0 is damaged metadata, not a crash."""
+    write_lerobot(episodes()[:2], tmp_path, version="v2.1", codec="ffv1")
+    rewrite_info(tmp_path, chunks_size=0)
+    with pytest.raises(LogError) as err:
+        read(tmp_path)
+    assert err.value.reason == "corrupt" and "ZeroDivisionError" in err.value.detail
+
+
 @pytest.mark.parametrize("version", ["v2.1", "v3.0"])
 def test_fewer_frames_than_rows(tmp_path, version):
     eps = episodes()[:1]
