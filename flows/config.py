@@ -37,6 +37,7 @@ class CurateConfig:
     """Ingest, alignment, quality limits, event clips, de-duplication and scene description."""
 
     min_length: int = 60  # steps; shorter spans are rejected
+    max_log_bytes: int = 4 << 30  # a log (all files of a unit) over this is rejected unread: readers hold it in memory
     val_fraction: float = 0.1
     mapping: dict = field(default_factory=dict)  # role -> topic/feature names (stages.streams.Mapping)
     gap_factor: float = 3.0  # a camera gap over gap_factor frame periods splits the episode

@@ -101,17 +101,24 @@ def ingest_and_judge_batch(batch: pa.Table, *, storage_options: dict | None, par
     lists of [index, unit]), in one worker: a unit's frames never leave the process that
     decoded them.
 
-    Spans already in the lake (``known`` episode ids) are not judged again. Returns one row
-    per unit: index, result (``IngestResult.to_bytes`` of its result without frames), verdicts
-    (``SpanVerdict.ARROW`` structs of its new spans).
+    Spans already in the lake (``known`` episode ids) are not judged again; an exception while
+    judging a unit's spans rejects each of them for reason ``error`` (its type and message in the
+    detail) and the batch goes on. Returns one row per unit: index, result
+    (``IngestResult.to_bytes`` of its result without frames), verdicts (``SpanVerdict.ARROW``
+    structs of its new spans).
     """
     mapping = Mapping.from_dict(params["mapping"])
     out: dict[str, list] = {"index": [], "result": [], "verdicts": []}
     for index, unit in (pair for units in batch.column("units").to_pylist() for pair in json.loads(units)):
         result = ingest_unit(unit, fetch=lambda uri: storage.read_bytes(uri, storage_options),
                              mapping=mapping, **params["ingest"])
-        new = [table for row, table in result.spans if row["episode_id"] not in known]
-        verdicts = judge_batch(pa.concat_tables(new), lake=lake, **judge_params) if new else []
+        new = [(row, table) for row, table in result.spans if row["episode_id"] not in known]
+        try:
+            verdicts = judge_batch(pa.concat_tables([t for _, t in new]), lake=lake, **judge_params) if new else []
+        except Exception as err:  # this log's spans are rejected for it; the other logs go on
+            detail = f"{type(err).__name__}: {err}"
+            verdicts = [SpanVerdict(span_id=row["episode_id"], kept=False, reasons=("error",), detail=detail,
+                                    counts={}, frames=int(row["length"])) for row, _ in new]
         out["index"].append(index)
         out["result"].append(result.without_frames().to_bytes())
         out["verdicts"].append([v.to_row() for v in verdicts])

@@ -81,7 +81,7 @@ def episode_id_for(unit_hash: str, episode_index: int, span_index: int) -> str:
     return "ep-" + hashlib.sha256(f"{unit_hash}|{episode_index}|{span_index}".encode()).hexdigest()[:24]
 
 
-def ingest_unit(unit: dict, *, fetch: Callable[[str], bytes], mapping: Mapping, turn: int,
+def ingest_unit(unit: dict, *, fetch: Callable[[str], bytes], mapping: Mapping, turn: int, max_bytes: int,
                 image_size: int | tuple[int, int], action_dim: int, state_dim: int,
                 signal_names: tuple[str, ...] = (), features: dict | None = None, min_length: int, gap_factor: float, hold_factor: float, val_fraction: float,
                 lineage: dict[str, str]) -> IngestResult:
@@ -93,8 +93,14 @@ def ingest_unit(unit: dict, *, fetch: Callable[[str], bytes], mapping: Mapping, 
     with its time span. Spans are not yet judged on quality: their frames carry no flags.
     Any other exception while reading the unit, or aligning and tabulating one of its episodes,
     is that unit's (or episode's) reject of reason ``error``, its type and message in the detail:
-    one bad log never stops a run.
+    one bad log never stops a run. A unit whose listed size is over ``max_bytes`` is rejected
+    unread (``too_large``).
     """
+    size = sum(int(f["size"]) for f in unit["files"])
+    if size > max_bytes:
+        return IngestResult(rejects=(reject_row(unit["uri"], stage="read", reason="too_large",
+                                                detail=f"{size} bytes, over the limit of {max_bytes} "
+                                                       "(curate.max_log_bytes)", turn=turn),))
     hashes: dict[str, str] = {}
     try:
         streams_list = read_unit(unit, mapping=mapping, fetch=_hashing(fetch, hashes))

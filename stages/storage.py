@@ -10,6 +10,7 @@ put into an error message, or written anywhere.
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -86,7 +87,9 @@ def list_objects(uri: str, *, suffix: str = ".mcap",
 
     Each item is ``{"uri", "size", "etag"}``. On s3 the etag is the server's; on a local
     disk it is ``"<size>-<mtime_ns>"`` in hex (a change detector, not a content hash).
-    A missing prefix or directory lists as empty; a single file lists as itself.
+    A missing prefix or directory lists as empty; a single file lists as itself. A local name
+    that cannot be stat'ed (a dangling symlink, a file removed while listing) is listed with
+    size 0 and etag ``"unstat-<error>"``: reading it fails, and that is its log's reject.
     """
     out: list[dict[str, Any]] = []
     if is_s3(uri):
@@ -102,14 +105,20 @@ def list_objects(uri: str, *, suffix: str = ".mcap",
             os.path.join(root, name) for root, _, names in os.walk(uri) for name in names]
         for path in paths:
             if path.endswith(suffix):
-                st = os.stat(path)
+                try:
+                    st = os.stat(path)
+                except OSError as err:
+                    out.append({"uri": path, "size": 0, "etag": f"unstat-{type(err).__name__}"})
+                    continue
                 out.append({"uri": path, "size": st.st_size,
                             "etag": f"{st.st_size:x}-{st.st_mtime_ns:x}"})
     return sorted(out, key=lambda o: o["uri"])
 
 
 def read_bytes(uri: str, storage_options: dict[str, str] | None = None) -> bytes:
-    """The whole object at ``uri``; FileNotFoundError / OSError on both backends."""
+    """The whole object at ``uri``; FileNotFoundError / OSError on both backends. A local path
+    that is not a regular file (a FIFO, a socket, a device, a directory) is an OSError at once:
+    it is opened without blocking and checked before any read."""
     if is_s3(uri):
         from botocore.exceptions import BotoCoreError, ClientError
 
@@ -123,8 +132,20 @@ def read_bytes(uri: str, storage_options: dict[str, str] | None = None) -> bytes
             raise OSError(f"{uri}: s3 error {code}") from exc
         except BotoCoreError as exc:
             raise OSError(f"{uri}: {type(exc).__name__}") from exc
-    with open(uri, "rb") as f:
-        return f.read()
+    fd = os.open(uri, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO would block a plain open until a writer came
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory",
+                    stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}.get(stat.S_IFMT(mode), "special")
+            raise OSError(f"{uri} is {kind}, not a regular file")
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=True) as f:
+            fd = -1
+            return f.read()
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 def write_bytes(uri: str, data: bytes, storage_options: dict[str, str] | None = None) -> None:

@@ -215,3 +215,30 @@ def test_new_logs_on_a_curated_lake_are_added_alone_and_checked_against_it(curat
     assert summary["clips"]["describer"] == {"source": "config"}
     assert sum(summary["clips"]["events"].values()) == summary["rows_added"]["clips"]
     assert summary["clips"]["duplicates"] >= len(copied)
+
+
+@pytest.mark.timeout(300)
+def test_special_files_and_crashing_readers_cost_only_themselves(tmp_path, ray_cluster, prefect_harness):
+    """A dangling symlink, a FIFO (whose plain read would block forever) and a LeRobot dataset
+    whose metadata makes its reader divide by zero, among good logs: each is one reject for its
+    reason, the good logs are kept, and a second run retries none of them."""
+    import json
+    import os
+
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    for seed in (31, 32):
+        write_episode(episode(seed), str(landing / f"good-{seed}.mcap"))
+    os.symlink(tmp_path / "nowhere.mcap", landing / "dangling.mcap")
+    os.mkfifo(landing / "pipe.mcap")
+    write_lerobot([episode(33)], landing / "zero-chunks", version="v2.1", codec="ffv1")
+    info = landing / "zero-chunks" / "meta" / "info.json"
+    info.write_text(json.dumps({**json.loads(info.read_text()), "chunks_size": 0}))
+    lake = str(tmp_path / "lake")
+    first = curate_flow(config="tiny", lake=lake, landing=str(landing), turn=0)
+    assert (first["seen"], first["kept"], first["rejected"]) == (5, 2, 3)
+    reasons = {r["source"].rsplit("/", 1)[-1]: (r["stage"], r["reason"]) for r in first["rejects"]}
+    assert reasons == {"dangling.mcap": ("read", "unreadable"), "pipe.mcap": ("read", "unreadable"),
+                       "zero-chunks": ("read", "corrupt")}
+    again = curate_flow(config="tiny", lake=lake, landing=str(landing), turn=0)
+    assert again["seen"] == 0 and again["listed"] == 5

@@ -25,7 +25,8 @@ def curate_log(data: bytes, *, source_uri: str, turn: int, image_size, min_lengt
     """One MCAP log through ``ingest_unit``: {"episode", "frames", "reject"} of its first span."""
     unit = {"uri": source_uri, "format": "mcap",
             "files": [{"uri": source_uri, "rel": source_uri.rsplit("/", 1)[-1], "size": len(data), "etag": "e"}]}
-    out = ingest_unit(unit, fetch=lambda uri: data, mapping=Mapping(), turn=turn, image_size=image_size,
+    out = ingest_unit(unit, fetch=lambda uri: data, mapping=Mapping(), turn=turn, max_bytes=1 << 30,
+                      image_size=image_size,
                       **DIMS, signal_names=SPEC.signals, features=features_of(SPEC), min_length=min_length,
                       gap_factor=3.0, hold_factor=2.0, val_fraction=val_fraction,
                       lineage={"code_version": "test", "config_digest": "c"})
@@ -107,12 +108,16 @@ def test_any_exception_reading_a_log_is_its_reject():
 
     unit = {"uri": "/landing/x.mcap", "format": "mcap",
             "files": [{"uri": "/landing/x.mcap", "rel": "x.mcap", "size": 10, "etag": "e"}]}
-    out = ingest_unit(unit, fetch=broken, mapping=Mapping(), turn=0, image_size=32, **DIMS,
-                      min_length=5, gap_factor=3.0, hold_factor=2.0, val_fraction=0.0, lineage={})
+    params = dict(mapping=Mapping(), turn=0, image_size=32, **DIMS, min_length=5, gap_factor=3.0,
+                  hold_factor=2.0, val_fraction=0.0, lineage={})
+    out = ingest_unit(unit, fetch=broken, max_bytes=100, **params)
     assert not out.spans and len(out.rejects) == 1
     reject = out.rejects[0]
     assert (reject["stage"], reject["reason"]) == ("read", "error")
     assert reject["detail"] == "RuntimeError: connection reset by peer"
+    # a log over the size limit is rejected before a byte of it is fetched
+    big = ingest_unit(unit, fetch=broken, max_bytes=9, **params).rejects[0]
+    assert (big["stage"], big["reason"]) == ("read", "too_large") and big["detail"].startswith("10 bytes")
 
 
 def test_out_of_order_stamps_are_rejected():

@@ -105,3 +105,24 @@ def test_upload_dir_and_local_copy(root, tmp_path):
     assert storage.read_bytes(storage.join(target, "a.txt"), options) == b"A"
     with pytest.raises(NotADirectoryError):
         storage.upload_dir(tmp_path / "absent", target, options)
+
+
+@pytest.mark.timeout(30)
+def test_special_local_files_are_errors_not_crashes_or_hangs(tmp_path):
+    """A dangling symlink lists (its read is the error); a FIFO or a directory named like a log is
+    an OSError at once instead of a read that blocks forever."""
+    (tmp_path / "good.mcap").write_bytes(b"abc")
+    os.symlink(tmp_path / "gone.mcap", tmp_path / "dangling.mcap")
+    os.mkfifo(tmp_path / "pipe.mcap")
+    (tmp_path / "dir.mcap").mkdir()
+    (tmp_path / "dir.mcap" / "x.txt").write_text("x")
+    listed = {o["uri"].rsplit("/", 1)[-1]: o for o in storage.list_objects(str(tmp_path))}
+    assert set(listed) == {"good.mcap", "dangling.mcap", "pipe.mcap"}
+    assert listed["dangling.mcap"]["etag"] == "unstat-FileNotFoundError" and listed["dangling.mcap"]["size"] == 0
+    assert storage.read_bytes(str(tmp_path / "good.mcap")) == b"abc"
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes(str(tmp_path / "dangling.mcap"))
+    with pytest.raises(OSError, match="a FIFO, not a regular file"):
+        storage.read_bytes(str(tmp_path / "pipe.mcap"))
+    with pytest.raises(OSError, match="a directory, not a regular file"):
+        storage.read_bytes(str(tmp_path / "dir.mcap"))
