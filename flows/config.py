@@ -36,7 +36,7 @@ class FleetConfig:
 class CurateConfig:
     """Ingest, alignment, quality limits, event clips, de-duplication and scene description."""
 
-    min_length: int = 60  # steps; shorter spans are rejected
+    min_length: int = 1  # steps; shorter spans are rejected (1: a log of a moment is an episode)
     max_log_bytes: int = 4 << 30  # a log (all files of a unit) over this is rejected unread: readers hold it in memory
     val_fraction: float = 0.1
     mapping: dict = field(default_factory=dict)  # role -> topic/feature names (stages.streams.Mapping)

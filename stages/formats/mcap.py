@@ -287,7 +287,8 @@ def _read(data: bytes, source_uri: str, mapping: Mapping) -> Streams:
     if used - channels.keys():
         raise LogError("corrupt", f"{source_uri}: messages of unknown channels "
                                   f"{sorted(used - channels.keys())}")
-    picked = pick_topics(mapping, (channels[i].topic for i in used), source=source_uri)
+    types = {channels[i].topic: getattr(contents.schemas.get(channels[i].schema_id), "name", "") for i in used}
+    picked = pick_topics(mapping, types, source=source_uri)
     camera = [c for c in channels.values() if c.topic == picked["camera"]]
     fmt = FORMATS.get(camera[0].message_encoding)
     if fmt is None:

@@ -17,7 +17,9 @@ Rules:
 * Compressed images (``sensor_msgs/msg/CompressedImage``, ``foxglove.CompressedImage``): the
   ``format`` must contain ``jpeg``, ``jpg`` or ``png`` and not ``compressedDepth``
   (else ``bad_encoding``); Pillow decodes, 8-bit grey/palette/RGB(A)/CMYK/YCbCr images become
-  RGB, other modes (16-bit, float) are ``bad_encoding``, undecodable bytes ``bad_message``.
+  RGB, other modes (16-bit, float) are ``bad_encoding``, undecodable bytes ``bad_message``. A
+  header declaring more than ``MAX_PIXELS`` pixels is ``too_large``, checked before decoding
+  (a decompression bomb never expands).
 * Stamps: ``header.stamp`` (``sec * 1e9 + nanosec``) where the message has a header, else a
   protobuf ``timestamp`` (``seconds * 1e9 + nanos``); a missing or zero stamp falls back to
   the message's log time.
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import io
 import struct
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -51,6 +54,7 @@ SCALAR_ROLES = frozenset({"reward", "intervention"})
 RAW_ENCODINGS = {"rgb8": (3, (0, 1, 2)), "bgr8": (3, (2, 1, 0)), "rgba8": (4, (0, 1, 2)),
                  "bgra8": (4, (2, 1, 0)), "mono8": (1, (0, 0, 0))}
 _PIL_COLOUR_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr"})
+MAX_PIXELS = 50_000_000  # a compressed frame declaring more pixels is too_large (an 8K frame is 33 million)
 _PB_NUMERIC = frozenset({FieldDescriptor.CPPTYPE_INT32, FieldDescriptor.CPPTYPE_INT64,
                          FieldDescriptor.CPPTYPE_UINT32, FieldDescriptor.CPPTYPE_UINT64,
                          FieldDescriptor.CPPTYPE_DOUBLE, FieldDescriptor.CPPTYPE_FLOAT,
@@ -99,12 +103,19 @@ def compressed_to_rgb(fmt: str, data: Any) -> np.ndarray:
     if "compresseddepth" in lowered or not any(k in lowered for k in ("jpeg", "jpg", "png")):
         raise LogError("bad_encoding", f"compressed image format {fmt!r}; readable: jpeg, png")
     try:
-        with Image.open(io.BytesIO(bytes(data))) as image:
-            if image.mode not in _PIL_COLOUR_MODES:
-                raise LogError("bad_encoding", f"{fmt} image of mode {image.mode}")
-            return np.asarray(image.convert("RGB"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(bytes(data))) as image:  # reads the header only
+                width, height = image.size
+                if width * height > MAX_PIXELS:
+                    raise LogError("too_large", f"{fmt} image of {width}x{height} pixels, over {MAX_PIXELS}")
+                if image.mode not in _PIL_COLOUR_MODES:
+                    raise LogError("bad_encoding", f"{fmt} image of mode {image.mode}")
+                return np.asarray(image.convert("RGB"))
     except LogError:
         raise
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise LogError("too_large", f"{fmt} image: {exc}") from exc
     except Exception as exc:  # Pillow raises many kinds on damaged bytes
         raise LogError("bad_message", f"{fmt} image does not decode: {exc}") from exc
 
@@ -328,21 +339,38 @@ def task_text(msg: Any) -> str:
     return data
 
 
-def pick_topics(mapping: Mapping, available: Iterable[str], *, source: str) -> dict[str, str]:
+IMAGE_TYPES = frozenset({"sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage", "sensor_msgs/Image",
+                         "sensor_msgs/CompressedImage", "foxglove.RawImage", "foxglove.CompressedImage"})
+
+
+def is_image_type(msgtype: str) -> bool:
+    """A ROS 1 / ROS 2 ``sensor_msgs`` image or a Foxglove image, by its type (schema) name."""
+    return msgtype.replace("::", "/") in IMAGE_TYPES
+
+
+def pick_topics(mapping: Mapping, available: dict[str, str], *, source: str) -> dict[str, str]:
     """role -> topic for the roles of ``TOPIC_ROLES`` found, in that order; a topic plays one role.
 
-    Raises ``LogError("missing_topic")`` when no camera topic is found.
+    ``available`` maps each topic with messages to its message type. The camera is the mapping's
+    first candidate present; failing that, the first topic (by name) of an image type
+    (``IMAGE_TYPES``), whatever it is called. Raises ``LogError("missing_topic")`` when neither
+    finds one.
     """
-    free = sorted(set(available))
+    free = sorted(available)
     picked: dict[str, str] = {}
-    for role in TOPIC_ROLES:
+    camera = mapping.pick("camera", free) or next((t for t in free if is_image_type(available[t])), None)
+    if camera is not None:
+        picked["camera"] = camera
+        free.remove(camera)
+    for role in TOPIC_ROLES[1:]:
         topic = mapping.pick(role, free)
         if topic is not None:
             picked[role] = topic
             free.remove(topic)
     if "camera" not in picked:
-        raise LogError("missing_topic", f"{source}: no camera topic among {sorted(set(available))} "
-                                        f"(candidates {list(mapping.camera)})")
+        types = {t: available[t] for t in sorted(available)}
+        raise LogError("missing_topic", f"{source}: no camera topic among {types} (candidates "
+                                        f"{list(mapping.camera)}, or any topic of an image type)")
     return picked
 
 

@@ -139,7 +139,7 @@ def _guarded(uri: str, read: Callable[[], Streams]) -> Streams:
 def _collect(path: Path, source_uri: str, mapping: Mapping, default_types: Stores,
              meta: dict[str, str]) -> Streams:
     with AnyReader([path], default_typestore=get_typestore(default_types)) as reader:
-        picked = pick_topics(mapping, (c.topic for c in reader.connections if c.msgcount),
+        picked = pick_topics(mapping, {c.topic: c.msgtype for c in reader.connections if c.msgcount},
                              source=source_uri)
         roles = {topic: role for role, topic in picked.items()}
         connections = [c for c in reader.connections if c.topic in roles]

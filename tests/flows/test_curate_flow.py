@@ -234,11 +234,16 @@ def test_special_files_and_crashing_readers_cost_only_themselves(tmp_path, ray_c
     write_lerobot([episode(33)], landing / "zero-chunks", version="v2.1", codec="ffv1")
     info = landing / "zero-chunks" / "meta" / "info.json"
     info.write_text(json.dumps({**json.loads(info.read_text()), "chunks_size": 0}))
+    for n in (1, 3):  # a log of a moment is an episode when no minimum length is set
+        write_episode(make_episode(n, size=SIZE, seed=40 + n), str(landing / f"short-{n}.mcap"))
     lake = str(tmp_path / "lake")
-    first = curate_flow(config="tiny", lake=lake, landing=str(landing), turn=0)
-    assert (first["seen"], first["kept"], first["rejected"]) == (5, 2, 3)
+    first = curate_flow(config="tiny", lake=lake, landing=str(landing), turn=0, overrides=["curate.min_length=1"])
+    assert (first["seen"], first["kept"], first["rejected"]) == (7, 4, 3)
     reasons = {r["source"].rsplit("/", 1)[-1]: (r["stage"], r["reason"]) for r in first["rejects"]}
     assert reasons == {"dangling.mcap": ("read", "unreadable"), "pipe.mcap": ("read", "unreadable"),
                        "zero-chunks": ("read", "corrupt")}
+    lengths = sorted(r["length"] for r in Context.create(config="tiny", lake=lake, landing=str(landing))
+                     .lake.read("episodes").to_pylist())
+    assert lengths == [1, 3, LENGTH, LENGTH]
     again = curate_flow(config="tiny", lake=lake, landing=str(landing), turn=0)
-    assert again["seen"] == 0 and again["listed"] == 5
+    assert again["seen"] == 0 and again["listed"] == 7

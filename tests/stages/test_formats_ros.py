@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ from rosbags.rosbag2 import Writer as Rosbag2Writer
 from sim import worlds
 from stages.formats import mcap, rosbag
 from stages.formats.ros_messages import (CDR_SIGNALS, Collector, cdr_batch, cdr_parser, compressed_to_rgb,
-                                         image_to_rgb, signal_values, stamp_ns)
+                                         image_to_rgb, pick_topics, signal_values, stamp_ns)
 from stages.mcap_log import episode_to_mcap_bytes
 from stages.streams import LogError, Mapping
 from tests.stages import ros_logs
@@ -167,11 +169,25 @@ def test_unreadable_encodings_are_bad_encoding(tmp_path, name, encoding):
     assert err.value.reason == "bad_encoding"
 
 
-@pytest.mark.parametrize("name", ["mcap-ros2", "rosbag2-sqlite3", "rosbag1"])
-def test_no_camera_topic_is_missing_topic(tmp_path, name):
-    with pytest.raises(LogError) as err:
-        write_and_read(tmp_path, name, episode(2, size=4), Mapping(camera=("/front/*",)))
-    assert err.value.reason == "missing_topic"
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_the_camera_is_found_by_its_type_when_no_name_matches(tmp_path, name):
+    """No camera candidate names a topic of the log: the topic of a sensor_msgs or Foxglove image
+    type is the camera, whatever its name, and the streams say which topic it was."""
+    ep = episode(2, size=4)
+    (s,) = write_and_read(tmp_path, name, ep, Mapping(camera=("/front/*",)))
+    np.testing.assert_array_equal(s.frames, ep["frames"])
+    assert s.meta["topic.camera"] == ("/camera/image_raw/compressed" if "png" in name else "/camera/image_raw")
+
+
+def test_pick_topics_by_name_then_by_type():
+    types = {"/a/cam": "sensor_msgs/msg/CompressedImage", "/b/cam": "sensor_msgs/Image", "/action": "std_msgs/msg/X",
+             "/image": "foxglove.RawImage"}
+    assert pick_topics(Mapping(), types, source="u") == {"camera": "/image", "action": "/action"}  # a name first
+    del types["/image"]
+    assert pick_topics(Mapping(), types, source="u")["camera"] == "/a/cam"  # then the first image by name
+    with pytest.raises(LogError, match="missing_topic") as err:
+        pick_topics(Mapping(), {"/action": "std_msgs/msg/X", "/odom": "nav_msgs/msg/Odometry"}, source="u")
+    assert "nav_msgs/msg/Odometry" in str(err.value)  # the error lists what the log holds
 
 
 def test_damaged_mcap_files(tmp_path):
@@ -432,6 +448,26 @@ def test_cdr_signal_fast_paths_match_the_generic_decoder(name):
         assert stamp == 42 and values.dtype == np.float32
         np.testing.assert_array_equal(values, signal_values(generic(name, raw)))
     assert cdr_parser("camera", name) is None and cdr_parser("task", name) is None
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header declares ``width`` x ``height`` RGB pixels, with one tiny data chunk."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + \
+        chunk(b"IEND", b"")
+
+
+@pytest.mark.timeout(30)
+def test_an_image_declaring_too_many_pixels_is_too_large_before_decoding():
+    """A decompression bomb: a few hundred bytes that declare a 100,000 x 100,000 frame (30 GB
+    decoded) or just over the limit are rejected from the header, never decoded."""
+    for width, height in ((100_000, 100_000), (10_000, 5_001)):
+        with pytest.raises(LogError) as err:
+            compressed_to_rgb("png", png_header(width, height))
+        assert err.value.reason == "too_large", err.value
 
 
 def test_compressed_image_rules():
