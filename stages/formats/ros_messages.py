@@ -25,7 +25,8 @@ Rules:
   the message's log time.
 * Signal values (float32[D]), by the first rule that fits: a protobuf message gives its repeated
   numeric field named ``data`` or ``values``, else all its non-repeated numeric (and bool)
-  fields in declaration order; ``*MultiArray`` gives ``data`` as is; ``nav_msgs/Odometry``
+  fields in declaration order, else every numeric leaf of its nested messages depth first
+  (stamps left out; a ``google.protobuf.Struct`` by sorted key, its lists in order); ``*MultiArray`` gives ``data`` as is; ``nav_msgs/Odometry``
   gives [pose.position.x, y, z, twist.linear.x, twist.linear.y, twist.angular.z];
   ``TwistStamped`` and ``Twist`` give [linear.x, y, z, angular.x, y, z];
   ``sensor_msgs/JointState`` gives ``position``; a numeric or bool ``data`` field (std_msgs
@@ -292,16 +293,51 @@ def _floats(values: Any) -> np.ndarray:
                       np.float32).reshape(-1)
 
 
+_PB_STAMPS = frozenset({"google.protobuf.Timestamp", "google.protobuf.Duration"})
+
+
 def _protobuf_values(msg: Any) -> np.ndarray:
     fields = msg.DESCRIPTOR.fields
-    for f in fields:
-        if f.name in ("data", "values") and f.is_repeated and f.cpp_type in _PB_NUMERIC:
-            return _floats(getattr(msg, f.name))
-    scalars = [getattr(msg, f.name) for f in fields
-               if not f.is_repeated and f.cpp_type in _PB_NUMERIC]
-    if not scalars:
+    if msg.DESCRIPTOR.full_name not in _PB_JSON:
+        for f in fields:
+            if f.name in ("data", "values") and f.is_repeated and f.cpp_type in _PB_NUMERIC:
+                return _floats(getattr(msg, f.name))
+        scalars = [getattr(msg, f.name) for f in fields
+                   if not f.is_repeated and f.cpp_type in _PB_NUMERIC]
+        if scalars:
+            return np.asarray(scalars, np.float32)
+    leaves = _protobuf_leaves(msg)
+    if not leaves:
         raise LogError("bad_message", f"{type_name(msg)} has no numeric fields")
-    return np.asarray(scalars, np.float32)
+    return np.asarray(leaves, np.float32)
+
+
+_PB_JSON = frozenset({"google.protobuf.Struct", "google.protobuf.ListValue", "google.protobuf.Value"})
+
+
+def _protobuf_leaves(msg: Any) -> list[float]:
+    """Every numeric (and bool) leaf of a protobuf message, depth first in declaration order,
+    stamps left out; a ``google.protobuf.Struct`` by sorted key, a ``ListValue`` in order."""
+    name = msg.DESCRIPTOR.full_name
+    if name == "google.protobuf.Struct":
+        return [x for key in sorted(msg.fields) for x in _protobuf_leaves(msg.fields[key])]
+    if name == "google.protobuf.ListValue":
+        return [x for item in msg.values for x in _protobuf_leaves(item)]
+    if name == "google.protobuf.Value":
+        kind = msg.WhichOneof("kind")
+        if kind in ("number_value", "bool_value"):
+            return [float(getattr(msg, kind))]
+        return _protobuf_leaves(getattr(msg, kind)) if kind in ("list_value", "struct_value") else []
+    out: list[float] = []
+    for f in msg.DESCRIPTOR.fields:
+        value = getattr(msg, f.name)
+        if f.cpp_type in _PB_NUMERIC:
+            out += [float(v) for v in value] if f.is_repeated else [float(value)]
+        elif f.cpp_type == FieldDescriptor.CPPTYPE_MESSAGE and f.message_type.full_name not in _PB_STAMPS \
+                and not f.message_type.GetOptions().map_entry:
+            for item in value if f.is_repeated else [value] if msg.HasField(f.name) else []:
+                out += _protobuf_leaves(item)
+    return out
 
 
 def _twist(twist: Any) -> list[float]:

@@ -519,3 +519,40 @@ def test_ros1_and_ros2_messages_decode_alike():
     np.testing.assert_array_equal(image_to_rgb(ros1), image_to_rgb(ros2))
     np.testing.assert_array_equal(image_to_rgb(ros2), np.arange(18).reshape(2, 3, 3))
     assert stamp_ns(ros1, 0) == stamp_ns(ros2, 0) == T0 + 5
+
+
+def test_foxglove_protobuf_log_with_foreign_names_struct_actions_and_nested_poses(tmp_path):
+    """An MCAP written by mcap-protobuf-support as a robot stack might log it: a Foxglove RawImage
+    camera on a topic no candidate names, ``google.protobuf.Struct`` commands, Foxglove
+    ``PoseInFrame`` states. Frames, stamps and values come back exactly: the Struct's numbers by
+    sorted key (strings left out), the pose's position and orientation (its stamp left out)."""
+    from foxglove_schemas_protobuf.PoseInFrame_pb2 import PoseInFrame
+    from foxglove_schemas_protobuf.RawImage_pb2 import RawImage
+    from google.protobuf.struct_pb2 import Struct
+    from mcap_protobuf.writer import Writer
+
+    rng = np.random.default_rng(3)
+    frames = rng.integers(0, 256, (5, 6, 8, 3), dtype=np.uint8)
+    stamps = 1_700_000_000_000_000_000 + np.arange(5, dtype=np.int64) * 33_333_333
+    path = tmp_path / "robot.mcap"
+    with open(path, "wb") as f, Writer(f) as writer:
+        for i, t in enumerate(int(s) for s in stamps):
+            image = RawImage(frame_id="front", width=8, height=6, encoding="rgb8", step=24, data=frames[i].tobytes())
+            image.timestamp.FromNanoseconds(t)
+            writer.write_message("/sensors/front_cam", image, log_time=t + 5, publish_time=t + 5)
+            command = Struct()
+            command.update({"wrist": 0.5 * i, "elbow": -1.0, "gripper": bool(i % 2), "mode": "teleop"})
+            writer.write_message("/action", command, log_time=t, publish_time=t)
+            pose = PoseInFrame(frame_id="base")
+            pose.timestamp.FromNanoseconds(t)
+            pose.pose.position.x, pose.pose.position.y, pose.pose.position.z = 0.1 * i, 0.2, 0.3
+            pose.pose.orientation.w = 1.0
+            writer.write_message("/state", pose, log_time=t, publish_time=t)
+    (s,) = mcap.read(unit(path, "mcap"), mapping=Mapping(), fetch=fetch)
+    np.testing.assert_array_equal(s.frames, frames)
+    np.testing.assert_array_equal(s.camera_t, stamps)  # the image's own stamp, not its log time
+    assert s.meta["topic.camera"] == "/sensors/front_cam" and s.meta["format"] == "mcap-protobuf"
+    action_t, action = s.signals["action"]
+    np.testing.assert_array_equal(action_t, stamps)
+    np.testing.assert_array_equal(action, [[-1.0, float(i % 2), 0.5 * i] for i in range(5)])  # elbow, gripper, wrist
+    np.testing.assert_allclose(s.signals["state"][1], [[0.1 * i, 0.2, 0.3, 0, 0, 0, 1] for i in range(5)], rtol=1e-6)
