@@ -34,11 +34,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import lz4.frame
 import zstandard
 from mcap.data_stream import ReadDataStream
 from mcap.opcode import Opcode
-from mcap.records import Channel, Chunk, Metadata, Schema
-from mcap.stream_reader import get_chunk_data_stream
+from mcap.records import Channel, Metadata, Schema
 from mcap_protobuf.decoder import DecoderFactory as ProtobufDecoderFactory
 from mcap_ros2.decoder import DecoderFactory as Ros2DecoderFactory
 
@@ -51,6 +51,7 @@ FORMATS = {"cdr": "mcap-ros2", "protobuf": "mcap-protobuf"}
 _RECORD = struct.Struct("<BQ")      # opcode, content length
 _RECORD_MESSAGE = struct.Struct("<BQHIQQ")  # a message record: opcode, length, channel id,
 # sequence, log time, publish time; then data
+MAX_CHUNK_BYTES = 1 << 30  # a chunk declaring more decompressed bytes is too_large (writers use a few MB)
 _CHUNK_HEADER = struct.Struct("<QQQII")  # a chunk: start, end time, uncompressed size, CRC, name length
 _INDEX_HEADER = struct.Struct("<HI")  # a message index record: channel id, bytes of entries
 _MESSAGE_DTYPE = np.dtype([("opcode", "u1"), ("length", "<u8"), ("channel", "<u2"), ("sequence", "<u4"),
@@ -248,20 +249,31 @@ class _Contents:
 
 
 def _chunk_records(chunk: memoryview) -> memoryview:
-    """The records of a chunk record's body, decompressed and their CRC checked. Uncompressed
-    and zstd chunks are read in place (no copy of the compressed bytes); others through mcap."""
+    """The records of a chunk record's body, decompressed and their CRC checked (uncompressed
+    chunks are read in place). A chunk declaring over ``MAX_CHUNK_BYTES`` is ``too_large``, and
+    no chunk decompresses past the size its header declares: zstd and lz4 output is bounded by
+    it (a compression bomb stops there and is ``corrupt``)."""
     *_, uncompressed_size, crc, name_length = _CHUNK_HEADER.unpack_from(chunk)
     at = _CHUNK_HEADER.size + name_length
     compression = bytes(chunk[_CHUNK_HEADER.size:at]).decode()
     (length,) = struct.unpack_from("<Q", chunk, at)
     if at + 8 + length > len(chunk):
         raise ValueError("a chunk's records overrun the chunk")
+    if uncompressed_size > MAX_CHUNK_BYTES:
+        raise LogError("too_large", f"a chunk declares {uncompressed_size} bytes of records, over {MAX_CHUNK_BYTES}")
     data = chunk[at + 8:at + 8 + length]
     if compression == "zstd":
-        data = memoryview(zstandard.decompress(data, uncompressed_size))
+        declared = zstandard.frame_content_size(data)  # -1: the frame does not say
+        if declared > uncompressed_size:
+            raise ValueError(f"a chunk's zstd frame declares {declared} bytes, its header {uncompressed_size}")
+        data = memoryview(zstandard.decompress(data, max_output_size=uncompressed_size))
+    elif compression == "lz4":
+        frame = lz4.frame.LZ4FrameDecompressor()
+        data = memoryview(frame.decompress(bytes(data), max_length=uncompressed_size))
+        if not frame.eof:
+            raise ValueError(f"a chunk's lz4 frame expands past the {uncompressed_size} bytes its header declares")
     elif compression:
-        stream, size = get_chunk_data_stream(Chunk.read(ReadDataStream(io.BytesIO(chunk))), validate_crc=True)
-        return memoryview(stream.read(size))
+        raise LogError("unsupported", f"chunk compression {compression!r}; readable: zstd, lz4, none")
     if len(data) != uncompressed_size:
         raise ValueError(f"a chunk holds {len(data)} bytes of records, its header says {uncompressed_size}")
     if crc and zlib.crc32(data) != crc:

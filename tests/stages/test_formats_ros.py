@@ -556,3 +556,38 @@ def test_foxglove_protobuf_log_with_foreign_names_struct_actions_and_nested_pose
     np.testing.assert_array_equal(action_t, stamps)
     np.testing.assert_array_equal(action, [[-1.0, float(i % 2), 0.5 * i] for i in range(5)])  # elbow, gripper, wrist
     np.testing.assert_allclose(s.signals["state"][1], [[0.1 * i, 0.2, 0.3, 0, 0, 0, 1] for i in range(5)], rtol=1e-6)
+
+
+def chunk_body(records: bytes, compression: str, declared: int | None = None) -> memoryview:
+    """An MCAP chunk record's body holding ``records`` compressed as named ("zstd-unsized": a zstd
+    frame that does not state its size); ``declared`` overrides the size its header states."""
+    import lz4.frame
+    import zstandard
+
+    packed = {"zstd": lambda r: zstandard.ZstdCompressor().compress(r),
+              "zstd-unsized": lambda r: zstandard.ZstdCompressor(write_content_size=False).compress(r),
+              "lz4": lz4.frame.compress}.get(compression, lambda r: r)(records)
+    name = compression.split("-")[0].encode()
+    size = len(records) if declared is None else declared
+    header = struct.pack("<QQQII", 0, 1, size, zlib.crc32(records), len(name)) + name
+    return memoryview(header + struct.pack("<Q", len(packed)) + packed)
+
+
+@pytest.mark.timeout(60)
+def test_chunks_decompress_no_further_than_their_header_says():
+    """zstd and lz4 chunks read back; a chunk whose compressed bytes expand past its declared
+    size (a compression bomb: a few KB that hold 50 MB of zeros) stops at that size and is
+    refused; a chunk declaring over MAX_CHUNK_BYTES is too_large unread."""
+    import zstandard
+
+    records = bytes(range(256)) * 40
+    for compression in ("", "zstd", "zstd-unsized", "lz4"):
+        assert bytes(mcap._chunk_records(chunk_body(records, compression))) == records, compression
+    bomb = b"\0" * 50_000_000
+    for compression in ("zstd", "zstd-unsized", "lz4"):
+        with pytest.raises((ValueError, zstandard.ZstdError)):
+            mcap._chunk_records(chunk_body(bomb, compression, declared=4096))
+    with pytest.raises(LogError, match="too_large"):
+        mcap._chunk_records(chunk_body(records, "zstd", declared=mcap.MAX_CHUNK_BYTES + 1))
+    with pytest.raises(LogError, match="unsupported"):
+        mcap._chunk_records(chunk_body(records, "brotli"))
