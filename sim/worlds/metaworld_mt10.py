@@ -31,14 +31,15 @@ os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa" if os.environ["MUJOCO_GL"] =
 
 import atexit  # noqa: E402
 import threading  # noqa: E402
-import warnings  # noqa: E402
 import zlib  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 from sim.worlds import detectors, register  # noqa: E402
-from sim.worlds.base import ActionSpec, EventSpec, Observation, TaskSpec, World, WorldConfig, WorldSpec  # noqa: E402
+from sim.worlds.metaworld_expert import (HAND, Expert, NoiseConfig, NoisyExpert, SafetyConfig,  # noqa: E402
+                                        SafetyMonitor)
+from sim.worlds.base import ActionSpec, EventSpec, TaskSpec, World, WorldConfig, WorldSpec  # noqa: E402
 
 TASKS = (
     TaskSpec("reach", "Move the gripper to the goal position."),
@@ -54,8 +55,7 @@ TASKS = (
 )
 STATE_NAMES = ("hand_x", "hand_y", "hand_z", "gripper", "goal_x", "goal_y", "goal_z",
                "obj_x", "obj_y", "obj_z", "obj_to_goal")
-HAND, GRIP, GOAL, OBJ, TO_GO = slice(0, 3), 3, slice(4, 7), slice(7, 10), 10
-GRASPS = ("push", "pick-place", "peg-insert-side")  # tasks whose expert closes the fingers on a free object
+GRIP, GOAL, OBJ, TO_GO = 3, slice(4, 7), slice(7, 10), 10
 PHASES = ("reach", "grasp", "transport", "place", "push", "done")
 MAX_PATH = 500  # Meta-World refuses to step an episode past this
 
@@ -102,31 +102,6 @@ SPEC = WorldSpec(
                          "eval.seeds": (1000, 1001, 1002, 1003, 1004),
                          "policy.steps": 2000, "world_model.steps": 200, "synth.variants": 8}},
 )
-
-
-@dataclass(frozen=True)
-class NoiseConfig:
-    """The fleet expert's noise: Gaussian on dx, dy, dz every step, and pulses after warmup and
-    before success: a push along one random hand axis, or the gripper opened for a moment."""
-
-    sigma: float = 0.1
-    pulse_prob: float = 0.02  # chance per step of starting a pulse
-    pulse_steps: tuple[int, int] = (3, 8)  # push length range (inclusive)
-    push: float = 0.5  # push size (0.5: 5 mm per step)
-    open_fraction: float = 0.25  # fraction of pulses that open the gripper instead of pushing
-    open_steps: tuple[int, int] = (1, 3)  # longer openings drop a lifted puck out of reach
-
-
-@dataclass(frozen=True)
-class SafetyConfig:
-    """When the expert takes over (stall, drift, timeout) and when it hands back."""
-
-    stall_steps: int = 15
-    stall_dist: float = 0.004  # m the hand must move within stall_steps (clean expert >= 0.007)
-    drift_reward: float = 3.0  # shaped reward (0-10) below its best (clean expert drops <= 1.8)
-    timeout_fraction: float = 0.7  # past this share of max_steps unsolved: the expert finishes
-    handback_steps: int = 10  # at least this many expert steps with progress before handing back
-    progress_reward: float = 0.5  # reward gained since takeover that counts as progress
 
 
 @dataclass(frozen=True)
@@ -297,100 +272,6 @@ class MetaWorldEnv:
             pass
 
 
-class Expert:
-    """Meta-World's scripted policy for the env's task, on the privileged observation; stateless.
-    One rule is added: fingers jammed on top of the object (``MetaWorldEnv.jammed``) open and lift."""
-
-    name, policy_version, reads_frames = "expert", "", False
-
-    def __init__(self) -> None:
-        self._policies: dict = {}
-
-    def reset(self, env: MetaWorldEnv, seed: int = 0) -> None:
-        pass
-
-    def act(self, env: MetaWorldEnv, obs: Observation | None = None) -> np.ndarray:
-        if env.task not in self._policies:
-            from metaworld.policies import ENV_POLICY_MAP
-
-            self._policies[env.task] = ENV_POLICY_MAP[f"{env.task}-v3"]()
-        if env.task in GRASPS and env.jammed():
-            return np.array([0.0, 0.0, 1.0, -1.0], np.float32)
-        with warnings.catch_warnings():  # the policies warn whenever their gain saturates (the env clips)
-            warnings.filterwarnings("ignore", message=r"Constant\(s\) may be too high", category=UserWarning)
-            # a copy: some policies edit their observation in place (door-open shifts the handle's x)
-            action = self._policies[env.task].get_action(env.raw_obs.copy())
-        return np.clip(action, -1.0, 1.0).astype(np.float32)
-
-
-class NoisyExpert:
-    """The expert plus DART noise and pulses; deterministic given (seed, episode seed)."""
-
-    name, policy_version, reads_frames = "noisy_expert", "", False
-
-    def __init__(self, noise: NoiseConfig, seed: int = 0, warmup: int = SPEC.warmup_steps) -> None:
-        self.noise, self.seed, self.warmup, self.expert = noise, int(seed), warmup, Expert()
-        self.reset(None, 0)
-
-    def reset(self, env: MetaWorldEnv | None, seed: int = 0) -> None:
-        self._rng = np.random.default_rng([self.seed, int(seed), 0xDA27])
-        self._t, self._left, self._axis, self._push = 0, 0, -1, 0.0
-
-    def act(self, env: MetaWorldEnv, obs: Observation | None = None) -> np.ndarray:
-        n, rng = self.noise, self._rng
-        a = self.expert.act(env, obs).astype(np.float64)
-        self._t += 1
-        if self._left == 0 and self._t > self.warmup and not env.success() and rng.random() < n.pulse_prob:
-            self._axis = 3 if rng.random() < n.open_fraction else int(rng.integers(3))
-            low, high = n.open_steps if self._axis == 3 else n.pulse_steps
-            self._left = int(rng.integers(low, high + 1))
-            self._push = -1.0 if self._axis == 3 else float(rng.choice([-n.push, n.push]))
-        a[:3] += rng.normal(0.0, n.sigma, 3)
-        if self._left > 0:
-            a[self._axis] = self._push
-            self._left -= 1
-        return np.clip(a, -1.0, 1.0).astype(np.float32)
-
-
-class SafetyMonitor:
-    """Takes over on a stall (the hand still for ``stall_steps``), a drift (the shaped reward well
-    below its best) or a timeout (unsolved past ``timeout_fraction`` of the episode: the expert keeps
-    control to the end); hands back after ``handback_steps`` of progress. Quiet once solved."""
-
-    def __init__(self, config: SafetyConfig, max_steps: int, warmup: int) -> None:
-        self.config, self.warmup = config, warmup
-        self.timeout_step = int(config.timeout_fraction * max_steps)
-        self.engaged, self.events = False, 0
-        self._hands: list[np.ndarray] = []
-        self._best = -np.inf
-        self._since, self._reward_at = 0, 0.0
-
-    def update(self, env: MetaWorldEnv, step: int) -> tuple[bool, str]:
-        c = self.config
-        hand, reward = env.state()[HAND].astype(np.float64), env.reward
-        self._hands = (self._hands + [hand])[-(c.stall_steps + 1):]
-        self._best = max(self._best, reward)
-        reason = ""
-        if env.success():
-            self.engaged = False
-            return False, ""
-        if step >= self.timeout_step:
-            reason = "timeout"
-        elif (step >= self.warmup and len(self._hands) > c.stall_steps
-              and np.linalg.norm(self._hands[-1] - self._hands[0]) < c.stall_dist):
-            reason = "stall"
-        elif reward < self._best - c.drift_reward:
-            reason = "drift"
-        if not self.engaged and reason:
-            self.engaged, self._since, self._reward_at = True, 0, reward
-            self.events += 1
-        elif self.engaged and reason != "timeout":
-            self._since += 1
-            if self._since >= c.handback_steps and reward >= self._reward_at + c.progress_reward:
-                self.engaged, self._hands, self._best = False, [], reward  # fresh windows after handing back
-        return self.engaged, reason
-
-
 @register
 class MetaWorldMT10(World):
     spec = SPEC
@@ -406,7 +287,7 @@ class MetaWorldMT10(World):
         return MetaWorldEnv(self, seed, task, frames=frames)
 
     def expert(self, *, noisy: bool = False, seed: int = 0):
-        return NoisyExpert(self.options.noise, seed, self.spec.warmup_steps) if noisy else Expert()
+        return NoisyExpert(self.options.noise, seed, warmup=self.spec.warmup_steps) if noisy else Expert()
 
     def safety_monitor(self, env: MetaWorldEnv) -> SafetyMonitor:
         return SafetyMonitor(self.options.safety, env.max_steps, self.spec.warmup_steps)
