@@ -42,10 +42,12 @@ class Mapping:
         "/camera/color/image_raw/compressed", "/camera/image", "/camera/image/compressed",
         "/image_raw", "/image_raw/compressed", "/image", "/camera",
         "observation.images.*", "observation.image")
+    # exact names first, then the same names under any namespace (``/robot1/cmd_vel``)
     action: tuple[str, ...] = ("/vehicle/action", "/action", "/cmd", "/cmd_vel",
-                               "/joint_commands", "action")
+                               "/joint_commands", "action", "*/cmd_vel", "*/joint_commands",
+                               "*/command", "*/cmd")
     state: tuple[str, ...] = ("/vehicle/state", "/state", "/joint_states", "/odom",
-                              "observation.state")
+                              "observation.state", "*/joint_states", "*/odom", "*/odometry", "*/state")
     expert_action: tuple[str, ...] = ("/expert/action", "expert_action")
     reward: tuple[str, ...] = ("/reward", "next.reward", "reward")
     intervention: tuple[str, ...] = ("/intervention", "intervention")

@@ -591,3 +591,15 @@ def test_chunks_decompress_no_further_than_their_header_says():
         mcap._chunk_records(chunk_body(records, "zstd", declared=mcap.MAX_CHUNK_BYTES + 1))
     with pytest.raises(LogError, match="unsupported"):
         mcap._chunk_records(chunk_body(records, "brotli"))
+
+
+def test_default_names_match_under_any_namespace():
+    """A namespaced robot (``/robot1/...``) needs no mapping: the common names match under any
+    prefix, after the exact names."""
+    types = {"/robot1/front/image/compressed": "sensor_msgs/msg/CompressedImage",
+             "/robot1/cmd_vel": "geometry_msgs/msg/Twist", "/robot1/joint_states": "sensor_msgs/msg/JointState",
+             "/robot1/diagnostics": "diagnostic_msgs/msg/DiagnosticArray"}
+    assert pick_topics(Mapping(), types, source="u") == {
+        "camera": "/robot1/front/image/compressed", "action": "/robot1/cmd_vel", "state": "/robot1/joint_states"}
+    types["/cmd_vel"] = "geometry_msgs/msg/Twist"  # an exact name wins over a namespaced one
+    assert pick_topics(Mapping(), types, source="u")["action"] == "/cmd_vel"
