@@ -115,6 +115,10 @@ def list_objects(uri: str, *, suffix: str = ".mcap",
     return sorted(out, key=lambda o: o["uri"])
 
 
+_SPECIAL = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory",
+            stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
+
+
 def read_bytes(uri: str, storage_options: dict[str, str] | None = None) -> bytes:
     """The whole object at ``uri``; FileNotFoundError / OSError on both backends. A local path
     that is not a regular file (a FIFO, a socket, a device, a directory) is an OSError at once:
@@ -133,19 +137,13 @@ def read_bytes(uri: str, storage_options: dict[str, str] | None = None) -> bytes
         except BotoCoreError as exc:
             raise OSError(f"{uri}: {type(exc).__name__}") from exc
     fd = os.open(uri, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO would block a plain open until a writer came
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            kind = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory",
-                    stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}.get(stat.S_IFMT(mode), "special")
-            raise OSError(f"{uri} is {kind}, not a regular file")
-        os.set_blocking(fd, True)
-        with os.fdopen(fd, "rb", closefd=True) as f:
-            fd = -1
-            return f.read()
-    finally:
-        if fd >= 0:
-            os.close(fd)
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise OSError(f"{uri} is {_SPECIAL.get(stat.S_IFMT(mode), 'special')}, not a regular file")
+    os.set_blocking(fd, True)
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
 
 
 def write_bytes(uri: str, data: bytes, storage_options: dict[str, str] | None = None) -> None:

@@ -40,6 +40,7 @@ class _LossModule(nn.Module):
     def __init__(self, model: nn.Module, kind: str, state_index: list[int], aux: bool = True):
         super().__init__()
         self.model, self.kind, self.state_index, self.aux = model, kind, state_index, aux
+        self._aux_index: list[int] | None = None  # the state columns the policy does not read
 
     def forward(self, batch: dict) -> torch.Tensor:
         c = self.model.config
@@ -47,9 +48,11 @@ class _LossModule(nn.Module):
         if self.kind == "policy":
             state = batch["state_BS"][:, self.state_index] if c.state_dim else None
             aux = None
-            if self.aux and c.has_aux:  # the state columns the policy does not read
-                others = [i for i in range(batch["state_BS"].shape[1]) if i not in set(self.state_index)]
-                aux = batch["state_BS"][:, others]
+            if self.aux and c.has_aux:
+                if self._aux_index is None:
+                    read = set(self.state_index)
+                    self._aux_index = [i for i in range(batch["state_BS"].shape[1]) if i not in read]
+                aux = batch["state_BS"][:, self._aux_index]
             return self.model.loss(batch["frames_BKHWC"], batch["label_BA"], state, tasks, aux)
         extra = {"tasks": tasks} if tasks is not None else {}
         return self.model.loss(batch["frames_BKHWC"], batch["action_BA"], batch["next_BHWC"], **extra)

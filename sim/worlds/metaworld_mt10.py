@@ -37,9 +37,9 @@ from dataclasses import dataclass, field  # noqa: E402
 import numpy as np  # noqa: E402
 
 from sim.worlds import detectors, register  # noqa: E402
+from sim.worlds.base import ActionSpec, EventSpec, TaskSpec, World, WorldConfig, WorldSpec  # noqa: E402
 from sim.worlds.metaworld_expert import (HAND, Expert, NoiseConfig, NoisyExpert, SafetyConfig,  # noqa: E402
                                         SafetyMonitor)
-from sim.worlds.base import ActionSpec, EventSpec, TaskSpec, World, WorldConfig, WorldSpec  # noqa: E402
 
 TASKS = (
     TaskSpec("reach", "Move the gripper to the goal position."),
@@ -217,7 +217,7 @@ class MetaWorldEnv:
         return self._frame(), self.reward, done, info
 
     def _frame(self) -> np.ndarray:
-        if self._blank is not None:  # nobody reads the frames (make_env(frames=False)): ~20 ms saved
+        if self._blank is not None:  # nobody reads the frames (make_env(frames=False)): no render
             return self._blank
         self._viewer().make_context_current()  # another env's GL context may be the current one
         return np.ascontiguousarray(self.gym.render()[::-1, ::-1])

@@ -33,8 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import lz4.frame
+import numpy as np
 import zstandard
 from mcap.data_stream import ReadDataStream
 from mcap.opcode import Opcode

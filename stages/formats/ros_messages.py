@@ -26,8 +26,8 @@ Rules:
 * Signal values (float32[D]), by the first rule that fits: a protobuf message gives its repeated
   numeric field named ``data`` or ``values``, else all its non-repeated numeric (and bool)
   fields in declaration order, else every numeric leaf of its nested messages depth first
-  (stamps left out; a ``google.protobuf.Struct`` by sorted key, its lists in order); ``*MultiArray`` gives ``data`` as is; ``nav_msgs/Odometry``
-  gives [pose.position.x, y, z, twist.linear.x, twist.linear.y, twist.angular.z];
+  (stamps left out; a ``google.protobuf.Struct`` by sorted key, its lists in order);
+  ``*MultiArray`` gives ``data`` as is; ``nav_msgs/Odometry`` gives [pose.position.x, y, z, twist.linear.x, twist.linear.y, twist.angular.z];
   ``TwistStamped`` and ``Twist`` give [linear.x, y, z, angular.x, y, z];
   ``sensor_msgs/JointState`` gives ``position``; a numeric or bool ``data`` field (std_msgs
   Float32/64, Bool, Int*, UInt*) gives [data]. Anything else is ``bad_message``.
@@ -40,7 +40,6 @@ from __future__ import annotations
 import io
 import struct
 import warnings
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -294,6 +293,7 @@ def _floats(values: Any) -> np.ndarray:
 
 
 _PB_STAMPS = frozenset({"google.protobuf.Timestamp", "google.protobuf.Duration"})
+_PB_JSON = frozenset({"google.protobuf.Struct", "google.protobuf.ListValue", "google.protobuf.Value"})
 
 
 def _protobuf_values(msg: Any) -> np.ndarray:
@@ -310,9 +310,6 @@ def _protobuf_values(msg: Any) -> np.ndarray:
     if not leaves:
         raise LogError("bad_message", f"{type_name(msg)} has no numeric fields")
     return np.asarray(leaves, np.float32)
-
-
-_PB_JSON = frozenset({"google.protobuf.Struct", "google.protobuf.ListValue", "google.protobuf.Value"})
 
 
 def _protobuf_leaves(msg: Any) -> list[float]:

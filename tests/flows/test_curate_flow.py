@@ -3,6 +3,7 @@ on the local disk and on S3 (moto's server), incremental, and safe against a cra
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -222,9 +223,6 @@ def test_special_files_and_crashing_readers_cost_only_themselves(tmp_path, ray_c
     """A dangling symlink, a FIFO (whose plain read would block forever) and a LeRobot dataset
     whose metadata makes its reader divide by zero, among good logs: each is one reject for its
     reason, the good logs are kept, and a second run retries none of them."""
-    import json
-    import os
-
     landing = tmp_path / "landing"
     landing.mkdir()
     for seed in (31, 32):

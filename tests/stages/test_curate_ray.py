@@ -1,10 +1,19 @@
 """Pieces of the curation adapters that need no Ray cluster: checkpoint archives, per-log isolation."""
 from __future__ import annotations
 
+import json
+
 import pyarrow as pa
 
+from flows.config import resolve
+from flows.curate import stage_params
+from stages import sources, storage
 from stages.curate import SpanVerdict
-from stages.curate_ray import pack, unpack
+from stages.curate_ray import ingest_and_judge_batch, pack, unpack
+from stages.ingest import IngestResult
+from stages.lake import Lake
+from stages.mcap_log import write_episode
+from tests.stages.test_mcap_log import make_episode
 
 
 def test_pack_and_unpack_a_checkpoint_directory(tmp_path):
@@ -23,17 +32,6 @@ def test_a_log_whose_judging_fails_is_rejected_and_the_batch_goes_on(tmp_path):
     """``ingest_and_judge_batch`` over two logs where judging fails (here: a world the judge
     cannot build): each log's spans come back rejected for ``error`` with the exception's type
     and message, instead of the worker raising and the run stopping."""
-    import json
-
-    from flows.config import resolve
-    from flows.curate import stage_params
-    from stages import sources, storage
-    from stages.curate_ray import ingest_and_judge_batch
-    from stages.ingest import IngestResult
-    from stages.lake import Lake
-    from stages.mcap_log import write_episode
-    from tests.stages.test_mcap_log import make_episode
-
     for seed in (1, 2):
         write_episode(make_episode(30, size=32, seed=seed), str(tmp_path / f"ep-{seed}.mcap"))
     units = sources.discover(storage.list_objects(str(tmp_path)), root=str(tmp_path))
