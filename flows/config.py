@@ -38,6 +38,8 @@ class CurateConfig:
 
     min_length: int = 1  # steps; shorter spans are rejected (1: a log of a moment is an episode)
     max_log_bytes: int = 4 << 30  # a log (all files of a unit) over this is rejected unread: readers hold it in memory
+    max_image_side: int = 1280  # frames keep their resolution up to this longer side (larger ones shrink to it)
+    adopt_undeclared: bool = False  # logs that declare no world are this world's (else: their format and source)
     val_fraction: float = 0.1
     mapping: dict = field(default_factory=dict)  # role -> topic/feature names (stages.streams.Mapping)
     gap_factor: float = 3.0  # a camera gap over gap_factor frame periods splits the episode

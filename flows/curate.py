@@ -63,8 +63,8 @@ def stage_params(config: FlywheelConfig, turn: int) -> dict:
     ``Mapping.from_dict``), ``ingest`` (of ``ingest_unit``) and ``judge`` (of ``judge_batch``)."""
     c, spec = config.curate, config.spec
     return {"mapping": c.mapping, "ingest": {
-        "turn": turn, "max_bytes": c.max_log_bytes, "image_size": config.world.image_size,
-        "action_dim": len(spec.actions),
+        "turn": turn, "max_bytes": c.max_log_bytes, "max_side": c.max_image_side, "world": spec.name,
+        "adopt_undeclared": c.adopt_undeclared, "action_dim": len(spec.actions),
         "state_dim": len(spec.state_names), "signal_names": spec.signals, "min_length": c.min_length,
         "gap_factor": c.gap_factor, "hold_factor": c.hold_factor, "val_fraction": c.val_fraction,
         "features": features_of(spec),
@@ -96,8 +96,7 @@ def commit(ctx: Context, units: list[dict], results: list[IngestResult], verdict
     """Commit frames, clips, episodes, rejects and the manifest, in that order; returns counts."""
     spec, lake, now = ctx.config.spec, ctx.lake, datetime.now(timezone.utc)
     fragments = [f for v in verdicts.values() for f in v.fragments]
-    schema = frames_schema(ctx.config.world.image_size, action_dim=len(spec.actions),
-                           state_dim=len(spec.state_names), features=features_of(spec))
+    schema = frames_schema(features_of(spec))
     before = lake.count("frames")
     lake.commit_fragments("frames", fragments, schema)
     added = {"frames": lake.count("frames") - before}

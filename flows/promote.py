@@ -15,7 +15,8 @@ from prefect.cache_policies import NO_CACHE
 from flows.runtime import POLICY, Context, ensure_ray
 from sim import worlds
 from stages.evaluate import paired
-from stages.lake import images, vectors
+from stages import images
+from stages.schemas import vectors
 from stages.promote import gate
 
 
@@ -43,12 +44,13 @@ def serve_champion(ctx: Context) -> dict:
     champion = ctx.registry.get(POLICY, alias="champion")
     k = champion.config["history"]
     start = ctx.config.spec.warmup_steps
-    rows = ctx.lake.read("frames", columns=["episode_id", "step", "image", "state", "task"],
-                         filter=f"origin = 'real' AND step >= {start} AND step < {start + k}")
+    rows = ctx.lake.read("frames", columns=["episode_id", "step", "image", "height", "width", "state", "task"],
+                         filter=f"origin = 'real' AND world = '{ctx.world_name}' AND step >= {start} "
+                                f"AND step < {start + k}")
     rows = rows.filter(pc.equal(rows.column("episode_id"), rows.column("episode_id")[0])).sort_by("step")
     state = vectors(rows.column("state"))[-1][ctx.config.spec.policy_state_index]
     client = ActClient(url, world=ctx.world_name)
-    action = client.act(images(rows.column("image"))[:k], state=state, task=rows.column("task")[-1].as_py())
+    action = client.act(images.decode(rows, champion.config["image_size"])[:k], state=state, task=rows.column("task")[-1].as_py())
     health = client.health()
     return {"url": url, "health": health, "probe_action": [round(float(a), 4) for a in action]}
 

@@ -21,17 +21,20 @@ from stages.schemas import EPISODES, REJECTS
 
 
 @task(name="load-parent-windows", cache_policy=NO_CACHE)
-def parent_batch(ctx: Context, turn: int, history: int) -> tuple[list[tuple[str, int]], dict, list[np.ndarray]]:
-    """The parent windows (episode id, start step), their batch and their states (``stages.synthesize``)."""
+def parent_batch(ctx: Context, turn: int, history: int,
+                 image_size: int) -> tuple[list[tuple[str, int]], dict, list[np.ndarray]]:
+    """The parent windows (episode id, start step) of the world's real training rows, their batch
+    (frames at the world model's ``image_size``) and their states (``stages.synthesize``)."""
     s = ctx.config.synth
     light = ctx.lake.read("frames", columns=["episode_id", "step", "intervention", "signals"],
-                          filter="origin = 'real' AND split = 'train'")
+                          filter=f"origin = 'real' AND split = 'train' AND world = '{ctx.world_name}'")
     parents = synthesize.select_parents(light, n=s.variants, horizon=s.horizon + 1,
                                         min_step=max(ctx.config.spec.warmup_steps, history), seed=turn)
     windows = [ctx.lake.read("frames", columns=list(synthesize.WINDOW_COLUMNS),
                              filter=f"episode_id = '{e}' AND step >= {t - history + 1} AND step <= {t + s.horizon}")
                for e, t in parents]
-    batch, states = synthesize.parent_batch(windows, starts=[t for _, t in parents], history=history)
+    batch, states = synthesize.parent_batch(windows, starts=[t for _, t in parents], history=history,
+                                            image_size=image_size)
     return parents, batch, states
 
 
@@ -48,7 +51,7 @@ def synthesize_flow(config: str = "default", lake: str = "./lake", landing: str 
     ensure_ray()
     turn = ctx.current_turn() if turn is None else turn
     wm, s = versions[-1], ctx.config.synth
-    parents, batch, states = parent_batch(ctx, turn, wm.config["history"])
+    parents, batch, states = parent_batch(ctx, turn, wm.config["history"], wm.config["image_size"])
     if not parents:
         raise ValueError("no real training window long enough to start a synthetic variant from")
     params = {"offsets": list(s.offsets), "drift_steps": s.drift_steps,

@@ -50,7 +50,8 @@ def run_training(ctx: Context, kind: str, turn: int, init_dir: str | None, run_n
         synthetic_fraction=t.synthetic_fraction if kind == POLICY else 0.0, init_dir=init_dir,
         filter=None if kind == POLICY and not moving else "origin = 'real'", seed=turn,
         state_index=spec.policy_state_index.tolist(), run_name=run_name or f"{kind}-turn{turn}",
-        clips_uri=ctx.lake.table_uri("clips") if weighted else None, duplicate_weight=t.duplicate_weight)
+        clips_uri=ctx.lake.table_uri("clips") if weighted else None, duplicate_weight=t.duplicate_weight,
+        world=spec.name)
 
 
 @flow(name="train")

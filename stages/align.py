@@ -1,6 +1,6 @@
 """Time alignment: resample a ``Streams`` onto its camera frames and cut it into spans.
 
-Pure NumPy (plus Pillow for resizing). The rules are stated in ``align``'s docstring; the
+Pure NumPy (plus ``stages.images`` for shrinking frames over the maximum side). The rules are stated in ``align``'s docstring; the
 helpers below implement one rule each.
 """
 from __future__ import annotations
@@ -9,12 +9,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
+from stages import images
 from stages.streams import LogError, Streams
 
 _VECTOR_ROLES = ("action", "expert_action", "state", "signals")
 _SCALAR_ROLES = ("reward", "intervention")
+ANY = -1  # a vector width that takes whatever width the log has
 
 
 @dataclass(frozen=True)
@@ -26,13 +27,6 @@ class _Resampled:
     age_ns: np.ndarray  # int64[T]: frame stamp - sample stamp (negative: sample after frame)
     lerp: np.ndarray    # bool[T]: both bracketing samples are within hold
     weight: np.ndarray  # float64[T]: interpolation weight of the next sample where lerp
-
-
-def _hw(image_size: int | tuple[int, int]) -> tuple[int, int]:
-    if isinstance(image_size, (int, np.integer)):
-        return int(image_size), int(image_size)
-    height, width = image_size
-    return int(height), int(width)
 
 
 def _median_period(stamps: np.ndarray) -> float | None:
@@ -67,11 +61,16 @@ def _signal(streams: Streams, role: str, width: int | None) -> tuple[np.ndarray,
     stamps, values = np.asarray(stamps, np.int64), np.asarray(values, np.float64)
     if len(stamps) == 0:
         return None
-    if width is None:
+    if width is None:  # a scalar role
         if values.ndim == 2 and values.shape[1] == 1:
             values = values[:, 0]
         if values.ndim != 1:
             raise LogError("bad_shape", f"{role} values are {list(values.shape)}, expected [M]")
+    elif width == ANY:
+        if values.ndim == 1:
+            values = values[:, None]
+        if values.ndim != 2:
+            raise LogError("bad_shape", f"{role} values are {list(values.shape)}, expected [M,D]")
     else:
         if values.ndim == 1 and width == 1:
             values = values[:, None]
@@ -115,18 +114,6 @@ def _values_at(values: np.ndarray, r: _Resampled, *, interpolate: bool) -> np.nd
     return np.where(fresh, held, np.nan)
 
 
-def _resize(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    height, width = size
-    if frames.shape[1:3] == (height, width):
-        return np.ascontiguousarray(frames)
-    shrink = height <= frames.shape[1] and width <= frames.shape[2]
-    method = Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR
-    out = np.empty((len(frames), height, width, 3), np.uint8)
-    for i, frame in enumerate(frames):
-        out[i] = np.asarray(Image.fromarray(frame).resize((width, height), method))
-    return out
-
-
 def _pieces(fresh: np.ndarray, cut: np.ndarray) -> list[tuple[int, int, bool]]:
     """Runs (start, stop, has_action) of steps; runs break at camera cuts and action changes."""
     breaks = np.flatnonzero(cut[1:] | (fresh[1:] != fresh[:-1])) + 1
@@ -143,8 +130,8 @@ def _cut_reason(fresh: np.ndarray, cut: np.ndarray, step: int) -> str:
     return "camera_gap" if cut[step] else ""
 
 
-def align(streams: Streams, *, image_size: int | tuple[int, int], action_dim: int = 3,
-          state_dim: int = 8, signal_names: tuple[str, ...] = (), gap_factor: float = 3.0, max_gap_ns: int | None = None,
+def align(streams: Streams, *, max_side: int = 0, action_dim: int = ANY,
+          state_dim: int = ANY, signal_names: tuple[str, ...] = (), gap_factor: float = 3.0, max_gap_ns: int | None = None,
           hold_factor: float = 2.0, min_length: int = 1) -> tuple[list[dict], list[dict]]:
     """Resample one episode's streams to its camera frames and cut it into spans.
 
@@ -178,11 +165,15 @@ def align(streams: Streams, *, image_size: int | tuple[int, int], action_dim: in
     * A span's ``split_reason`` is the reason of the cut just before it ("action_gap" when
       the step before it has a stale action, else "camera_gap"), or, for a span starting the
       log, of the cut just after it; "" when the span is the whole log.
-    * action and expert_action must be [M, action_dim] (1-D accepted when action_dim is 1),
-      state [M, state_dim], signals [M, len(signal_names)]; reward/intervention [M] or [M, 1]; any other shape
-      raises ``LogError("bad_shape")``.
-    * Frames whose (H, W) differs from ``image_size`` (int: square) are resized with Pillow:
-      BOX when neither side grows, BILINEAR otherwise; ``source_shape`` is the original (H, W).
+    * action must be [M, action_dim] (1-D accepted when action_dim is 1) and expert_action as
+      wide as action, state [M, state_dim], signals [M, len(signal_names)]; reward/intervention
+      [M] or [M, 1]; any other shape raises ``LogError("bad_shape")``. A width of ``ANY`` takes
+      the log's own (1-D values are one wide); an absent state is then 0 wide.
+    * Frames keep their resolution unless their longer side is over ``max_side`` (0: no limit):
+      then they shrink to fit it, aspect kept (``stages.images.fit``, Pillow BOX);
+      ``source_shape`` is the original (H, W).
+    * Names: ``action_names`` / ``state_names`` are the streams' names of those roles (None
+      where the reader found none).
 
     Each span is an episode dict: frames uint8[T,H,W,3], timestamps_ns int64[T], actions and
     expert_actions float32[T,action_dim], states float32[T,state_dim], rewards float32[T],
@@ -198,9 +189,12 @@ def align(streams: Streams, *, image_size: int | tuple[int, int], action_dim: in
     action = _signal(streams, "action", action_dim)
     if action is None:
         raise LogError("missing_topic", "no action")
+    action_dim = action[1].shape[1]
+    state = _signal(streams, "state", state_dim)
+    state_dim = state[1].shape[1] if state is not None else max(state_dim, 0)
     signals = {"action": action,
                "expert_action": _signal(streams, "expert_action", action_dim),
-               "state": _signal(streams, "state", state_dim),
+               "state": state,
                "signals": _signal(streams, "signals", len(signal_names)) if signal_names else None,
                **{role: _signal(streams, role, None) for role in _SCALAR_ROLES}}
     kept, dropped = _dedupe_camera(streams.camera_t, streams.frames)
@@ -231,8 +225,9 @@ def align(streams: Streams, *, image_size: int | tuple[int, int], action_dim: in
     common = {"task": streams.task, "world": meta.get("world", "unknown"), "seed": seed,
               "driver": meta.get("driver", "unknown"),
               "policy_version": meta.get("policy_version", ""), "format": meta.get("format", ""),
-              "topics": {k: v for k, v in meta.items() if k.startswith("topic.")}}
-    size = _hw(image_size)
+              "topics": {k: v for k, v in meta.items() if k.startswith("topic.")},
+              "action_names": streams.names.get("action"), "state_names": streams.names.get("state")}
+    size = images.fit(streams.frames.shape[1:3], max_side)
     pieces = _pieces(fresh, cut)
     unsplit = len(pieces) == 1
     spans: list[dict[str, Any]] = []
@@ -251,7 +246,7 @@ def align(streams: Streams, *, image_size: int | tuple[int, int], action_dim: in
         reason = "" if unsplit else (_cut_reason(fresh, cut, a) or _cut_reason(fresh, cut, b))
         spans.append({
             **where, **common,
-            "frames": _resize(streams.frames[frame_index[a:b]], size),
+            "frames": images.resize(streams.frames[frame_index[a:b]], size),
             "timestamps_ns": frame_t[a:b].copy(),
             "actions": columns["action"][a:b].astype(np.float32),
             "expert_actions": columns["expert_action"][a:b].astype(np.float32),

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from stages import images
 from stages.schemas import frames_schema, to_json
 
 PRIVILEGED_EXPERT, EXECUTED, MIXED = "privileged_expert", "executed", "mixed"
@@ -24,6 +25,17 @@ PRIVILEGED_EXPERT, EXECUTED, MIXED = "privileged_expert", "executed", "mixed"
 _EPISODE_DEFAULTS = {"format": "", "span_index": 0, "start_ns": -1, "end_ns": -1,
                      "split_reason": "", "task": "", "topics": "{}", "source_shape": "",
                      "flagged_frames": 0, "quality": "{}", "code_version": "", "config_digest": ""}
+
+
+def vector_names(episode: dict[str, Any], key: str, width: int, features: dict[str, Any] | None) -> list[str]:
+    """Names of an episode's ``key`` vectors ("action" or "state"): the episode's own
+    (``<key>_names``), else its world's from ``features`` when the widths agree, else
+    ``<key>_0`` ... ``<key>_{width-1}``."""
+    names = episode.get(f"{key}_names")
+    if names is None and features and features.get("world") == episode.get("world"):
+        names = features.get({"action": "actions", "state": "state"}[key])
+    names = [str(n) for n in names] if names is not None else []
+    return names if len(names) == width else [f"{key}_{i}" for i in range(width)]
 
 
 def content_hash(data: bytes) -> str:
@@ -68,9 +80,11 @@ def expert_labels(episode: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     return labels, np.where(use_expert, PRIVILEGED_EXPERT, EXECUTED)
 
 
-def _fixed_list(values: np.ndarray, width: int) -> pa.FixedSizeListArray:
+def _list(values: np.ndarray) -> pa.ListArray:
+    """float32 [N, D] as a list column (D values a row)."""
+    n, width = values.shape
     flat = pa.array(np.ascontiguousarray(values, np.float32).reshape(-1))
-    return pa.FixedSizeListArray.from_arrays(flat, width)
+    return pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * width), flat)
 
 
 def _rising_edges(flags: np.ndarray) -> int:
@@ -89,7 +103,8 @@ def episode_to_tables(episode: dict[str, Any], *, episode_id: str, source_uri: s
     string for the whole episode or one per step (the row then says "mixed" if they differ).
     ``states`` [T,S] are required (NaN where unknown); rewards default to NaN, interventions
     and ``signals`` ({name: bool[T]}) to False. The action width A and state width S come from
-    the arrays; ``features`` (``features_of``) go to the frames schema's metadata. ``lineage`` fills the episodes
+    the arrays, their names from ``vector_names``; frames of any size are kept as they are
+    (``stages.images``); ``features`` (``features_of``) go to the frames schema's metadata. ``lineage`` fills the episodes
     columns that say where the span came from (format, span_index, start_ns, ..., code_version,
     config_digest; see ``stages.schemas.EPISODES``); ``flags`` gives each frame's quality flags.
     """
@@ -112,9 +127,10 @@ def episode_to_tables(episode: dict[str, Any], *, episode_id: str, source_uri: s
     unknown = set(extra) - set(_EPISODE_DEFAULTS)
     if unknown:
         raise ValueError(f"unknown lineage columns {sorted(unknown)}")
+    world = str(episode.get("world", "unknown"))
     row = {
         "episode_id": episode_id, "source_uri": source_uri, "content_hash": content_hash,
-        "world": str(episode.get("world", "unknown")), "seed": int(episode.get("seed", -1)),
+        "world": world, "seed": int(episode.get("seed", -1)),
         "length": n, "episode_return": float(rewards.astype(np.float64).sum()),
         "interventions": _rising_edges(interventions),
         "intervention_steps": int(interventions.sum()), "signal_steps": to_json({k: int(v.sum()) for k, v in signals.items()}),
@@ -124,25 +140,23 @@ def episode_to_tables(episode: dict[str, Any], *, episode_id: str, source_uri: s
         "policy_version": str(episode.get("policy_version", "")),
         "label_source": distinct.pop() if len(distinct) == 1 else MIXED,
         "created_at": now_utc(), **extra,
+        "action_names": to_json(vector_names(episode, "action", actions.shape[1], features)),
+        "state_names": to_json(vector_names(episode, "state", states.shape[1], features)),
     }
     row["flagged_frames"] = sum(1 for f in flags if f)
     steps = np.arange(n, dtype=np.int32)
-    schema = frames_schema(frames.shape[1:3], action_dim=actions.shape[1], state_dim=states.shape[1],
-                           features=features)
     columns = [
         pa.array([f"{episode_id}:{s:05d}" for s in range(n)], pa.string()),
-        pa.array([episode_id] * n, pa.string()), pa.array(steps),
-        pa.array(np.asarray(episode["timestamps_ns"], np.int64)),
-        pa.FixedShapeTensorArray.from_numpy_ndarray(frames),
-        _fixed_list(actions, actions.shape[1]), _fixed_list(labels, actions.shape[1]),
-        pa.array(sources.tolist(), pa.string()),
-        _fixed_list(states, states.shape[1]), pa.array(rewards), pa.array(interventions),
+        pa.array([episode_id] * n, pa.string()), pa.array([world] * n, pa.string()), pa.array(steps),
+        pa.array(np.asarray(episode["timestamps_ns"], np.int64)), *images.to_columns(frames),
+        _list(actions), _list(labels), pa.array(sources.tolist(), pa.string()),
+        _list(states), pa.array(rewards), pa.array(interventions),
         pa.array(raised, pa.list_(pa.string())), pa.array([task] * n, pa.string()),
         pa.array([origin] * n, pa.string()),
         pa.array([split] * n, pa.string()), pa.array(np.full(n, turn, np.int64)),
         pa.array(flags, pa.list_(pa.string())),
     ]
-    return row, pa.Table.from_arrays(columns, schema=schema)
+    return row, pa.Table.from_arrays(columns, schema=frames_schema(features))
 
 
 

@@ -31,6 +31,7 @@ import ray
 from sim import worlds
 from sim.worlds.base import WorldConfig
 from stages import describe, events, quality, storage
+from stages import images as image_columns
 from stages.curate import SpanVerdict
 from stages.ingest import IngestResult, ingest_unit
 from stages.lake import Lake
@@ -55,42 +56,49 @@ def _span(sub: pa.Table, signal_names: tuple[str, ...]) -> dict[str, Any]:
 
 def judge_batch(batch: pa.Table, *, lake: Lake, world: dict, signal_params: dict, verdict_params: dict,
                 event_params: dict, clip_k: int) -> list[SpanVerdict]:
-    """Quality, verdict, events, clips and fragment writes for the spans in one batch: a
-    ``SpanVerdict`` per span."""
-    ids = batch.column("episode_id").to_numpy(zero_copy_only=False)
-    imgs = images(batch.column("image"))
-    signals = quality.frame_signals(
-        {"span_id": ids, "step": batch.column("step").to_numpy(),
-         "timestamp_ns": batch.column("timestamp_ns").to_numpy(), "image": imgs,
-         "action": vectors(batch.column("action")), "state": vectors(batch.column("state"))},
-        **signal_params)
+    """Quality, verdict, events, clips and fragment writes for the spans in one batch (each a
+    contiguous run of rows): a ``SpanVerdict`` per span.
+
+    A span of the curating ``world`` is judged by its rules (action bounds, events, privileged
+    tags); a span of another world (a foreign log) by the rules of any log: finite values,
+    frames, drops, and routine clips. Clip frames are shrunk to the world's image size, the
+    resolution the reasoner describes."""
     w = worlds.get(WorldConfig(**world))
     config, thresholds = events.EventConfig.split(event_params)
+    ids = batch.column("episode_id").to_numpy(zero_copy_only=False)
+    bounds = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1], True])
     out: list[SpanVerdict] = []
-    for verdict in quality.span_verdicts(signals, **verdict_params):
-        where = np.flatnonzero(ids == verdict["span_id"])  # one run of rows: frame_signals checked
-        rows = slice(int(where[0]), int(where[0]) + len(where))
+    for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        table = batch.slice(a, b - a)
+        own = table.column("world")[0].as_py() == w.spec.name
+        imgs = image_columns.decode(table)
+        signals = quality.frame_signals(
+            {"span_id": ids[a:b], "step": table.column("step").to_numpy(),
+             "timestamp_ns": table.column("timestamp_ns").to_numpy(), "image": imgs,
+             "action": vectors(table.column("action")), "state": vectors(table.column("state"))},
+            **signal_params)
+        params = verdict_params if own else {**verdict_params, "action_low": None, "action_high": None}
+        verdict, = quality.span_verdicts(signals, **params)
         fragments, clips, sampled = [], [], {}
         if verdict["kept"]:
-            offsets, names = quality.flag_names(signals, rows)
+            offsets, names = quality.flag_names(signals)
             flags = pa.ListArray.from_arrays(pa.array(offsets), pa.array(names.tolist(), pa.string()))
-            table = batch.slice(rows.start, len(where))
             table = table.set_column(table.schema.get_field_index("flags"), "flags", flags)
             fragments = lake.write_fragments("frames", table)
-            span = _span(table, w.spec.signals)
-            found = events.mine_events(span, world=w, config=config, params=thresholds)
-            clips = events.event_clips(len(where), found, config=config)
-            span_imgs = imgs[rows]
+            span = _span(table, w.spec.signals if own else ())
+            found = events.mine_events(span, world=w, config=config, params=thresholds) if own else []
+            clips = events.event_clips(b - a, found, config=config)
             if clips:
-                sampled["clip_frames"] = np.stack([describe.clip_frames(span_imgs, c["start_step"], c["end_step"],
-                                                                        clip_k) for c in clips])
-            for c in clips:
+                sampled["clip_frames"] = np.stack([
+                    image_columns.resize(describe.clip_frames(imgs, c["start_step"], c["end_step"], clip_k),
+                                         w.image_size) for c in clips])
+            for c in clips if own else ():
                 c["label_tags"] = w.privileged_tags(
                     span["states"][c["start_step"]:], {k: v[c["start_step"]:] for k, v in span["signals"].items()},
                     clip_len=c["end_step"] - c["start_step"])
         out.append(SpanVerdict(span_id=verdict["span_id"], kept=bool(verdict["kept"]),
                                reasons=tuple(verdict["reasons"]), detail=verdict["detail"],
-                               counts=verdict["counts"], frames=len(where), fragments=tuple(fragments),
+                               counts=verdict["counts"], frames=b - a, fragments=tuple(fragments),
                                clips=tuple(clips), **sampled))
     return out
 

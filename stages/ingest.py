@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from stages.align import align
+from stages.align import ANY, align
 from stages.curate import content_hash, episode_to_tables, expert_labels, reject_row, split_for
 from stages.schemas import to_json
 from stages.sources import read_unit
@@ -77,13 +77,30 @@ def unit_content_hash(unit: dict, file_hashes: dict[str, str]) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def episode_id_for(unit_hash: str, episode_index: int, span_index: int) -> str:
-    return "ep-" + hashlib.sha256(f"{unit_hash}|{episode_index}|{span_index}".encode()).hexdigest()[:24]
+def episode_id_for(unit_hash: str, episode_index: int, span_index: int, camera: str = "") -> str:
+    """The id of a span: the unit's content, the episode in it, the span in the episode, and the
+    camera when it is not the episode's first."""
+    key = f"{unit_hash}|{episode_index}|{span_index}" + (f"|{camera}" if camera else "")
+    return "ep-" + hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def log_world(meta: dict[str, str], *, world: str, adopt_undeclared: bool) -> str:
+    """The world a log belongs to: the one its metadata declares; for a log that declares none,
+    ``world`` with ``adopt_undeclared``, else what it is: its format and, where the format
+    records it, its source (``lerobot-v3.0:so100``)."""
+    declared = meta.get("world", "")
+    if declared:
+        return declared
+    if adopt_undeclared:
+        return world
+    source = meta.get("source", "")
+    return f"{meta.get('format', 'unknown')}:{source}" if source else meta.get("format", "unknown")
 
 
 def ingest_unit(unit: dict, *, fetch: Callable[[str], bytes], mapping: Mapping, turn: int, max_bytes: int,
-                image_size: int | tuple[int, int], action_dim: int, state_dim: int,
-                signal_names: tuple[str, ...] = (), features: dict | None = None, min_length: int, gap_factor: float, hold_factor: float, val_fraction: float,
+                max_side: int, world: str, adopt_undeclared: bool, action_dim: int, state_dim: int,
+                signal_names: tuple[str, ...] = (), features: dict | None = None, min_length: int,
+                gap_factor: float, hold_factor: float, val_fraction: float,
                 lineage: dict[str, str]) -> IngestResult:
     """Decode and align one unit.
 
@@ -91,6 +108,9 @@ def ingest_unit(unit: dict, *, fetch: Callable[[str], bytes], mapping: Mapping, 
     that cannot be decoded is one reject row of stage ``read``; an episode whose streams cannot
     be aligned is one of stage ``align``; a span too short to keep is one of stage ``align``
     with its time span. Spans are not yet judged on quality: their frames carry no flags.
+    An episode of ``world`` (``log_world``) must have its widths (``action_dim``,
+    ``state_dim``) and gets its boolean ``signal_names``; any other log keeps the widths and
+    names it has. Frames keep their resolution up to ``max_side`` (``stages.align``).
     Any other exception while reading the unit, or aligning and tabulating one of its episodes,
     is that unit's (or episode's) reject of reason ``error``, its type and message in the detail:
     one bad log never stops a run. A unit whose listed size is over ``max_bytes`` is rejected
@@ -115,17 +135,25 @@ def ingest_unit(unit: dict, *, fetch: Callable[[str], bytes], mapping: Mapping, 
                                                 detail=f"{type(err).__name__}: {err}", turn=turn),))
     unit_hash = unit_content_hash(unit, hashes)
     episodes, frames, rejects, frames_seen, episodes_seen = [], [], [], 0, 0
-    for index, streams in enumerate(streams_list):
-        episode_index = int(streams.meta.get("episode_index", index))
+    file_index = -1
+    for streams in streams_list:
+        camera_index = int(streams.meta.get("camera_index", 0))
+        file_index += camera_index == 0  # readers give a file's (or episode's) first camera first
+        episode_index = int(streams.meta.get("episode_index", file_index))
+        camera = streams.meta.get("topic.camera", "") if camera_index else ""
         source_uri = streams.source_uri or unit["uri"]
         episodes_seen += 1
         frames_seen += len(streams.frames)
         try:
-            spans, short = align(streams, image_size=image_size, action_dim=action_dim,
-                                 state_dim=state_dim, signal_names=tuple(signal_names), gap_factor=gap_factor,
+            name = log_world(streams.meta, world=world, adopt_undeclared=adopt_undeclared)
+            own = name == world
+            spans, short = align(streams, max_side=max_side, action_dim=action_dim if own else ANY,
+                                 state_dim=state_dim if own else ANY,
+                                 signal_names=tuple(signal_names) if own else (), gap_factor=gap_factor,
                                  hold_factor=hold_factor, min_length=min_length)
+            spans = [{**span, "world": name} for span in spans]
             tabulated = [_tabulate(span, unit=unit, unit_hash=unit_hash, episode_index=episode_index,
-                                   source_uri=source_uri, turn=turn, features=features,
+                                   camera=camera, source_uri=source_uri, turn=turn, features=features,
                                    val_fraction=val_fraction, lineage=lineage) for span in spans]
         except Exception as err:
             reason, detail = (err.reason, err.detail) if isinstance(err, LogError) else \
@@ -146,10 +174,11 @@ def ingest_unit(unit: dict, *, fetch: Callable[[str], bytes], mapping: Mapping, 
                         rejects=tuple(rejects), frames_seen=frames_seen, episodes_seen=episodes_seen)
 
 
-def _tabulate(span: dict, *, unit: dict, unit_hash: str, episode_index: int, source_uri: str, turn: int,
-              features: dict | None, val_fraction: float, lineage: dict[str, str]) -> tuple[dict, pa.Table]:
+def _tabulate(span: dict, *, unit: dict, unit_hash: str, episode_index: int, camera: str, source_uri: str,
+              turn: int, features: dict | None, val_fraction: float,
+              lineage: dict[str, str]) -> tuple[dict, pa.Table]:
     """One aligned span's episode row and frames table."""
-    episode_id = episode_id_for(unit_hash, episode_index, span["span_index"])
+    episode_id = episode_id_for(unit_hash, episode_index, span["span_index"], camera)
     labels, label_sources = expert_labels(span)
     h, w = span["source_shape"]
     return episode_to_tables(

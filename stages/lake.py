@@ -15,7 +15,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from stages import storage
-from stages.schemas import images, vectors  # noqa: F401 -- column decoders, re-exported here
 
 _SECRET_KEYS = ("secret", "password", "token", "access_key", "credential")
 

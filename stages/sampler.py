@@ -15,7 +15,8 @@ import lance
 import numpy as np
 import pyarrow as pa
 
-from stages import storage
+from stages import images, storage
+from stages.schemas import vectors
 
 _LIGHT = ["episode_id", "step", "origin"]
 _CLIP_COLUMNS = ["episode_id", "start_step", "end_step", "weight", "duplicate_of"]
@@ -83,7 +84,8 @@ class HistorySampler:
     A window that reaches before the episode's first step repeats that first frame. Windows
     that would span a gap in the steps (e.g. rows excluded by ``filter``) are left out of the
     index and counted in ``skipped_windows``. With ``require_next`` only windows whose step
-    t+1 exists in the same episode are kept, and batches carry that next frame.
+    t+1 exists in the same episode are kept, and batches carry that next frame. Frames come at
+    the resolution they were curated at, or resized to ``image_size`` (square) when given.
     Windows (ordered by episode_id, step) are sharded round-robin over ``world_size`` ranks.
     With ``clips_uri`` (the lake's clips table) windows are drawn by ``window_weights``, with
     replacement; ``event_share`` is then the expected share of draws (from all windows) whose
@@ -94,7 +96,7 @@ class HistorySampler:
     def __init__(self, frames_uri: str, *, history: int, storage_options: dict[str, str] | None = None,
                  filter: str | None = None, rank: int = 0, world_size: int = 1, seed: int = 0,
                  require_next: bool = False, clips_uri: str | None = None,
-                 duplicate_weight: float = 0.0) -> None:
+                 duplicate_weight: float = 0.0, image_size: int | None = None) -> None:
         if history < 1:
             raise ValueError(f"history must be >= 1, got {history}")
         if not 0 <= rank < world_size:
@@ -104,6 +106,7 @@ class HistorySampler:
         clips = lance.dataset(clips_uri, storage_options=options).to_table(columns=_CLIP_COLUMNS) \
             if clips_uri else None
         self.require_next = require_next
+        self.image_size = image_size
         positions, episode, step, origin = self._light_index(filter)
         where = f"{frames_uri} (filter {filter!r}, history {history}, require_next {require_next})"
         if len(step) == 0:
@@ -178,20 +181,20 @@ class HistorySampler:
         rows = self._rows[picks]
         wanted = [rows.reshape(-1), rows[:, -1]] + ([self._next[picks]] if self.require_next else [])
         unique, inverse = np.unique(np.concatenate(wanted), return_inverse=True)
-        fetched = self.dataset.take(pa.array(unique), columns=["episode_id", "step", "image",
+        fetched = self.dataset.take(pa.array(unique), columns=["episode_id", "step", "image", "height", "width",
                                                                "label", "action", "state", "task"])
         self._check(unique, fetched)
-        images = fetched.column("image").combine_chunks().to_numpy_ndarray()
-        labels = _fixed(fetched.column("label"))
-        actions = _fixed(fetched.column("action"))
+        frames = images.decode(fetched, self.image_size)
+        labels = vectors(fetched.column("label"))
+        actions = vectors(fetched.column("action"))
         b, k = rows.shape
         history_idx = inverse[:b * k].reshape(b, k)
         end_idx = inverse[b * k:b * k + b]
-        out = {"frames_BKHWC": images[history_idx], "label_BA": labels[end_idx],
-               "action_BA": actions[end_idx], "state_BS": _fixed(fetched.column("state"))[end_idx],
+        out = {"frames_BKHWC": frames[history_idx], "label_BA": labels[end_idx],
+               "action_BA": actions[end_idx], "state_BS": vectors(fetched.column("state"))[end_idx],
                "tasks": np.asarray(fetched.column("task").to_pylist(), object)[end_idx]}
         if self.require_next:
-            out["next_BHWC"] = images[inverse[b * k + b:]]
+            out["next_BHWC"] = frames[inverse[b * k + b:]]
         return out
 
     def _check(self, offsets: np.ndarray, fetched: pa.Table) -> None:
@@ -205,8 +208,3 @@ class HistorySampler:
             i = bad[0]
             raise RuntimeError(f"row {offsets[i]} is {got_episode[i]}:{got_step[i]}, the index "
                                f"expected {episode[i]}:{step[i]}: the table changed under the sampler")
-
-
-def _fixed(column: pa.ChunkedArray) -> np.ndarray:
-    arr = column.combine_chunks()
-    return arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), -1).astype(np.float32)

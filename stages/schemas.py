@@ -4,17 +4,19 @@ The curated tables (``EPISODES``, ``REJECTS``, ``clips_schema``, ``frames_schema
 world's ``features_of`` in its metadata), the ones the flows write (``SOURCES``: the curate
 manifest, ``EVALUATIONS``, ``TURNS``) and the model registry's (``MODELS``, ``ALIASES``).
 Pure Arrow: no Ray, Prefect or Lance. ``to_json`` is the encoding of the string columns (and
-schema metadata) that hold small structures; ``images`` and ``vectors`` decode the tensor and
-fixed-size-list columns into NumPy.
+schema metadata) that hold small structures; ``images`` and ``vectors`` decode tensor and
+list columns into NumPy (the frames table's images: ``stages.images.decode``).
 """
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+
+from stages.images import IMAGE
 
 _TS = pa.timestamp("us", tz="UTC")
 
@@ -34,6 +36,8 @@ EPISODES = pa.schema([
     ("topics", pa.string()), ("source_shape", pa.string()),
     ("flagged_frames", pa.int64()), ("quality", pa.string()),
     ("code_version", pa.string()), ("config_digest", pa.string()),
+    # the names of the frames' action and state vectors (JSON lists), as the log gave them
+    ("action_names", pa.string()), ("state_names", pa.string()),
 ])
 REJECTS = pa.schema([
     ("reject_id", pa.string()), ("source_uri", pa.string()), ("stage", pa.string()),
@@ -59,31 +63,25 @@ def clips_schema() -> pa.Schema:
     ])
 
 
-def _hw(image_size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(image_size, (int, np.integer)):
-        return int(image_size), int(image_size)
-    height, width = image_size
-    return int(height), int(width)
+def frames_schema(features: dict[str, Any] | None = None) -> pa.Schema:
+    """Schema of the frames table.
 
-
-def frames_schema(image_size: int | Sequence[int], *, action_dim: int, state_dim: int,
-                  features: dict[str, Any] | None = None) -> pa.Schema:
-    """Schema of the frames table for images of ``image_size`` (int or (H, W)).
-
-    ``flags`` lists the quality signals a kept frame raised (``frozen``, ``dark``,
-    ``overexposed``, ``dropped_before``); an empty list is a clean frame. ``signals`` lists the
-    world's boolean signals raised at the step (names from the spec's ``signals``); ``task`` is the
-    instruction. ``features`` (world, action and state names, ...) go to the schema metadata
-    under ``worldloop.features``, so a reader learns the names without knowing the world.
+    ``image`` holds a frame's RGB bytes at the resolution it was curated at, ``height`` and
+    ``width`` its shape (``stages.images``); ``action``, ``label`` and ``state`` are vectors of
+    the episode's own widths (their names are in the episodes table); ``world`` is the world
+    the log declared, or its format and source when it declared none. ``flags`` lists the
+    quality signals a kept frame raised (``frozen``, ``dark``, ``overexposed``,
+    ``dropped_before``); an empty list is a clean frame. ``signals`` lists the world's boolean
+    signals raised at the step; ``task`` is the instruction. ``features`` (the lake's world:
+    action and state names, ...) go to the schema metadata under ``worldloop.features``.
     """
-    height, width = _hw(image_size)
     metadata = {b"worldloop.features": to_json(features).encode()} if features else None
     return pa.schema([
-        ("frame_id", pa.string()), ("episode_id", pa.string()), ("step", pa.int32()),
-        ("timestamp_ns", pa.int64()),
-        ("image", pa.fixed_shape_tensor(pa.uint8(), [height, width, 3])),
-        ("action", pa.list_(pa.float32(), action_dim)), ("label", pa.list_(pa.float32(), action_dim)),
-        ("label_source", pa.string()), ("state", pa.list_(pa.float32(), state_dim)),
+        ("frame_id", pa.string()), ("episode_id", pa.string()), ("world", pa.string()),
+        ("step", pa.int32()), ("timestamp_ns", pa.int64()),
+        ("image", IMAGE), ("height", pa.int32()), ("width", pa.int32()),
+        ("action", pa.list_(pa.float32())), ("label", pa.list_(pa.float32())),
+        ("label_source", pa.string()), ("state", pa.list_(pa.float32())),
         ("reward", pa.float32()), ("intervention", pa.bool_()), ("signals", pa.list_(pa.string())),
         ("task", pa.string()), ("origin", pa.string()), ("split", pa.string()), ("turn", pa.int64()),
         ("flags", pa.list_(pa.string())),
@@ -110,8 +108,12 @@ def images(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
 
 
 def vectors(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """A fixed-size-list column (actions, labels, states) as float32 [N, D]."""
+    """A list column of one width (actions, labels, states) as float32 [N, D]."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
+        widths = set(pc.list_value_length(arr).to_numpy(zero_copy_only=False).tolist())
+        if len(widths) > 1:
+            raise ValueError(f"vectors of widths {sorted(widths)} in one column; filter one world first")
     return arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), -1).astype(np.float32)
 
 

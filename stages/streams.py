@@ -57,6 +57,10 @@ class Mapping:
     def candidates(self, role: str) -> tuple[str, ...]:
         return getattr(self, role)
 
+    def configured(self, role: str) -> bool:
+        """Whether ``role`` has other candidates than the defaults (the user chose them)."""
+        return self.candidates(role) != type(self).__dataclass_fields__[role].default
+
     def pick(self, role: str, available: Iterable[str]) -> str | None:
         """The first candidate of ``role`` matching one of ``available`` names (sorted), else None."""
         names = sorted(set(available))
@@ -86,7 +90,10 @@ class Streams:
     a role of ``ROLES`` to (stamps int64[M], values float32[M] or float32[M,D]); roles absent
     from the log are absent here. ``meta`` holds strings: ``format`` always, and where known
     ``world``, ``seed``, ``driver``, ``policy_version``, ``episode_index``, and the topic or
-    feature used for each role (``topic.camera``, ``topic.action``, ...).
+    feature used for each role (``topic.camera``, ``topic.action``, ...), and ``source`` (what
+    wrote the log: a robot type, a writer library) where the format records one. ``names``
+    gives the names of a vector role's values where the log has them (joint names, Twist axes,
+    a multi-array's labels, a LeRobot feature's names).
     """
 
     source_uri: str
@@ -95,6 +102,7 @@ class Streams:
     signals: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     task: str = ""
     meta: dict[str, str] = field(default_factory=dict)
+    names: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.camera_t = np.asarray(self.camera_t, np.int64)

@@ -26,10 +26,11 @@ import numpy as np
 import pyarrow as pa
 
 from stages.curate import episode_to_tables, reject_row
-from stages.schemas import images, vectors
+from stages import images
+from stages.schemas import features_of, vectors
 
 LABEL_RECOVERY, LABEL_GENERATOR = "recovery_heuristic", "generator_action"
-WINDOW_COLUMNS = ("step", "image", "action", "label", "state", "task")  # what parent_batch reads
+WINDOW_COLUMNS = ("step", "image", "height", "width", "action", "label", "state", "task")  # what parent_batch reads
 
 
 def select_parents(frames: pa.Table, *, n: int, horizon: int, min_step: int, seed: int) -> list[tuple[str, int]]:
@@ -62,18 +63,18 @@ def select_parents(frames: pa.Table, *, n: int, horizon: int, min_step: int, see
     return [(str(ids[i]), int(steps[i])) for i in sorted(picks)]
 
 
-def _window(rows: pa.Table, start: int, history: int) -> dict[str, Any]:
+def _window(rows: pa.Table, start: int, history: int, image_size: int) -> dict[str, Any]:
     rows = rows.sort_by("step")
     steps = rows.column("step").to_numpy()
-    frames, actions = images(rows.column("image")), vectors(rows.column("action"))
+    frames, actions = images.decode(rows, image_size), vectors(rows.column("action"))
     labels = vectors(rows.column("label"))
     at = int(np.searchsorted(steps, start))
     return {"history": frames[at - history + 1: at + 1], "actions": actions[at:], "labels": labels[at:],
             "states": vectors(rows.column("state"))[at + 1:], "task": rows.column("task")[at].as_py()}
 
 
-def parent_batch(windows: Sequence[pa.Table], *, starts: Sequence[int],
-                 history: int) -> tuple[dict, list[np.ndarray]]:
+def parent_batch(windows: Sequence[pa.Table], *, starts: Sequence[int], history: int,
+                 image_size: int) -> tuple[dict, list[np.ndarray]]:
     """The batch ``synthesize_batch`` takes, and each parent's states after its start step.
 
     ``windows[i]`` holds the frames rows (``WINDOW_COLUMNS``) of one parent episode from step
@@ -81,7 +82,7 @@ def parent_batch(windows: Sequence[pa.Table], *, starts: Sequence[int],
     """
     if not windows:
         return {}, []
-    cut = [_window(rows, start, history) for rows, start in zip(windows, starts, strict=True)]
+    cut = [_window(rows, start, history, image_size) for rows, start in zip(windows, starts, strict=True)]
     batch = {"history_BKHWC": np.stack([w["history"] for w in cut]),
              "parent_actions_BTA": np.stack([w["actions"] for w in cut]),
              "parent_labels_BTA": np.stack([w["labels"] for w in cut]),
@@ -220,7 +221,7 @@ def variant_tables(variants: Sequence[Variant], *, parents: Sequence[tuple[str, 
         row, table = episode_to_tables(
             episode, episode_id=f"syn-{digest[:24]}", source_uri=uri, content_hash=digest, turn=turn,
             origin="synthetic", parent_episode_id=parent, generator_version=generator_version,
-            label_source=variant.label_sources.tolist(), split="train")
+            label_source=variant.label_sources.tolist(), split="train", features=features_of(spec))
         episodes.append(row)
         frames.append(table)
     return episodes, frames, rejects

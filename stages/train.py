@@ -71,9 +71,11 @@ def _build(kind: str, config: dict, init_dir: str | None) -> nn.Module:
     return model_cls(module.config_from_dict(config))
 
 
-def _split_filter(split: str, base: str | None) -> str:
-    clause = f"split = '{split}'"
-    return f"({base}) AND {clause}" if base else clause
+def _where(cfg: dict[str, Any], split: str, base: str | None) -> str:
+    """The rows of ``split`` that pass ``base``, of the run's world when it names one."""
+    clauses = [f"({base})" if base else "", f"split = '{split}'",
+               "world = '{}'".format(cfg["world"].replace("'", "''")) if cfg["world"] else ""]
+    return " AND ".join(c for c in clauses if c)
 
 
 def train_loop(cfg: dict[str, Any]) -> None:
@@ -91,9 +93,9 @@ def train_loop(cfg: dict[str, Any]) -> None:
     wrapped = ray.train.torch.prepare_model(_LossModule(model, cfg["kind"], cfg["state_index"]))
     sampler = HistorySampler(
         cfg["frames_uri"], history=hp["history"], storage_options=cfg["storage_options"],
-        filter=_split_filter("train", cfg["filter"]), rank=rank, world_size=world,
+        filter=_where(cfg, "train", cfg["filter"]), rank=rank, world_size=world,
         seed=cfg["seed"], require_next=cfg["require_next"], clips_uri=cfg["clips_uri"],
-        duplicate_weight=cfg["duplicate_weight"])
+        duplicate_weight=cfg["duplicate_weight"], image_size=hp["image_size"])
     opt = torch.optim.AdamW(wrapped.parameters(), lr=hp["lr"], weight_decay=hp.get("weight_decay", 0.0))
     steps, per_worker = cfg["steps"], max(1, hp["batch_size"] // world)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp["lr"], total_steps=steps, pct_start=0.1)
@@ -134,8 +136,8 @@ def _validate(model: nn.Module, cfg: dict, device: torch.device, batches: int = 
     try:
         sampler = HistorySampler(
             cfg["frames_uri"], history=cfg["model_config"]["history"],
-            storage_options=cfg["storage_options"], filter=_split_filter("val", "origin = 'real'"),
-            seed=cfg["seed"] + 7, require_next=cfg["require_next"])
+            storage_options=cfg["storage_options"], filter=_where(cfg, "val", "origin = 'real'"),
+            seed=cfg["seed"] + 7, require_next=cfg["require_next"], image_size=cfg["model_config"]["image_size"])
     except ValueError as err:  # no validation episodes (e.g. val_fraction = 0)
         if "no windows" in str(err):
             return None
@@ -153,13 +155,14 @@ def train_model(kind: str, *, frames_uri: str, model_config, storage_path: str, 
                 use_gpu: bool = False, synthetic_fraction: float | None = None, init_dir: str | None = None,
                 filter: str | None = None, seed: int = 0, run_name: str | None = None,
                 clips_uri: str | None = None, duplicate_weight: float = 0.0,
-                state_index: list[int] | None = None) -> dict:
+                state_index: list[int] | None = None, world: str = "") -> dict:
     """Train `kind` on the frames table with a TorchTrainer; returns metrics and the checkpoint dir.
 
     With ``clips_uri`` training windows are drawn by the clips' weights (event clips oversampled,
     near-duplicates weighted ``duplicate_weight``; ``stages.sampler.window_weights``); validation
     always samples uniformly. ``state_index``: the columns of the frames' ``state`` the policy reads
-    (the world's ``policy_state``).
+    (the world's ``policy_state``). ``world``: only rows of that world (a lake's frames table also
+    holds the foreign logs curated into it); frames are resized to the model's ``image_size``.
     """
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -173,6 +176,7 @@ def train_model(kind: str, *, frames_uri: str, model_config, storage_path: str, 
         "synthetic_fraction": synthetic_fraction, "init_dir": init_dir, "filter": filter,
         "seed": seed, "require_next": require_next, "threads": max(1, int(cpus_per_worker)),
         "clips_uri": clips_uri, "duplicate_weight": duplicate_weight, "state_index": list(state_index or []),
+        "world": world,
     }
     trainer = TorchTrainer(
         train_loop, train_loop_config=loop_config,

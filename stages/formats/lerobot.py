@@ -24,8 +24,8 @@ Layout, every path relative to the dataset root and found among ``unit["files"]`
 
 Rules:
 
-- Camera: ``mapping.pick("camera", <features of dtype video or image>)``; none is
-  ``missing_topic``. Each role of ``ROLES`` is picked from the data columns that are neither a
+- Cameras: every feature of dtype video or image, ``mapping.pick("camera", ...)`` of them
+  first (only that one when the mapping configures the camera); none is ``missing_topic``. Each role of ``ROLES`` is picked from the data columns that are neither a
   camera nor bookkeeping; its values are float32 [N] for a scalar column, [N, D] for a list
   column (bools become 0/1), and a width-1 list is flattened for the scalar roles (reward,
   intervention; a signals list stays [N, D]).
@@ -44,8 +44,10 @@ Rules:
   kind), ``missing_topic``, ``inconsistent_lengths``. Errors of ``fetch`` itself (an object that
   vanished, a network failure) are not judgements on the data and propagate unchanged.
 
-Returns one ``Streams`` per episode, in episode-index order, with ``source_uri`` the data parquet
-and ``meta`` = format (``lerobot-<version>``), episode_index, fps, robot_type, topic.<role>.
+Returns one ``Streams`` per camera and episode (the cameras in turn, each's episodes in index
+order), with ``source_uri`` the data parquet, ``meta`` = format (``lerobot-<version>``),
+episode_index, camera_index, fps, robot_type (also as ``source``), topic.<role>, and ``names``
+from each feature's ``names`` where they name every value.
 """
 from __future__ import annotations
 
@@ -269,8 +271,19 @@ def _episodes_v3(ds: _Dataset, info: dict, camera: str, is_video: bool) -> list[
     return out
 
 
+def _names(declared: object, width: int) -> tuple[str, ...] | None:
+    """A feature's ``names`` (a list, or a dict of one list such as {"motors": [...]}) when they
+    name each of its ``width`` values."""
+    if isinstance(declared, dict) and len(declared) == 1:
+        declared = next(iter(declared.values()))
+    if isinstance(declared, list) and len(declared) == width and all(isinstance(n, str) for n in declared):
+        return tuple(declared)
+    return None
+
+
 def _episode_streams(ds: _Dataset, episode: _Episode, *, camera: str, fps: float,
-                     tasks: dict[int, str], mapping: Mapping, meta: dict[str, str]) -> Streams:
+                     tasks: dict[int, str], mapping: Mapping, meta: dict[str, str],
+                     declared: dict[str, object]) -> Streams:
     rows = ds.rows(episode.data_rel, episode.index)
     what = f"{episode.data_rel} episode {episode.index}"
     if len(rows) == 0 or (episode.length is not None and len(rows) != episode.length):
@@ -280,7 +293,7 @@ def _episode_streams(ds: _Dataset, episode: _Episode, *, camera: str, fps: float
         stamps = _stamps_ns(rows["timestamp"], what=what)
         task_ids = pc.unique(rows["task_index"]).to_pylist() if "task_index" in rows.column_names else []
         available = [c for c in rows.column_names if c not in BOOKKEEPING and c != camera]
-        signals, topics = {}, {"topic.camera": camera}
+        signals, topics, names = {}, {"topic.camera": camera}, {}
         for role in ROLES:
             name = mapping.pick(role, available)
             if name is None:
@@ -290,6 +303,8 @@ def _episode_streams(ds: _Dataset, episode: _Episode, *, camera: str, fps: float
                 values = values[:, 0]
             signals[role] = (stamps, values)
             topics[f"topic.{role}"] = name
+            if values.ndim == 2 and (found := _names(declared.get(name), values.shape[1])):
+                names[role] = found
     if episode.video_rel is None:
         frames = _decode_images(rows[camera], what=f"{what} {camera}")
     else:
@@ -297,7 +312,7 @@ def _episode_streams(ds: _Dataset, episode: _Episode, *, camera: str, fps: float
                                fps=fps, what=episode.video_rel)
     task = "; ".join(tasks[t] for t in task_ids if t in tasks)
     return Streams(source_uri=ds.uris[episode.data_rel], camera_t=stamps, frames=frames,
-                   signals=signals, task=task,
+                   signals=signals, task=task, names=names,
                    meta={**meta, **topics, "episode_index": str(episode.index)})
 
 
@@ -311,17 +326,22 @@ def read(unit: dict, *, mapping: Mapping, fetch: Callable[[str], bytes]) -> list
     with _parsing(INFO):
         fps = float(info["fps"])
         features = {k: str(v["dtype"]) for k, v in info["features"].items()}
+        declared = {k: v.get("names") for k, v in info["features"].items()}
     if not np.isfinite(fps) or fps <= 0:
         raise LogError("corrupt", f"{INFO}: fps {info['fps']!r}")
-    camera = mapping.pick("camera", [k for k, d in features.items() if d in ("video", "image")])
+    visual = sorted(k for k, d in features.items() if d in ("video", "image"))
+    camera = mapping.pick("camera", visual)
     if camera is None:
         raise LogError("missing_topic", f"no video or image feature among {sorted(features)}")
-    is_video = features[camera] == "video"
+    cameras = [camera] + ([] if mapping.configured("camera") else [k for k in visual if k != camera])
     listing = _episodes_v3 if version == "v3.0" else _episodes_v2
-    episodes = sorted(listing(ds, info, camera, is_video), key=lambda e: e.index)
     tasks = _tasks(ds, version)
-    meta = {"format": f"lerobot-{version}", "fps": f"{info['fps']}",
-            "robot_type": str(info.get("robot_type") or "")}
-    return [_episode_streams(ds, e, camera=camera, fps=fps, tasks=tasks, mapping=mapping, meta=meta)
-            for e in episodes]
+    robot = str(info.get("robot_type") or "")
+    meta = {"format": f"lerobot-{version}", "fps": f"{info['fps']}", "robot_type": robot, "source": robot}
+    out = []
+    for index, cam in enumerate(cameras):
+        episodes = sorted(listing(ds, info, cam, features[cam] == "video"), key=lambda e: e.index)
+        out += [_episode_streams(ds, e, camera=cam, fps=fps, tasks=tasks, mapping=mapping, declared=declared,
+                                 meta={**meta, "camera_index": str(index)}) for e in episodes]
+    return out
 

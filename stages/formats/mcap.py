@@ -42,7 +42,8 @@ from mcap.records import Channel, Metadata, Schema
 from mcap_protobuf.decoder import DecoderFactory as ProtobufDecoderFactory
 from mcap_ros2.decoder import DecoderFactory as Ros2DecoderFactory
 
-from stages.formats.ros_messages import CDR_LE, Collector, cdr_batch, cdr_parser, pick_topics
+from stages.formats.collect import Collector, pick_topics
+from stages.formats.ros_messages import CDR_LE, cdr_batch, cdr_parser
 from stages.streams import LogError, Mapping, Streams
 
 MAGIC = b"\x89MCAP0\r\n"
@@ -71,13 +72,14 @@ def check_bytes(data: bytes, uri: str) -> None:
 
 
 def read(unit: dict, *, mapping: Mapping, fetch: Callable[[str], bytes]) -> list[Streams]:
-    """One ``Streams`` per file of the unit (an MCAP unit has one); rules in the module text."""
-    return [read_bytes(fetch(f["uri"]), source_uri=f["uri"], mapping=mapping)
-            for f in unit["files"]]
+    """One ``Streams`` per camera of each file of the unit (an MCAP unit has one file); rules in
+    the module text."""
+    return [s for f in unit["files"] for s in read_bytes(fetch(f["uri"]), source_uri=f["uri"], mapping=mapping)]
 
 
-def read_bytes(data: bytes, *, source_uri: str, mapping: Mapping) -> Streams:
-    """Decode one MCAP file's bytes; raises ``LogError`` for anything unreadable."""
+def read_bytes(data: bytes, *, source_uri: str, mapping: Mapping) -> list[Streams]:
+    """Decode one MCAP file's bytes, a ``Streams`` per camera; raises ``LogError`` for anything
+    unreadable."""
     check_bytes(data, source_uri)
     try:
         return _read(data, source_uri, mapping)
@@ -99,6 +101,11 @@ class _Messages:
         """Each message's bytes."""
         return [memoryview(buf)[s:e] for buf, starts, ends in self.runs
                 for s, e in zip(starts.tolist(), ends.tolist())]
+
+    def first(self) -> memoryview:
+        """The first message's bytes."""
+        buf, starts, ends = self.runs[0]
+        return memoryview(buf)[int(starts[0]):int(ends[0])]
 
     def rows(self) -> np.ndarray | None:
         """uint8[N, L] of the messages when all have one length L, else None. An evenly spaced
@@ -291,7 +298,15 @@ def _decoder(channel: Channel, schema: Schema | None) -> Callable[[bytes], Any]:
                                   f"{schema.encoding if schema else None!r}")
 
 
-def _read(data: bytes, source_uri: str, mapping: Mapping) -> Streams:
+def _name(collector: Collector, channel: Channel, schema: Schema | None, body: Any) -> None:
+    """The names of a parsed channel's values, from its first message decoded in full."""
+    try:
+        collector.name(channel.topic, _decoder(channel, schema)(bytes(body)))
+    except Exception:  # names are a courtesy: the values were parsed already
+        pass
+
+
+def _read(data: bytes, source_uri: str, mapping: Mapping) -> list[Streams]:
     contents = _Contents()
     contents.walk(memoryview(data)[len(MAGIC):-len(MAGIC)])
     channels = contents.channels
@@ -301,23 +316,25 @@ def _read(data: bytes, source_uri: str, mapping: Mapping) -> Streams:
                                   f"{sorted(used - channels.keys())}")
     types = {channels[i].topic: getattr(contents.schemas.get(channels[i].schema_id), "name", "") for i in used}
     picked = pick_topics(mapping, types, source=source_uri)
-    camera = [c for c in channels.values() if c.topic == picked["camera"]]
+    camera = [c for c in channels.values() if c.topic == picked.cameras[0]]
     fmt = FORMATS.get(camera[0].message_encoding)
     if fmt is None:
         raise LogError("unsupported", f"{source_uri}: camera message encoding "
                                       f"{camera[0].message_encoding!r}, readable: {list(FORMATS)}")
-    roles = {topic: role for role, topic in picked.items()}
     collector = Collector(picked)
     for channel_id, messages in contents.messages.items():
         channel = channels[channel_id]
-        if channel.topic not in roles:
+        role = picked.role_of(channel.topic)
+        if role is None:
             continue
-        parse = cdr_parser(roles[channel.topic], getattr(contents.schemas.get(channel.schema_id), "name", "")) \
+        parse = cdr_parser(role, getattr(contents.schemas.get(channel.schema_id), "name", "")) \
             if channel.message_encoding == "cdr" else None
         rows = messages.rows() if parse is not None else None
         batch = cdr_batch(parse, rows, messages.times) if rows is not None else None
         if batch is not None:
             collector.add_batch(channel.topic, *batch)
+            if role != "camera":
+                _name(collector, channel, contents.schemas.get(channel.schema_id), messages.first())
             continue
         decode = None
         for log_time, body in zip(messages.times, messages.bodies()):

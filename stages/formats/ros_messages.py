@@ -4,8 +4,7 @@ Shared by the MCAP and rosbag readers. Everything works on decoded message objec
 attribute access, whichever library decoded them (mcap_ros2's dynamic classes, rosbags'
 dataclasses, protobuf messages), plus ``cdr_parser``, fast paths that parse little-endian CDR
 images and std_msgs signals straight from their bytes, one message or a channel's messages at
-once (``cdr_batch``). ``Collector`` gathers the messages of the topics a ``Mapping`` picked
-into one ``Streams``.
+once (``cdr_batch``). ``stages.formats.collect`` picks the topics and gathers their messages.
 
 Rules:
 
@@ -46,7 +45,7 @@ import numpy as np
 from google.protobuf.descriptor import FieldDescriptor
 from PIL import Image
 
-from stages.streams import ROLES, LogError, Mapping, Streams
+from stages.streams import ROLES, LogError
 
 TOPIC_ROLES = ("camera", *ROLES, "task")
 SCALAR_ROLES = frozenset({"reward", "intervention"})
@@ -296,44 +295,51 @@ _PB_STAMPS = frozenset({"google.protobuf.Timestamp", "google.protobuf.Duration"}
 _PB_JSON = frozenset({"google.protobuf.Struct", "google.protobuf.ListValue", "google.protobuf.Value"})
 
 
-def _protobuf_values(msg: Any) -> np.ndarray:
+def _protobuf_fields(msg: Any) -> list[tuple[str, float]]:
+    """(name, value) of the values ``signal_values`` takes from a protobuf message; a repeated
+    ``data`` / ``values`` field's values are named by index."""
     fields = msg.DESCRIPTOR.fields
     if msg.DESCRIPTOR.full_name not in _PB_JSON:
         for f in fields:
             if f.name in ("data", "values") and f.is_repeated and f.cpp_type in _PB_NUMERIC:
-                return _floats(getattr(msg, f.name))
-        scalars = [getattr(msg, f.name) for f in fields
+                return [(f"{f.name}.{i}", v) for i, v in enumerate(_floats(getattr(msg, f.name)).tolist())]
+        scalars = [(f.name, float(getattr(msg, f.name))) for f in fields
                    if not f.is_repeated and f.cpp_type in _PB_NUMERIC]
         if scalars:
-            return np.asarray(scalars, np.float32)
-    leaves = _protobuf_leaves(msg)
+            return scalars
+    leaves = _protobuf_leaves(msg, "")
     if not leaves:
         raise LogError("bad_message", f"{type_name(msg)} has no numeric fields")
-    return np.asarray(leaves, np.float32)
+    return leaves
 
 
-def _protobuf_leaves(msg: Any) -> list[float]:
-    """Every numeric (and bool) leaf of a protobuf message, depth first in declaration order,
-    stamps left out; a ``google.protobuf.Struct`` by sorted key, a ``ListValue`` in order."""
-    name = msg.DESCRIPTOR.full_name
-    if name == "google.protobuf.Struct":
-        return [x for key in sorted(msg.fields) for x in _protobuf_leaves(msg.fields[key])]
-    if name == "google.protobuf.ListValue":
-        return [x for item in msg.values for x in _protobuf_leaves(item)]
-    if name == "google.protobuf.Value":
-        kind = msg.WhichOneof("kind")
-        if kind in ("number_value", "bool_value"):
-            return [float(getattr(msg, kind))]
-        return _protobuf_leaves(getattr(msg, kind)) if kind in ("list_value", "struct_value") else []
-    out: list[float] = []
+def _protobuf_leaves(msg: Any, path: str) -> list[tuple[str, float]]:
+    """Every numeric (and bool) leaf of a protobuf message with its dotted path, depth first in
+    declaration order, stamps left out; a ``google.protobuf.Struct`` by sorted key, a
+    ``ListValue`` in order (its items named by index)."""
+    def under(name: str) -> str:
+        return f"{path}.{name}" if path else name
+    kind = msg.DESCRIPTOR.full_name
+    if kind == "google.protobuf.Struct":
+        return [x for key in sorted(msg.fields) for x in _protobuf_leaves(msg.fields[key], under(key))]
+    if kind == "google.protobuf.ListValue":
+        return [x for i, item in enumerate(msg.values) for x in _protobuf_leaves(item, under(str(i)))]
+    if kind == "google.protobuf.Value":
+        which = msg.WhichOneof("kind")
+        if which in ("number_value", "bool_value"):
+            return [(path, float(getattr(msg, which)))]
+        return _protobuf_leaves(getattr(msg, which), path) if which in ("list_value", "struct_value") else []
+    out: list[tuple[str, float]] = []
     for f in msg.DESCRIPTOR.fields:
         value = getattr(msg, f.name)
         if f.cpp_type in _PB_NUMERIC:
-            out += [float(v) for v in value] if f.is_repeated else [float(value)]
+            out += [(under(f"{f.name}.{i}"), float(v)) for i, v in enumerate(value)] if f.is_repeated \
+                else [(under(f.name), float(value))]
         elif f.cpp_type == FieldDescriptor.CPPTYPE_MESSAGE and f.message_type.full_name not in _PB_STAMPS \
                 and not f.message_type.GetOptions().map_entry:
-            for item in value if f.is_repeated else [value] if msg.HasField(f.name) else []:
-                out += _protobuf_leaves(item)
+            items = list(value) if f.is_repeated else [value] if msg.HasField(f.name) else []
+            for i, item in enumerate(items):
+                out += _protobuf_leaves(item, under(f"{f.name}.{i}" if f.is_repeated else f.name))
     return out
 
 
@@ -345,13 +351,13 @@ def _twist(twist: Any) -> list[float]:
 def signal_values(msg: Any) -> np.ndarray:
     """float32[D] values of a signal message by the first fitting rule above."""
     if hasattr(msg, "DESCRIPTOR"):
-        return _protobuf_values(msg)
+        return np.asarray([v for _, v in _protobuf_fields(msg)], np.float32)
     if hasattr(msg, "layout") and hasattr(msg, "data"):
         return _floats(msg.data)
     if hasattr(msg, "pose") and hasattr(msg, "twist"):
         position, twist = msg.pose.pose.position, msg.twist.twist
         return np.asarray([position.x, position.y, position.z, twist.linear.x, twist.linear.y,
-                           twist.angular.z], np.float32)
+                           twist.angular.z], np.float32)  # named _ODOMETRY
     if hasattr(msg, "twist"):
         return np.asarray(_twist(msg.twist), np.float32)
     if hasattr(msg, "linear") and hasattr(msg, "angular"):
@@ -362,6 +368,30 @@ def signal_values(msg: Any) -> np.ndarray:
     if isinstance(data, (bool, int, float, np.number, np.bool_)):
         return np.asarray([data], np.float32)
     raise LogError("bad_message", f"no signal values in a {type_name(msg)}")
+
+
+_TWIST = ("linear.x", "linear.y", "linear.z", "angular.x", "angular.y", "angular.z")
+_ODOMETRY = ("position.x", "position.y", "position.z", "linear.x", "linear.y", "angular.z")
+
+
+def signal_names(msg: Any) -> tuple[str, ...] | None:
+    """The names of ``signal_values(msg)``, where the message gives them: a protobuf message's
+    field paths, a multi-array's one dimension label holding one comma-separated name per value,
+    Odometry's and Twist's fields, JointState's ``name``; else None."""
+    if hasattr(msg, "DESCRIPTOR"):
+        return tuple(name for name, _ in _protobuf_fields(msg))
+    if hasattr(msg, "layout") and hasattr(msg, "data"):
+        dims = list(msg.layout.dim)
+        labels = dims[0].label.split(",") if len(dims) == 1 else []
+        return tuple(labels) if len(labels) == len(msg.data) and all(labels) else None
+    if hasattr(msg, "pose") and hasattr(msg, "twist"):
+        return _ODOMETRY
+    if hasattr(msg, "twist") or (hasattr(msg, "linear") and hasattr(msg, "angular")):
+        return _TWIST
+    if hasattr(msg, "position") and hasattr(msg, "name"):
+        names = tuple(str(n) for n in msg.name)
+        return names if len(names) == len(msg.position) and all(names) else None
+    return None
 
 
 def task_text(msg: Any) -> str:
@@ -379,95 +409,3 @@ IMAGE_TYPES = frozenset({"sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedIma
 def is_image_type(msgtype: str) -> bool:
     """A ROS 1 / ROS 2 ``sensor_msgs`` image or a Foxglove image, by its type (schema) name."""
     return msgtype.replace("::", "/") in IMAGE_TYPES
-
-
-def pick_topics(mapping: Mapping, available: dict[str, str], *, source: str) -> dict[str, str]:
-    """role -> topic for the roles of ``TOPIC_ROLES`` found, in that order; a topic plays one role.
-
-    ``available`` maps each topic with messages to its message type. The camera is the mapping's
-    first candidate present; failing that, the first topic (by name) of an image type
-    (``IMAGE_TYPES``), whatever it is called. Raises ``LogError("missing_topic")`` when neither
-    finds one.
-    """
-    free = sorted(available)
-    picked: dict[str, str] = {}
-    camera = mapping.pick("camera", free) or next((t for t in free if is_image_type(available[t])), None)
-    if camera is not None:
-        picked["camera"] = camera
-        free.remove(camera)
-    for role in TOPIC_ROLES[1:]:
-        topic = mapping.pick(role, free)
-        if topic is not None:
-            picked[role] = topic
-            free.remove(topic)
-    if "camera" not in picked:
-        types = {t: available[t] for t in sorted(available)}
-        raise LogError("missing_topic", f"{source}: no camera topic among {types} (candidates "
-                                        f"{list(mapping.camera)}, or any topic of an image type)")
-    return picked
-
-
-class Collector:
-    """Gathers the decoded messages of picked topics (``pick_topics``) into one ``Streams``."""
-
-    def __init__(self, topics: dict[str, str]) -> None:
-        self.topics = topics
-        self._role_of = {topic: role for role, topic in topics.items()}
-        self._frame_t: list[np.ndarray] = []  # chunks: stamps int64[n], frames [n,H,W,3]
-        self._frames: list[np.ndarray] = []
-        self._signals: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}  # chunks, values [n,D]
-        self._task: str | None = None
-
-    def add_parsed(self, topic: str, stamp: int, payload: np.ndarray) -> None:
-        """Add a frame (camera topic: RGB) or signal values (other topics: float32[D])."""
-        self.add_batch(topic, np.asarray([stamp], np.int64), payload[None])
-
-    def add_batch(self, topic: str, stamps: np.ndarray, payloads: np.ndarray) -> None:
-        """Add frames [n,H,W,3] or signal values [n,D] with their stamps int64[n], in order."""
-        if topic == self.topics["camera"]:
-            self._frame_t.append(stamps)
-            self._frames.append(payloads)
-        else:
-            chunks, values = self._signals.setdefault(self._role_of[topic], ([], []))
-            chunks.append(stamps)
-            values.append(payloads)
-
-    def add(self, topic: str, msg: Any, log_time: int) -> None:
-        """Add one decoded message of a picked topic, by its role."""
-        role = self._role_of[topic]
-        if role == "task":
-            if self._task is None:
-                self._task = task_text(msg)
-        else:
-            self.add_parsed(topic, stamp_ns(msg, log_time),
-                            image_to_rgb(msg) if role == "camera" else signal_values(msg))
-
-    def _values(self, role: str, values: list[np.ndarray]) -> np.ndarray:
-        widths = sorted({v.shape[1] for v in values})
-        topic = self.topics[role]
-        if role in SCALAR_ROLES and widths != [1]:
-            raise LogError("bad_message", f"{topic} ({role}) messages hold {widths} values, "
-                                          "expected 1")
-        if len(widths) > 1:
-            raise LogError("bad_message", f"{topic} ({role}) messages hold {widths} values")
-        stacked = np.concatenate(values).astype(np.float32, copy=False)
-        return stacked[:, 0] if role in SCALAR_ROLES else stacked
-
-    def streams(self, source_uri: str, meta: dict[str, str]) -> Streams:
-        """The ``Streams``: frames stacked, ``topic.<role>`` added to ``meta`` for roles with data.
-
-        Raises ``missing_topic`` without frames, ``bad_message`` when frame sizes differ.
-        """
-        camera = self.topics["camera"]
-        if not self._frames:
-            raise LogError("missing_topic", f"{source_uri}: no messages on {camera}")
-        shapes = sorted({f.shape[1:] for f in self._frames})
-        if len(shapes) > 1:
-            raise LogError("bad_message", f"{camera} frames come in sizes {shapes}")
-        signals = {role: (np.concatenate(t).astype(np.int64, copy=False), self._values(role, v))
-                   for role, (t, v) in self._signals.items()}
-        used = ["camera", *signals] + (["task"] if self._task is not None else [])
-        meta = {**meta, **{f"topic.{role}": self.topics[role] for role in used}}
-        return Streams(source_uri=source_uri, camera_t=np.concatenate(self._frame_t).astype(np.int64, copy=False),
-                       frames=np.concatenate(self._frames), signals=signals, task=self._task or "",
-                       meta=meta)

@@ -4,7 +4,7 @@ Rules:
 
 * A ``rosbag1`` unit is one ``.bag`` file; a ``rosbag2`` unit is a bag directory holding
   ``metadata.yaml`` and the storage files it lists (``relative_file_paths``, looked up by name;
-  other files in the unit are not fetched). One ``Streams`` per bag.
+  other files in the unit are not fetched). One ``Streams`` per camera of each bag.
 * Files come from ``fetch`` and are written into a temporary directory for rosbags, which
   needs paths.
 * rosbag1: no bytes is ``empty``; no ``#ROSBAG V2.0`` magic is ``corrupt`` (another version
@@ -39,7 +39,8 @@ from rosbags.typesys import Stores, get_typestore
 from ruamel.yaml import YAML
 
 from stages.formats.mcap import check_bytes
-from stages.formats.ros_messages import CDR_LE, Collector, cdr_parser, pick_topics
+from stages.formats.collect import Collector, pick_topics
+from stages.formats.ros_messages import CDR_LE, cdr_parser
 from stages.streams import LogError, Mapping, Streams
 
 ROSBAG1_MAGIC = b"#ROSBAG V2.0\n"
@@ -49,11 +50,11 @@ STORAGES = ("sqlite3", "mcap")
 
 
 def read(unit: dict, *, mapping: Mapping, fetch: Callable[[str], bytes]) -> list[Streams]:
-    """One ``Streams`` per bag of the unit; rules in the module text."""
+    """One ``Streams`` per camera of each bag of the unit; rules in the module text."""
     if unit["format"] == "rosbag1":
-        return [_read_rosbag1(f["uri"], mapping, fetch) for f in unit["files"]]
+        return [s for f in unit["files"] for s in _read_rosbag1(f["uri"], mapping, fetch)]
     if unit["format"] == "rosbag2":
-        return [_read_rosbag2(unit, mapping, fetch)]
+        return _read_rosbag2(unit, mapping, fetch)
     raise LogError("unsupported", f"{unit['uri']}: format {unit['format']!r} is not a ROS bag")
 
 
@@ -76,7 +77,7 @@ def _check_rosbag1(data: bytes, uri: str) -> None:
         raise LogError("truncated", f"{uri}: index at {index_pos}, file has {len(data)} bytes")
 
 
-def _read_rosbag1(uri: str, mapping: Mapping, fetch: Callable[[str], bytes]) -> Streams:
+def _read_rosbag1(uri: str, mapping: Mapping, fetch: Callable[[str], bytes]) -> list[Streams]:
     data = fetch(uri)
     _check_rosbag1(data, uri)
     with TemporaryDirectory(prefix="worldloop-bag-") as tmp:
@@ -99,7 +100,7 @@ def _bag_info(text: bytes, uri: str) -> dict:
     return {"files": files, "storage": storage, "custom": custom}
 
 
-def _read_rosbag2(unit: dict, mapping: Mapping, fetch: Callable[[str], bytes]) -> Streams:
+def _read_rosbag2(unit: dict, mapping: Mapping, fetch: Callable[[str], bytes]) -> list[Streams]:
     uri = unit["uri"]
     by_name = {PurePosixPath(f["rel"]).name: f["uri"] for f in unit["files"]}
     if METADATA_FILE not in by_name:
@@ -126,7 +127,7 @@ def _read_rosbag2(unit: dict, mapping: Mapping, fetch: Callable[[str], bytes]) -
         return _guarded(uri, lambda: _collect(bag, uri, mapping, Stores.ROS2_HUMBLE, meta))
 
 
-def _guarded(uri: str, read: Callable[[], Streams]) -> Streams:
+def _guarded(uri: str, read: Callable[[], list[Streams]]) -> list[Streams]:
     """``read()``, with any non-LogError failure (rosbags, sqlite3) turned into ``corrupt``."""
     try:
         return read()
@@ -137,19 +138,22 @@ def _guarded(uri: str, read: Callable[[], Streams]) -> Streams:
 
 
 def _collect(path: Path, source_uri: str, mapping: Mapping, default_types: Stores,
-             meta: dict[str, str]) -> Streams:
+             meta: dict[str, str]) -> list[Streams]:
     with AnyReader([path], default_typestore=get_typestore(default_types)) as reader:
         picked = pick_topics(mapping, {c.topic: c.msgtype for c in reader.connections if c.msgcount},
                              source=source_uri)
-        roles = {topic: role for role, topic in picked.items()}
-        connections = [c for c in reader.connections if c.topic in roles]
+        connections = [c for c in reader.connections if picked.role_of(c.topic)]
         fast = {c.id: parser for c in connections
-                if reader.is2 and (parser := cdr_parser(roles[c.topic], c.msgtype))}
+                if reader.is2 and (parser := cdr_parser(picked.role_of(c.topic), c.msgtype))}
         collector = Collector(picked)
+        named = set()
         for connection, log_time, raw in reader.messages(connections=connections):
             parse = fast.get(connection.id)
             if parse is not None and raw[:2] == CDR_LE:
                 collector.add_parsed(connection.topic, *parse(raw, log_time))
+                if connection.id not in named:  # the names of its values, from its first message
+                    named.add(connection.id)
+                    collector.name(connection.topic, reader.deserialize(raw, connection.msgtype))
                 continue
             try:
                 msg = reader.deserialize(raw, connection.msgtype)

@@ -17,7 +17,8 @@ from flows import describe
 from flows.curate import curate_flow
 from flows.runtime import Context
 from stages import storage
-from stages.lake import images, vectors
+from stages.images import decode
+from stages.schemas import vectors
 from stages.mcap_log import ACTION, write_episode
 
 SIZE, LENGTH = 32, 40
@@ -99,7 +100,7 @@ def test_every_format_ingests_the_same_frames_and_actions(curated):
         row = min(by_source[name], key=lambda r: r["source_uri"])
         frames = lake.read("frames", filter=f"episode_id = '{row['episode_id']}'").sort_by("step")
         assert frames.num_rows == LENGTH, name
-        np.testing.assert_array_equal(images(frames.column("image")), ep["frames"], err_msg=name)
+        np.testing.assert_array_equal(decode(frames), ep["frames"], err_msg=name)
         np.testing.assert_allclose(vectors(frames.column("action")), ep["actions"], err_msg=name)
         np.testing.assert_allclose(vectors(frames.column("state")), ep["states"], rtol=1e-6, err_msg=name)
     formats = {r["format"] for r in episodes}

@@ -14,7 +14,7 @@ import requests
 from flows.curate import curate_flow
 from flows.flywheel import flywheel_flow
 from flows.runtime import Context
-from stages.lake import images
+from stages import images
 from tests.conftest import free_port
 
 
@@ -127,10 +127,10 @@ def test_served_champion_answers_a_real_frame(turn):
     url = promote["endpoint"]["url"].rstrip("/")
     champion = turn["ctx"].registry.get("policy", alias="champion")
     k, spec = champion.config["history"], turn["ctx"].config.spec
-    rows = turn["ctx"].lake.read("frames", columns=["episode_id", "image", "state", "task"],
+    rows = turn["ctx"].lake.read("frames", columns=["episode_id", "image", "height", "width", "state", "task"],
                                  filter="origin = 'real' AND step < 8")
     rows = rows.filter(pa.compute.equal(rows.column("episode_id"), rows.column("episode_id")[0]))
-    body = {"frames": [base64.b64encode(f.tobytes()).decode() for f in images(rows.column("image"))[:k]],
+    body = {"frames": [base64.b64encode(f.tobytes()).decode() for f in images.decode(rows)[:k]],
             "encoding": "raw_base64"}
     if spec.policy_state:  # what the world observes besides pixels: named state and the task
         state = rows.column("state")[0].as_py()

@@ -75,6 +75,11 @@ def encode_video(frames: np.ndarray, path: Path, *, fps: int, codec: str) -> Non
         container.mux(stream.encode(None))
 
 
+def cameras(episode: dict) -> dict[str, np.ndarray]:
+    """An episode's cameras: its ``cameras`` ({feature: frames}), else its frames as ``CAMERA``."""
+    return episode.get("cameras") or {CAMERA: episode["frames"]}
+
+
 def _png(image: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
@@ -99,14 +104,14 @@ def _rows(episode: dict, *, episode_index: int, start: int, fps: int, fixed: boo
                "episode_index": pa.array(np.full(n, episode_index, np.int64)),
                "index": pa.array(np.arange(start, start + n, dtype=np.int64)),
                "task_index": pa.array(np.zeros(n, np.int64))}
-    if images:
-        columns[CAMERA] = pa.array([{"bytes": _png(f), "path": None} for f in episode["frames"]],
-                                   pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    for key, frames in cameras(episode).items() if images else ():
+        columns[key] = pa.array([{"bytes": _png(f), "path": None} for f in frames],
+                                pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
     return pa.table(columns)
 
 
-def _info(episodes: list[dict], *, version: str, fps: int, codec: str) -> dict:
-    h, w = episodes[0]["frames"].shape[1:3]
+def _camera(frames: np.ndarray, *, fps: int, codec: str) -> dict:
+    h, w = frames.shape[1:3]
     camera = {"dtype": "image" if codec == "png" else "video", "shape": [h, w, 3],
               "names": ["height", "width", "channels"]}
     if codec != "png":
@@ -114,9 +119,16 @@ def _info(episodes: list[dict], *, version: str, fps: int, codec: str) -> dict:
                           "video.codec": "av1" if codec == "libsvtav1" else codec,
                           "video.pix_fmt": CODECS[codec][1], "video.is_depth_map": False,
                           "has_audio": False}
+    return camera
+
+
+def _info(episodes: list[dict], *, version: str, fps: int, codec: str, robot_type: str) -> dict:
+    first = episodes[0]
     v3 = version == "v3.0"
+    state_names = first.get("state_names", STATE_NAMES)
+    action_names = first.get("action_names", ["steer", "gas", "brake"])
     return {
-        "codebase_version": version, "robot_type": "carracing", "fps": fps,
+        "codebase_version": version, "robot_type": robot_type, "fps": fps,
         "total_episodes": len(episodes), "total_frames": sum(len(e["frames"]) for e in episodes),
         "total_tasks": 1, "chunks_size": CHUNKS_SIZE, "splits": {"train": f"0:{len(episodes)}"},
         "data_path": ("data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet" if v3 else
@@ -125,9 +137,9 @@ def _info(episodes: list[dict], *, version: str, fps: int, codec: str) -> dict:
             "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4" if v3 else
             "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4"),
         "features": {
-            CAMERA: camera,
-            "observation.state": {"dtype": "float32", "shape": [8], "names": STATE_NAMES},
-            "action": {"dtype": "float32", "shape": [3], "names": ["steer", "gas", "brake"]},
+            **{key: _camera(frames, fps=fps, codec=codec) for key, frames in cameras(first).items()},
+            "observation.state": {"dtype": "float32", "shape": [len(state_names)], "names": list(state_names)},
+            "action": {"dtype": "float32", "shape": [len(action_names)], "names": {"motors": list(action_names)}},
             "next.reward": {"dtype": "float32", "shape": [1], "names": None},
             **{k: {"dtype": "float32" if k == "timestamp" else "int64", "shape": [1], "names": None}
                for k in ("timestamp", "frame_index", "episode_index", "index", "task_index")}},
@@ -152,9 +164,8 @@ def _write_v21(episodes: list[dict], root: Path, *, fps: int, codec: str, task: 
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(_rows(episode, episode_index=i, start=start, fps=fps, fixed=True,
                              images=codec == "png"), path)
-        if codec != "png":
-            encode_video(episode["frames"], root / f"videos/chunk-{chunk:03d}/{CAMERA}/episode_{i:06d}.mp4",
-                         fps=fps, codec=codec)
+        for key, frames in cameras(episode).items() if codec != "png" else ():
+            encode_video(frames, root / f"videos/chunk-{chunk:03d}/{key}/episode_{i:06d}.mp4", fps=fps, codec=codec)
         start += len(episode["frames"])
     _write_jsonl(root / "meta/episodes.jsonl", [{"episode_index": i, "tasks": [task], "length": len(e["frames"])}
                                                 for i, e in enumerate(episodes)])
@@ -177,18 +188,18 @@ def _write_v30(episodes: list[dict], root: Path, *, fps: int, codec: str, task: 
                    "data/file_index": file_index, "dataset_from_index": start,
                    "dataset_to_index": start + n, "meta/episodes/chunk_index": 0,
                    "meta/episodes/file_index": 0}
-            if codec != "png":
-                row.update({f"videos/{CAMERA}/chunk_index": 0, f"videos/{CAMERA}/file_index": file_index,
-                            f"videos/{CAMERA}/from_timestamp": offset / fps,
-                            f"videos/{CAMERA}/to_timestamp": (offset + n) / fps})
+            for key in cameras(episode) if codec != "png" else ():
+                row.update({f"videos/{key}/chunk_index": 0, f"videos/{key}/file_index": file_index,
+                            f"videos/{key}/from_timestamp": offset / fps,
+                            f"videos/{key}/to_timestamp": (offset + n) / fps})
             meta_rows.append(row)
             start, offset = start + n, offset + n
         path = root / f"data/chunk-000/file-{file_index:03d}.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.concat_tables(tables), path)
-        if codec != "png":
-            encode_video(np.concatenate([e["frames"] for e in group]),
-                         root / f"videos/{CAMERA}/chunk-000/file-{file_index:03d}.mp4", fps=fps, codec=codec)
+        for key in cameras(group[0]) if codec != "png" else ():
+            encode_video(np.concatenate([cameras(e)[key] for e in group]),
+                         root / f"videos/{key}/chunk-000/file-{file_index:03d}.mp4", fps=fps, codec=codec)
     path = root / "meta/episodes/chunk-000/file-000.parquet"
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(meta_rows), path)
@@ -198,9 +209,11 @@ def _write_v30(episodes: list[dict], root: Path, *, fps: int, codec: str, task: 
 
 def write_lerobot(episodes: list[dict], root: Path, *, version: str = "v2.1", fps: int = 50,
                   codec: str = "ffv1", task: str = "drive the track",
-                  episodes_per_file: int = 1000) -> Path:
+                  episodes_per_file: int = 1000, robot_type: str = "carracing") -> Path:
     """Write ``episodes`` as a LeRobot dataset at ``root`` (``version`` "v2.1" or "v3.0");
-    v3.0 packs ``episodes_per_file`` episodes into each data parquet and mp4. Returns ``root``."""
+    v3.0 packs ``episodes_per_file`` episodes into each data parquet and mp4. An episode may
+    name its cameras (``cameras``: {feature: frames}) and its ``action_names`` / ``state_names``
+    (the first episode's are the dataset's). Returns ``root``."""
     if version not in ("v2.1", "v3.0") or codec not in (*CODECS, "png"):
         raise ValueError(f"version {version!r} / codec {codec!r} not supported")
     root = Path(root)
@@ -209,8 +222,8 @@ def write_lerobot(episodes: list[dict], root: Path, *, version: str = "v2.1", fp
         _write_v21(episodes, root, fps=fps, codec=codec, task=task)
     else:
         _write_v30(episodes, root, fps=fps, codec=codec, task=task, episodes_per_file=episodes_per_file)
-    (root / "meta/info.json").write_text(json.dumps(_info(episodes, version=version, fps=fps, codec=codec),
-                                                    indent=4))
+    info = _info(episodes, version=version, fps=fps, codec=codec, robot_type=robot_type)
+    (root / "meta/info.json").write_text(json.dumps(info, indent=4))
     return root
 
 

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pytest
 from tests.stages.test_mcap_log import SPEC, make_episode
 
+from stages import images
 from stages.curate import SpanVerdict, episode_to_tables
 from stages.ingest import IngestResult, ingest_unit
 from stages.mcap_log import episode_to_mcap_bytes
@@ -16,17 +17,17 @@ from stages.schemas import EPISODES, REJECTS, clips_schema, features_of, frames_
 from stages.sources import discover
 from stages.streams import Mapping
 
-OPTS = {"turn": 2, "image_size": 64, "min_length": 10, "val_fraction": 0.2}
+OPTS = {"turn": 2, "max_side": 64, "min_length": 10, "val_fraction": 0.2}
 DIMS = {"action_dim": len(SPEC.actions), "state_dim": len(SPEC.state_names)}
 
 
-def curate_log(data: bytes, *, source_uri: str, turn: int, image_size, min_length: int,
+def curate_log(data: bytes, *, source_uri: str, turn: int, max_side: int, min_length: int,
                val_fraction: float) -> dict:
     """One MCAP log through ``ingest_unit``: {"episode", "frames", "reject"} of its first span."""
     unit = {"uri": source_uri, "format": "mcap",
             "files": [{"uri": source_uri, "rel": source_uri.rsplit("/", 1)[-1], "size": len(data), "etag": "e"}]}
     out = ingest_unit(unit, fetch=lambda uri: data, mapping=Mapping(), turn=turn, max_bytes=1 << 30,
-                      image_size=image_size,
+                      max_side=max_side, world=SPEC.name, adopt_undeclared=False,
                       **DIMS, signal_names=SPEC.signals, features=features_of(SPEC), min_length=min_length,
                       gap_factor=3.0, hold_factor=2.0, val_fraction=val_fraction,
                       lineage={"code_version": "test", "config_digest": "c"})
@@ -60,7 +61,7 @@ def test_kept_episode_row_and_frames():
     off = episode["signals"]["off_track"]
     assert json.loads(row["signal_steps"]) == {"off_track": int(off.sum())}
     assert row["task"] == SPEC.instruction("drive") and row["world"] == "carracing"
-    assert frames.schema == frames_schema(64, **DIMS) and frames.num_rows == 30
+    assert frames.schema == frames_schema(features_of(SPEC)) and frames.num_rows == 30
     assert json.loads(frames.schema.metadata[b"worldloop.features"]) == features_of(SPEC)
     assert frames.column("signals").to_pylist() == [["off_track"] if o else [] for o in off]
     assert set(frames.column("task").to_pylist()) == {SPEC.instruction("drive")}
@@ -71,8 +72,10 @@ def test_kept_episode_row_and_frames():
     np.testing.assert_array_equal(labels, expected)
     sources = frames.column("label_source").to_pylist()
     assert sources[5] == "executed" and set(sources[:5] + sources[6:]) == {"privileged_expert"}
-    np.testing.assert_array_equal(frames.column("image").combine_chunks().to_numpy_ndarray(),
-                                  episode["frames"])
+    np.testing.assert_array_equal(images.decode(frames), episode["frames"])
+    assert set(frames.column("world").to_pylist()) == {"carracing"}
+    assert json.loads(row["action_names"]) == list(SPEC.action_names)
+    assert json.loads(row["state_names"]) == list(SPEC.state_names)
 
 
 def test_same_bytes_same_id_and_split():
@@ -83,9 +86,13 @@ def test_same_bytes_same_id_and_split():
     assert curate(episode, val_fraction=1.0)["episode"]["split"] == "val"
 
 
-def test_frames_are_resized_to_the_lake_size():
+def test_frames_over_the_max_side_shrink_to_it():
     out = curate(make_episode(12, size=96))
-    assert out["frames"].schema == frames_schema(64, **DIMS) and out["episode"]["source_shape"] == "96x96"
+    assert out["episode"]["source_shape"] == "96x96"
+    assert set(out["frames"].column("height").to_pylist()) == set(out["frames"].column("width").to_pylist()) == {64}
+    assert images.decode(out["frames"]).shape == (12, 64, 64, 3)
+    small = curate(make_episode(12, size=48))  # smaller frames keep their size
+    assert images.decode(small["frames"]).shape == (12, 48, 48, 3)
 
 
 def test_unreadable_and_short_logs_are_rejects_with_stable_ids():
@@ -108,7 +115,7 @@ def test_any_exception_reading_a_log_is_its_reject():
 
     unit = {"uri": "/landing/x.mcap", "format": "mcap",
             "files": [{"uri": "/landing/x.mcap", "rel": "x.mcap", "size": 10, "etag": "e"}]}
-    params = dict(mapping=Mapping(), turn=0, image_size=32, **DIMS, min_length=5, gap_factor=3.0,
+    params = dict(mapping=Mapping(), turn=0, max_side=32, world=SPEC.name, adopt_undeclared=False, **DIMS, min_length=5, gap_factor=3.0,
                   hold_factor=2.0, val_fraction=0.0, lineage={})
     out = ingest_unit(unit, fetch=broken, max_bytes=100, **params)
     assert not out.spans and len(out.rejects) == 1
@@ -153,7 +160,8 @@ def test_synthetic_episode_tables_and_clips_schema():
         label_source="privileged_expert", split="train")
     assert (row["origin"], row["parent_episode_id"], row["label_source"]) == (
         "synthetic", "ep-1", "privileged_expert")
-    assert frames.schema == frames_schema(16, **DIMS)
+    assert frames.schema == frames_schema() and images.decode(frames).shape == (8, 16, 16, 3)
+    assert json.loads(row["action_names"]) == ["action_0", "action_1", "action_2"]  # no names, no features
     assert np.isnan(np.stack(frames.column("state").to_pylist())).all()
     assert row["signal_steps"] == "{}" and frames.column("signals").to_pylist() == [[]] * 8
     assert not any(frames.column("intervention").to_pylist()) and np.isnan(frames.column("reward")).all()
@@ -170,15 +178,14 @@ def test_synthetic_episode_tables_and_clips_schema():
                           parent_episode_id="", generator_version="", label_source="", split="train")
 
 
-def test_frames_schema_widths_and_features():
-    schema = frames_schema((48, 64), action_dim=4, state_dim=39, features={"world": "arm", "actions": ["x"]})
-    assert schema.field("image").type.shape == [48, 64, 3]
-    assert schema.field("action").type.list_size == schema.field("label").type.list_size == 4
-    assert schema.field("state").type.list_size == 39
+def test_frames_schema_and_features():
+    schema = frames_schema({"world": "arm", "actions": ["x"]})
+    assert schema.field("image").type == pa.large_binary() and schema.field("height").type == pa.int32()
+    assert schema.field("action").type == schema.field("state").type == pa.list_(pa.float32())
     assert schema.field("signals").type == pa.list_(pa.string()) and schema.field("task").type == pa.string()
-    assert "off_track" not in schema.names
+    assert "off_track" not in schema.names and "world" in schema.names
     assert json.loads(schema.metadata[b"worldloop.features"]) == {"actions": ["x"], "world": "arm"}
-    assert frames_schema(16, action_dim=3, state_dim=8).metadata is None
+    assert frames_schema().metadata is None
     features = features_of(SPEC)
     assert (features["world"], features["actions"], features["signals"]) == (
         "carracing", ["steer", "gas", "brake"], ["off_track"])

@@ -45,7 +45,8 @@ def assert_round_trip(streams: list, eps: list[dict], version: str) -> None:
             np.testing.assert_array_equal(values, ep[key], err_msg=role)
         assert s.task == "drive the track"
         assert s.meta | {"episode_index": "?"} == {
-            "format": f"lerobot-{version}", "fps": "50", "robot_type": "carracing",
+            "format": f"lerobot-{version}", "fps": "50", "robot_type": "carracing", "source": "carracing",
+            "camera_index": "0",
             "topic.camera": CAMERA, "topic.action": "action", "topic.state": "observation.state",
             "topic.reward": "next.reward", "episode_index": "?"}
 
@@ -131,7 +132,7 @@ def test_a_signals_list_column_is_the_signals_role(tmp_path):
     (s,) = read(tmp_path)
     assert s.meta["topic.signals"] == "signals"
     np.testing.assert_array_equal(s.signals["signals"][1], off[:, None].astype(np.float32))  # kept [N, 1]
-    [span], _ = align(s, image_size=64, signal_names=("off_track",))
+    [span], _ = align(s, signal_names=("off_track",))
     np.testing.assert_array_equal(span["signals"]["off_track"], off)
 
 

@@ -17,8 +17,9 @@ from rosbags.rosbag2 import Writer as Rosbag2Writer
 
 from sim import worlds
 from stages.formats import mcap, rosbag
-from stages.formats.ros_messages import (CDR_SIGNALS, Collector, cdr_batch, cdr_parser, compressed_to_rgb,
-                                         image_to_rgb, pick_topics, signal_values, stamp_ns)
+from stages.formats.collect import Collector, Topics, pick_topics
+from stages.formats.ros_messages import (CDR_SIGNALS, cdr_batch, cdr_parser, compressed_to_rgb,
+                                         image_to_rgb, signal_values, stamp_ns)
 from stages.mcap_log import episode_to_mcap_bytes
 from stages.streams import LogError, Mapping
 from tests.stages import ros_logs
@@ -112,7 +113,7 @@ def test_reads_the_fleet_mcap_writer_and_mcaps_without_summary(tmp_path):
     ep = episode(8)
     data = episode_to_mcap_bytes(ep)
     for raw in (data, ros_logs.strip_summary(data)):
-        s = mcap.read_bytes(raw, source_uri="mem", mapping=Mapping())
+        (s,) = mcap.read_bytes(raw, source_uri="mem", mapping=Mapping())
         np.testing.assert_array_equal(s.frames, ep["frames"])
         np.testing.assert_array_equal(s.signals["state"][1], ep["states"])
         np.testing.assert_array_equal(s.signals["signals"][1][:, 0], ep["signals"]["off_track"])
@@ -139,7 +140,7 @@ def test_message_indexes_read_as_the_record_walk(monkeypatch):
     read = {}
     for name, raw in variants.items():
         seen.clear()
-        read[name] = mcap.read_bytes(raw, source_uri=name, mapping=Mapping())
+        (read[name],) = mcap.read_bytes(raw, source_uri=name, mapping=Mapping())
         # each edit touches the first chunk's first index record only: the second chunk stays indexed
         assert seen == {"indexed": [True, True], "no index": [False, False]}.get(name, [False, True]), name
     np.testing.assert_array_equal(read["indexed"].frames, ep["frames"])
@@ -182,9 +183,12 @@ def test_the_camera_is_found_by_its_type_when_no_name_matches(tmp_path, name):
 def test_pick_topics_by_name_then_by_type():
     types = {"/a/cam": "sensor_msgs/msg/CompressedImage", "/b/cam": "sensor_msgs/Image", "/action": "std_msgs/msg/X",
              "/image": "foxglove.RawImage"}
-    assert pick_topics(Mapping(), types, source="u") == {"camera": "/image", "action": "/action"}  # a name first
+    # a name first, then every image by type, by name
+    assert pick_topics(Mapping(), types, source="u") == Topics(("/image", "/a/cam", "/b/cam"), {"action": "/action"})
     del types["/image"]
-    assert pick_topics(Mapping(), types, source="u")["camera"] == "/a/cam"  # then the first image by name
+    assert pick_topics(Mapping(), types, source="u").cameras == ("/a/cam", "/b/cam")
+    configured = Mapping.from_dict({"camera": "/b/cam"})  # a configured camera is the only one
+    assert pick_topics(configured, types, source="u").cameras == ("/b/cam",)
     with pytest.raises(LogError, match="missing_topic") as err:
         pick_topics(Mapping(), {"/action": "std_msgs/msg/X", "/odom": "nav_msgs/msg/Odometry"}, source="u")
     assert "nav_msgs/msg/Odometry" in str(err.value)  # the error lists what the log holds
@@ -493,7 +497,7 @@ def test_compressed_image_rules():
 
 
 def test_collector_rules():
-    picked = {"camera": "/c", "reward": "/r", "action": "/a"}
+    picked = Topics(("/c",), {"reward": "/r", "action": "/a"})
     empty = Collector(picked)
     with pytest.raises(LogError, match="missing_topic"):
         empty.streams("u", {})
@@ -599,7 +603,7 @@ def test_default_names_match_under_any_namespace():
     types = {"/robot1/front/image/compressed": "sensor_msgs/msg/CompressedImage",
              "/robot1/cmd_vel": "geometry_msgs/msg/Twist", "/robot1/joint_states": "sensor_msgs/msg/JointState",
              "/robot1/diagnostics": "diagnostic_msgs/msg/DiagnosticArray"}
-    assert pick_topics(Mapping(), types, source="u") == {
-        "camera": "/robot1/front/image/compressed", "action": "/robot1/cmd_vel", "state": "/robot1/joint_states"}
+    assert pick_topics(Mapping(), types, source="u") == Topics(
+        ("/robot1/front/image/compressed",), {"action": "/robot1/cmd_vel", "state": "/robot1/joint_states"})
     types["/cmd_vel"] = "geometry_msgs/msg/Twist"  # an exact name wins over a namespaced one
-    assert pick_topics(Mapping(), types, source="u")["action"] == "/cmd_vel"
+    assert pick_topics(Mapping(), types, source="u").roles["action"] == "/cmd_vel"

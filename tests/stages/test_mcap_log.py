@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import time
 from types import SimpleNamespace
-from typing import Any
 
 import numpy as np
 import pytest
@@ -81,12 +80,10 @@ def custom_log(*, n: int = 5, encoding: str = "rgb8", topics: tuple = (CAMERA, A
     return buf.getvalue()
 
 
-def read_episode(data: bytes, *, source_uri: str, image_size: Any = None,
-                 signal_names: tuple[str, ...] = SPEC.signals) -> dict:
+def read_episode(data: bytes, *, source_uri: str, signal_names: tuple[str, ...] = SPEC.signals) -> dict:
     """Decode and align a log into one episode dict (its single span)."""
-    streams = read_bytes(data, source_uri=source_uri, mapping=Mapping())
-    size = image_size or streams.frames.shape[1:3]
-    spans, rejected = align(streams, image_size=tuple(size), action_dim=len(SPEC.actions),
+    (streams,) = read_bytes(data, source_uri=source_uri, mapping=Mapping())
+    spans, rejected = align(streams, action_dim=len(SPEC.actions),
                             state_dim=len(SPEC.state_names), signal_names=signal_names)
     assert len(spans) == 1 and not rejected, rejected
     return spans[0]
@@ -102,7 +99,7 @@ def test_round_trip_is_exact(tmp_path):
     assert back["topics"] == {"topic.camera": CAMERA, "topic.action": ACTION, "topic.expert_action": EXPERT,
                               "topic.state": STATE, "topic.reward": REWARD, "topic.intervention": INTERVENTION,
                               "topic.signals": SIGNALS, "topic.task": TASK}
-    streams = read_bytes(storage.read_bytes(uri), source_uri=uri, mapping=Mapping())
+    (streams,) = read_bytes(storage.read_bytes(uri), source_uri=uri, mapping=Mapping())
     assert {k: streams.meta[k] for k in ("world", "seed", "task", "driver", "policy_version")} == {
         "world": "carracing", "seed": "0", "task": "drive", "driver": "expert", "policy_version": ""}
 
@@ -149,11 +146,13 @@ def test_joint_state_world_round_trip(monkeypatch):
                "signals": {"success": np.arange(n) >= 6, "grasped": np.arange(n) % 2 == 1},
                "timestamps_ns": np.arange(n, dtype=np.int64) * ARM.step_ns}
     data = episode_to_mcap_bytes(episode)
-    streams = read_bytes(data, source_uri="mem", mapping=Mapping())
+    (streams,) = read_bytes(data, source_uri="mem", mapping=Mapping())
     assert streams.meta["topic.state"] == JOINT_STATES and STATE not in streams.meta.values()
     assert (streams.meta["world"], streams.meta["task"]) == ("test-arm", "push")
     assert streams.task == "Push the puck to the goal."
-    [back], _ = align(streams, image_size=16, action_dim=2, state_dim=3, signal_names=ARM.signals)
+    assert streams.names == {"action": ("dx", "dy"), "expert_action": ("dx", "dy"),  # from the log
+                             "state": tuple(ARM.state_names), "signals": ARM.signals}
+    [back], _ = align(streams, action_dim=2, state_dim=3, signal_names=ARM.signals)
     for key in ("frames", "actions", "expert_actions", "states", "rewards", "timestamps_ns"):
         np.testing.assert_array_equal(back[key], episode[key], err_msg=key)
     for name in ARM.signals:

@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 
 from sim import worlds
+from stages import images
 from stages.synthesize import (LABEL_GENERATOR, LABEL_RECOVERY, Variant, counterfactual, parent_batch,
                                plausibility, select_parents, split_batch, synthesize_batch, variant_states,
                                variant_tables)
@@ -109,22 +110,23 @@ def window_rows(steps: list[int], task: str = "drive") -> pa.Table:
     def vec(values, width: int) -> pa.FixedSizeListArray:
         return pa.FixedSizeListArray.from_arrays(pa.array(np.repeat(np.asarray(values, np.float32), width)), width)
 
-    frames = np.asarray(steps, np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
-    return pa.table({"step": pa.array(steps, pa.int32()), "image": pa.FixedShapeTensorArray.from_numpy_ndarray(frames),
+    frames = np.asarray(steps, np.uint8)[:, None, None, None] * np.ones((1, 4, 4, 3), np.uint8)
+    image, height, width = images.to_columns(frames)
+    return pa.table({"step": pa.array(steps, pa.int32()), "image": image, "height": height, "width": width,
                      "action": vec(steps, 3), "label": vec(np.asarray(steps) + 100, 3), "state": vec(steps, 2),
                      "task": [task] * len(steps)})
 
 
 def test_parent_batch_cuts_history_and_the_steps_after_the_start():
     windows = [window_rows([7, 3, 5, 4, 9, 6, 8]), window_rows(list(range(10, 17)), task="push")]  # any order
-    batch, states = parent_batch(windows, starts=[5, 12], history=3)
+    batch, states = parent_batch(windows, starts=[5, 12], history=3, image_size=2)  # the model's size
     assert batch["history_BKHWC"].shape == (2, 3, 2, 2, 3)
     assert batch["history_BKHWC"][:, :, 0, 0, 0].tolist() == [[3, 4, 5], [10, 11, 12]]
     assert batch["parent_actions_BTA"][:, :, 0].tolist() == [[5, 6, 7, 8, 9], [12, 13, 14, 15, 16]]
     assert batch["parent_labels_BTA"][0, :, 0].tolist() == [105, 106, 107, 108, 109]
     assert batch["tasks"].tolist() == ["drive", "push"]
     assert [s[:, 0].tolist() for s in states] == [[6, 7, 8, 9], [13, 14, 15, 16]]
-    assert parent_batch([], starts=[], history=3) == ({}, [])
+    assert parent_batch([], starts=[], history=3, image_size=2) == ({}, [])
     parts = split_batch(batch, 3)  # no more parts than rows
     assert [len(p["tasks"]) for p in parts] == [1, 1] and parts[1]["tasks"].tolist() == ["push"]
 
