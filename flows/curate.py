@@ -60,7 +60,7 @@ def repair(ctx: Context) -> dict:
 
 def stage_params(config: FlywheelConfig, turn: int) -> dict:
     """The keyword arguments of the pure stages from a resolved config: ``mapping`` (a dict for
-    ``Mapping.from_dict``), ``ingest`` (of ``ingest_unit``) and ``judge`` (of ``judge_batch``)."""
+    ``Mapping.from_dict``), ``ingest`` (of ``ingest_unit``) and ``judge`` (of ``judge_spans``)."""
     c, spec = config.curate, config.spec
     return {"mapping": c.mapping, "ingest": {
         "turn": turn, "max_bytes": c.max_log_bytes, "max_side": c.max_image_side, "world": spec.name,

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from stages import images
+from stages.frames import Frames
 from stages.streams import LogError, Streams
 
 _VECTOR_ROLES = ("action", "expert_action", "state", "signals")
@@ -175,7 +176,7 @@ def align(streams: Streams, *, max_side: int = 0, action_dim: int = ANY,
     * Names: ``action_names`` / ``state_names`` are the streams' names of those roles (None
       where the reader found none).
 
-    Each span is an episode dict: frames uint8[T,H,W,3], timestamps_ns int64[T], actions and
+    Each span is an episode dict: frames (``Frames`` of T, decoded when read), timestamps_ns int64[T], actions and
     expert_actions float32[T,action_dim], states float32[T,state_dim], rewards float32[T],
     interventions bool[T], signals {name: bool[T]} (one per signal_names), action_age_ns int64[T] (frame stamp minus the used
     action sample's stamp; negative when the sample is after the frame), span_index,
@@ -197,7 +198,7 @@ def align(streams: Streams, *, max_side: int = 0, action_dim: int = ANY,
                "state": state,
                "signals": _signal(streams, "signals", len(signal_names)) if signal_names else None,
                **{role: _signal(streams, role, None) for role in _SCALAR_ROLES}}
-    kept, dropped = _dedupe_camera(streams.camera_t, streams.frames)
+    kept, dropped = _dedupe_camera(streams.camera_t, streams.frames)  # decodes only frames sharing a stamp
     frame_t = streams.camera_t[kept]
     frame_index = np.flatnonzero(kept)
     period = _median_period(frame_t) or 0.0
@@ -227,7 +228,8 @@ def align(streams: Streams, *, max_side: int = 0, action_dim: int = ANY,
               "policy_version": meta.get("policy_version", ""), "format": meta.get("format", ""),
               "topics": {k: v for k, v in meta.items() if k.startswith("topic.")},
               "action_names": streams.names.get("action"), "state_names": streams.names.get("state")}
-    size = images.fit(streams.frames.shape[1:3], max_side)
+    frames = streams.frames if isinstance(streams.frames, Frames) else Frames.of(streams.frames)
+    size = images.fit(frames.shape[1:3], max_side)
     pieces = _pieces(fresh, cut)
     unsplit = len(pieces) == 1
     spans: list[dict[str, Any]] = []
@@ -246,7 +248,7 @@ def align(streams: Streams, *, max_side: int = 0, action_dim: int = ANY,
         reason = "" if unsplit else (_cut_reason(fresh, cut, a) or _cut_reason(fresh, cut, b))
         spans.append({
             **where, **common,
-            "frames": images.resize(streams.frames[frame_index[a:b]], size),
+            "frames": frames.take(frame_index[a:b]).resized(size),
             "timestamps_ns": frame_t[a:b].copy(),
             "actions": columns["action"][a:b].astype(np.float32),
             "expert_actions": columns["expert_action"][a:b].astype(np.float32),

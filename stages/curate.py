@@ -18,9 +18,11 @@ import numpy as np
 import pyarrow as pa
 
 from stages import images
+from stages.frames import Frames
 from stages.schemas import frames_schema, to_json
 
 PRIVILEGED_EXPERT, EXECUTED, MIXED = "privileged_expert", "executed", "mixed"
+IMAGE_COLUMNS = ("image", "height", "width")
 # the episodes columns that say where a span came from, and their values when a caller gives none
 _EPISODE_DEFAULTS = {"format": "", "span_index": 0, "start_ns": -1, "end_ns": -1,
                      "split_reason": "", "task": "", "topics": "{}", "source_shape": "",
@@ -104,13 +106,17 @@ def episode_to_tables(episode: dict[str, Any], *, episode_id: str, source_uri: s
     ``states`` [T,S] are required (NaN where unknown); rewards default to NaN, interventions
     and ``signals`` ({name: bool[T]}) to False. The action width A and state width S come from
     the arrays, their names from ``vector_names``; frames of any size are kept as they are
-    (``stages.images``); ``features`` (``features_of``) go to the frames schema's metadata. ``lineage`` fills the episodes
+    (``stages.images``); lazy ``Frames`` give the table without its image columns, for the
+    caller to add a chunk at a time (``with_images``). ``features`` (``features_of``) go to the
+    frames schema's metadata. ``lineage`` fills the episodes
     columns that say where the span came from (format, span_index, start_ns, ..., code_version,
     config_digest; see ``stages.schemas.EPISODES``); ``flags`` gives each frame's quality flags.
     """
     if "labels" not in episode:
         raise ValueError("episode needs 'labels' float32[T,A] (see expert_labels)")
-    frames = np.ascontiguousarray(episode["frames"], np.uint8)
+    frames = episode["frames"]
+    lazy = isinstance(frames, Frames)
+    frames = frames if lazy else np.ascontiguousarray(frames, np.uint8)
     n = len(frames)
     actions = np.asarray(episode["actions"], np.float32).reshape(n, -1)
     labels = np.asarray(episode["labels"], np.float32).reshape(n, actions.shape[1])
@@ -148,7 +154,7 @@ def episode_to_tables(episode: dict[str, Any], *, episode_id: str, source_uri: s
     columns = [
         pa.array([f"{episode_id}:{s:05d}" for s in range(n)], pa.string()),
         pa.array([episode_id] * n, pa.string()), pa.array([world] * n, pa.string()), pa.array(steps),
-        pa.array(np.asarray(episode["timestamps_ns"], np.int64)), *images.to_columns(frames),
+        pa.array(np.asarray(episode["timestamps_ns"], np.int64)),
         _list(actions), _list(labels), pa.array(sources.tolist(), pa.string()),
         _list(states), pa.array(rewards), pa.array(interventions),
         pa.array(raised, pa.list_(pa.string())), pa.array([task] * n, pa.string()),
@@ -156,13 +162,26 @@ def episode_to_tables(episode: dict[str, Any], *, episode_id: str, source_uri: s
         pa.array([split] * n, pa.string()), pa.array(np.full(n, turn, np.int64)),
         pa.array(flags, pa.list_(pa.string())),
     ]
-    return row, pa.Table.from_arrays(columns, schema=frames_schema(features))
+    schema = frames_schema(features)
+    light = pa.Table.from_arrays(columns, schema=pa.schema([f for f in schema if f.name not in IMAGE_COLUMNS],
+                                                           metadata=schema.metadata))
+    return row, light if lazy else with_images(light, frames)
+
+
+def with_images(light: pa.Table, frames: np.ndarray) -> pa.Table:
+    """A frames table without its image columns (``episode_to_tables`` of lazy frames) with
+    ``frames`` (uint8 [N, H, W, 3], one per row) added, in the frames schema's order."""
+    columns = dict(zip(IMAGE_COLUMNS, images.to_columns(frames)))
+    names = [n for n in frames_schema().names if n in columns or n in light.column_names]
+    fields = [light.schema.field(n) if n in light.column_names else frames_schema().field(n) for n in names]
+    arrays = [columns[n] if n in columns else light.column(n) for n in names]
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields, metadata=light.schema.metadata))
 
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # eq: arrays have no single truth value
 class SpanVerdict:
-    """What judging one span decided (``stages.curate_ray.judge_batch``).
+    """What judging one span decided (``stages.curate_ray.judge_spans``).
 
     ``kept`` is True exactly when there are no ``reasons`` (codes; ``detail`` says them in
     words); ``counts`` are its quality counts (``stages.quality.span_verdicts``), ``frames`` its

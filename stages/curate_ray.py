@@ -2,7 +2,7 @@
 
 1. ``ingest_and_judge`` — a Ray Data pipeline over the new source units, one unit a batch:
    each worker decodes and aligns its unit (``stages.ingest.ingest_unit``), then judges the
-   unit's new spans in one batch (``judge_batch``): quality signals (``stages.quality``) on
+   unit's new spans (``judge_spans``), a chunk of frames at a time: quality signals (``stages.quality``) on
    every frame, keep/reject per span, events and clips (``stages.events``) for kept spans, and
    the kept frames written as uncommitted Lance fragments. Frames never leave the worker that
    decoded them: only each unit's ``IngestResult`` without frames and a ``SpanVerdict`` per
@@ -22,6 +22,7 @@ import json
 import logging
 import tarfile
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -32,13 +33,15 @@ from sim import worlds
 from sim.worlds.base import WorldConfig
 from stages import describe, events, quality, storage
 from stages import images as image_columns
-from stages.curate import SpanVerdict
+from stages.curate import SpanVerdict, reject_row, with_images
+from stages.frames import Frames
 from stages.ingest import IngestResult, ingest_unit
 from stages.lake import Lake
 from stages.schemas import images, to_json, vectors
-from stages.streams import Mapping
+from stages.streams import LogError, Mapping
 
 INGEST_CPUS = 1
+CHUNK_BYTES = 64 << 20  # pixels of one span decoded, judged and written at once
 REASONER_TRAIN_CPUS = 1
 # Describer actors outlive the describe step (see ``_describers``) and are idle outside it: they
 # reserve no CPU, so the stages after curation (Ray Train, rollouts) can always be scheduled.
@@ -54,64 +57,93 @@ def _span(sub: pa.Table, signal_names: tuple[str, ...]) -> dict[str, Any]:
             "signals": {name: np.array([name in r for r in raised], bool) for name in signal_names}}
 
 
-def judge_batch(batch: pa.Table, *, lake: Lake, world: dict, signal_params: dict, verdict_params: dict,
-                event_params: dict, clip_k: int) -> list[SpanVerdict]:
-    """Quality, verdict, events, clips and fragment writes for the spans in one batch (each a
-    contiguous run of rows): a ``SpanVerdict`` per span.
+def judge_spans(spans: list[tuple[pa.Table, Frames]], *, lake: Lake, world: dict, signal_params: dict,
+                verdict_params: dict, event_params: dict, clip_k: int,
+                chunk_bytes: int = CHUNK_BYTES) -> list[SpanVerdict]:
+    """Quality, verdict, events, clips and fragment writes of spans (each its frames table
+    without images, and its ``Frames``): a ``SpanVerdict`` per span.
 
-    A span of the curating ``world`` is judged by its rules (action bounds, events, privileged
-    tags); a span of another world (a foreign log) by the rules of any log: finite values,
-    frames, drops, and routine clips. Clip frames are shrunk to the world's image size, the
-    resolution the reasoner describes."""
+    A span's frames are decoded, judged and written ``chunk_bytes`` of pixels at a time, so memory
+    is bounded by the chunk, not the log; a span rejected after some of its chunks were written
+    has those fragments deleted. A span of the curating ``world`` is judged by its rules (action
+    bounds, events, privileged tags); a span of another world (a foreign log) by the rules of
+    any log: finite values, frames, drops, and routine clips. Clip frames are shrunk to the
+    world's image size, the resolution the reasoner describes."""
     w = worlds.get(WorldConfig(**world))
     config, thresholds = events.EventConfig.split(event_params)
-    ids = batch.column("episode_id").to_numpy(zero_copy_only=False)
-    bounds = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1], True])
-    out: list[SpanVerdict] = []
-    for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
-        table = batch.slice(a, b - a)
-        own = table.column("world")[0].as_py() == w.spec.name
-        imgs = image_columns.decode(table)
-        signals = quality.frame_signals(
-            {"span_id": ids[a:b], "step": table.column("step").to_numpy(),
-             "timestamp_ns": table.column("timestamp_ns").to_numpy(), "image": imgs,
-             "action": vectors(table.column("action")), "state": vectors(table.column("state"))},
-            **signal_params)
-        params = verdict_params if own else {**verdict_params, "action_low": None, "action_high": None}
-        verdict, = quality.span_verdicts(signals, **params)
-        fragments, clips, sampled = [], [], {}
-        if verdict["kept"]:
-            offsets, names = quality.flag_names(signals)
+    return [_judge(light, pixels, w=w, lake=lake, signal_params=signal_params, verdict_params=verdict_params,
+                   config=config, thresholds=thresholds, clip_k=clip_k, chunk_bytes=chunk_bytes)
+            for light, pixels in spans]
+
+
+_SIGNALS = ("frozen", "dark", "overexposed", "dropped_before", "bad_action", "bad_state")
+
+
+def _judge(light: pa.Table, pixels: Frames, *, w: Any, lake: Lake, signal_params: dict, verdict_params: dict,
+           config: events.EventConfig, thresholds: dict, clip_k: int, chunk_bytes: int) -> SpanVerdict:
+    span_id = light.column("episode_id")[0].as_py()
+    own = light.column("world")[0].as_py() == w.spec.name
+    n, (height, width) = light.num_rows, pixels.shape[1:3]
+    steps, stamps = light.column("step").to_numpy(), light.column("timestamp_ns").to_numpy()
+    actions, states = vectors(light.column("action")), vectors(light.column("state"))
+    median = float(np.median(np.diff(stamps))) if n > 1 else 0.0
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in _SIGNALS}
+    fragments: list[str] = []
+    previous = None  # the last frame of the chunk before: frozen compares with it
+    try:
+        for a, b in pixels.chunks(max(1, chunk_bytes // (height * width * 3))):
+            chunk = pixels[a:b]
+            lo = a - (previous is not None)
+            signals = quality.frame_signals(
+                {"span_id": np.full(b - lo, span_id, object), "step": steps[lo:b], "timestamp_ns": stamps[lo:b],
+                 "image": chunk if previous is None else np.concatenate([previous[None], chunk]),
+                 "action": actions[lo:b], "state": states[lo:b]}, median_interval_ns=median, **signal_params)
+            rows = slice(a - lo, b - lo)
+            for k in _SIGNALS:
+                parts[k].append(signals[k][rows])
+            offsets, names = quality.flag_names(signals, rows)
             flags = pa.ListArray.from_arrays(pa.array(offsets), pa.array(names.tolist(), pa.string()))
+            table = with_images(light.slice(a, b - a), chunk)
             table = table.set_column(table.schema.get_field_index("flags"), "flags", flags)
-            fragments = lake.write_fragments("frames", table)
-            span = _span(table, w.spec.signals if own else ())
-            found = events.mine_events(span, world=w, config=config, params=thresholds) if own else []
-            clips = events.event_clips(b - a, found, config=config)
-            if clips:
-                sampled["clip_frames"] = np.stack([
-                    image_columns.resize(describe.clip_frames(imgs, c["start_step"], c["end_step"], clip_k),
-                                         w.image_size) for c in clips])
-            for c in clips if own else ():
-                c["label_tags"] = w.privileged_tags(
-                    span["states"][c["start_step"]:], {k: v[c["start_step"]:] for k, v in span["signals"].items()},
-                    clip_len=c["end_step"] - c["start_step"])
-        out.append(SpanVerdict(span_id=verdict["span_id"], kept=bool(verdict["kept"]),
-                               reasons=tuple(verdict["reasons"]), detail=verdict["detail"],
-                               counts=verdict["counts"], frames=b - a, fragments=tuple(fragments),
-                               clips=tuple(clips), **sampled))
-    return out
+            fragments += lake.write_fragments("frames", table)
+            previous = chunk[-1]
+        verdict, = quality.span_verdicts(
+            {"span_id": np.full(n, span_id, object), "action": actions, "state": states,
+             **{k: np.concatenate(v) for k, v in parts.items()}},
+            **(verdict_params if own else {**verdict_params, "action_low": None, "action_high": None}))
+    except BaseException:
+        lake.discard_fragments("frames", fragments)
+        raise
+    if not verdict["kept"]:
+        lake.discard_fragments("frames", fragments)
+        fragments = []
+    clips, sampled = [], {}
+    if verdict["kept"]:
+        span = _span(light, w.spec.signals if own else ())
+        found = events.mine_events(span, world=w, config=config, params=thresholds) if own else []
+        clips = events.event_clips(n, found, config=config)
+        if clips:
+            sampled["clip_frames"] = np.stack([
+                image_columns.resize(pixels[describe.clip_indices(n, c["start_step"], c["end_step"], clip_k)],
+                                     w.image_size) for c in clips])
+        for c in clips if own else ():
+            c["label_tags"] = w.privileged_tags(
+                span["states"][c["start_step"]:], {k: v[c["start_step"]:] for k, v in span["signals"].items()},
+                clip_len=c["end_step"] - c["start_step"])
+    return SpanVerdict(span_id=span_id, kept=bool(verdict["kept"]), reasons=tuple(verdict["reasons"]),
+                       detail=verdict["detail"], counts=verdict["counts"], frames=n, fragments=tuple(fragments),
+                       clips=tuple(clips), **sampled)
 
 
 def ingest_and_judge_batch(batch: pa.Table, *, storage_options: dict | None, params: dict,
                            known: frozenset, lake: Lake, judge_params: dict) -> pa.Table:
-    """``ingest_unit`` then ``judge_batch`` for the source units of a batch (column units: JSON
+    """``ingest_unit`` then ``judge_spans`` for the source units of a batch (column units: JSON
     lists of [index, unit]), in one worker: a unit's frames never leave the process that
     decoded them.
 
     Spans already in the lake (``known`` episode ids) are not judged again; an exception while
-    judging a unit's spans rejects each of them for reason ``error`` (its type and message in the
-    detail) and the batch goes on. Returns one row per unit: index, result
+    judging a span (a frame that does not decode, ...) rejects it for its reason (``error``
+    with the type and message for one no check foresaw) and the batch goes on. Returns one row per unit: index, result
     (``IngestResult.to_bytes`` of its result without frames), verdicts (``SpanVerdict.ARROW``
     structs of its new spans).
     """
@@ -120,13 +152,17 @@ def ingest_and_judge_batch(batch: pa.Table, *, storage_options: dict | None, par
     for index, unit in (pair for units in batch.column("units").to_pylist() for pair in json.loads(units)):
         result = ingest_unit(unit, fetch=lambda uri: storage.read_bytes(uri, storage_options),
                              mapping=mapping, **params["ingest"])
-        new = [(row, table) for row, table in result.spans if row["episode_id"] not in known]
-        try:
-            verdicts = judge_batch(pa.concat_tables([t for _, t in new]), lake=lake, **judge_params) if new else []
-        except Exception as err:  # this log's spans are rejected for it; the other logs go on
-            detail = f"{type(err).__name__}: {err}"
-            verdicts = [SpanVerdict(span_id=row["episode_id"], kept=False, reasons=("error",), detail=detail,
-                                    counts={}, frames=int(row["length"])) for row, _ in new]
+        verdicts = []
+        for row, table, pixels in result.lazy_spans:
+            if row["episode_id"] in known:
+                continue
+            try:
+                verdicts += judge_spans([(table, pixels)], lake=lake, **judge_params)
+            except Exception as err:  # this span is rejected for it; the others go on
+                reason, detail = (err.reason, err.detail) if isinstance(err, LogError) else \
+                    ("error", f"{type(err).__name__}: {err}")
+                verdicts.append(SpanVerdict(span_id=row["episode_id"], kept=False, reasons=(reason,), detail=detail,
+                                            counts={}, frames=int(row["length"])))
         out["index"].append(index)
         out["result"].append(result.without_frames().to_bytes())
         out["verdicts"].append([v.to_row() for v in verdicts])
@@ -160,14 +196,17 @@ def _quiet_console() -> None:
 
 
 def ingest_and_judge(units: list[dict], *, storage_options: dict | None, params: dict, known: set,
-                     lake: Lake, judge_params: dict,
-                     parallelism: int) -> tuple[list[IngestResult], list[SpanVerdict]]:
-    """``ingest_and_judge_batch`` over source units with Ray Data, one task per ``task_bins``
-    bin and at most ``parallelism`` at once; returns the units' results in order and the
-    verdicts of all new spans.
+                     lake: Lake, judge_params: dict, parallelism: int,
+                     batch_fn: Callable[..., pa.Table] = ingest_and_judge_batch) -> tuple[list[IngestResult], list[SpanVerdict]]:
+    """``batch_fn`` (``ingest_and_judge_batch``) over source units with Ray Data, one task per
+    ``task_bins`` bin and at most ``parallelism`` at once; returns the units' results in order
+    and the verdicts of all new spans.
 
     Few, large tasks: Ray Data notices finished tasks in polls up to 0.1 s apart, which idled a
-    worker after every small log when each log was its own task.
+    worker after every small log when each log was its own task. A task whose worker dies (killed
+    for memory, a crash inside a decoder) is retried once, not forever (Ray Data's default); if it
+    dies again the units run again one task each (``_one_by_one``), and a unit whose worker dies
+    is rejected for ``crashed``: one log that kills its worker costs only itself.
     """
     if not units:
         return [], []
@@ -177,16 +216,48 @@ def ingest_and_judge(units: list[dict], *, storage_options: dict | None, params:
     _quiet_console()
     bins = task_bins(units, parallelism=max(1, parallelism))
     items = [{"units": json.dumps([[i, units[i]] for i in b])} for b in bins]
+    kwargs = {"storage_options": storage_options, "params": params, "known": frozenset(known), "lake": lake,
+              "judge_params": judge_params}
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        ingest_and_judge_batch, batch_size=None, batch_format="pyarrow", num_cpus=INGEST_CPUS,
-        compute=ray.data.TaskPoolStrategy(size=min(len(items), max(1, parallelism))),
-        fn_kwargs={"storage_options": storage_options, "params": params, "known": frozenset(known),
-                   "lake": lake, "judge_params": judge_params})
+        batch_fn, batch_size=None, batch_format="pyarrow", num_cpus=INGEST_CPUS, max_retries=1,
+        compute=ray.data.TaskPoolStrategy(size=min(len(items), max(1, parallelism))), fn_kwargs=kwargs)
+    try:
+        rows = ds.take_all()
+    except Exception as err:  # a worker died twice: find the unit that kills it
+        logging.getLogger(__name__).warning("a curate worker died (%s): running each log alone",
+                                            type(err).__name__)
+        rows = _one_by_one(units, kwargs, batch_fn, parallelism=max(1, parallelism))
     results, verdicts = [None] * len(units), []
-    for row in ds.take_all():
+    for row in rows:
         results[row["index"]] = IngestResult.from_bytes(row["result"])
         verdicts += [SpanVerdict.from_row(v) for v in row["verdicts"]]
     return results, verdicts
+
+
+@ray.remote(num_cpus=INGEST_CPUS, max_retries=0)
+def _run_alone(batch_fn: Callable[..., pa.Table], index: int, unit: dict, kwargs: dict) -> pa.Table:
+    return batch_fn(pa.table({"units": [json.dumps([[index, unit]])]}), **kwargs)
+
+
+def _one_by_one(units: list[dict], kwargs: dict, batch_fn: Callable[..., pa.Table], *,
+                parallelism: int) -> list[dict]:
+    """``batch_fn`` on each unit in its own Ray task (no retries), ``parallelism`` at a time; a
+    unit whose task fails is one reject of reason ``crashed`` (the failure in its detail)."""
+    rows, pending = [], {}
+    queue = list(enumerate(units))
+    while queue or pending:
+        while queue and len(pending) < parallelism:
+            index, unit = queue.pop(0)
+            pending[_run_alone.remote(batch_fn, index, unit, kwargs)] = (index, unit)
+        done, _ = ray.wait(list(pending), num_returns=1)
+        index, unit = pending.pop(done[0])
+        try:
+            rows += ray.get(done[0]).to_pylist()
+        except Exception as err:  # the worker died (or the task could not run): this unit's reject
+            reject = reject_row(unit["uri"], stage="read", reason="crashed", turn=kwargs["params"]["ingest"]["turn"],
+                                detail=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+            rows.append({"index": index, "result": IngestResult(rejects=(reject,)).to_bytes(), "verdicts": []})
+    return rows
 
 
 _REASONERS: dict[tuple, Any] = {}  # per process: the loaded reasoner by (URI, its files)

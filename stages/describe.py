@@ -70,12 +70,16 @@ def clip_frames(frames: np.ndarray, start: int, end: int, k: int) -> np.ndarray:
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"frames must be uint8[T, H, W, 3], got {frames.dtype}{list(frames.shape)}")
+    return frames[clip_indices(len(frames), start, end, k)]
+
+
+def clip_indices(n: int, start: int, end: int, k: int) -> np.ndarray:
+    """The indices ``clip_frames`` takes from ``n`` frames."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    _check_clip(len(frames), start, end)
+    _check_clip(n, start, end)
     step = (end - 1 - start) / max(k - 1, 1)
-    idx = end - 1 - np.round(step * np.arange(k - 1, -1, -1)).astype(np.int64)
-    return frames[idx]
+    return end - 1 - np.round(step * np.arange(k - 1, -1, -1)).astype(np.int64)
 
 
 def candidate_clips(verdicts: Mapping[str, SpanVerdict], episodes: Sequence[dict], *, turn: int) -> pa.Table:

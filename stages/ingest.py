@@ -20,7 +20,8 @@ import numpy as np
 import pyarrow as pa
 
 from stages.align import ANY, align
-from stages.curate import content_hash, episode_to_tables, expert_labels, reject_row, split_for
+from stages.curate import content_hash, episode_to_tables, expert_labels, reject_row, split_for, with_images
+from stages.frames import Frames
 from stages.schemas import to_json
 from stages.sources import read_unit
 from stages.streams import LogError, Mapping
@@ -29,7 +30,8 @@ from stages.streams import LogError, Mapping
 @dataclasses.dataclass(frozen=True)
 class IngestResult:
     """One unit ingested: its content hash, one episode row per span with the span's frames
-    table (``spans`` pairs them), the rejects, and how many frames and episodes the unit held.
+    table and frames (``lazy_spans`` groups them), the rejects, and how many frames and
+    episodes the unit held.
 
     ``without_frames`` is what travels back from a worker once the frames are written; its
     bytes (``to_bytes`` / ``from_bytes``) are what a Ray Data column holds.
@@ -37,18 +39,25 @@ class IngestResult:
 
     content_hash: str = ""
     episodes: tuple[dict[str, Any], ...] = ()
-    frames: tuple[pa.Table, ...] = ()
+    frames: tuple[pa.Table, ...] = ()  # without image columns
+    pixels: tuple[Frames, ...] = ()  # each span's frames, decoded when read
     rejects: tuple[dict[str, Any], ...] = ()
     frames_seen: int = 0
     episodes_seen: int = 0
 
     @property
+    def lazy_spans(self) -> list[tuple[dict[str, Any], pa.Table, Frames]]:
+        """(episode row, frames table without images, its frames) per span; an error once the
+        frames were dropped."""
+        return list(zip(self.episodes, self.frames, self.pixels, strict=True))
+
+    @property
     def spans(self) -> list[tuple[dict[str, Any], pa.Table]]:
-        """(episode row, frames table) per span; an error once the frames were dropped."""
-        return list(zip(self.episodes, self.frames, strict=True))
+        """(episode row, whole frames table) per span, every frame decoded at once."""
+        return [(row, with_images(light, np.asarray(pixels))) for row, light, pixels in self.lazy_spans]
 
     def without_frames(self) -> IngestResult:
-        return dataclasses.replace(self, frames=())
+        return dataclasses.replace(self, frames=(), pixels=())
 
     def to_bytes(self) -> bytes:
         # a pickle (rows hold datetimes); it never leaves this code's own processes
@@ -134,7 +143,7 @@ def ingest_unit(unit: dict, *, fetch: Callable[[str], bytes], mapping: Mapping, 
         return IngestResult(rejects=(reject_row(unit["uri"], stage="read", reason="error",
                                                 detail=f"{type(err).__name__}: {err}", turn=turn),))
     unit_hash = unit_content_hash(unit, hashes)
-    episodes, frames, rejects, frames_seen, episodes_seen = [], [], [], 0, 0
+    episodes, frames, pixels, rejects, frames_seen, episodes_seen = [], [], [], [], 0, 0
     file_index = -1
     for streams in streams_list:
         camera_index = int(streams.meta.get("camera_index", 0))
@@ -167,11 +176,12 @@ def ingest_unit(unit: dict, *, fetch: Callable[[str], bytes], mapping: Mapping, 
             rejects.append(reject_row(source_uri, stage="align", reason=s["reason"],
                                       detail=s.get("detail", ""), turn=turn,
                                       span=(s["start_ns"], s["end_ns"]), frames=n))
-        for row, table in tabulated:
+        for span, (row, table) in zip(spans, tabulated):
             episodes.append(row)
             frames.append(table)
+            pixels.append(span["frames"])
     return IngestResult(content_hash=unit_hash, episodes=tuple(episodes), frames=tuple(frames),
-                        rejects=tuple(rejects), frames_seen=frames_seen, episodes_seen=episodes_seen)
+                        pixels=tuple(pixels), rejects=tuple(rejects), frames_seen=frames_seen, episodes_seen=episodes_seen)
 
 
 def _tabulate(span: dict, *, unit: dict, unit_hash: str, episode_index: int, camera: str, source_uri: str,

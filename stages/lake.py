@@ -99,6 +99,13 @@ class Lake:
                                   storage_options=self.storage_options)
         return [json.dumps(fragment.to_json()) for fragment in written]
 
+    def discard_fragments(self, name: str, fragments: list[str]) -> None:
+        """Delete the data files of fragments written by ``write_fragments`` that will never be
+        committed (a span judged after its first chunks were written, then rejected)."""
+        for fragment in fragments:
+            for file in json.loads(fragment).get("files", []):
+                storage.delete(storage.join(self.table_uri(name), "data", file["path"]), self.storage_options)
+
     def commit_fragments(self, name: str, fragments: list[str], schema: pa.Schema) -> int:
         """Commit fragments written by ``write_fragments`` (their JSON metadata) as one new
         version; returns its number.

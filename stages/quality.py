@@ -70,7 +70,7 @@ def _mean_luma(pixels: np.ndarray) -> np.ndarray:
 
 def frame_signals(batch: dict[str, np.ndarray], *, frozen_eps: float = 0.5,
                   dark_level: float = 12.0, bright_level: float = 243.0,
-                  drop_factor: float = 1.5) -> dict[str, np.ndarray]:
+                  drop_factor: float = 1.5, median_interval_ns: float | None = None) -> dict[str, np.ndarray]:
     """The batch plus per-row quality signals.
 
     ``batch`` has "span_id" (str), "step" (int), "timestamp_ns" (int64), "image"
@@ -83,7 +83,8 @@ def frame_signals(batch: dict[str, np.ndarray], *, frozen_eps: float = 0.5,
       (False on a span's first row).
     * dark: luma < ``dark_level``; overexposed: luma > ``bright_level``.
     * dropped_before: timestamp - previous row's timestamp > ``drop_factor`` * the median of
-      those differences over the span's rows in the batch (False on a span's first row).
+      those differences over the span's rows in the batch, or ``median_interval_ns`` when given
+      (a span judged a chunk at a time) (False on a span's first row).
     * bad_action: any action value NaN or inf. bad_state: any state value inf, or some but
       not all of the row's state values NaN (an all-NaN state means "no state").
     * flags: object array of one list per row with the names of the true signals above, in
@@ -101,7 +102,8 @@ def frame_signals(batch: dict[str, np.ndarray], *, frozen_eps: float = 0.5,
     interval[1:] = np.diff(stamps)
     segment = np.cumsum(starts) - 1
     inner = np.flatnonzero(~starts)
-    medians = _segment_medians(interval[inner], segment[inner], int(starts.sum()))
+    medians = _segment_medians(interval[inner], segment[inner], int(starts.sum())) \
+        if median_interval_ns is None else np.full(int(starts.sum()), float(median_interval_ns))
     dropped = ~starts & (interval > drop_factor * medians[segment])
 
     action = _rows(np.asarray(batch["action"], np.float64))

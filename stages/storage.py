@@ -9,6 +9,7 @@ put into an error message, or written anywhere.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import tempfile
@@ -144,6 +145,16 @@ def read_bytes(uri: str, storage_options: dict[str, str] | None = None) -> bytes
     os.set_blocking(fd, True)
     with os.fdopen(fd, "rb") as f:
         return f.read()
+
+
+def delete(uri: str, storage_options: dict[str, str] | None = None) -> None:
+    """Remove the object or file at ``uri`` (nothing to do when it is absent)."""
+    if is_s3(uri):
+        bucket, key = _split_s3(uri)
+        _s3_client(storage_options).delete_object(Bucket=bucket, Key=key)
+        return
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(uri)
 
 
 def write_bytes(uri: str, data: bytes, storage_options: dict[str, str] | None = None) -> None:

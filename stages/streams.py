@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from stages.frames import Frames
+
 ROLES = ("action", "state", "expert_action", "reward", "intervention", "signals")
 
 
@@ -85,7 +87,8 @@ class Mapping:
 class Streams:
     """What a reader decoded from one episode of one source, before alignment.
 
-    ``frames`` are RGB uint8[N,H,W,3] in the order logged, ``camera_t`` their stamps (int64
+    ``frames`` are RGB uint8[N,H,W,3] in the order logged (``stages.frames.Frames``, decoded when
+    read; an array is wrapped in one), ``camera_t`` their stamps (int64
     ns; the message header stamp where the format has one, else the log time). ``signals`` maps
     a role of ``ROLES`` to (stamps int64[M], values float32[M] or float32[M,D]); roles absent
     from the log are absent here. ``meta`` holds strings: ``format`` always, and where known
@@ -98,7 +101,7 @@ class Streams:
 
     source_uri: str
     camera_t: np.ndarray
-    frames: np.ndarray
+    frames: Frames
     signals: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     task: str = ""
     meta: dict[str, str] = field(default_factory=dict)
@@ -109,6 +112,8 @@ class Streams:
         if self.frames.dtype != np.uint8 or self.frames.ndim != 4 or self.frames.shape[-1] != 3:
             raise LogError("bad_image", f"frames are {self.frames.dtype}{list(self.frames.shape)}, "
                                         "expected uint8[N,H,W,3]")
+        if not isinstance(self.frames, Frames):
+            self.frames = Frames.of(self.frames)
         if len(self.camera_t) != len(self.frames):
             raise LogError("inconsistent_lengths",
                            f"{len(self.frames)} frames but {len(self.camera_t)} stamps")

@@ -9,7 +9,9 @@ Shared by the MCAP and rosbag readers; messages are decoded by ``stages.formats.
 * Other roles: the mapping's first candidate present, in the order of ``TOPIC_ROLES``; a topic
   plays one role.
 * One ``Streams`` per camera, sharing the signals; ``meta`` says which camera
-  (``topic.camera``, and ``camera_index`` from 0). The names of a vector role's values come from
+  (``topic.camera``, and ``camera_index`` from 0). Compressed frames stay compressed until
+  curation reads them (``stages.frames``): only their headers are checked here; raw frames
+  are views of the decoded messages. The names of a vector role's values come from
   the first message of its topic that names them (``ros_messages.signal_names``).
 """
 from __future__ import annotations
@@ -19,8 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from stages.formats.ros_messages import (SCALAR_ROLES, TOPIC_ROLES, image_to_rgb, is_image_type,
-                                         signal_names, signal_values, stamp_ns, task_text)
+from stages.formats.ros_messages import (SCALAR_ROLES, TOPIC_ROLES, compressed_size, compressed_to_rgb,
+                                         image_to_rgb, is_image_type, signal_names, signal_values,
+                                         stamp_ns, task_text)
+from stages.frames import Frames
 from stages.streams import LogError, Mapping, Streams
 
 
@@ -67,7 +71,8 @@ class Collector:
     def __init__(self, topics: Topics) -> None:
         self.topics = topics
         self._frame_t: dict[str, list[np.ndarray]] = {c: [] for c in topics.cameras}  # chunks per camera
-        self._frames: dict[str, list[np.ndarray]] = {c: [] for c in topics.cameras}
+        # per camera: pieces of frames, each an array [n,H,W,3] or a list of (format, bytes, (H, W))
+        self._frames: dict[str, list[np.ndarray | list]] = {c: [] for c in topics.cameras}
         self._signals: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}  # chunks, values [n,D]
         self._names: dict[str, tuple[str, ...]] = {}
         self._task: str | None = None
@@ -101,6 +106,13 @@ class Collector:
         if role == "task":
             if self._task is None:
                 self._task = task_text(msg)
+        elif role == "camera" and not hasattr(msg, "encoding") and hasattr(msg, "format"):
+            self._frame_t[topic].append(np.asarray([stamp_ns(msg, log_time)], np.int64))
+            size = compressed_size(str(msg.format), msg.data)
+            pieces = self._frames[topic]
+            if not pieces or not isinstance(pieces[-1], list):
+                pieces.append([])
+            pieces[-1].append((str(msg.format), bytes(msg.data), size))
         elif role == "camera":
             self.add_parsed(topic, stamp_ns(msg, log_time), image_to_rgb(msg))
         else:
@@ -131,11 +143,17 @@ class Collector:
         meta = {**meta, **{f"topic.{role}": self.topics.roles[role] for role in used}}
         out = []
         for index, camera in enumerate(cameras):
-            shapes = sorted({f.shape[1:] for f in self._frames[camera]})
+            pieces = self._frames[camera]
+            shapes: set[tuple[int, int]] = set()
+            for p in pieces:
+                shapes |= {tuple(p.shape[1:3])} if isinstance(p, np.ndarray) else {item[2] for item in p}
             if len(shapes) > 1:
-                raise LogError("bad_message", f"{camera} frames come in sizes {shapes}")
+                raise LogError("bad_message", f"{camera} frames come in sizes {sorted(shapes)}")
+            frames = Frames.concat([Frames.of(p) if isinstance(p, np.ndarray) else
+                                    Frames.encoded(p, p[0][2], lambda item: compressed_to_rgb(item[0], item[1]))
+                                    for p in pieces])
             out.append(Streams(
                 source_uri=source_uri, camera_t=np.concatenate(self._frame_t[camera]).astype(np.int64, copy=False),
-                frames=np.concatenate(self._frames[camera]), signals=signals, task=self._task or "",
+                frames=frames, signals=signals, task=self._task or "",
                 meta={**meta, "topic.camera": camera, "camera_index": str(index)}, names=dict(self._names)))
         return out

@@ -65,6 +65,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
+from stages.frames import Frames
 from stages.streams import ROLES, LogError, Mapping, Streams
 
 VERSIONS = ("v2.0", "v2.1", "v3.0")
@@ -180,6 +181,38 @@ def _nearest(sorted_t: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.nd
     use_left = np.abs(sorted_t[left] - query) < np.abs(sorted_t[right] - query)
     index = np.where(use_left, left, right)
     return index, np.abs(sorted_t[index] - query)
+
+
+def _video_frames(data: bytes, times_s: np.ndarray, *, fps: float, what: str) -> Frames:
+    """The frames of ``times_s`` (seconds in the video), decoded when read (``_decode_video``).
+
+    The packets' stamps are checked here without decoding a frame: a row with no frame within
+    half a period is ``inconsistent_lengths`` now, not when the frames are read."""
+    half = 0.5 / fps
+    lo, hi = float(times_s.min()) - half, float(times_s.max()) + half
+    pts: list[float] = []
+    with _parsing(what):
+        with av.open(io.BytesIO(data), mode="r") as container:
+            stream = container.streams.video[0]
+            size = (int(stream.codec_context.height), int(stream.codec_context.width))
+            if lo > 0:
+                container.seek(int(lo / stream.time_base), stream=stream, backward=True)
+            for packet in container.demux(stream):
+                if packet.pts is None:
+                    continue
+                t = float(packet.pts * stream.time_base)
+                if t > hi + 16 / fps:  # past the window, with room for reordered frames
+                    break
+                if lo <= t <= hi:
+                    pts.append(t)
+    if not pts:
+        raise LogError("inconsistent_lengths", f"{what}: no frame in [{lo:.3f}, {hi:.3f}] s")
+    _, distance = _nearest(np.sort(np.asarray(pts)), times_s)
+    missing = int(np.count_nonzero(distance > half + 1e-9))
+    if missing:
+        raise LogError("inconsistent_lengths", f"{what}: {missing} of {len(times_s)} rows have no "
+                                               f"frame within {half * 1e3:.1f} ms ({len(pts)} frames)")
+    return Frames(len(times_s), size, lambda index: _decode_video(data, times_s[index], fps=fps, what=what))
 
 
 def _decode_video(data: bytes, times_s: np.ndarray, *, fps: float, what: str) -> np.ndarray:
@@ -308,7 +341,7 @@ def _episode_streams(ds: _Dataset, episode: _Episode, *, camera: str, fps: float
     if episode.video_rel is None:
         frames = _decode_images(rows[camera], what=f"{what} {camera}")
     else:
-        frames = _decode_video(ds.raw(episode.video_rel), episode.video_offset_s + stamps / 1e9,
+        frames = _video_frames(ds.raw(episode.video_rel), episode.video_offset_s + stamps / 1e9,
                                fps=fps, what=episode.video_rel)
     task = "; ".join(tasks[t] for t in task_ids if t in tasks)
     return Streams(source_uri=ds.uris[episode.data_rel], camera_t=stamps, frames=frames,

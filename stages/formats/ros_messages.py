@@ -96,27 +96,55 @@ def raw_rows_to_rgb(*, height: int, width: int, step: int, encoding: str, rows: 
     return pixels[..., list(order)] if order != (0, 1, 2) else pixels[..., :3]
 
 
+def compressed_size(fmt: str, data: Any) -> tuple[int, int]:
+    """(height, width) of a JPEG or PNG image from its header, checked by the rules above
+    (format, mode, pixel count) without decoding it."""
+    _check_format(fmt)
+    with _pillow(fmt, data) as image:  # reads the header only
+        return image.size[1], image.size[0]
+
+
 def compressed_to_rgb(fmt: str, data: Any) -> np.ndarray:
     """uint8[H,W,3] RGB of a JPEG or PNG image; rules above."""
+    _check_format(fmt)
+    with _pillow(fmt, data) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def _check_format(fmt: str) -> None:
     lowered = str(fmt).lower()
     if "compresseddepth" in lowered or not any(k in lowered for k in ("jpeg", "jpg", "png")):
         raise LogError("bad_encoding", f"compressed image format {fmt!r}; readable: jpeg, png")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(bytes(data))) as image:  # reads the header only
-                width, height = image.size
-                if width * height > MAX_PIXELS:
-                    raise LogError("too_large", f"{fmt} image of {width}x{height} pixels, over {MAX_PIXELS}")
-                if image.mode not in _PIL_COLOUR_MODES:
-                    raise LogError("bad_encoding", f"{fmt} image of mode {image.mode}")
-                return np.asarray(image.convert("RGB"))
-    except LogError:
-        raise
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
-        raise LogError("too_large", f"{fmt} image: {exc}") from exc
-    except Exception as exc:  # Pillow raises many kinds on damaged bytes
-        raise LogError("bad_message", f"{fmt} image does not decode: {exc}") from exc
+
+
+class _pillow:
+    """``Image.open`` of image bytes whose size and mode were checked, Pillow's errors as
+    ``LogError`` (``too_large`` for a decompression bomb, ``bad_message`` for damaged bytes)."""
+
+    def __init__(self, fmt: str, data: Any) -> None:
+        self.fmt, self.data = fmt, data
+
+    def __enter__(self):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                self.image = Image.open(io.BytesIO(bytes(self.data)))
+                width, height = self.image.size
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+            raise LogError("too_large", f"{self.fmt} image: {exc}") from exc
+        except Exception as exc:  # Pillow raises many kinds on damaged bytes
+            raise LogError("bad_message", f"{self.fmt} image does not decode: {exc}") from exc
+        if width * height > MAX_PIXELS:
+            raise LogError("too_large", f"{self.fmt} image of {width}x{height} pixels, over {MAX_PIXELS}")
+        if self.image.mode not in _PIL_COLOUR_MODES:
+            raise LogError("bad_encoding", f"{self.fmt} image of mode {self.image.mode}")
+        return self.image
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        self.image.close()
+        if exc is not None and not isinstance(exc, LogError):
+            raise LogError("bad_message", f"{self.fmt} image does not decode: {exc}") from exc
+        return False
 
 
 def image_to_rgb(msg: Any) -> np.ndarray:

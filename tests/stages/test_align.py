@@ -133,8 +133,9 @@ def test_out_of_order_stamps_raise_but_exact_duplicates_are_dropped():
         align(streams_at([0, 50, 40, 100, 150]))
     assert info.value.reason == "timestamps_out_of_order" and "1 camera stamps" in info.value.detail
     streams = streams_at([0, 50, 50, 50, 100])
-    streams.frames[2] = streams.frames[1]
-    streams.frames[3] = streams.frames[1]
+    frames = np.array(streams.frames)
+    frames[2] = frames[3] = frames[1]
+    streams.frames = frames
     spans, _ = align(streams)
     assert spans[0]["dropped_duplicates"] == 2
     np.testing.assert_array_equal(spans[0]["timestamps_ns"], np.array([0, 50, 100]) * MS)

@@ -11,6 +11,7 @@ from tests.stages.test_mcap_log import SPEC, make_episode
 
 from stages import images
 from stages.curate import SpanVerdict, episode_to_tables
+from stages.frames import Frames
 from stages.ingest import IngestResult, ingest_unit
 from stages.mcap_log import episode_to_mcap_bytes
 from stages.schemas import EPISODES, REJECTS, clips_schema, features_of, frames_schema
@@ -210,12 +211,14 @@ def test_span_verdict_travels_as_an_arrow_struct():
 
 
 def test_ingest_result_travels_without_its_frames():
-    out = curate(make_episode(12))
-    result = IngestResult(content_hash="h", episodes=(out["episode"],), frames=(out["frames"],),
-                          frames_seen=12, episodes_seen=1)
-    assert result.spans == [(out["episode"], out["frames"])]
+    episode = make_episode(12)
+    out = curate(episode)
+    light = out["frames"].drop_columns(["image", "height", "width"])
+    result = IngestResult(content_hash="h", episodes=(out["episode"],), frames=(light,),
+                          pixels=(Frames.of(episode["frames"]),), frames_seen=12, episodes_seen=1)
+    assert result.spans == [(out["episode"], out["frames"])]  # the images decoded into the table
     back = IngestResult.from_bytes(result.without_frames().to_bytes())
-    assert back.episodes == (out["episode"],) and back.frames == ()
+    assert back.episodes == (out["episode"],) and back.frames == back.pixels == ()
     assert (back.content_hash, back.frames_seen, back.episodes_seen, back.rejects) == ("h", 12, 1, ())
     with pytest.raises(ValueError):
         _ = back.spans  # the frames stayed in the worker
