@@ -123,9 +123,10 @@ def _judge(light: pa.Table, pixels: Frames, *, w: Any, lake: Lake, signal_params
         found = events.mine_events(span, world=w, config=config, params=thresholds) if own else []
         clips = events.event_clips(n, found, config=config)
         if clips:
+            size = image_columns.hw(w.image_size)
             sampled["clip_frames"] = np.stack([
-                image_columns.resize(pixels[describe.clip_indices(n, c["start_step"], c["end_step"], clip_k)],
-                                     w.image_size) for c in clips])
+                np.asarray(pixels.take(describe.clip_indices(n, c["start_step"], c["end_step"], clip_k)).resized(size))
+                for c in clips])
         for c in clips if own else ():
             c["label_tags"] = w.privileged_tags(
                 span["states"][c["start_step"]:], {k: v[c["start_step"]:] for k, v in span["signals"].items()},

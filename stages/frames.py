@@ -3,8 +3,9 @@
 A reader hands curation a ``Frames`` instead of one array of every decoded frame: pieces that
 are either arrays already in memory (raw images, often views of the log's own bytes) or encoded
 images (JPEG, PNG, video) with the function that decodes them. Alignment selects and resizes
-lazily (``take``, ``resized``); the judge then reads a span's frames a chunk at a time
-(``frames[a:b]``), so only one chunk is ever decoded at once. Pure NumPy.
+lazily (``take``, ``resized``: the size reaches the decoder, so a JPEG can be decoded straight at
+a smaller size); the judge then reads a span's frames a chunk at a time (``frames[a:b]``), so
+only one chunk is ever decoded at once. Pure NumPy.
 """
 from __future__ import annotations
 
@@ -14,18 +15,19 @@ import numpy as np
 
 from stages import images
 
-Decode = Callable[[np.ndarray], np.ndarray]  # sorted indices into a piece -> uint8 [n, H, W, 3]
+Read = Callable[[np.ndarray, tuple[int, int]], np.ndarray]  # sorted indices, output (H, W) -> uint8 [n, H, W, 3]
 
 
 class Frames:
-    """``len(frames)`` frames of one (H, W); ``frames[key]`` (an int, slice or index array)
+    """``len(frames)`` frames of one size; ``frames[key]`` (an int, slice or index array)
     decodes the ones asked for as uint8 [n, H, W, 3] (an int: [H, W, 3]); ``np.asarray(frames)``
-    decodes them all. ``shape``, ``dtype`` and ``ndim`` read like an array's."""
+    decodes them all. ``shape``, ``dtype`` and ``ndim`` read like an array's. The output size
+    travels down to the decoder, which may decode straight at it (a JPEG's DCT scaling)."""
 
     dtype = np.dtype(np.uint8)
     ndim = 4
 
-    def __init__(self, count: int, size: tuple[int, int], read: Decode) -> None:
+    def __init__(self, count: int, size: tuple[int, int], read: Read) -> None:
         self._count, self._size, self._read = int(count), (int(size[0]), int(size[1])), read
 
     @classmethod
@@ -34,19 +36,21 @@ class Frames:
         array = np.asarray(array)
         if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] != 3:
             raise ValueError(f"frames are {array.dtype}{list(array.shape)}, expected uint8[N,H,W,3]")
-        return cls(len(array), array.shape[1:3], lambda index: array[index])
+        return cls(len(array), array.shape[1:3], lambda index, size: images.resize(array[index], size))
 
     @classmethod
-    def encoded(cls, items: Sequence, size: tuple[int, int], decode_one: Callable[[object], np.ndarray]) -> Frames:
-        """Frames decoded one by one from ``items`` by ``decode_one`` (each must give ``size``)."""
-        def read(index: np.ndarray) -> np.ndarray:
-            out = np.empty((len(index), *size, 3), np.uint8)
+    def encoded(cls, items: Sequence, size: tuple[int, int],
+                decode_one: Callable[[object, tuple[int, int]], np.ndarray]) -> Frames:
+        """Frames of ``size`` decoded one by one from ``items``: ``decode_one(item, out_size)``
+        gives uint8 [*out_size, 3]."""
+        def read(index: np.ndarray, out: tuple[int, int]) -> np.ndarray:
+            frames = np.empty((len(index), *out, 3), np.uint8)
             for k, i in enumerate(index.tolist()):
-                frame = decode_one(items[i])
-                if frame.shape[:2] != tuple(size):
-                    raise ValueError(f"frame {i} decoded to {frame.shape[:2]}, its header said {size}")
-                out[k] = frame
-            return out
+                frame = decode_one(items[i], out)
+                if frame.shape[:2] != tuple(out):
+                    raise ValueError(f"frame {i} decoded to {frame.shape[:2]}, not {out}")
+                frames[k] = frame
+            return frames
         return cls(len(items), size, read)
 
     @classmethod
@@ -56,17 +60,17 @@ class Frames:
         if len(parts) == 1:
             return parts[0]
         sizes = {p._size for p in parts}
-        if len(sizes) != 1:
+        if len(sizes) > 1:
             raise ValueError(f"frames of sizes {sorted(sizes)}")
         bounds = np.cumsum([0] + [len(p) for p in parts])
 
-        def read(index: np.ndarray) -> np.ndarray:
+        def read(index: np.ndarray, out: tuple[int, int]) -> np.ndarray:
             which = np.searchsorted(bounds, index, side="right") - 1
-            out = np.empty((len(index), *next(iter(sizes)), 3), np.uint8)
+            frames = np.empty((len(index), *out, 3), np.uint8)
             for k in np.unique(which).tolist():
                 mask = which == k
-                out[mask] = parts[k]._read(index[mask] - bounds[k])
-            return out
+                frames[mask] = parts[k]._read(index[mask] - bounds[k], out)
+            return frames
         return cls(int(bounds[-1]), next(iter(sizes)) if sizes else (0, 0), read)
 
     def __len__(self) -> int:
@@ -82,8 +86,8 @@ class Frames:
             return first[key[1:]] if np.ndim(np.arange(self._count)[key[0]]) == 0 else first[(slice(None), *key[1:])]
         index = np.arange(self._count)[key]
         if np.ndim(index) == 0:
-            return self._read(np.asarray([index]))[0]
-        return self._read(np.asarray(index, np.int64))
+            return self._read(np.asarray([index]), self._size)[0]
+        return self._read(np.asarray(index, np.int64), self._size)
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         out = self[:]
@@ -96,14 +100,11 @@ class Frames:
     def take(self, index: np.ndarray) -> Frames:
         """The frames at ``index`` (int array), still not decoded."""
         index = np.arange(self._count)[np.asarray(index, np.int64)]
-        return Frames(len(index), self._size, lambda i: self._read(index[i]))
+        return Frames(len(index), self._size, lambda i, out: self._read(index[i], out))
 
     def resized(self, size: tuple[int, int]) -> Frames:
-        """These frames at ``size`` (``stages.images.resize`` as they are read)."""
-        size = (int(size[0]), int(size[1]))
-        if size == self._size:
-            return self
-        return Frames(self._count, size, lambda i: images.resize(self._read(i), size))
+        """These frames at ``size`` (Pillow's BOX filter when shrinking, see ``stages.images``)."""
+        return Frames(self._count, size, self._read)
 
     def chunks(self, rows: int) -> list[tuple[int, int]]:
         """(start, stop) of consecutive runs of at most ``rows`` frames."""

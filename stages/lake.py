@@ -17,6 +17,9 @@ import pyarrow.compute as pc
 from stages import storage
 
 _SECRET_KEYS = ("secret", "password", "token", "access_key", "credential")
+# Lance file format of new tables: 2.0 wrote 320x240 frames 5x and took random rows 2x faster than
+# the default 2.2 here (0.09 against 0.48 ms a frame; 44 against 91 ms for 192 rows)
+STORAGE_VERSION = "2.0"
 
 
 def _redact(value: Any) -> Any:
@@ -72,7 +75,7 @@ class Lake:
         if len(first) < table.num_rows:
             table = table.take(sorted(first.values()))
         if not self.exists(name):
-            lance.write_dataset(table, self.table_uri(name), mode="create",
+            lance.write_dataset(table, self.table_uri(name), mode="create", data_storage_version=STORAGE_VERSION,
                                 storage_options=self.storage_options)
             return table.num_rows
         ds = self.dataset(name)
@@ -95,7 +98,7 @@ class Lake:
         string that travels between processes without pickling Lance objects."""
         from lance.fragment import write_fragments
 
-        written = write_fragments(table, self.table_uri(name), schema=table.schema,
+        written = write_fragments(table, self.table_uri(name), schema=table.schema, data_storage_version=STORAGE_VERSION,
                                   storage_options=self.storage_options)
         return [json.dumps(fragment.to_json()) for fragment in written]
 

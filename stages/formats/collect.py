@@ -150,7 +150,7 @@ class Collector:
             if len(shapes) > 1:
                 raise LogError("bad_message", f"{camera} frames come in sizes {sorted(shapes)}")
             frames = Frames.concat([Frames.of(p) if isinstance(p, np.ndarray) else
-                                    Frames.encoded(p, p[0][2], lambda item: compressed_to_rgb(item[0], item[1]))
+                                    Frames.encoded(p, p[0][2], lambda item, size: compressed_to_rgb(item[0], item[1], size))
                                     for p in pieces])
             out.append(Streams(
                 source_uri=source_uri, camera_t=np.concatenate(self._frame_t[camera]).astype(np.int64, copy=False),

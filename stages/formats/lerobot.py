@@ -65,6 +65,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
+from stages import images
 from stages.frames import Frames
 from stages.streams import ROLES, LogError, Mapping, Streams
 
@@ -212,7 +213,8 @@ def _video_frames(data: bytes, times_s: np.ndarray, *, fps: float, what: str) ->
     if missing:
         raise LogError("inconsistent_lengths", f"{what}: {missing} of {len(times_s)} rows have no "
                                                f"frame within {half * 1e3:.1f} ms ({len(pts)} frames)")
-    return Frames(len(times_s), size, lambda index: _decode_video(data, times_s[index], fps=fps, what=what))
+    return Frames(len(times_s), size,
+                  lambda index, out: images.resize(_decode_video(data, times_s[index], fps=fps, what=what), out))
 
 
 def _decode_video(data: bytes, times_s: np.ndarray, *, fps: float, what: str) -> np.ndarray:

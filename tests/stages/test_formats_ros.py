@@ -496,6 +496,24 @@ def test_compressed_image_rules():
         assert err.value.reason == reason, fmt
 
 
+def test_a_jpeg_shrunk_while_decoding_matches_decoding_then_shrinking():
+    """Asked for a smaller size, a JPEG is decoded at a DCT scale (libjpeg's draft mode) and
+    shrunk with BOX: the same picture as decoding it whole, then shrinking (a PNG is not scaled)."""
+    yy, xx = np.mgrid[0:480, 0:640]
+    rgb = np.stack([xx * 255 // 640, yy * 255 // 480, (xx + yy) % 256], axis=-1).astype(np.uint8)
+    for fmt in ("JPEG", "PNG"):
+        buf = io.BytesIO()
+        Image.fromarray(rgb).save(buf, format=fmt)
+        whole = compressed_to_rgb(fmt.lower(), buf.getvalue())
+        expected = np.asarray(Image.fromarray(whole).resize((200, 150), Image.Resampling.BOX)).astype(int)
+        for size in ((150, 200), (240, 320)):
+            small = compressed_to_rgb(fmt.lower(), buf.getvalue(), size)
+            assert small.shape == (*size, 3)
+        small = compressed_to_rgb(fmt.lower(), buf.getvalue(), (150, 200)).astype(int)
+        assert np.abs(small - expected).mean() < (2.0 if fmt == "JPEG" else 1e-9), fmt
+    np.testing.assert_array_equal(compressed_to_rgb("jpeg", buf.getvalue(), (480, 640)), whole)  # its own size
+
+
 def test_collector_rules():
     picked = Topics(("/c",), {"reward": "/r", "action": "/a"})
     empty = Collector(picked)
