@@ -44,11 +44,11 @@ test: $(STAMP)   ## the default suite (skips `slow` and `gpu`)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -m "not gpu"
 
-bench-curate: $(STAMP)  ## curate throughput vs a Parquet baseline, Lance vs Parquet sampling (last line: JSON)
-	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.bench_curate
+bench-curate: $(STAMP)  ## curate vs a script and the decode limit on 640x480 MCAP + AV1 LeRobot logs, peak RSS, sampler (last line: JSON)
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.bench_curate $(ARGS)
 
-bench-curate-scale: $(STAMP)  ## curate throughput only, at 64,000 frames (fixed per-run costs amortized)
-	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.bench_curate --episodes 64 --frames 1000 --no-sampler
+bench-curate-scale: $(STAMP)  ## the same with 16 one-minute MCAP logs, throughput and memory only
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.bench_curate --mcap-logs 16 --mcap-seconds 60 --lerobot-sets 0 --no-sampler --no-per-format $(ARGS)
 
 ablate-oversampling: $(STAMP)  ## uniform vs clip-weighted policy windows on a copy of LAKE (after make demo)
 	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.ablate_oversampling --lake $(LAKE) --config $(CONFIG) $(ARGS)

@@ -1,56 +1,57 @@
-"""Curation benchmark: ingest + curate throughput and training-sampler throughput, each against
-a straightforward baseline measured in the same run on the same data.
+"""Curation benchmark: the curate flow against a user's first script and the decode-only limit on
+fleet logs of realistic shape, its peak memory, and the training sampler (Lance against
+Parquet, with and without prefetching); all in one run.
 
-Run with ``make bench-curate`` (``.venv/bin/python -m benchmarks.bench_curate``); ``--help``
-lists the flags. Progress goes to stderr; stdout gets a markdown table and then, as its LAST
-line, one JSON object with every figure.
+Run with ``make bench-curate`` (``OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.bench_curate``);
+``--help`` lists the flags. Progress goes to stderr; stdout gets a markdown table and then, as
+its LAST line, one JSON object with every figure.
 
-1. Ingest + curate (frames/s). ``--episodes`` synthetic episodes of ``--frames`` 64x64 frames
-   (``synthetic_episode``: moving sine gradients plus noise, actions and states in range; not
-   the simulator) are written as MCAP with ``stages.mcap_log.write_episode`` into a landing
-   directory.
+Logs (``benchmarks.fleet_logs``, generated in a temporary directory): ``--mcap-logs`` ROS 2
+MCAP logs of ``--mcap-seconds`` (640x480 JPEG camera at 30 Hz, 7-joint states and commands at
+100 Hz) under ``landing/mcap/``, and ``--lerobot-sets`` LeRobot v3.0 datasets of
+``--lerobot-episodes`` episodes of ``--lerobot-seconds`` (AV1 256x256 at 30 fps, 6-wide
+action and state) under ``landing/lerobot/``. Every pipeline brings frames to the same target:
+longer side at most ``--max-side`` (default 320: 640x480 -> 320x240, 256x256 stays).
 
-   * Baseline (``baseline_mcap_to_parquet``): the single-process script a user writes first:
-     ``mcap`` reader with the ROS 2 decoder, ``iter_decoded_messages()`` over every message,
-     camera bytes + header stamps + ``/vehicle/action`` values into one Arrow table per file,
-     ``pyarrow.parquet.write_table`` with default settings. baseline_fps = frames / seconds.
-   * worldloop: ``flows.curate.curate_flow(config="default", lake=<fresh lake>, landing=...,
-     reasoner=<the warm-up's reasoner>)`` with the Prefect settings of ``worldloop curate``
-     (``flows.runtime.prefect_settings``: in ephemeral mode no flow-run heartbeats). Ray is
-     started and a first curate of an empty lake (4 x 200 frames, its own landing) runs first:
-     it warms Prefect's ephemeral API and the Ray workers and trains the scene reasoner, which
-     a lake does once (its seconds are reported as
-     ``first_curate_s``). The timed runs describe clips with that reasoner, as every later
-     curate of a lake does. curate_fps = frames written (``rows_added["frames"]``) / wall
-     seconds of the flow call.
-   * Pure stages (``stages_one_core``): ``ingest_unit`` + ``judge_batch`` over the same files
-     in this process, no Ray or Prefect: the per-frame work of curation on one core, so
-     ``curate_ratio_bound`` = cores x stages_one_core_fps / baseline_fps is the ratio the flow
-     could reach with no orchestration overhead at all.
+1. Throughput, frames/s, of three pipelines on the same files, timed ``--runs`` times each,
+   interleaved (script, curate, decode-only, script, ...), the best run of each counting:
+   * curate: ``flows.curate.curate_flow(config="default", lake=<fresh lake>, landing=<landing>,
+     overrides=["curate.max_image_side=<max-side>"], reasoner=<the warm-up's>)`` with the
+     Prefect settings of ``worldloop curate`` (``flows.runtime.prefect_settings``). Ray is
+     started first and a warm-up curate of an empty lake (4 x 200 frames of worldloop's own
+     car world, its own landing) warms Prefect's ephemeral API and the Ray workers and trains
+     the scene reasoner a lake trains once (``first_curate_s``). curate_fps = frames written
+     (``rows_added["frames"]``) / wall seconds of the flow call.
+   * script: ``benchmarks.baselines.script_mcap`` + ``script_lerobot``, one process.
+   * decode-only: ``benchmarks.baselines.decode_mcap`` + ``decode_lerobot``, one thread on
+     one core: the most frames/s one core can decode and resize.
+   ``curate_ratio`` = curate_fps / script_fps (target >= 1.8); ``decode_bound_fraction`` =
+   curate_fps / (cpu_count x decode_only_fps) (target >= 0.9). Per format: the script's and
+   decode-only's seconds of each format (best of the runs), and one curate of each format's
+   folder alone (``curate_fps_mcap``, ``curate_fps_lerobot``; ``--no-per-format`` skips them).
+2. Memory: during every curate, a thread samples every 50 ms (``RssMonitor``) the resident
+   set (RSS) of this process (the driver) and of each Ray worker process (descendants of the
+   driver whose title starts with ``ray::``: task workers, idle workers, the describer actors,
+   Ray Data's stats and autoscaling actors; not Ray's own services: gcs_server, raylet, its
+   dashboard and runtime-env agents and log monitors, whose sum is reported apart as
+   ``ray_services_rss_mb``). ``peak_rss_mb`` is the largest driver + workers sum seen in the
+   timed runs; ``peak_worker_rss_mb`` the largest single worker (``peak_worker_title``: its
+   title, which task or actor it ran, as last seen); ``start_rss_mb`` the sum when the run
+   started (Ray reuses its workers, which keep what earlier runs left). RSS counts shared pages
+   (libraries, Ray's object store) once per process; the sampling thread shares the GIL, so
+   ``rss_interval_ms`` reports the mean spacing it achieved.
+   Then one MCAP log ``--scale`` times as long as the others is curated alone
+   (``peak_rss_mb_scale``, ``peak_worker_rss_mb_scale``): against ``peak_worker_rss_mb_mcap``
+   (the MCAP folder's curate, one log per worker at a time) it shows whether a worker's memory
+   grows with the length of a log.
+3. The training sampler on the last timed run's frames table: ``benchmarks.bench_sampler``
+   (``sample_ratio``, Lance against Parquet, target >= 10; ``prefetch_wait_ms`` against
+   ``no_prefetch_wait_ms``). ``--no-sampler`` skips it.
 
-   Fairness: both are timed ``--runs`` times (default 3), interleaved (baseline, curate,
-   baseline, curate, ...), each run
-   reading the same landing files (in the page cache after generation) into a fresh output;
-   the best run of each is reported (the pure stages too: best of as many runs), since other
-   tenants of a shared machine slow single runs down. curate_ratio = curate_fps / baseline_fps.
-
-2. Training sampler (samples/s). Random batches (``--batch``, default 128) of frame histories
-   (``--history``, default 3) from the ``frames`` table the last curate run wrote:
-
-   * worldloop: ``stages.sampler.HistorySampler(frames_uri, history=K).batch(B)`` (Lance
-     ``take`` of the unique rows of a batch).
-   * Parquet (``ParquetHistorySampler``): the same table written with ``pq.write_table``
-     (default row groups), the same window index (``history_windows``), and per batch the
-     unique rows fetched by random access, two ways: ``pyarrow.dataset.dataset(path).take``
-     and ``ParquetFile.read_row_groups`` of only the row groups holding them. The faster one
-     is the Parquet figure (both are reported). A check asserts Parquet and Lance return the
-     same images for the same row offsets.
-
-   Each sampler gets one warm-up batch, then ``--batches`` timed batches (default 30);
-   sample_ratio = lance samples/s / parquet samples/s.
-
-All data lives in a temporary directory removed at the end (``--keep`` keeps it). The figures
-depend on the machine and its load: the JSON records cpu_count, platform and the load average.
+Logs are generated before anything is timed and read from the page cache by every pipeline;
+each run writes into fresh output. All data lives in a temporary directory removed at the end
+(``--keep`` keeps it). Figures depend on the machine and its load: the JSON records cpu_count,
+platform, the load average at the start and the git commit.
 """
 from __future__ import annotations
 
@@ -61,328 +62,233 @@ import platform
 import shutil
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
+from functools import partial
 from time import perf_counter
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.dataset as ds
-import pyarrow.parquet as pq
-from mcap.reader import make_reader
-from mcap_ros2.decoder import DecoderFactory
+import psutil
 
-from stages.mcap_log import ACTION, CAMERA, write_episode
+from benchmarks import baselines
+from benchmarks.fleet_logs import Fleet, FramePools, car_episode, write_fleet, write_mcap
 
-SAMPLE_COLUMNS = ["episode_id", "step", "image", "label", "action"]
-STEP_NS = 20_000_000  # 50 Hz, CarRacing's frame rate
+RAY_SERVICES = frozenset({"ray::DashboardAgent", "ray::RuntimeEnvAgent"})  # ray:: titled, not workers
+MB = 1 << 20
 
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def synthetic_episode(index: int, *, frames: int, size: int = 64, seed: int = 0) -> dict[str, Any]:
-    """A fast synthetic episode dict (the codebase's keys), distinct for each ``index``.
+class RssMonitor:
+    """Peak RSS of this process and its Ray worker processes (module doc, part 2), sampled every
+    ``interval_s`` in a thread; the process list is refreshed every ``refresh_s``."""
 
-    Frames: a sine gradient with a per-episode direction, spatial frequency, colour and drift
-    speed, shifted each step, plus integer noise in [-4, 4]. Actions: smooth steer in
-    [-0.7, 0.7], gas and brake in [0, 1]; the expert is the action plus small noise, NaN for
-    every 4th episode. States follow a kinematic integration of speed and steer (on track).
-    Episodes with index % 3 == 1 have one 10-step intervention. Stamps are 50 Hz.
-    """
-    rng = np.random.default_rng([seed, index])
-    t = np.arange(frames, dtype=np.float32)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    angle, cycles = rng.uniform(0, 2 * np.pi), rng.uniform(1.0, 4.0)
-    wave = 2 * np.pi * cycles * (np.cos(angle) * xx + np.sin(angle) * yy)
-    phase = rng.uniform(0, 2 * np.pi, 3).astype(np.float32)
-    amplitude = rng.uniform(40, 100, 3).astype(np.float32)
-    base = rng.uniform(80, 170, 3).astype(np.float32)
-    drift = np.float32(rng.uniform(0.05, 0.2))  # radians per step
-    image = base + amplitude * np.sin(wave[None, :, :, None] + drift * t[:, None, None, None] + phase)
-    image += rng.integers(-4, 5, image.shape, dtype=np.int8)
-    period = rng.uniform(60, 200)
-    steer = 0.7 * np.sin(2 * np.pi * t / period + rng.uniform(0, 2 * np.pi))
-    gas = 0.5 + 0.4 * np.sin(2 * np.pi * t / (1.7 * period))
-    brake = np.clip(-0.8 * np.sin(2 * np.pi * t / (1.7 * period)), 0.0, 1.0)
-    actions = np.stack([steer, gas, brake], axis=1).astype(np.float32)
-    expert = np.clip(actions + rng.normal(0, 0.02, actions.shape), [-1, 0, 0], 1).astype(np.float32)
-    if index % 4 == 3:
-        expert[:] = np.nan
-    dt = STEP_NS / 1e9
-    speed = 10.0 + 20.0 * gas
-    yaw_rate = 2.0 * steer
-    heading = np.cumsum(yaw_rate * dt)
-    vx, vy = speed * np.cos(heading), speed * np.sin(heading)
-    states = np.stack([np.cumsum(vx * dt), np.cumsum(vy * dt), heading, vx, vy, speed, yaw_rate,
-                       np.ones(frames)], axis=1).astype(np.float32)
-    interventions = np.zeros(frames, bool)
-    if index % 3 == 1:
-        interventions[frames // 3:frames // 3 + 10] = True
-    return {
-        "frames": np.clip(image, 0, 255).astype(np.uint8),
-        "timestamps_ns": 1_700_000_000_000_000_000 + index * 10**12 + np.arange(frames, dtype=np.int64) * STEP_NS,
-        "actions": actions, "expert_actions": expert, "states": states,
-        "rewards": (0.1 * speed / 30.0).astype(np.float32), "interventions": interventions,
-        "off_track": np.zeros(frames, bool), "world": "bench-synthetic", "seed": seed * 100_000 + index,
-        "driver": "bench", "policy_version": "",
-    }
+    def __init__(self, interval_s: float = 0.05, refresh_s: float = 0.5) -> None:
+        self.interval_s, self.refresh_s = interval_s, refresh_s
+        self.peak = {"start_rss_mb": 0.0, "peak_rss_mb": 0.0, "peak_driver_rss_mb": 0.0, "peak_workers_rss_mb": 0.0,
+                     "peak_workers": 0, "peak_worker_rss_mb": 0.0, "peak_worker_title": "",
+                     "ray_services_rss_mb": 0.0, "rss_samples": 0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-monitor", daemon=True)
+        self._me = psutil.Process()
+        self._workers: list[psutil.Process] = []
+        self._titles: list[str] = []
+        self._services: list[psutil.Process] = []
 
+    def _refresh(self) -> None:
+        workers, titles, services = [], [], []
+        for process in self._me.children(recursive=True):
+            try:
+                title = (process.cmdline() or [""])[0]
+            except psutil.Error:
+                continue
+            if title.startswith("ray::") and title.split()[0] not in RAY_SERVICES:
+                workers.append(process)
+                titles.append(title)
+            else:
+                services.append(process)
+        self._workers, self._titles, self._services = workers, titles, services
 
-def write_landing(landing: str, *, episodes: int, frames: int, seed: int) -> list[str]:
-    """Write ``episodes`` synthetic episodes as MCAP files into ``landing``; their paths."""
-    os.makedirs(landing, exist_ok=True)
-    return [write_episode(synthetic_episode(i, frames=frames, seed=seed),
-                          os.path.join(landing, f"episode_{i:05d}.mcap")) for i in range(episodes)]
+    @staticmethod
+    def _rss(processes: list[psutil.Process]) -> list[int]:
+        out = []
+        for process in processes:
+            try:
+                out.append(process.memory_info().rss)
+            except psutil.Error:  # a worker that exited since the last refresh
+                out.append(0)
+        return out
 
+    def _run(self) -> None:
+        next_refresh = 0.0
+        while not self._stop.is_set():
+            now = perf_counter()
+            if now >= next_refresh:
+                self._refresh()
+                next_refresh = now + self.refresh_s
+            driver, workers = self._me.memory_info().rss, self._rss(self._workers)
+            peak = self.peak
+            peak["rss_samples"] += 1
+            if peak["rss_samples"] == 1:
+                peak["start_rss_mb"] = (driver + sum(workers)) / MB
+            if driver + sum(workers) > peak["peak_rss_mb"] * MB:
+                peak.update(peak_rss_mb=(driver + sum(workers)) / MB, peak_driver_rss_mb=driver / MB,
+                            peak_workers_rss_mb=sum(workers) / MB, peak_workers=len(workers),
+                            ray_services_rss_mb=sum(self._rss(self._services)) / MB)
+            if workers and max(workers) > peak["peak_worker_rss_mb"] * MB:
+                largest = int(np.argmax(workers))
+                peak.update(peak_worker_rss_mb=workers[largest] / MB, peak_worker_title=self._titles[largest])
+            self._stop.wait(self.interval_s)
 
-def baseline_mcap_to_parquet(paths: list[str], out_dir: str) -> int:
-    """BASELINE (not worldloop): MCAP -> Parquet the way a user writes it first; frames written.
+    def __enter__(self) -> RssMonitor:
+        self._refresh()
+        self._thread.start()
+        return self
 
-    One process, one file at a time: decode every message with the ROS 2 decoder, keep camera
-    bytes, header stamps and ``/vehicle/action`` values, build one Arrow table per file and write
-    it with ``pq.write_table`` (default compression). No validation, alignment or resizing.
-    """
-    os.makedirs(out_dir, exist_ok=True)
-    written = 0
-    for path in paths:
-        images, stamps, actions = [], [], []
-        with open(path, "rb") as stream:
-            reader = make_reader(stream, decoder_factories=[DecoderFactory()])
-            for _, channel, _, msg in reader.iter_decoded_messages():
-                if channel.topic == CAMERA:
-                    images.append(bytes(msg.data))
-                    stamps.append(msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec)
-                elif channel.topic == ACTION:
-                    actions.append(list(msg.data))
-        name = os.path.splitext(os.path.basename(path))[0]
-        table = pa.table({"episode": [name] * len(images), "step": list(range(len(images))),
-                          "timestamp_ns": stamps, "image": images, "action": actions})
-        pq.write_table(table, os.path.join(out_dir, f"{name}.parquet"))
-        written += table.num_rows
-    return written
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
-def run_curate(*, landing: str, lake: str, reasoner: str | None = None) -> tuple[float, dict]:
-    """Wall seconds of one ``curate_flow`` call on ``landing`` into ``lake``, and its summary;
-    with the Prefect settings ``worldloop curate`` runs it with (``flows.runtime.prefect_settings``)."""
+def run_curate(*, landing: str, lake: str, max_side: int, reasoner: str | None = None) -> tuple[float, dict, dict]:
+    """Wall seconds, summary and peak memory (``RssMonitor``) of one ``curate_flow`` call with
+    the Prefect settings ``worldloop curate`` runs it with."""
     from flows.curate import curate_flow
     from flows.runtime import prefect_settings
 
-    with prefect_settings():
+    with prefect_settings(), RssMonitor() as memory:
         start = perf_counter()
-        summary = curate_flow(config="default", lake=lake, landing=landing, reasoner=reasoner)
-        return perf_counter() - start, summary
+        summary = curate_flow(config="default", lake=lake, landing=landing, reasoner=reasoner,
+                              overrides=[f"curate.max_image_side={max_side}"])
+        seconds = perf_counter() - start
+    interval_ms = 1e3 * seconds / max(1, memory.peak["rss_samples"])
+    return seconds, summary, memory.peak | {"rss_interval_ms": interval_ms}
 
 
-def stages_one_core(paths: list[str], root: str) -> float:
-    """Seconds of the pure stages alone on one core, no Ray or Prefect: ``ingest_unit`` and
-    ``judge_batch`` (quality, events, clips, Lance fragment writes) over every file in turn.
+def _context(lake: str, landing: str) -> Any:
+    from flows.runtime import Context
 
-    Not a competitor: it bounds what the flow can reach on this machine. With N cores and no
-    overhead at all, curate_fps <= N * frames / these seconds.
-    """
-    from flows.config import preset
-    from flows.curate import stage_params
-    from stages import sources, storage
-    from stages.curate_ray import judge_batch
-    from stages.ingest import ingest_unit
-    from stages.lake import Lake
-    from stages.streams import Mapping
+    return Context.create(config="default", lake=lake, landing=landing)
 
-    params = stage_params(preset("default"), turn=0)  # what curate_flow gives the stages
-    mapping = Mapping.from_dict(params["mapping"])
-    units = sources.discover([{"uri": p, "size": os.path.getsize(p), "etag": ""} for p in paths],
-                             root=os.path.dirname(paths[0]))
-    lake = Lake(os.path.join(root, "stages_lake"))
+
+def warm_up(root: str, *, seed: int, max_side: int) -> tuple[str, float, str]:
+    """The warm-up curate (module doc); the reasoner it trained, its seconds and the reasoner's source."""
+    from flows.describe import REASONER
+    from stages.mcap_log import write_episode
+
+    landing, lake = os.path.join(root, "warmup_landing"), os.path.join(root, "warmup_lake")
+    os.makedirs(landing)
+    for i in range(4):
+        write_episode(car_episode(i, frames=200, seed=seed + 1), os.path.join(landing, f"episode_{i:05d}.mcap"))
+    seconds, summary, _ = run_curate(landing=landing, lake=lake, max_side=max_side)
+    champion = _context(lake, landing).registry.get(REASONER, alias="champion")
+    if champion is None:
+        raise RuntimeError(f"the warm-up curate trained no reasoner: {summary.get('rejects')}")
+    return champion.artifact_uri, seconds, (summary["clips"].get("describer") or {}).get("source", "")
+
+
+def _timed(fn: Callable[[], int]) -> tuple[int, float]:
     start = perf_counter()
-    for unit in units:
-        result = ingest_unit(unit, fetch=storage.read_bytes, mapping=mapping, **params["ingest"])
-        for _, table in result.spans:
-            judge_batch(table, lake=lake, **params["judge"])
-    return perf_counter() - start
+    frames = fn()
+    return frames, perf_counter() - start
 
 
-def history_windows(episode_ids: np.ndarray, steps: np.ndarray, history: int) -> np.ndarray:
-    """Row offsets [W, history] of the windows of consecutive steps of one episode ending at each row.
-
-    The same rule as ``HistorySampler``: rows are ordered by (episode_id, step); a window that
-    reaches before its episode's first row repeats that row; windows spanning a gap in the
-    steps are left out.
-    """
-    order = np.lexsort((steps, episode_ids))
-    episode, step = episode_ids[order], steps[order]
-    rows = np.arange(len(order))
-    starts = np.flatnonzero(np.r_[True, episode[1:] != episode[:-1]])
-    first = starts[np.searchsorted(starts, rows, side="right") - 1]
-    back = np.arange(history - 1, -1, -1)
-    slots = np.maximum(rows[:, None] - back[None, :], first[:, None])
-    expected = np.maximum(step[:, None] - back[None, :], step[first][:, None])
-    return order[slots[(step[slots] == expected).all(axis=1)]]
-
-
-class ParquetHistorySampler:
-    """The Parquet comparison: ``HistorySampler``'s batches by random access into one Parquet file.
-
-    ``method`` is ``"dataset.take"`` (``pyarrow.dataset`` take of the unique rows of a batch)
-    or ``"read_row_groups"`` (read only the row groups holding them, then take within).
-    Windows are drawn uniformly without replacement within a batch.
-    """
-
-    METHODS = ("dataset.take", "read_row_groups")
-
-    def __init__(self, path: str, *, history: int, method: str, seed: int = 0) -> None:
-        if method not in self.METHODS:
-            raise ValueError(f"method must be one of {self.METHODS}, got {method!r}")
-        self.file = pq.ParquetFile(path)
-        self.dataset = ds.dataset(path, format="parquet")
-        self.method = method
-        light = self.file.read(columns=["episode_id", "step"])
-        self.windows = history_windows(np.asarray(light.column("episode_id").to_pylist(), object),
-                                       light.column("step").to_numpy(), history)
-        meta = self.file.metadata
-        self.group_starts = np.cumsum([0] + [meta.row_group(i).num_rows
-                                             for i in range(meta.num_row_groups)])
-        self.rng = np.random.default_rng(seed)
-
-    def fetch(self, offsets: np.ndarray) -> pa.Table:
-        """The rows at sorted unique file ``offsets``, in that order (``SAMPLE_COLUMNS``)."""
-        if self.method == "dataset.take":
-            return self.dataset.take(pa.array(offsets), columns=SAMPLE_COLUMNS)
-        groups = np.searchsorted(self.group_starts, offsets, side="right") - 1
-        needed = np.unique(groups)
-        sizes = np.diff(self.group_starts)[needed]
-        base = np.r_[0, np.cumsum(sizes)[:-1]]  # where each needed group starts in the read table
-        local = offsets - self.group_starts[groups] + base[np.searchsorted(needed, groups)]
-        return self.file.read_row_groups(needed.tolist(), columns=SAMPLE_COLUMNS).take(pa.array(local))
-
-    def batch(self, batch_size: int) -> dict[str, np.ndarray]:
-        """frames_BKHWC uint8, label_B3 and action_B3 float32, as ``HistorySampler.batch``."""
-        rows = self.windows[self.rng.choice(len(self.windows), batch_size, replace=False)]
-        unique, inverse = np.unique(rows.reshape(-1), return_inverse=True)
-        fetched = self.fetch(unique)
-        images = fetched.column("image").combine_chunks().to_numpy_ndarray()
-        slot = inverse.reshape(rows.shape)
-        end = slot[:, -1]
-        return {"frames_BKHWC": images[slot], "label_B3": _vectors(fetched.column("label"))[end],
-                "action_B3": _vectors(fetched.column("action"))[end]}
-
-
-def _vectors(column: pa.ChunkedArray) -> np.ndarray:
-    arr = column.combine_chunks()
-    return arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), -1).astype(np.float32)
-
-
-def batches_per_second(batch: Callable[[int], dict[str, np.ndarray]], *, batches: int,
-                       batch_size: int, history: int) -> float:
-    """One warm-up batch, then ``batches`` timed batches; each batch's shape is checked."""
-    batch(batch_size)
-    start = perf_counter()
-    for _ in range(batches):
-        out = batch(batch_size)
-        if out["frames_BKHWC"].shape[:2] != (batch_size, history):
-            raise RuntimeError(f"batch of shape {out['frames_BKHWC'].shape}")
-    return batches / (perf_counter() - start)
-
-
-def bench_sampler(frames_uri: str, parquet_path: str, *, batches: int, batch_size: int,
-                  history: int, seed: int) -> dict[str, Any]:
-    """Lance ``HistorySampler`` vs Parquet random access on the same frames table."""
-    import lance
-
-    from stages.sampler import HistorySampler
-
-    table = lance.dataset(frames_uri).to_table()
-    pq.write_table(table, parquet_path)
-    start = perf_counter()
-    lance_sampler = HistorySampler(frames_uri, history=history, seed=seed)
-    lance_index_s = perf_counter() - start
-    lance_bps = batches_per_second(lance_sampler.batch, batches=batches, batch_size=batch_size,
-                                   history=history)
-    parquet_bps, parquet_index_s = {}, {}
-    for method in ParquetHistorySampler.METHODS:
-        start = perf_counter()
-        sampler = ParquetHistorySampler(parquet_path, history=history, method=method, seed=seed)
-        parquet_index_s[method] = perf_counter() - start
-        if len(sampler.windows) != len(lance_sampler):
-            raise RuntimeError(f"{len(sampler.windows)} Parquet windows, {len(lance_sampler)} Lance")
-        probe = np.unique(sampler.windows[:: max(1, len(sampler.windows) // 64)].reshape(-1))
-        same = (sampler.fetch(probe).column("image").combine_chunks().to_numpy_ndarray()
-                == table.column("image").take(pa.array(probe)).combine_chunks().to_numpy_ndarray())
-        if not same.all():
-            raise RuntimeError(f"Parquet {method} returned other images than the Lance table")
-        parquet_bps[method] = batches_per_second(sampler.batch, batches=batches,
-                                                 batch_size=batch_size, history=history)
-    best = max(parquet_bps, key=parquet_bps.get)
-    return {
-        "lance_batches_per_s": lance_bps, "lance_samples_per_s": lance_bps * batch_size,
-        "parquet_batches_per_s": parquet_bps[best], "parquet_samples_per_s": parquet_bps[best] * batch_size,
-        "sample_ratio": lance_bps / parquet_bps[best], "parquet_method": best,
-        "parquet_samples_per_s_by_method": {m: v * batch_size for m, v in parquet_bps.items()},
-        "parquet_row_groups": pq.ParquetFile(parquet_path).metadata.num_row_groups,
-        "parquet_bytes": os.path.getsize(parquet_path), "sampler_windows": len(lance_sampler),
-        "lance_index_s": lance_index_s, "parquet_index_s": parquet_index_s,
-    }
-
-
-def bench_curate(root: str, *, episodes: int, frames: int, seed: int, runs: int = 3) -> dict[str, Any]:
-    """Generate the landing dir, warm up Ray and Prefect, then time baseline and curate ``runs``
-    times each, interleaved."""
-    from flows.runtime import ensure_ray
-
-    start = perf_counter()
-    paths = write_landing(os.path.join(root, "landing"), episodes=episodes, frames=frames, seed=seed)
-    log(f"wrote {episodes} x {frames} frames as MCAP in {perf_counter() - start:.1f} s")
-    ensure_ray()
-    write_landing(os.path.join(root, "warmup_landing"), episodes=4, frames=200, seed=seed + 1)
-    warm_lake = os.path.join(root, "warmup_lake")
-    warm_s, warm = run_curate(landing=os.path.join(root, "warmup_landing"), lake=warm_lake)
-    reasoner = _champion_reasoner(warm_lake)
-    log(f"first curate on an empty lake (4 x 200 frames, trains the reasoner): {warm_s:.1f} s")
-    stages_s = min(stages_one_core(paths, os.path.join(root, f"stages_{run}")) for run in range(runs))
-    log(f"pure stages on one core: {stages_s:.2f} s")
-    baseline_s, curate_s, summaries = [], [], []
-    for run in range(1, runs + 1):
-        start = perf_counter()
-        baseline_frames = baseline_mcap_to_parquet(paths, os.path.join(root, f"baseline_parquet_{run}"))
-        baseline_s.append(perf_counter() - start)
-        seconds, summary = run_curate(landing=os.path.join(root, "landing"), lake=os.path.join(root, f"lake_{run}"),
-                                      reasoner=reasoner)
-        curate_s.append(seconds)
-        summaries.append(summary)
-        log(f"run {run}: baseline {baseline_s[-1]:.2f} s, curate {seconds:.2f} s "
-            f"(kept {summary['kept']}, rejected {summary['rejected']}, rows {summary['rows_added']})")
-    summary = summaries[-1]
+def _written(summary: dict) -> int:
     written = int(summary["rows_added"]["frames"])
     if written == 0:
         raise RuntimeError(f"curate wrote no frames: {summary.get('rejects')}")
-    baseline_fps, curate_fps = baseline_frames / min(baseline_s), written / min(curate_s)
+    return written
+
+
+def bench_pipelines(root: str, fleet: Fleet, *, runs: int, max_side: int, reasoner: str) -> dict[str, Any]:
+    """Part 1 and the timed runs' memory: script, curate and decode-only, ``runs`` times, interleaved."""
+    landing = os.path.join(root, "landing")
+    script: dict[str, list[float]] = {"mcap": [], "lerobot": []}
+    decode: dict[str, list[float]] = {"mcap": [], "lerobot": []}
+    curate_s, peaks, counts = [], [], {}
+    for run in range(1, runs + 1):
+        out = os.path.join(root, f"script_{run}")
+        for fmt, script_fn in (("mcap", baselines.script_mcap), ("lerobot", baselines.script_lerobot)):
+            counts[f"script_{fmt}"], s = _timed(partial(script_fn, getattr(fleet, fmt), out, max_side=max_side))
+            script[fmt].append(s)
+        shutil.rmtree(out)
+        seconds, summary, peak = run_curate(landing=landing, lake=os.path.join(root, f"lake_{run}"),
+                                            max_side=max_side, reasoner=reasoner)
+        curate_s.append(seconds)
+        peaks.append(peak)
+        with baselines.one_core():
+            for fmt, decode_fn in (("mcap", baselines.decode_mcap), ("lerobot", baselines.decode_lerobot)):
+                counts[f"decode_{fmt}"], s = _timed(partial(decode_fn, getattr(fleet, fmt), max_side=max_side))
+                decode[fmt].append(s)
+        log(f"run {run}: script {script['mcap'][-1] + script['lerobot'][-1]:.2f} s, curate {seconds:.2f} s "
+            f"(kept {summary['kept']}, rejected {summary['rejected']}, rows {summary['rows_added']}, "
+            f"peak RSS {peak['peak_rss_mb']:.0f} MB), decode-only {decode['mcap'][-1] + decode['lerobot'][-1]:.2f} s")
+        if summary["rejects"]:
+            log(f"  rejects: {summary['rejects'][:4]}")
+        if run < runs:
+            shutil.rmtree(os.path.join(root, f"lake_{run}"))
+    frames = fleet.count(fleet.mcap + fleet.lerobot)
+    for name, n in counts.items():
+        fmt = name.split("_")[1]
+        if n != fleet.count(getattr(fleet, fmt)):
+            raise RuntimeError(f"{name} handled {n} frames, the {fmt} logs hold {fleet.count(getattr(fleet, fmt))}")
+    script_total = [a + b for a, b in zip(script["mcap"], script["lerobot"], strict=True)]
+    decode_total = [a + b for a, b in zip(decode["mcap"], decode["lerobot"], strict=True)]
+    written = _written(summary)
+    cores = os.cpu_count() or 1
+    curate_fps, script_fps, decode_fps = written / min(curate_s), frames / min(script_total), frames / min(decode_total)
+    peak = max(peaks, key=lambda p: p["peak_rss_mb"])  # the run of the largest sum, the largest worker of any
+    peak |= {k: v for k, v in max(peaks, key=lambda p: p["peak_worker_rss_mb"]).items() if "peak_worker_" in k}
     return {
-        "baseline_fps": baseline_fps, "curate_fps": curate_fps, "curate_ratio": curate_fps / baseline_fps,
-        "baseline_seconds": min(baseline_s), "curate_seconds": min(curate_s),
-        "baseline_runs_s": baseline_s, "curate_runs_s": curate_s,
-        "timing": f"best of {runs} runs each, interleaved baseline/curate/baseline/curate/...",
-        "frames_written": written, "baseline_frames": baseline_frames,
-        "kept": summary["kept"], "rejected": summary["rejected"], "seen": summary["seen"],
-        "mcap_bytes": sum(os.path.getsize(p) for p in paths), "first_curate_s": warm_s,
-        "first_curate_reasoner": (warm["clips"].get("describer") or {}).get("source", ""),
-        "stages_one_core_fps": baseline_frames / stages_s,
-        "curate_ratio_bound": (os.cpu_count() or 1) * min(baseline_s) / stages_s,
-        "clips_written": int(summary["rows_added"]["clips"]),
-        "lake": os.path.join(root, f"lake_{runs}"),  # the last run's lake: part 2 samples it
+        "curate_fps": curate_fps, "script_fps": script_fps, "decode_only_fps": decode_fps,
+        "curate_ratio": curate_fps / script_fps, "decode_bound_fraction": curate_fps / (cores * decode_fps),
+        "curate_seconds": min(curate_s), "script_seconds": min(script_total), "decode_only_seconds": min(decode_total),
+        "curate_runs_s": curate_s, "script_runs_s": script_total, "decode_only_runs_s": decode_total,
+        **{f"script_fps_{f}": fleet.count(getattr(fleet, f)) / min(s) for f, s in script.items()},
+        **{f"decode_only_fps_{f}": fleet.count(getattr(fleet, f)) / min(s) for f, s in decode.items()},
+        "timing": f"best of {runs} runs each, interleaved script/curate/decode-only",
+        "frames_written": written, "kept": summary["kept"], "rejected": summary["rejected"],
+        "seen": summary["seen"], "rejects": summary["rejects"], "clips_written": int(summary["rows_added"]["clips"]),
+        **peak, "peak_rss_mb_runs": [p["peak_rss_mb"] for p in peaks],
+        "frames_uri": _context(os.path.join(root, f"lake_{runs}"), landing).lake.table_uri("frames"),
     }
 
 
-def _champion_reasoner(lake: str) -> str:
-    """The artifact URI of the reasoner the first curate of ``lake`` trained."""
-    from flows.describe import REASONER
-    from stages.registry import Registry
+def bench_formats(root: str, fleet: Fleet, *, max_side: int, reasoner: str) -> dict[str, Any]:
+    """One curate of each format's folder alone: frames/s and the largest worker's RSS."""
+    out = {}
+    for fmt in ("mcap", "lerobot"):
+        seconds, summary, peak = run_curate(landing=os.path.join(root, "landing", fmt),
+                                            lake=os.path.join(root, f"lake_{fmt}"), max_side=max_side,
+                                            reasoner=reasoner)
+        out |= {f"curate_fps_{fmt}": _written(summary) / seconds, f"curate_seconds_{fmt}": seconds,
+                f"peak_rss_mb_{fmt}": peak["peak_rss_mb"], f"peak_worker_rss_mb_{fmt}": peak["peak_worker_rss_mb"],
+                f"peak_worker_title_{fmt}": peak["peak_worker_title"]}
+        log(f"{fmt} alone: {seconds:.2f} s, {_written(summary)} frames, peak RSS {peak['peak_rss_mb']:.0f} MB "
+            f"(largest worker {peak['peak_worker_rss_mb']:.0f} MB)")
+        shutil.rmtree(os.path.join(root, f"lake_{fmt}"))
+    return out
 
-    champion = Registry(lake).get(REASONER, alias="champion")
-    if champion is None:
-        raise RuntimeError(f"the first curate of {lake} trained no reasoner")
-    return champion.artifact_uri
+
+def bench_scale(root: str, pools: FramePools, *, seconds: float, scale: int, max_side: int,
+                reasoner: str) -> dict[str, Any]:
+    """One MCAP log ``scale`` times as long as the others, curated alone: its peak memory."""
+    landing = os.path.join(root, "landing_scale")
+    os.makedirs(landing)
+    path = os.path.join(landing, "arm_long.mcap")
+    frames = write_mcap(path, seconds=seconds * scale, jpegs=pools.jpegs, seed=999)
+    wall, summary, peak = run_curate(landing=landing, lake=os.path.join(root, "lake_scale"), max_side=max_side,
+                                     reasoner=reasoner)
+    log(f"one {scale}x log ({frames} frames, {os.path.getsize(path) / MB:.0f} MB): {wall:.2f} s, peak RSS "
+        f"{peak['peak_rss_mb']:.0f} MB (largest worker {peak['peak_worker_rss_mb']:.0f} MB)")
+    shutil.rmtree(os.path.join(root, "lake_scale"))
+    return {"scale": scale, "scale_frames": frames, "scale_mcap_mb": os.path.getsize(path) / MB,
+            "scale_frames_written": _written(summary), "curate_fps_scale": _written(summary) / wall,
+            "peak_rss_mb_scale": peak["peak_rss_mb"], "peak_worker_rss_mb_scale": peak["peak_worker_rss_mb"],
+            "peak_worker_title_scale": peak["peak_worker_title"]}
 
 
 def configure_env(root: str) -> None:
@@ -394,53 +300,99 @@ def configure_env(root: str) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def _table(figures: dict[str, Any]) -> str:
-    rows = [("frames (episodes x frames, 64x64)", f"{figures['frames']} ({figures['episodes']} x "
-                                                  f"{figures['frames_per_episode']})"),
-            ("baseline_fps (MCAP -> Parquet script)", f"{figures['baseline_fps']:.0f}"),
-            ("curate_fps (curate_flow)", f"{figures['curate_fps']:.0f}"),
-            ("curate_ratio (target >= 3)", f"{figures['curate_ratio']:.2f}"),
-            ("pure stages, one core, no Ray/Prefect (frames/s)", f"{figures['stages_one_core_fps']:.0f}"),
-            (f"ratio bound: {figures['cpu_count']} cores x pure stages / baseline",
-             f"{figures['curate_ratio_bound']:.2f}"),
-            ("first curate of an empty lake (trains the reasoner), s", f"{figures['first_curate_s']:.1f}"),
-            *([("lance samples/s (HistorySampler)", f"{figures['lance_samples_per_s']:.0f}"),
-               (f"parquet samples/s ({figures['parquet_method']})", f"{figures['parquet_samples_per_s']:.0f}"),
-               ("sample_ratio (target >= 10)", f"{figures['sample_ratio']:.1f}")] if "sample_ratio" in figures else []),
-            ("machine", f"{figures['cpu_count']} CPUs, {figures['platform']}, "
-                        f"load {figures['loadavg_1m']:.1f}")]
+def _row_of(figures: dict[str, Any], key: str, label: str, fmt: str = "{:.0f}") -> list[tuple[str, str]]:
+    return [(label, fmt.format(figures[key]))] if key in figures else []
+
+
+def _table(f: dict[str, Any]) -> str:
+    frames = f"{f['frames']} ({f['frames_mcap']} + {f['frames_lerobot']}), target longer side {f['max_side']}"
+    rows = [("frames (MCAP + LeRobot)", frames),
+            ("curate_fps (curate_flow)", f"{f['curate_fps']:.0f}"),
+            ("script_fps (single-process script)", f"{f['script_fps']:.0f}"),
+            ("decode_only_fps (one core)", f"{f['decode_only_fps']:.0f}"),
+            ("curate_ratio (target >= 1.8)", f"{f['curate_ratio']:.2f}"),
+            (f"decode_bound_fraction ({f['cpu_count']} cores, target >= 0.9)", f"{f['decode_bound_fraction']:.2f}"),
+            *_row_of(f, "curate_fps_mcap", "curate_fps, MCAP folder alone"),
+            *_row_of(f, "curate_fps_lerobot", "curate_fps, LeRobot folder alone"),
+            ("peak_rss_mb (driver + Ray workers)", f"{f['peak_rss_mb']:.0f}"),
+            ("peak_worker_rss_mb (largest worker)", f"{f['peak_worker_rss_mb']:.0f}"),
+            *_row_of(f, "peak_worker_rss_mb_mcap", "largest worker, MCAP folder (one log at a time)"),
+            *_row_of(f, "peak_worker_rss_mb_scale", f"largest worker, one {f.get('scale')}x MCAP log"),
+            ("first curate of an empty lake (trains the reasoner), s", f"{f['first_curate_s']:.1f}"),
+            *_row_of(f, "sample_ratio", "sample_ratio (Lance / Parquet, target >= 10)", "{:.1f}"),
+            *_row_of(f, "lance_samples_per_s", "lance samples/s (HistorySampler)"),
+            *_row_of(f, "no_prefetch_wait_ms", "consumer wait per batch, no prefetch, ms", "{:.1f}"),
+            *_row_of(f, "prefetch_wait_ms", "prefetch_wait_ms (step as long as a batch)", "{:.1f}"),
+            ("machine", f"{f['cpu_count']} CPUs, {f['platform']}, load {f['loadavg_1m']:.1f}, "
+                        f"commit {f['git_commit'][:12]}")]
     return "\n".join(["| figure | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--episodes", type=int, default=16)
-    parser.add_argument("--frames", type=int, default=500, help="frames per episode")
-    parser.add_argument("--batches", type=int, default=30, help="timed sampler batches")
-    parser.add_argument("--batch", type=int, default=128, help="sampler batch size")
+    parser.add_argument("--mcap-logs", type=int, default=4)
+    parser.add_argument("--mcap-seconds", type=float, default=20.0)
+    parser.add_argument("--lerobot-sets", type=int, default=2, help="LeRobot v3.0 datasets")
+    parser.add_argument("--lerobot-episodes", type=int, default=2, help="episodes per dataset")
+    parser.add_argument("--lerobot-seconds", type=float, default=20.0, help="seconds per episode")
+    parser.add_argument("--max-side", type=int, default=320, help="target longer side of every pipeline")
+    parser.add_argument("--scale", type=int, default=4, help="the long log is this many MCAP logs long; 0 skips it")
+    parser.add_argument("--runs", type=int, default=3, help="timed runs of each pipeline (the best counts)")
+    parser.add_argument("--no-per-format", action="store_true", help="skip the curate of each format alone")
+    parser.add_argument("--no-sampler", action="store_true", help="skip part 3")
+    parser.add_argument("--batches", type=int, default=30, help="timed Lance and prefetch batches")
+    parser.add_argument("--parquet-batches", type=int, default=5, help="timed Parquet batches per method")
+    parser.add_argument("--batch", type=int, default=64, help="sampler batch size")
     parser.add_argument("--history", type=int, default=3)
+    parser.add_argument("--sample-size", type=int, default=0, help="square side the sampler resizes to; 0: as curated")
+    parser.add_argument("--step-ms", type=float, default=None, help="simulated training step (default: a Lance batch)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-sampler", action="store_true",
-                        help="skip part 2 (at 64,000 frames its Parquet side reads a 786 MB row group per batch)")
-    parser.add_argument("--runs", type=int, default=3, help="timed runs of baseline, curate and pure stages (best counts)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary data")
     args = parser.parse_args(argv)
     root = tempfile.mkdtemp(prefix="worldloop-bench-curate-")
     configure_env(root)
-    figures: dict[str, Any] = {
-        "frames": args.episodes * args.frames, "episodes": args.episodes,
-        "frames_per_episode": args.frames, "batch": args.batch, "history": args.history,
-        "batches": args.batches, "cpu_count": os.cpu_count(), "platform": platform.platform(),
-        "python": platform.python_version(), "loadavg_1m": os.getloadavg()[0]}
-    try:
-        figures |= bench_curate(root, episodes=args.episodes, frames=args.frames, seed=args.seed, runs=args.runs)
-        from stages.lake import Lake
+    from stages.registry import git_commit
 
+    figures: dict[str, Any] = {
+        "max_side": args.max_side, "mcap_logs": args.mcap_logs, "mcap_seconds": args.mcap_seconds,
+        "lerobot_sets": args.lerobot_sets, "lerobot_episodes": args.lerobot_episodes,
+        "lerobot_seconds": args.lerobot_seconds, "runs": args.runs, "batch": args.batch, "history": args.history,
+        "cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+        "loadavg_1m": os.getloadavg()[0], "git_commit": git_commit() or "unknown"}
+    try:
+        start = perf_counter()
+        pools = FramePools(seed=args.seed)
+        fleet = write_fleet(os.path.join(root, "landing"), pools, mcap_logs=args.mcap_logs,
+                            mcap_seconds=args.mcap_seconds, lerobot_sets=args.lerobot_sets,
+                            lerobot_episodes=args.lerobot_episodes, lerobot_seconds=args.lerobot_seconds,
+                            seed=args.seed)
+        figures |= {"frames": fleet.count(fleet.mcap + fleet.lerobot), "frames_mcap": fleet.count(fleet.mcap),
+                    "frames_lerobot": fleet.count(fleet.lerobot),
+                    "mcap_mb": sum(os.path.getsize(p) for p in fleet.mcap) / MB,
+                    "mean_jpeg_kb": sum(map(len, pools.jpegs)) / len(pools.jpegs) / 1024}
+        log(f"wrote {figures['frames']} frames ({figures['frames_mcap']} MCAP, {figures['frames_lerobot']} LeRobot) "
+            f"in {perf_counter() - start:.1f} s")
+        from flows.runtime import ensure_ray
+
+        ensure_ray()
+        reasoner, figures["first_curate_s"], figures["first_curate_reasoner"] = warm_up(
+            root, seed=args.seed, max_side=args.max_side)
+        log(f"warm-up curate (trains the reasoner): {figures['first_curate_s']:.1f} s")
+        figures |= bench_pipelines(root, fleet, runs=args.runs, max_side=args.max_side, reasoner=reasoner)
+        if not args.no_per_format:
+            figures |= bench_formats(root, fleet, max_side=args.max_side, reasoner=reasoner)
+        if args.scale:
+            figures |= bench_scale(root, pools, seconds=args.mcap_seconds, scale=args.scale,
+                                   max_side=args.max_side, reasoner=reasoner)
+        frames_uri = figures.pop("frames_uri")
         if not args.no_sampler:
-            figures |= bench_sampler(Lake(figures["lake"]).table_uri("frames"),
-                                     os.path.join(root, "frames.parquet"), batches=args.batches,
-                                     batch_size=args.batch, history=args.history, seed=args.seed)
-        figures.pop("lake")
+            from benchmarks.bench_sampler import bench_sampler
+
+            log("sampling the frames table")
+            figures |= bench_sampler(frames_uri, os.path.join(root, "frames.parquet"), batches=args.batches,
+                                     parquet_batches=args.parquet_batches, batch_size=args.batch,
+                                     history=args.history, size=args.sample_size or None, step_ms=args.step_ms,
+                                     seed=args.seed)
     finally:
         import ray
 

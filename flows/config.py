@@ -79,6 +79,7 @@ class TrainConfig:
     oversample_events: bool = True  # policy windows drawn by clip weight (stages.sampler.window_weights)
     duplicate_weight: float = 0.0  # weight of windows only near-duplicate clips cover
     warm_start: bool = True  # start from the registry's latest version when there is one
+    prefetch: int = 2  # batches a background thread makes ahead of each training step (0: none)
 
 
 @dataclass(frozen=True)

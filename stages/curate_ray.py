@@ -22,6 +22,7 @@ import json
 import logging
 import tarfile
 import tempfile
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -219,9 +220,11 @@ def ingest_and_judge(units: list[dict], *, storage_options: dict | None, params:
     items = [{"units": json.dumps([[i, units[i]] for i in b])} for b in bins]
     kwargs = {"storage_options": storage_options, "params": params, "known": frozenset(known), "lake": lake,
               "judge_params": judge_params}
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        batch_fn, batch_size=None, batch_format="pyarrow", num_cpus=INGEST_CPUS, max_retries=1,
-        compute=ray.data.TaskPoolStrategy(size=min(len(items), max(1, parallelism))), fn_kwargs=kwargs)
+    with warnings.catch_warnings():  # Ray 2.60 names no max_retries and warns that the generic form will go
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            batch_fn, batch_size=None, batch_format="pyarrow", num_cpus=INGEST_CPUS, max_retries=1,
+            compute=ray.data.TaskPoolStrategy(size=min(len(items), max(1, parallelism))), fn_kwargs=kwargs)
     try:
         rows = ds.take_all()
     except Exception as err:  # a worker died twice: find the unit that kills it

@@ -44,15 +44,20 @@ def _segment_medians(values: np.ndarray, segment: np.ndarray, count: int) -> np.
     return np.where(sizes > 0, (ordered[lo] + ordered[hi]) / 2, np.nan)
 
 
-_CHUNK = 64  # rows per NumPy pass: a chunk's temporaries stay in cache (2-3x faster than one pass)
+_CHUNK_BYTES = 256 << 10  # pixels per NumPy pass: a pass's temporaries stay in cache (2-3x faster than one pass)
+
+
+def _rows_per_pass(pixels: np.ndarray) -> int:
+    return max(1, _CHUNK_BYTES // max(1, pixels.shape[1]))
 
 
 def _mean_abs_step_diff(pixels: np.ndarray) -> np.ndarray:
     """float32[B]: mean |row i - row i-1| over all values of uint8 rows; 0 for row 0."""
     out = np.zeros(len(pixels), np.float32)
     wide = np.uint32 if 255 * pixels.shape[1] < 2**32 else np.uint64  # the sum cannot overflow
-    for i in range(1, len(pixels), _CHUNK):
-        a = pixels[i:i + _CHUNK]
+    step = _rows_per_pass(pixels)
+    for i in range(1, len(pixels), step):
+        a = pixels[i:i + step]
         b = pixels[i - 1:i - 1 + len(a)]
         out[i:i + len(a)] = (np.maximum(a, b) - np.minimum(a, b)).sum(axis=1, dtype=wide)
     return out / np.float32(max(1, pixels.shape[1]))
@@ -63,8 +68,9 @@ def _mean_luma(pixels: np.ndarray) -> np.ndarray:
     matrix-vector products with the weights tiled over the row."""
     weights = np.tile(_LUMA, pixels.shape[1] // 3) / np.float32(pixels.shape[1] // 3)
     out = np.empty(len(pixels), np.float32)
-    for i in range(0, len(pixels), _CHUNK):
-        out[i:i + _CHUNK] = pixels[i:i + _CHUNK].astype(np.float32) @ weights
+    step = _rows_per_pass(pixels)
+    for i in range(0, len(pixels), step):
+        out[i:i + step] = pixels[i:i + step].astype(np.float32) @ weights
     return out
 
 

@@ -8,6 +8,7 @@ Resources are declared here: `num_workers`, `cpus_per_worker`, `use_gpu`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import tempfile
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from stages.prefetch import Prefetcher
 from stages.sampler import HistorySampler
 
 # each ray.train.report waits for the controller's next poll (about 2 s on Ray Train v2, measured):
@@ -99,35 +101,41 @@ def train_loop(cfg: dict[str, Any]) -> None:
     opt = torch.optim.AdamW(wrapped.parameters(), lr=hp["lr"], weight_decay=hp.get("weight_decay", 0.0))
     steps, per_worker = cfg["steps"], max(1, hp["batch_size"] // world)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp["lr"], total_steps=steps, pct_start=0.1)
+    def draw() -> dict[str, Any]:
+        return sampler.batch(per_worker, synthetic_fraction=cfg["synthetic_fraction"])
+    # one thread draws the batches in the order the loop would (the same batches), each while the
+    # step before it runs: Lance takes and frame decoding release the GIL
+    batches = Prefetcher(draw, depth=cfg["prefetch"], count=steps) if cfg["prefetch"] else \
+        (draw() for _ in range(steps))
     report_every, start, running = max(REPORT_MIN_STEPS, steps // 10), time.perf_counter(), []
-    for step in range(steps):
-        batch = _to_torch(sampler.batch(per_worker, synthetic_fraction=cfg["synthetic_fraction"]), device)
-        loss = wrapped(batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(wrapped.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        running.append(float(loss.detach()))
-        last = step == steps - 1
-        if (step + 1) % report_every and not last:
-            continue
-        elapsed = time.perf_counter() - start
-        metrics = {"step": step + 1, "loss": sum(running) / len(running),
-                   "samples_per_s": (step + 1) * per_worker * world / elapsed, "wall_s": elapsed}
-        if sampler.event_share is not None:
-            metrics.update(event_share=sampler.event_share, event_share_natural=sampler.event_share_natural)
-        running = []
-        if not last:
-            ray.train.report(metrics)
-            continue
-        metrics["val_loss"] = _validate(model, cfg, device) if rank == 0 else None
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if rank == 0:
-                _model_module(cfg["kind"]).save(model, tmp)
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint)
+    with contextlib.closing(batches):
+        for step, drawn in enumerate(batches):
+            loss = wrapped(_to_torch(drawn, device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(wrapped.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            running.append(float(loss.detach()))
+            last = step == steps - 1
+            if (step + 1) % report_every and not last:
+                continue
+            elapsed = time.perf_counter() - start
+            metrics = {"step": step + 1, "loss": sum(running) / len(running),
+                       "samples_per_s": (step + 1) * per_worker * world / elapsed, "wall_s": elapsed}
+            if sampler.event_share is not None:
+                metrics.update(event_share=sampler.event_share, event_share_natural=sampler.event_share_natural)
+            running = []
+            if not last:
+                ray.train.report(metrics)
+                continue
+            metrics["val_loss"] = _validate(model, cfg, device) if rank == 0 else None
+            with tempfile.TemporaryDirectory() as tmp:
+                checkpoint = None
+                if rank == 0:
+                    _model_module(cfg["kind"]).save(model, tmp)
+                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                ray.train.report(metrics, checkpoint=checkpoint)
 
 
 @torch.no_grad()
@@ -155,7 +163,7 @@ def train_model(kind: str, *, frames_uri: str, model_config, storage_path: str, 
                 use_gpu: bool = False, synthetic_fraction: float | None = None, init_dir: str | None = None,
                 filter: str | None = None, seed: int = 0, run_name: str | None = None,
                 clips_uri: str | None = None, duplicate_weight: float = 0.0,
-                state_index: list[int] | None = None, world: str = "") -> dict:
+                state_index: list[int] | None = None, world: str = "", prefetch: int = 2) -> dict:
     """Train `kind` on the frames table with a TorchTrainer; returns metrics and the checkpoint dir.
 
     With ``clips_uri`` training windows are drawn by the clips' weights (event clips oversampled,
@@ -163,6 +171,7 @@ def train_model(kind: str, *, frames_uri: str, model_config, storage_path: str, 
     always samples uniformly. ``state_index``: the columns of the frames' ``state`` the policy reads
     (the world's ``policy_state``). ``world``: only rows of that world (a lake's frames table also
     holds the foreign logs curated into it); frames are resized to the model's ``image_size``.
+    ``prefetch``: batches a background thread makes ahead of the step that will use them.
     """
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -176,7 +185,7 @@ def train_model(kind: str, *, frames_uri: str, model_config, storage_path: str, 
         "synthetic_fraction": synthetic_fraction, "init_dir": init_dir, "filter": filter,
         "seed": seed, "require_next": require_next, "threads": max(1, int(cpus_per_worker)),
         "clips_uri": clips_uri, "duplicate_weight": duplicate_weight, "state_index": list(state_index or []),
-        "world": world,
+        "world": world, "prefetch": int(prefetch),
     }
     trainer = TorchTrainer(
         train_loop, train_loop_config=loop_config,
