@@ -77,9 +77,22 @@ class Collector:
         self._names: dict[str, tuple[str, ...]] = {}
         self._task: str | None = None
 
-    def add_parsed(self, topic: str, stamp: int, payload: np.ndarray) -> None:
-        """Add a frame (camera topic: RGB) or signal values (other topics: float32[D])."""
-        self.add_batch(topic, np.asarray([stamp], np.int64), payload[None])
+    def add_parsed(self, topic: str, stamp: int, payload: np.ndarray | tuple[str, bytes]) -> None:
+        """Add a frame (camera topic: RGB, or a compressed image's (format, bytes)) or signal
+        values (other topics: float32[D])."""
+        if isinstance(payload, tuple):
+            self._compressed(topic, stamp, *payload)
+        else:
+            self.add_batch(topic, np.asarray([stamp], np.int64), payload[None])
+
+    def _compressed(self, topic: str, stamp: int, fmt: str, data: bytes) -> None:
+        """A compressed frame, kept compressed: only its header is read (and checked) now."""
+        size = compressed_size(fmt, data)
+        self._frame_t[topic].append(np.asarray([stamp], np.int64))
+        pieces = self._frames[topic]
+        if not pieces or not isinstance(pieces[-1], list):
+            pieces.append([])
+        pieces[-1].append((fmt, data, size))
 
     def add_batch(self, topic: str, stamps: np.ndarray, payloads: np.ndarray) -> None:
         """Add frames [n,H,W,3] or signal values [n,D] with their stamps int64[n], in order."""
@@ -107,12 +120,7 @@ class Collector:
             if self._task is None:
                 self._task = task_text(msg)
         elif role == "camera" and not hasattr(msg, "encoding") and hasattr(msg, "format"):
-            self._frame_t[topic].append(np.asarray([stamp_ns(msg, log_time)], np.int64))
-            size = compressed_size(str(msg.format), msg.data)
-            pieces = self._frames[topic]
-            if not pieces or not isinstance(pieces[-1], list):
-                pieces.append([])
-            pieces[-1].append((str(msg.format), bytes(msg.data), size))
+            self._compressed(topic, stamp_ns(msg, log_time), str(msg.format), bytes(msg.data))
         elif role == "camera":
             self.add_parsed(topic, stamp_ns(msg, log_time), image_to_rgb(msg))
         else:

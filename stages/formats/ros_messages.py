@@ -281,8 +281,53 @@ class CdrSignal:
         return log_times, values.reshape(len(rows), count)
 
 
-CdrParser = CdrImage | CdrSignal
-CDR_SIGNALS: dict[str, CdrSignal] = {
+class CdrJointState:
+    """(header stamp ns, ``position`` float32[D]) of a ``sensor_msgs/msg/JointState`` in
+    little-endian CDR: stamp sec int32, nanosec uint32, frame_id (string), name (uint32 count,
+    strings, each 4-aligned), position (uint32 count, float64 8-aligned), then velocity and
+    effort (not read)."""
+
+    @staticmethod
+    def _locate(data: bytes | memoryview) -> tuple[int, int]:
+        """Byte offset and count of the positions."""
+        (n,) = _U32.unpack_from(data, 12)
+        pos = _align(12 + n, 4)
+        (names,) = _U32.unpack_from(data, 4 + pos)
+        pos += 4
+        for _ in range(names):
+            (n,) = _U32.unpack_from(data, 4 + pos)
+            pos = _align(pos + 4 + n, 4)
+        (count,) = _U32.unpack_from(data, 4 + pos)
+        return 4 + _align(pos + 4, 8), count
+
+    def __call__(self, data: bytes | memoryview, log_time: int) -> tuple[int, np.ndarray]:
+        try:
+            sec, nanosec, _ = _CDR_HEAD.unpack_from(data, 4)
+            start, count = self._locate(data)
+            values = np.frombuffer(data, "<f8", count, start).astype(np.float32)
+        except (struct.error, ValueError) as exc:
+            raise LogError("bad_message", f"CDR joint state: {exc}") from exc
+        return (sec * 1_000_000_000 + nanosec) or int(log_time), values
+
+    def batch(self, rows: np.ndarray, log_times: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """Stamps int64[N] and positions float32[N, D] of N messages (uint8[N, L]) that share every
+        byte but the stamp up to the positions; None when they do not."""
+        try:
+            start, count = self._locate(rows[0].tobytes())
+        except struct.error as exc:
+            raise LogError("bad_message", f"CDR joint state: {exc}") from exc
+        end = start + 8 * count
+        if end > rows.shape[1] or not (_same_bytes(rows, 0, 4) and _same_bytes(rows, 12, start)):
+            return None
+        sec = np.ascontiguousarray(rows[:, 4:8]).view("<i4")[:, 0].astype(np.int64)
+        nanosec = np.ascontiguousarray(rows[:, 8:12]).view("<u4")[:, 0].astype(np.int64)
+        stamps = sec * 1_000_000_000 + nanosec
+        values = np.ascontiguousarray(rows[:, start:end]).view("<f8").astype(np.float32)
+        return np.where(stamps != 0, stamps, log_times), values.reshape(len(rows), count)
+
+
+CDR_SIGNALS: dict[str, CdrSignal | CdrJointState] = {
+    "sensor_msgs/msg/JointState": CdrJointState(),
     "std_msgs/msg/Float32": CdrSignal("<f4", multiarray=False),
     "std_msgs/msg/Float64": CdrSignal("<f8", multiarray=False),
     "std_msgs/msg/Bool": CdrSignal("u1", multiarray=False),
@@ -290,16 +335,50 @@ CDR_SIGNALS: dict[str, CdrSignal] = {
     "std_msgs/msg/Float64MultiArray": CdrSignal("<f8", multiarray=True)}
 
 
+class CdrCompressedImage:
+    """(stamp ns, (format, bytes)) of a ``sensor_msgs/msg/CompressedImage`` in little-endian CDR:
+    the image stays compressed (curation decodes it when it reads the frame, ``stages.frames``).
+
+    Layout after the 4-byte encapsulation header: stamp sec int32, nanosec uint32, frame_id
+    (uint32 length including NUL, bytes), format (string, 4-aligned), data (uint32 length,
+    bytes). A short message is ``bad_message``.
+    """
+
+    def __call__(self, data: bytes | memoryview, log_time: int) -> tuple[int, tuple[str, bytes]]:
+        view = memoryview(data)
+        try:
+            sec, nanosec, n = _CDR_HEAD.unpack_from(view, 4)
+            pos = _align(12 + n, 4)
+            (n,) = _U32.unpack_from(view, 4 + pos)
+            fmt = bytes(view[4 + pos + 4:4 + pos + 4 + n]).rstrip(b"\0").decode("ascii")
+            pos = _align(pos + 4 + n, 4)
+            (size,) = _U32.unpack_from(view, 4 + pos)
+        except (struct.error, UnicodeDecodeError) as exc:
+            raise LogError("bad_message", f"CDR compressed image: {exc}") from exc
+        image = bytes(view[4 + pos + 4:4 + pos + 4 + size])
+        if len(image) != size:
+            raise LogError("bad_message", f"CDR compressed image has {len(image)} of {size} data bytes")
+        return (sec * 1_000_000_000 + nanosec) or int(log_time), (fmt, image)
+
+    def batch(self, rows: np.ndarray, log_times: np.ndarray) -> None:
+        return None  # compressed images differ in length: one at a time
+
+
+CdrParser = CdrImage | CdrCompressedImage | CdrSignal | CdrJointState
+
+
 def cdr_parser(role: str, schema_name: str) -> CdrParser | None:
     """The fast parser for a role's messages of this ROS 2 type in little-endian CDR, if any.
 
-    Called on one message it returns (stamp ns, payload): RGB for the camera (``CdrImage``),
-    float32[D] values for signals (``CdrSignal``); callers check ``data[:2] == CDR_LE`` and
+    Called on one message it returns (stamp ns, payload): RGB for a raw camera (``CdrImage``),
+    (format, bytes) for a compressed one (``CdrCompressedImage``), float32[D] values for signals
+    (``CdrSignal``); callers check ``data[:2] == CDR_LE`` and
     decode other messages generically; both ways give the same result. ``cdr_batch`` runs it
     over all the messages of a channel at once.
     """
     if role == "camera":
-        return CdrImage() if schema_name == "sensor_msgs/msg/Image" else None
+        return {"sensor_msgs/msg/Image": CdrImage(),
+                "sensor_msgs/msg/CompressedImage": CdrCompressedImage()}.get(schema_name)
     return CDR_SIGNALS.get(schema_name) if role in ROLES else None
 
 

@@ -415,9 +415,28 @@ def test_a_channel_of_cdr_images_parses_at_once_as_message_by_message(encoding):
         cdr_batch(parse, [r[:20] for r in raws], log_times)
 
 
+def joint_state(stamp: int, names: list[str], position: np.ndarray):
+    sec, nanosec = divmod(stamp, 1_000_000_000)
+    header = T2["std_msgs/msg/Header"](stamp=T2["builtin_interfaces/msg/Time"](sec=sec, nanosec=nanosec), frame_id="b")
+    return T2["sensor_msgs/msg/JointState"](header=header, name=names, position=np.asarray(position, np.float64),
+                                            velocity=np.zeros(len(position)), effort=np.zeros(0))
+
+
 @pytest.mark.parametrize("name", sorted(CDR_SIGNALS))
 def test_a_channel_of_cdr_signals_parses_at_once_as_message_by_message(name):
     rng = np.random.default_rng(2)
+    if "JointState" in name:  # stamped by its header, a stamp of 0 by the log time
+        msgs = [joint_state(T0 + i * STEP if i != 1 else 0, ["shoulder", "elbow_a"], rng.normal(size=2))
+                for i in range(5)]
+        raws = [bytes(ROS2_TYPES.serialize_cdr(m, name)) for m in msgs]
+        parse = cdr_parser("state", name)
+        stamps, values = cdr_batch(parse, raws, list(range(5)))
+        assert stamps.tolist() == [T0, 1, T0 + 2 * STEP, T0 + 3 * STEP, T0 + 4 * STEP]
+        np.testing.assert_array_equal(values, np.stack([m.position for m in msgs]).astype(np.float32))
+        np.testing.assert_array_equal(values, np.stack([parse(r, 1)[1] for r in raws]))
+        renamed = bytes(ROS2_TYPES.serialize_cdr(joint_state(T0, ["shoulder", "elbow_b"], [0.0, 1.0]), name))
+        assert cdr_batch(parse, raws + [renamed], list(range(6))) is None  # other names: one by one
+        return
     if "MultiArray" in name:
         dtype = np.float64 if "64" in name else np.float32
         layout = T2["std_msgs/msg/MultiArrayLayout"](
@@ -439,6 +458,13 @@ def test_a_channel_of_cdr_signals_parses_at_once_as_message_by_message(name):
 @pytest.mark.parametrize("name", sorted(CDR_SIGNALS))
 def test_cdr_signal_fast_paths_match_the_generic_decoder(name):
     for labels in ([], ["steer"], ["steer,gas,brake"], ["ab", "c"]):
+        if "JointState" in name:
+            msg = joint_state(T0 + 7, labels, np.arange(len(labels)) * 0.3 - 1)
+            raw = bytes(ROS2_TYPES.serialize_cdr(msg, name))
+            stamp, values = cdr_parser("state", name)(raw, 42)
+            assert stamp == stamp_ns(generic(name, raw), 42) == T0 + 7
+            np.testing.assert_array_equal(values, signal_values(generic(name, raw)))
+            continue
         if "MultiArray" in name:
             dims = [T2["std_msgs/msg/MultiArrayDimension"](label=label, size=3, stride=3)
                     for label in labels]
