@@ -71,6 +71,19 @@ def check_bytes(data: bytes, uri: str) -> None:
         raise LogError("truncated", f"{uri} does not end with the MCAP magic")
 
 
+def check_chunks(data: bytes, uri: str) -> None:
+    """``check_bytes``, then every chunk opened with the limits ``_chunk_records`` keeps
+    (declared sizes, bounded decompression, CRC): for MCAP files another library will read
+    (rosbag2's MCAP storage), so no compression bomb reaches it."""
+    check_bytes(data, uri)
+    try:
+        _Contents().walk(memoryview(data)[len(MAGIC):-len(MAGIC)])
+    except LogError:
+        raise
+    except Exception as exc:  # the same failures read_bytes reports as corrupt
+        raise LogError("corrupt", f"{uri}: {type(exc).__name__}: {exc}") from exc
+
+
 def read(unit: dict, *, mapping: Mapping, fetch: Callable[[str], bytes]) -> list[Streams]:
     """One ``Streams`` per camera of each file of the unit (an MCAP unit has one file); rules in
     the module text."""

@@ -14,7 +14,9 @@ Rules:
 * rosbag2: no ``metadata.yaml`` in the unit, unparsable metadata or a listed file missing is
   ``corrupt``; a storage identifier other than ``sqlite3``/``mcap`` is ``unsupported``; storage
   files without bytes are ``empty``; an ``.mcap`` storage file is checked like an MCAP log
-  (``empty``, ``not_mcap``, ``truncated``).
+  (``empty``, ``not_mcap``, ``truncated``) and its chunks opened with the MCAP reader's limits
+  before rosbags sees them (``mcap.check_chunks``: a chunk declaring over 1 GiB is
+  ``too_large``, a zstd or lz4 bomb stops at its declared size and is ``corrupt``).
 * Any other failure inside rosbags (damaged index or database, undecodable types) is
   ``corrupt``; a message rosbags cannot deserialize is ``bad_message``.
 * Types come from the bag's own definitions (ROS 2 Humble or ROS 1 Noetic types when it has
@@ -38,7 +40,7 @@ from rosbags.rosbag1.reader import Header, RecordType
 from rosbags.typesys import Stores, get_typestore
 from ruamel.yaml import YAML
 
-from stages.formats.mcap import check_bytes
+from stages.formats.mcap import check_chunks
 from stages.formats.collect import Collector, pick_topics
 from stages.formats.ros_messages import CDR_LE, cdr_parser
 from stages.streams import LogError, Mapping, Streams
@@ -118,7 +120,7 @@ def _read_rosbag2(unit: dict, mapping: Mapping, fetch: Callable[[str], bytes]) -
         for name in info["files"]:
             data = fetch(by_name[name])
             if name.endswith(".mcap"):
-                check_bytes(data, by_name[name])
+                check_chunks(data, by_name[name])
             (bag / name).write_bytes(data)
             size += len(data)
         if size == 0:

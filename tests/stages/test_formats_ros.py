@@ -641,6 +641,22 @@ def test_chunks_decompress_no_further_than_their_header_says():
         mcap._chunk_records(chunk_body(records, "brotli"))
 
 
+def test_a_rosbag2_mcap_storage_file_is_opened_with_the_mcap_limits(tmp_path):
+    """rosbags would decompress a rosbag2's MCAP chunks without limits: its storage files go
+    through the MCAP reader's chunk checks first, so a chunk declaring over MAX_CHUNK_BYTES is
+    too_large before rosbags reads a byte."""
+    bag = ros_logs.write_rosbag2(episode(), tmp_path / "bag", storage="mcap")
+    store = next(bag.glob("*.mcap"))
+    data = bytearray(store.read_bytes())
+    pos = len(mcap.MAGIC)
+    while data[pos] != 0x06:  # the first chunk record
+        pos += 9 + struct.unpack_from("<Q", data, pos + 1)[0]
+    struct.pack_into("<Q", data, pos + 9 + 16, mcap.MAX_CHUNK_BYTES + 1)  # its declared records size
+    store.write_bytes(bytes(data))
+    with pytest.raises(LogError, match="too_large"):
+        rosbag.read(unit(bag, "rosbag2"), mapping=Mapping(), fetch=fetch)
+
+
 def test_default_names_match_under_any_namespace():
     """A namespaced robot (``/robot1/...``) needs no mapping: the common names match under any
     prefix, after the exact names."""
