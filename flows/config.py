@@ -38,6 +38,7 @@ class CurateConfig:
 
     min_length: int = 1  # steps; shorter spans are rejected (1: a log of a moment is an episode)
     max_log_bytes: int = 4 << 30  # a log (all files of a unit) over this is rejected unread: readers hold it in memory
+    max_episode_frames: int = 1_000_000  # an episode (one camera) of more frames is too_large (9 h at 30 Hz)
     max_image_side: int = 1280  # frames keep their resolution up to this longer side (larger ones shrink to it)
     adopt_undeclared: bool = False  # logs that declare no world are this world's (else: their format and source)
     val_fraction: float = 0.1

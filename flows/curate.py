@@ -63,7 +63,8 @@ def stage_params(config: FlywheelConfig, turn: int) -> dict:
     ``Mapping.from_dict``), ``ingest`` (of ``ingest_unit``) and ``judge`` (of ``judge_spans``)."""
     c, spec = config.curate, config.spec
     return {"mapping": c.mapping, "ingest": {
-        "turn": turn, "max_bytes": c.max_log_bytes, "max_side": c.max_image_side, "world": spec.name,
+        "turn": turn, "max_bytes": c.max_log_bytes, "max_frames": c.max_episode_frames,
+        "max_side": c.max_image_side, "world": spec.name,
         "adopt_undeclared": c.adopt_undeclared, "action_dim": len(spec.actions),
         "state_dim": len(spec.state_names), "signal_names": spec.signals, "min_length": c.min_length,
         "gap_factor": c.gap_factor, "hold_factor": c.hold_factor, "val_fraction": c.val_fraction,

@@ -107,7 +107,7 @@ def log_world(meta: dict[str, str], *, world: str, adopt_undeclared: bool) -> st
 
 
 def ingest_unit(unit: dict, *, fetch: Callable[[str], bytes], mapping: Mapping, turn: int, max_bytes: int,
-                max_side: int, world: str, adopt_undeclared: bool, action_dim: int, state_dim: int,
+                max_frames: int | None = None, max_side: int, world: str, adopt_undeclared: bool, action_dim: int, state_dim: int,
                 signal_names: tuple[str, ...] = (), features: dict | None = None, min_length: int,
                 gap_factor: float, hold_factor: float, val_fraction: float,
                 lineage: dict[str, str]) -> IngestResult:
@@ -123,7 +123,7 @@ def ingest_unit(unit: dict, *, fetch: Callable[[str], bytes], mapping: Mapping, 
     Any other exception while reading the unit, or aligning and tabulating one of its episodes,
     is that unit's (or episode's) reject of reason ``error``, its type and message in the detail:
     one bad log never stops a run. A unit whose listed size is over ``max_bytes`` is rejected
-    unread (``too_large``).
+    unread (``too_large``), so is an episode of more than ``max_frames`` camera frames.
     """
     size = sum(int(f["size"]) for f in unit["files"])
     if size > max_bytes:
@@ -153,6 +153,13 @@ def ingest_unit(unit: dict, *, fetch: Callable[[str], bytes], mapping: Mapping, 
         source_uri = streams.source_uri or unit["uri"]
         episodes_seen += 1
         frames_seen += len(streams.frames)
+        if max_frames is not None and len(streams.frames) > max_frames:
+            rejects.append(reject_row(source_uri, stage="align", reason="too_large", turn=turn,
+                                      detail=f"{len(streams.frames)} frames in one episode, over the limit of "
+                                             f"{max_frames} (curate.max_episode_frames)",
+                                      span=(int(streams.camera_t.min()), int(streams.camera_t.max())),
+                                      frames=len(streams.frames)))
+            continue
         try:
             name = log_world(streams.meta, world=world, adopt_undeclared=adopt_undeclared)
             own = name == world

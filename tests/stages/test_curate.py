@@ -128,6 +128,20 @@ def test_any_exception_reading_a_log_is_its_reject():
     assert (big["stage"], big["reason"]) == ("read", "too_large") and big["detail"].startswith("10 bytes")
 
 
+def test_an_episode_over_the_frame_limit_is_rejected_for_it():
+    episode = make_episode(30)
+    data = episode_to_mcap_bytes(episode)
+    unit = {"uri": "/landing/long.mcap", "format": "mcap",
+            "files": [{"uri": "/landing/long.mcap", "rel": "long.mcap", "size": len(data), "etag": "e"}]}
+    out = ingest_unit(unit, fetch=lambda uri: data, mapping=Mapping(), turn=0, max_bytes=1 << 30, max_frames=20,
+                      max_side=64, world=SPEC.name, adopt_undeclared=False, **DIMS, min_length=1, gap_factor=3.0,
+                      hold_factor=2.0, val_fraction=0.0, lineage={})
+    assert not out.spans and (out.frames_seen, out.episodes_seen) == (30, 1)
+    reject, = out.rejects
+    assert (reject["stage"], reject["reason"], reject["frames"]) == ("align", "too_large", 30)
+    assert "curate.max_episode_frames" in reject["detail"]
+
+
 def test_out_of_order_stamps_are_rejected():
     episode = make_episode(20)
     episode["timestamps_ns"][[5, 6]] = episode["timestamps_ns"][[6, 5]]
