@@ -88,6 +88,16 @@ def _judge(light: pa.Table, pixels: Frames, *, w: Any, lake: Lake, signal_params
     steps, stamps = light.column("step").to_numpy(), light.column("timestamp_ns").to_numpy()
     actions, states = vectors(light.column("action")), vectors(light.column("state"))
     median = float(np.median(np.diff(stamps))) if n > 1 else 0.0
+    # events and clips need no pixels: found first, so each clip's frames are taken from the
+    # chunks as they pass (not decoded again); a failure here counts only if the span is kept
+    span = _span(light, w.spec.signals if own else ())
+    try:
+        found = events.mine_events(span, world=w, config=config, params=thresholds) if own else []
+        clips, failure = events.event_clips(n, found, config=config), None
+    except Exception as err:  # the verdict's reasons come first; see below
+        clips, failure = [], err
+    picks = [describe.clip_indices(n, c["start_step"], c["end_step"], clip_k) for c in clips]
+    wanted, taken = np.unique(np.concatenate(picks)) if picks else np.zeros(0, np.int64), {}
     parts: dict[str, list[np.ndarray]] = {k: [] for k in _SIGNALS}
     fragments: list[str] = []
     previous = None  # the last frame of the chunk before: frozen compares with it
@@ -107,31 +117,30 @@ def _judge(light: pa.Table, pixels: Frames, *, w: Any, lake: Lake, signal_params
             table = with_images(light.slice(a, b - a), chunk)
             table = table.set_column(table.schema.get_field_index("flags"), "flags", flags)
             fragments += lake.write_fragments("frames", table)
+            here = wanted[(wanted >= a) & (wanted < b)]
+            if len(here):
+                small = image_columns.resize(chunk[here - a], image_columns.hw(w.image_size))
+                taken.update(zip(here.tolist(), small))
             previous = chunk[-1]
         verdict, = quality.span_verdicts(
             {"span_id": np.full(n, span_id, object), "action": actions, "state": states,
              **{k: np.concatenate(v) for k, v in parts.items()}},
             **(verdict_params if own else {**verdict_params, "action_low": None, "action_high": None}))
+        if verdict["kept"] and failure is not None:
+            raise failure
     except BaseException:
         lake.discard_fragments("frames", fragments)
         raise
+    sampled = {}
     if not verdict["kept"]:
         lake.discard_fragments("frames", fragments)
-        fragments = []
-    clips, sampled = [], {}
-    if verdict["kept"]:
-        span = _span(light, w.spec.signals if own else ())
-        found = events.mine_events(span, world=w, config=config, params=thresholds) if own else []
-        clips = events.event_clips(n, found, config=config)
-        if clips:
-            size = image_columns.hw(w.image_size)
-            sampled["clip_frames"] = np.stack([
-                np.asarray(pixels.take(describe.clip_indices(n, c["start_step"], c["end_step"], clip_k)).resized(size))
-                for c in clips])
-        for c in clips if own else ():
-            c["label_tags"] = w.privileged_tags(
-                span["states"][c["start_step"]:], {k: v[c["start_step"]:] for k, v in span["signals"].items()},
-                clip_len=c["end_step"] - c["start_step"])
+        fragments, clips = [], []
+    elif clips:
+        sampled["clip_frames"] = np.stack([np.stack([taken[i] for i in idx.tolist()]) for idx in picks])
+    for c in clips if own else ():
+        c["label_tags"] = w.privileged_tags(
+            span["states"][c["start_step"]:], {k: v[c["start_step"]:] for k, v in span["signals"].items()},
+            clip_len=c["end_step"] - c["start_step"])
     return SpanVerdict(span_id=span_id, kept=bool(verdict["kept"]), reasons=tuple(verdict["reasons"]),
                        detail=verdict["detail"], counts=verdict["counts"], frames=n, fragments=tuple(fragments),
                        clips=tuple(clips), **sampled)

@@ -218,9 +218,11 @@ def _video_frames(data: bytes, times_s: np.ndarray, *, fps: float, what: str) ->
 
 
 def _decode_video(data: bytes, times_s: np.ndarray, *, fps: float, what: str) -> np.ndarray:
-    """The frame of each time (seconds in the video): nearest pts within half a period."""
+    """The frame of each time (seconds in the video): nearest pts within half a period. Only
+    frames within half a period of some time are converted to RGB (a clip's few frames are)."""
     half = 0.5 / fps
     lo, hi = float(times_s.min()) - half, float(times_s.max()) + half
+    wanted = np.sort(times_s)
     got_t: list[float] = []
     got_frames: list[np.ndarray] = []
     with _parsing(what):
@@ -233,8 +235,8 @@ def _decode_video(data: bytes, times_s: np.ndarray, *, fps: float, what: str) ->
                     raise LogError("corrupt", f"{what}: a frame without a timestamp")
                 if frame.time > hi:
                     break
-                if frame.time >= lo:
-                    got_t.append(frame.time)
+                if frame.time >= lo and _nearest(wanted, np.asarray([frame.time]))[1][0] <= half + 1e-9:
+                    got_t.append(frame.time)  # a frame some row may take: to RGB while it is in cache
                     got_frames.append(frame.to_ndarray(format="rgb24"))
     if not got_t:
         raise LogError("inconsistent_lengths", f"{what}: no frame in [{lo:.3f}, {hi:.3f}] s")
