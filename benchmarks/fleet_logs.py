@@ -38,6 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from mcap_ros2.writer import Writer
 from PIL import Image
+from rosbags.typesys import Stores, get_typestore
 
 os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1 prints a banner per encoder otherwise
 
@@ -49,31 +50,7 @@ LEROBOT_CAMERA = "observation.images.wrist"
 LEROBOT_JOINTS = ("shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper")
 LEROBOT_FPS = 30
 START_NS = 1_735_000_000_000_000_000  # a recent wall clock, as ROS stamps are
-_SEP = "=" * 80
-_HEADER = f"""{_SEP}
-MSG: std_msgs/Header
-builtin_interfaces/Time stamp
-string frame_id
-{_SEP}
-MSG: builtin_interfaces/Time
-int32 sec
-uint32 nanosec
-"""  # the definitions a message with a std_msgs/Header brings
-COMPRESSED_IMAGE_MSG = f"std_msgs/Header header\nstring format\nuint8[] data\n{_HEADER}"
-JOINT_STATE_MSG = ("std_msgs/Header header\nstring[] name\nfloat64[] position\nfloat64[] velocity\n"
-                   f"float64[] effort\n{_HEADER}")
-FLOAT64_MULTI_ARRAY_MSG = f"""std_msgs/MultiArrayLayout layout
-float64[] data
-{_SEP}
-MSG: std_msgs/MultiArrayLayout
-std_msgs/MultiArrayDimension[] dim
-uint32 data_offset
-{_SEP}
-MSG: std_msgs/MultiArrayDimension
-string label
-uint32 size
-uint32 stride
-"""
+ROS2 = get_typestore(Stores.ROS2_HUMBLE)  # the message definitions the MCAP's schemas carry
 
 
 def scene_frames(count: int, height: int, width: int, *, seed: int) -> np.ndarray:
@@ -143,9 +120,9 @@ def write_mcap(path: str, *, seconds: float, jpegs: list[bytes], seed: int) -> i
     layout = {"dim": [{"label": "joints", "size": len(ARM_JOINTS), "stride": len(ARM_JOINTS)}], "data_offset": 0}
     with open(path, "wb") as stream:
         writer = Writer(stream)
-        image_s = writer.register_msgdef("sensor_msgs/msg/CompressedImage", COMPRESSED_IMAGE_MSG)
-        state_s = writer.register_msgdef("sensor_msgs/msg/JointState", JOINT_STATE_MSG)
-        command_s = writer.register_msgdef("std_msgs/msg/Float64MultiArray", FLOAT64_MULTI_ARRAY_MSG)
+        image_s, state_s, command_s = (writer.register_msgdef(name, ROS2.generate_msgdef(name, ros_version=2)[0])
+                                       for name in ("sensor_msgs/msg/CompressedImage", "sensor_msgs/msg/JointState",
+                                                    "std_msgs/msg/Float64MultiArray"))
         for log_time, kind, i in events:
             if kind == 0:
                 sec, nanosec = divmod(int(camera_t[i]), 10**9)

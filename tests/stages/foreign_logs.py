@@ -122,6 +122,15 @@ def _twist(types, values: np.ndarray):
                                         angular=T["geometry_msgs/msg/Vector3"](x=v[3], y=v[4], z=v[5]))
 
 
+def _write_bag(writer, messages: list, types, serialize) -> None:
+    """(log time, topic, type, message) tuples into a rosbags writer, in log-time order."""
+    connections = {}
+    for log_time, topic, kind, msg in sorted(messages, key=lambda m: m[0]):
+        if topic not in connections:
+            connections[topic] = writer.add_connection(topic, kind, typestore=types)
+        writer.write(connections[topic], int(log_time), serialize(msg, kind))
+
+
 def write_arm_mcap(path: Path, *, n: int = 45, seed: int = 0, poison: str = "") -> Expected:
     """``poison``: "nan" puts a NaN into one command; "no_camera" writes no camera at all."""
     T, rng = ROS2_TYPES.types, np.random.default_rng(seed)
@@ -182,11 +191,7 @@ def write_base_bag(path: Path, *, n: int = 30, seed: int = 1, backwards: bool = 
             pose=T["geometry_msgs/msg/PoseWithCovariance"](pose=pose, covariance=np.zeros(36)),
             twist=T["geometry_msgs/msg/TwistWithCovariance"](twist=twist, covariance=np.zeros(36)))))
     with Rosbag1Writer(path) as writer:
-        connections = {}
-        for log_time, topic, kind, msg in sorted(messages, key=lambda m: m[0]):
-            if topic not in connections:
-                connections[topic] = writer.add_connection(topic, kind, typestore=ROS1_TYPES)
-            writer.write(connections[topic], int(log_time), ROS1_TYPES.serialize_ros1(msg, kind))
+        _write_bag(writer, messages, ROS1_TYPES, ROS1_TYPES.serialize_ros1)
     return Expected(world="rosbag1", cameras={"/base/cam/image_raw": (frames, cam_t)},
                     actions=held(commands, cmd_t, cam_t), action_names=list(TWIST),
                     states=lerp(odom, odom_t, cam_t), state_names=list(ODOMETRY))
@@ -224,11 +229,7 @@ def write_car_bag2(path: Path, *, n: int = 30, seed: int = 3) -> Expected:
     messages += [(t, "/car/cmd", "geometry_msgs/msg/TwistStamped", T["geometry_msgs/msg/TwistStamped"](
         header=_header(ROS2_TYPES, t, "car"), twist=_twist(ROS2_TYPES, commands[j]))) for j, t in enumerate(cmd_t)]
     with Rosbag2Writer(path, version=9, storage_plugin=StoragePlugin.SQLITE3) as writer:
-        connections = {}
-        for log_time, topic, kind, msg in sorted(messages, key=lambda m: m[0]):
-            if topic not in connections:
-                connections[topic] = writer.add_connection(topic, kind, typestore=ROS2_TYPES)
-            writer.write(connections[topic], int(log_time), ROS2_TYPES.serialize_cdr(msg, kind))
+        _write_bag(writer, messages, ROS2_TYPES, ROS2_TYPES.serialize_cdr)
     return Expected(world="rosbag2-sqlite3", cameras={"/car/front/image_raw": (frames, cam_t)},
                     actions=held(commands, cmd_t, cam_t), action_names=list(TWIST),
                     states=np.zeros((n, 0), np.float32), state_names=[])
