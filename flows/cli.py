@@ -159,7 +159,17 @@ def render(summary: dict) -> str:
         return "\n\n".join(_render_turn(t) for t in summary["turns"])
     if "worlds" in summary:
         return "\n\n".join(_render_world(spec) for spec in summary["worlds"].values())
+    if summary.get("stage") == "curate":
+        return _render_curate(summary)
     return json.dumps(summary, indent=2, default=str)
+
+
+def _render_curate(c: dict) -> str:
+    """The curate line of a turn, and where each reject came from."""
+    lines = [f"curate  seen {c['seen']} = kept {c['kept']} + rejected {c['rejected']}, "
+             f"+{c['rows_added'].get('frames', 0)} frames (listed {c['listed']})"]
+    lines += [f"  rejected  {r['source']}: {r['stage']} {r['reason']}" for r in c["rejects"]]
+    return "\n".join(lines)
 
 
 def _render_turn(turn: dict) -> str:
@@ -260,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"worldloop {args.command}: {err}", file=sys.stderr)
         return 2
+    if args.json and summary.get("stage") == "curate":  # the person watching reads what happened too
+        print(render(summary), file=sys.stderr, flush=True)
     print(json.dumps(summary, default=str) if args.json else render(summary), file=real_stdout, flush=True)
     return 0
 

@@ -22,10 +22,11 @@ def test_json_summary_is_one_object_on_stdout(tmp_path, capsys, ray_cluster, pre
     (landing / "empty.mcap").write_bytes(b"")
     code = cli.main(["curate", "--config", "tiny", "--lake", str(tmp_path / "lake"),
                      "--landing", str(landing), "--json"])
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
     assert code == 0
-    summary = json.loads(out)
+    summary = json.loads(captured.out)
     assert (summary["seen"], summary["kept"], summary["rejected"]) == (1, 0, 1)
+    assert "seen 1 = kept 0 + rejected 1" in captured.err  # the person watching reads it too
     assert summary["rejects"][0]["reason"] == "empty"
 
 
