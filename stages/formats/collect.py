@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 
 from stages.formats.ros_messages import (SCALAR_ROLES, TOPIC_ROLES, compressed_size, compressed_to_rgb,
-                                         image_to_rgb, is_image_type, signal_names, signal_values,
-                                         stamp_ns, task_text)
+                                         image_to_rgb, is_image_type, signal_names, signal_values, stamp_ns,
+                                         task_text)
 from stages.frames import Frames
 from stages.streams import LogError, Mapping, Streams
 

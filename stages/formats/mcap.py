@@ -14,10 +14,10 @@ Rules:
   decompressed chunks until decoded: memory is about the decompressed size.
 * Each channel is decoded by the decoder for its message encoding: mcap_ros2 for ``cdr`` with
   a ``ros2msg``/``ros2idl`` schema, mcap_protobuf for ``protobuf``; a channel neither decodes is
-  ``unsupported``. Little-endian CDR messages of the types ``ros_messages.cdr_parser`` knows
+  ``unsupported``. Little-endian CDR messages of the types ``cdr.cdr_parser`` knows
   (camera ``sensor_msgs/msg/Image``; std_msgs Float32/64, Bool, Float32/64MultiArray signals)
   are parsed straight from their bytes instead, a channel's messages at once where they share
-  one length and layout (``ros_messages.cdr_batch``): same result, many times quicker. Frames,
+  one length and layout (``cdr.cdr_batch``): same result, many times quicker. Frames,
   stamps, signal values and task text follow the rules of ``stages.formats.ros_messages``.
 * ``meta``: ``format`` is ``mcap-ros2`` or ``mcap-protobuf`` by the camera channel's message
   encoding (another encoding is ``unsupported``); the entries of the metadata record named
@@ -42,8 +42,8 @@ from mcap.records import Channel, Metadata, Schema
 from mcap_protobuf.decoder import DecoderFactory as ProtobufDecoderFactory
 from mcap_ros2.decoder import DecoderFactory as Ros2DecoderFactory
 
+from stages.formats.cdr import CDR_LE, cdr_batch, cdr_parser
 from stages.formats.collect import Collector, pick_topics
-from stages.formats.ros_messages import CDR_LE, cdr_batch, cdr_parser
 from stages.streams import LogError, Mapping, Streams
 
 MAGIC = b"\x89MCAP0\r\n"

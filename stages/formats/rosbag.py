@@ -23,7 +23,7 @@ Rules:
   none). The ``Mapping`` picks among the topics with messages (by the bag's index or metadata
   counts; ``ros_messages.pick_topics``); their messages are read
   in stamp (log time) order and decoded by the rules of ``stages.formats.ros_messages``; rosbag2
-  messages of the types ``ros_messages.cdr_parser`` knows are parsed straight from their CDR.
+  messages of the types ``cdr.cdr_parser`` knows are parsed straight from their CDR.
 * ``meta``: ``format`` is ``rosbag1``, ``rosbag2-sqlite3`` or ``rosbag2-mcap``; a rosbag2's
   ``custom_data`` entries (our fleet writes world, seed, driver, policy_version there) are copied
   as they are; ``topic.<role>`` names each topic used.
@@ -40,9 +40,9 @@ from rosbags.rosbag1.reader import Header, RecordType
 from rosbags.typesys import Stores, get_typestore
 from ruamel.yaml import YAML
 
-from stages.formats.mcap import check_chunks
+from stages.formats.cdr import CDR_LE, cdr_parser
 from stages.formats.collect import Collector, pick_topics
-from stages.formats.ros_messages import CDR_LE, cdr_parser
+from stages.formats.mcap import check_chunks
 from stages.streams import LogError, Mapping, Streams
 
 ROSBAG1_MAGIC = b"#ROSBAG V2.0\n"

@@ -18,8 +18,8 @@ from rosbags.rosbag2 import Writer as Rosbag2Writer
 from sim import worlds
 from stages.formats import mcap, rosbag
 from stages.formats.collect import Collector, Topics, pick_topics
-from stages.formats.ros_messages import (CDR_SIGNALS, cdr_batch, cdr_parser, compressed_to_rgb,
-                                         image_to_rgb, signal_values, stamp_ns)
+from stages.formats.cdr import CDR_SIGNALS, cdr_batch, cdr_parser
+from stages.formats.ros_messages import compressed_to_rgb, image_to_rgb, signal_values, stamp_ns
 from stages.mcap_log import episode_to_mcap_bytes
 from stages.streams import LogError, Mapping
 from tests.stages import ros_logs
