@@ -32,6 +32,16 @@ def _redact(value: Any) -> Any:
     return value
 
 
+def _mismatch(name: str, have: pa.Schema, want: pa.Schema) -> str:
+    """What differs between a table's schema and the one being written, in words."""
+    missing = [n for n in want.names if n not in have.names]
+    extra = [n for n in have.names if n not in want.names]
+    changed = [n for n in want.names if n in have.names and have.field(n).type != want.field(n).type]
+    return (f"{name}: the table's columns differ from what this worldloop writes (missing {missing}, "
+            f"extra {extra}, other types {changed}): it was written by another version; curate into a "
+            f"new lake (--lake) or move this one aside")
+
+
 class Lake:
     """Named Lance tables under one root URI."""
 
@@ -122,7 +132,7 @@ class Lake:
         if self.exists(name):
             ds = self.dataset(name)
             if ds.schema.remove_metadata() != schema.remove_metadata():
-                raise ValueError(f"{name}: schema {schema} does not match the table's {ds.schema}")
+                raise ValueError(_mismatch(name, ds.schema, schema))
             operation, read_version = lance.LanceOperation.Append(fragments), ds.version
         else:
             operation, read_version = lance.LanceOperation.Overwrite(schema, fragments), None

@@ -108,6 +108,10 @@ def test_fragments_travel_as_json_and_commit_as_one_version(tmp_path):
     assert not lake.exists("frames")  # written, not committed
     lake.commit_fragments("frames", fragments, tables[0].schema)
     assert lake.count("frames") == 12 and lake.version("frames") == 1
+    # a table and a writer of different versions: the error names the columns that differ
+    older = tables[0].drop_columns(["height", "width"])
+    with pytest.raises(ValueError, match=r"extra \['height', 'width'\].*another version"):
+        lake.commit_fragments("frames", lake.write_fragments("frames", tables[1]), older.schema)
 
 
 def test_repr_hides_credentials(s3_server):
