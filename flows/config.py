@@ -80,7 +80,9 @@ class TrainConfig:
     oversample_events: bool = True  # policy windows drawn by clip weight (stages.sampler.window_weights)
     duplicate_weight: float = 0.0  # weight of windows only near-duplicate clips cover
     warm_start: bool = True  # start from the registry's latest version when there is one
-    prefetch: int = 2  # batches a background thread makes ahead of each training step (0: none)
+    # batches a background thread makes ahead of each step (0: none). On a GPU the step no longer
+    # waits on data; on 2 CPU cores the thread competes with the step (arm policy 226 s against 216 s)
+    prefetch: int = 0
 
 
 @dataclass(frozen=True)
@@ -170,7 +172,7 @@ def _gpu() -> FlywheelConfig:
         synth=replace(base.synth, variants=256, horizon=16),
         world_model=world_model.preset("gpu"),
         policy=policy_model.preset("gpu"),
-        train=replace(base.train, num_workers=1, use_gpu=True, cpus_per_worker=4.0),
+        train=replace(base.train, num_workers=1, use_gpu=True, cpus_per_worker=4.0, prefetch=2),
         eval=replace(base.eval, parallelism=8),
     )
 

@@ -163,7 +163,7 @@ def train_model(kind: str, *, frames_uri: str, model_config, storage_path: str, 
                 use_gpu: bool = False, synthetic_fraction: float | None = None, init_dir: str | None = None,
                 filter: str | None = None, seed: int = 0, run_name: str | None = None,
                 clips_uri: str | None = None, duplicate_weight: float = 0.0,
-                state_index: list[int] | None = None, world: str = "", prefetch: int = 2) -> dict:
+                state_index: list[int] | None = None, world: str = "", prefetch: int = 0) -> dict:
     """Train `kind` on the frames table with a TorchTrainer; returns metrics and the checkpoint dir.
 
     With ``clips_uri`` training windows are drawn by the clips' weights (event clips oversampled,
