@@ -18,7 +18,9 @@ from stages import storage
 
 _SECRET_KEYS = ("secret", "password", "token", "access_key", "credential")
 # Lance file format of new tables: 2.0 wrote 320x240 frames 5x and took random rows 2x faster than
-# the default 2.2 here (0.09 against 0.48 ms a frame; 44 against 91 ms for 192 rows)
+# the default 2.2 here (0.09 against 0.48 ms a frame; 44 against 91 ms for 192 rows); for 64x64
+# frames its random takes are ~25% slower (3.8 against 3.1 ms for 128 rows), which costs the CPU
+# demo's policy training ~10% (the sampler is ~45% of a step there)
 STORAGE_VERSION = "2.0"
 
 
