@@ -29,8 +29,10 @@ Rules:
   (stamps left out; a ``google.protobuf.Struct`` by sorted key, its lists in order);
   ``*MultiArray`` gives ``data`` as is; ``nav_msgs/Odometry`` gives [pose.position.x, y, z, twist.linear.x, twist.linear.y, twist.angular.z];
   ``TwistStamped`` and ``Twist`` give [linear.x, y, z, angular.x, y, z];
-  ``sensor_msgs/JointState`` gives ``position``; a numeric or bool ``data`` field (std_msgs
-  Float32/64, Bool, Int*, UInt*) gives [data]. Anything else is ``bad_message``.
+  ``sensor_msgs/JointState`` gives ``position``; ``trajectory_msgs/JointTrajectory`` its first
+  point's ``positions``; ``sensor_msgs/Joy`` ``axes`` then ``buttons``; ``geometry_msgs/Pose``
+  and ``PoseStamped`` [position.x, y, z, orientation.x, y, z, w]; a numeric or bool ``data``
+  field (std_msgs Float32/64, Bool, Int*, UInt*) gives [data]. Anything else is ``bad_message``.
 * Scalar roles (reward, intervention) need one value per message and give
   float32[M]; vector roles give float32[M,D] and need the same D in every message.
 * Task text: the ``data`` string of the first message on the task topic.
@@ -248,21 +250,33 @@ def signal_values(msg: Any) -> np.ndarray:
     if hasattr(msg, "pose") and hasattr(msg, "twist"):
         position, twist = msg.pose.pose.position, msg.twist.twist
         return np.asarray([position.x, position.y, position.z, twist.linear.x, twist.linear.y,
-                           twist.angular.z], np.float32)  # named _ODOMETRY
+                           twist.angular.z], np.float32)  # named ODOMETRY_NAMES
     if hasattr(msg, "twist"):
         return np.asarray(_twist(msg.twist), np.float32)
     if hasattr(msg, "linear") and hasattr(msg, "angular"):
         return np.asarray(_twist(msg), np.float32)
     if hasattr(msg, "position") and hasattr(msg, "name"):
         return _floats(msg.position)
+    if hasattr(msg, "joint_names") and hasattr(msg, "points"):  # a trajectory: its first point
+        if not len(msg.points):
+            raise LogError("bad_message", f"a {type_name(msg)} without points")
+        return _floats(msg.points[0].positions)
+    if hasattr(msg, "axes") and hasattr(msg, "buttons"):
+        return np.concatenate([_floats(msg.axes), _floats(msg.buttons)])
+    pose = msg.pose if hasattr(msg, "pose") and hasattr(msg.pose, "orientation") else msg
+    if hasattr(pose, "position") and hasattr(pose, "orientation"):
+        p, q = pose.position, pose.orientation
+        return np.asarray([p.x, p.y, p.z, q.x, q.y, q.z, q.w], np.float32)  # named POSE_NAMES
     data = getattr(msg, "data", None)
     if isinstance(data, (bool, int, float, np.number, np.bool_)):
         return np.asarray([data], np.float32)
     raise LogError("bad_message", f"no signal values in a {type_name(msg)}")
 
 
-_TWIST = ("linear.x", "linear.y", "linear.z", "angular.x", "angular.y", "angular.z")
-_ODOMETRY = ("position.x", "position.y", "position.z", "linear.x", "linear.y", "angular.z")
+TWIST_NAMES = ("linear.x", "linear.y", "linear.z", "angular.x", "angular.y", "angular.z")
+ODOMETRY_NAMES = ("position.x", "position.y", "position.z", "linear.x", "linear.y", "angular.z")
+POSE_NAMES = ("position.x", "position.y", "position.z", "orientation.x", "orientation.y", "orientation.z",
+         "orientation.w")
 
 
 def signal_names(msg: Any) -> tuple[str, ...] | None:
@@ -276,12 +290,20 @@ def signal_names(msg: Any) -> tuple[str, ...] | None:
         labels = dims[0].label.split(",") if len(dims) == 1 else []
         return tuple(labels) if len(labels) == len(msg.data) and all(labels) else None
     if hasattr(msg, "pose") and hasattr(msg, "twist"):
-        return _ODOMETRY
+        return ODOMETRY_NAMES
     if hasattr(msg, "twist") or (hasattr(msg, "linear") and hasattr(msg, "angular")):
-        return _TWIST
+        return TWIST_NAMES
     if hasattr(msg, "position") and hasattr(msg, "name"):
         names = tuple(str(n) for n in msg.name)
         return names if len(names) == len(msg.position) and all(names) else None
+    if hasattr(msg, "joint_names") and hasattr(msg, "points"):
+        names = tuple(str(n) for n in msg.joint_names)
+        return names if len(msg.points) and len(names) == len(msg.points[0].positions) and all(names) else None
+    if hasattr(msg, "axes") and hasattr(msg, "buttons"):
+        return tuple(f"axes.{i}" for i in range(len(msg.axes))) + tuple(f"buttons.{i}" for i in range(len(msg.buttons)))
+    pose = msg.pose if hasattr(msg, "pose") and hasattr(msg.pose, "orientation") else msg
+    if hasattr(pose, "position") and hasattr(pose, "orientation"):
+        return POSE_NAMES
     return None
 
 

@@ -17,10 +17,11 @@ from rosbags.rosbag2 import Writer as Rosbag2Writer
 from sim import worlds
 from stages.formats import mcap, rosbag
 from stages.formats.collect import Collector, Topics, pick_topics
-from stages.formats.ros_messages import compressed_to_rgb, image_to_rgb, signal_values, stamp_ns
+from stages.formats.ros_messages import compressed_to_rgb, image_to_rgb, signal_names, signal_values, stamp_ns
 from stages.mcap_log import episode_to_mcap_bytes
 from stages.streams import LogError, Mapping
 from tests.stages import ros_logs
+from tests.stages.foreign_logs import ODOMETRY, TWIST
 from tests.stages.ros_logs import ROS1_TYPES, ROS2_TYPES, Entry, ros_message
 
 T0 = 1_700_000_000_000_000_000
@@ -288,11 +289,23 @@ def odometry(t: int, position: list[float], velocity: list[float]) -> object:
                                                           covariance=np.zeros(36)))
 
 
+POSE = ("position.x", "position.y", "position.z", "orientation.x", "orientation.y", "orientation.z", "orientation.w")
+
+
 def test_signal_rules_for_common_message_types():
     v = [0.5, -1.0, 2.0, 0.25, 3.0, -4.0]
     joint = T2["sensor_msgs/msg/JointState"](header=header(0), name=["a", "b"],
                                              position=np.array([1.5, -2.5]),
                                              velocity=np.zeros(2), effort=np.zeros(2))
+    joy = T2["sensor_msgs/msg/Joy"](header=header(0), axes=np.array([0.5, -1.0], np.float32),
+                                    buttons=np.array([1, 0, 1], np.int32))
+    point = T2["trajectory_msgs/msg/JointTrajectoryPoint"](
+        positions=np.array([0.1, 0.2]), velocities=np.zeros(0), accelerations=np.zeros(0), effort=np.zeros(0),
+        time_from_start=T2["builtin_interfaces/msg/Duration"](sec=0, nanosec=0))
+    trajectory = T2["trajectory_msgs/msg/JointTrajectory"](header=header(0), joint_names=["shoulder", "elbow"],
+                                                           points=[point])
+    pose = T2["geometry_msgs/msg/Pose"](position=T2["geometry_msgs/msg/Point"](x=1.0, y=2.0, z=3.0),
+                                        orientation=T2["geometry_msgs/msg/Quaternion"](x=0.0, y=0.0, z=0.5, w=0.5))
     cases = [
         (twist(v), v),
         (T2["geometry_msgs/msg/TwistStamped"](header=header(5), twist=twist(v)), v),
@@ -304,11 +317,20 @@ def test_signal_rules_for_common_message_types():
         (PbVector3(x=1.0, y=2.0, z=3.0), [1.0, 2.0, 3.0]),
         (PbJointState(name="j", position=0.5, velocity=1.5), [0.5, 1.5, 0.0, 0.0]),
         (ros_logs.PROTOBUF["Vector"](data=[4.0, 5.0]), [4.0, 5.0]),
+        (joy, [0.5, -1.0, 1.0, 0.0, 1.0]),
+        (trajectory, [0.1, 0.2]),
+        (pose, [1.0, 2.0, 3.0, 0.0, 0.0, 0.5, 0.5]),
+        (T2["geometry_msgs/msg/PoseStamped"](header=header(5), pose=pose), [1.0, 2.0, 3.0, 0.0, 0.0, 0.5, 0.5]),
     ]
+    names = {id(joint): ("a", "b"), id(joy): ("axes.0", "axes.1", "buttons.0", "buttons.1", "buttons.2"),
+             id(trajectory): ("shoulder", "elbow"), id(cases[1][0]): TWIST, id(cases[2][0]): ODOMETRY,
+             id(pose): POSE, id(cases[-1][0]): POSE}
     for msg, want in cases:
         got = signal_values(msg)
         assert got.dtype == np.float32
         np.testing.assert_array_equal(got, np.asarray(want, np.float32), err_msg=str(msg))
+        if id(msg) in names:  # what the values are called, stored beside them
+            assert signal_names(msg) == names[id(msg)], str(msg)
     for unreadable in (T2["std_msgs/msg/String"](data="x"), T2["std_msgs/msg/Empty"]()):
         with pytest.raises(LogError, match="bad_message"):
             signal_values(unreadable)
