@@ -47,7 +47,7 @@ class Mapping:
     # exact names first, then the same names under any namespace (``/robot1/cmd_vel``)
     action: tuple[str, ...] = ("/vehicle/action", "/action", "/cmd", "/cmd_vel",
                                "/joint_commands", "action", "*/cmd_vel", "*/joint_commands",
-                               "*/command", "*/cmd")
+                               "*/command", "*/cmd", "*/joint_trajectory")
     state: tuple[str, ...] = ("/vehicle/state", "/state", "/joint_states", "/odom",
                               "observation.state", "*/joint_states", "*/odom", "*/odometry", "*/state")
     expert_action: tuple[str, ...] = ("/expert/action", "expert_action")
