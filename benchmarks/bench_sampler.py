@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 
 from stages.images import decode
 from stages.prefetch import Prefetcher
-from stages.sampler import HistorySampler
+from stages.sampler import HistorySampler, history_slots
 from stages.schemas import vectors
 
 SAMPLE_COLUMNS = ["episode_id", "step", "image", "height", "width", "label", "action"]
@@ -49,19 +49,13 @@ SAMPLE_COLUMNS = ["episode_id", "step", "image", "height", "width", "label", "ac
 def history_windows(episode_ids: np.ndarray, steps: np.ndarray, history: int) -> np.ndarray:
     """Row offsets [W, history] of the windows of consecutive steps of one episode ending at each row.
 
-    The rule of ``HistorySampler``: rows ordered by (episode_id, step); a window that reaches
-    before its episode's first row repeats that row; windows spanning a gap in the steps are
-    left out.
+    The rule of ``HistorySampler`` (``stages.sampler.history_slots``): rows ordered by
+    (episode_id, step); a window that reaches before its episode's first row repeats that row;
+    windows spanning a gap in the steps are left out.
     """
     order = np.lexsort((steps, episode_ids))
-    episode, step = episode_ids[order], steps[order]
-    rows = np.arange(len(order))
-    starts = np.flatnonzero(np.r_[True, episode[1:] != episode[:-1]])
-    first = starts[np.searchsorted(starts, rows, side="right") - 1]
-    back = np.arange(history - 1, -1, -1)
-    slots = np.maximum(rows[:, None] - back[None, :], first[:, None])
-    expected = np.maximum(step[:, None] - back[None, :], step[first][:, None])
-    return order[slots[(step[slots] == expected).all(axis=1)]]
+    slots, valid = history_slots(episode_ids[order], steps[order], history)
+    return order[slots[valid]]
 
 
 class ParquetHistorySampler:

@@ -16,7 +16,7 @@ from flows.runtime import POLICY, Context, ensure_ray
 from sim import worlds
 from stages.evaluate import paired
 from stages import images
-from stages.schemas import vectors
+from stages.schemas import of_world, vectors
 from stages.promote import gate
 
 
@@ -45,7 +45,7 @@ def serve_champion(ctx: Context) -> dict:
     k = champion.config["history"]
     start = ctx.config.spec.warmup_steps
     rows = ctx.lake.read("frames", columns=["episode_id", "step", "image", "height", "width", "state", "task"],
-                         filter=f"origin = 'real' AND world = '{ctx.world_name}' AND step >= {start} "
+                         filter=f"origin = 'real' AND {of_world(ctx.world_name)} AND step >= {start} "
                                 f"AND step < {start + k}")
     rows = rows.filter(pc.equal(rows.column("episode_id"), rows.column("episode_id")[0])).sort_by("step")
     state = vectors(rows.column("state"))[-1][ctx.config.spec.policy_state_index]

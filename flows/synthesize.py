@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.runtime import WORLD_MODEL, Context, ensure_ray
 from sim import worlds
 from stages import adapters, synthesize
-from stages.schemas import EPISODES, REJECTS
+from stages.schemas import EPISODES, REJECTS, of_world
 
 
 @task(name="load-parent-windows", cache_policy=NO_CACHE)
@@ -27,7 +27,7 @@ def parent_batch(ctx: Context, turn: int, history: int,
     (frames at the world model's ``image_size``) and their states (``stages.synthesize``)."""
     s = ctx.config.synth
     light = ctx.lake.read("frames", columns=["episode_id", "step", "intervention", "signals"],
-                          filter=f"origin = 'real' AND split = 'train' AND world = '{ctx.world_name}'")
+                          filter=f"origin = 'real' AND split = 'train' AND {of_world(ctx.world_name)}")
     parents = synthesize.select_parents(light, n=s.variants, horizon=s.horizon + 1,
                                         min_step=max(ctx.config.spec.warmup_steps, history), seed=turn)
     windows = [ctx.lake.read("frames", columns=list(synthesize.WINDOW_COLUMNS),

@@ -171,9 +171,9 @@ def episode_to_tables(episode: dict[str, Any], *, episode_id: str, source_uri: s
 def with_images(light: pa.Table, frames: np.ndarray) -> pa.Table:
     """A frames table without its image columns (``episode_to_tables`` of lazy frames) with
     ``frames`` (uint8 [N, H, W, 3], one per row) added, in the frames schema's order."""
-    columns = dict(zip(IMAGE_COLUMNS, images.to_columns(frames)))
-    names = [n for n in frames_schema().names if n in columns or n in light.column_names]
-    fields = [light.schema.field(n) if n in light.column_names else frames_schema().field(n) for n in names]
+    columns, full = dict(zip(IMAGE_COLUMNS, images.to_columns(frames))), frames_schema()
+    names = [n for n in full.names if n in columns or n in light.column_names]
+    fields = [light.schema.field(n) if n in light.column_names else full.field(n) for n in names]
     arrays = [columns[n] if n in columns else light.column(n) for n in names]
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields, metadata=light.schema.metadata))
 

@@ -153,14 +153,10 @@ def ingest_unit(unit: dict, *, fetch: Callable[[str], bytes], mapping: Mapping, 
         source_uri = streams.source_uri or unit["uri"]
         episodes_seen += 1
         frames_seen += len(streams.frames)
-        if max_frames is not None and len(streams.frames) > max_frames:
-            rejects.append(reject_row(source_uri, stage="align", reason="too_large", turn=turn,
-                                      detail=f"{len(streams.frames)} frames in one episode, over the limit of "
-                                             f"{max_frames} (curate.max_episode_frames)",
-                                      span=(int(streams.camera_t.min()), int(streams.camera_t.max())),
-                                      frames=len(streams.frames)))
-            continue
         try:
+            if max_frames is not None and len(streams.frames) > max_frames:
+                raise LogError("too_large", f"{len(streams.frames)} frames in one episode, over the limit of "
+                                            f"{max_frames} (curate.max_episode_frames)")
             name = log_world(streams.meta, world=world, adopt_undeclared=adopt_undeclared)
             own = name == world
             spans, short = align(streams, max_side=max_side, action_dim=action_dim if own else ANY,

@@ -78,6 +78,19 @@ class _Pool:
         return np.concatenate(out) if out else self.ids[:0]
 
 
+def history_slots(episode: np.ndarray, step: np.ndarray, history: int) -> tuple[np.ndarray, np.ndarray]:
+    """The window rule, for rows sorted by (episode, step): ``slots[j, k]`` is the row of history
+    slot k of the window ending at row j (a window reaching before its episode's first row repeats
+    that row), ``valid[j]`` whether that window's steps are consecutive (no gap)."""
+    rows = np.arange(len(step))
+    starts = np.flatnonzero(np.r_[True, episode[1:] != episode[:-1]])
+    first = starts[np.searchsorted(starts, rows, side="right") - 1]
+    back = np.arange(history - 1, -1, -1)
+    slots = np.maximum(rows[:, None] - back[None, :], first[:, None])
+    expected = np.maximum(step[:, None] - back[None, :], step[first][:, None])
+    return slots, (step[slots] == expected).all(axis=1)
+
+
 class HistorySampler:
     """Windows of ``history`` consecutive steps of one episode, ending at step t.
 
@@ -113,14 +126,8 @@ class HistorySampler:
             raise ValueError(f"no windows: no rows in {where}")
         order = np.lexsort((step, episode))
         positions, episode, step, origin = positions[order], episode[order], step[order], origin[order]
-        # slots[j, k]: sorted-row index of history slot k of the window ending at sorted row j
+        slots, valid = history_slots(episode, step, history)
         rows = np.arange(len(step))
-        starts = np.flatnonzero(np.r_[True, episode[1:] != episode[:-1]])
-        first = starts[np.searchsorted(starts, rows, side="right") - 1]
-        back = np.arange(history - 1, -1, -1)
-        slots = np.maximum(rows[:, None] - back[None, :], first[:, None])
-        expected = np.maximum(step[:, None] - back[None, :], step[first][:, None])
-        valid = (step[slots] == expected).all(axis=1)
         self.skipped_windows = int((~valid).sum())
         nxt = np.minimum(rows + 1, len(rows) - 1)
         if require_next:

@@ -96,6 +96,11 @@ def features_of(spec) -> dict[str, Any]:
             "signals": list(spec.signals), "rate_hz": spec.rate_hz}
 
 
+def of_world(world: str) -> str:
+    """The Lance filter of the frames rows of ``world`` (its quotes escaped)."""
+    return "world = '{}'".format(world.replace("'", "''"))
+
+
 def to_json(value: Any) -> str:
     """Compact, key-sorted JSON for the string columns that hold small structures."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)

@@ -20,6 +20,7 @@ from torch import nn
 
 from stages.prefetch import Prefetcher
 from stages.sampler import HistorySampler
+from stages.schemas import of_world
 
 # each ray.train.report waits for the controller's next poll (about 2 s on Ray Train v2, measured):
 # a short run reports every REPORT_MIN_STEPS steps at most, not every tenth of its steps
@@ -76,7 +77,7 @@ def _build(kind: str, config: dict, init_dir: str | None) -> nn.Module:
 def _where(cfg: dict[str, Any], split: str, base: str | None) -> str:
     """The rows of ``split`` that pass ``base``, of the run's world when it names one."""
     clauses = [f"({base})" if base else "", f"split = '{split}'",
-               "world = '{}'".format(cfg["world"].replace("'", "''")) if cfg["world"] else ""]
+               of_world(cfg["world"]) if cfg["world"] else ""]
     return " AND ".join(c for c in clauses if c)
 
 

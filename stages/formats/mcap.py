@@ -9,13 +9,14 @@ Rules:
   its CRC checked; a chunk's messages are found through the message index records after it
   when those index them all, else by walking its records) collects schemas, channels, the
   metadata record named ``episode`` and the messages, in file order. The ``Mapping`` then
-  picks among the topics with messages (``ros_messages.pick_topics``: no camera topic is
+  picks among the topics with messages (``collect.pick_topics``: no camera topic is
   ``missing_topic``) and only their messages are decoded. Messages stay offsets into the
   decompressed chunks until decoded: memory is about the decompressed size.
 * Each channel is decoded by the decoder for its message encoding: mcap_ros2 for ``cdr`` with
   a ``ros2msg``/``ros2idl`` schema, mcap_protobuf for ``protobuf``; a channel neither decodes is
   ``unsupported``. Little-endian CDR messages of the types ``cdr.cdr_parser`` knows
-  (camera ``sensor_msgs/msg/Image``; std_msgs Float32/64, Bool, Float32/64MultiArray signals)
+  (camera ``sensor_msgs/msg/Image`` and ``CompressedImage``; std_msgs Float32/64, Bool,
+  Float32/64MultiArray and ``sensor_msgs/msg/JointState`` signals)
   are parsed straight from their bytes instead, a channel's messages at once where they share
   one length and layout (``cdr.cdr_batch``): same result, many times quicker. Frames,
   stamps, signal values and task text follow the rules of ``stages.formats.ros_messages``.

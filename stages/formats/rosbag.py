@@ -21,7 +21,7 @@ Rules:
   ``corrupt``; a message rosbags cannot deserialize is ``bad_message``.
 * Types come from the bag's own definitions (ROS 2 Humble or ROS 1 Noetic types when it has
   none). The ``Mapping`` picks among the topics with messages (by the bag's index or metadata
-  counts; ``ros_messages.pick_topics``); their messages are read
+  counts; ``collect.pick_topics``); their messages are read
   in stamp (log time) order and decoded by the rules of ``stages.formats.ros_messages``; rosbag2
   messages of the types ``cdr.cdr_parser`` knows are parsed straight from their CDR.
 * ``meta``: ``format`` is ``rosbag1``, ``rosbag2-sqlite3`` or ``rosbag2-mcap``; a rosbag2's
