@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
                              "(default: the lake's champion reasoner, trained on first use)")
     sub.add_parser("synthesize", parents=[common, turn], help="generate synthetic variants with the world model")
     train = sub.add_parser("train", parents=[common, turn], help="post-train on Ray Train")
-    train.add_argument("--model", default="policy", choices=["policy", "world_model"])
+    train.add_argument("--model", default="policy", help="policy (default), world_model or dynamics")
     sub.add_parser("evaluate", parents=[common, turn, version], help="closed-loop evaluation")
     promote = sub.add_parser("promote", parents=[common, version], help="gate and roll out to Ray Serve")
     promote.add_argument("--no-serve", action="store_true")
@@ -114,7 +114,7 @@ def _worlds() -> dict:
 
 def _status(args: argparse.Namespace) -> dict:
     """What the lake holds: table rows, versions and turn tags; registry versions and aliases."""
-    from flows.runtime import POLICY, WORLD_MODEL, Context
+    from flows.runtime import MODELS, Context
 
     ctx = Context.create(config=args.config, lake=args.lake, landing=args.landing, world=args.world,
                          overrides=args.overrides or None, config_file=args.config_file)
@@ -123,7 +123,7 @@ def _status(args: argparse.Namespace) -> dict:
               for name in ("episodes", "frames", "clips", "rejects", "sources", "evaluations", "turns")
               if ctx.lake.exists(name)}
     models = {}
-    for name in (POLICY, WORLD_MODEL, "reasoner"):
+    for name in (*MODELS, "reasoner"):
         champion = ctx.registry.get(name, alias="champion")
         models[name] = {"versions": [mv.version for mv in ctx.registry.versions(name)],
                         "champion": champion.version if champion else None}

@@ -16,8 +16,8 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from models import dynamics, world_model
 from models import policy as policy_model
-from models import world_model
 from sim import worlds
 from sim.worlds.base import WorldConfig, from_dict
 
@@ -110,6 +110,7 @@ class FlywheelConfig:
     curate: CurateConfig = field(default_factory=CurateConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     world_model: world_model.WorldModelConfig = field(default_factory=lambda: world_model.preset("default"))
+    dynamics: dynamics.DynamicsConfig = field(default_factory=lambda: dynamics.preset("default"))
     policy: policy_model.PolicyConfig = field(default_factory=lambda: policy_model.preset("default"))
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -117,7 +118,7 @@ class FlywheelConfig:
 
     def validate(self) -> "FlywheelConfig":
         sizes = {"world": self.world.image_size, "world_model": self.world_model.image_size,
-                 "policy": self.policy.image_size}
+                 "dynamics": self.dynamics.image_size, "policy": self.policy.image_size}
         if len(set(sizes.values())) != 1:
             raise ValueError(f"image sizes must agree across components, got {sizes}")
         worlds.get(self.world)  # the world's options
@@ -157,6 +158,7 @@ def _tiny() -> FlywheelConfig:
         curate=replace(base.curate, min_length=20, val_fraction=0.0, reasoner_preset="tiny"),
         synth=replace(base.synth, variants=2, horizon=4, drift_steps=2),
         world_model=replace(world_model.preset("tiny"), image_size=32),
+        dynamics=replace(dynamics.preset("tiny"), image_size=32),
         policy=policy_model.preset("tiny"),
         train=replace(base.train, cpus_per_worker=0.5, synthetic_fraction=0.25),
         eval=replace(base.eval, seeds=(1000, 1001), tasks=(), bootstrap=1000),
@@ -171,6 +173,7 @@ def _gpu() -> FlywheelConfig:
         fleet=replace(base.fleet, episodes=64, parallelism=8),
         synth=replace(base.synth, variants=256, horizon=16),
         world_model=world_model.preset("gpu"),
+        dynamics=dynamics.preset("gpu"),
         policy=policy_model.preset("gpu"),
         train=replace(base.train, num_workers=1, use_gpu=True, cpus_per_worker=4.0, prefetch=2),
         eval=replace(base.eval, parallelism=8),
@@ -210,7 +213,9 @@ def _world_shapes(spec: worlds.WorldSpec, cfg: FlywheelConfig) -> dict[str, Any]
                        "state_dim": len(spec.policy_state), "aux_dim": len(spec.state_names) - len(spec.policy_state),
                        "task_vocab": vocab, "image_size": cfg.world.image_size},
             "world_model": {"action_dim": len(spec.actions), "task_vocab": vocab,
-                            "image_size": cfg.world.image_size}}
+                            "image_size": cfg.world.image_size},
+            "dynamics": {"action_dim": len(spec.actions), "state_dim": len(spec.state_names),
+                         "signals": tuple(spec.signals), "task_vocab": vocab, "image_size": cfg.world.image_size}}
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

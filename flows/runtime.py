@@ -14,7 +14,8 @@ from functools import cached_property
 from flows.config import FlywheelConfig, resolve
 from sim import worlds
 
-POLICY, WORLD_MODEL = "policy", "world_model"
+POLICY, WORLD_MODEL, DYNAMICS = "policy", "world_model", "dynamics"
+MODELS = (POLICY, WORLD_MODEL, DYNAMICS)
 
 
 def storage_options_from_env(*uris: str) -> dict | None:

@@ -13,7 +13,7 @@ import os
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.runtime import POLICY, WORLD_MODEL, Context, ensure_ray
+from flows.runtime import MODELS, POLICY, Context, ensure_ray
 from sim import worlds
 from stages.registry import git_commit
 from stages.train import train_model
@@ -37,7 +37,7 @@ def warm_start(ctx: Context, kind: str, config: dict):
 @task(name="ray-train", cache_policy=NO_CACHE)
 def run_training(ctx: Context, kind: str, turn: int, init_dir: str | None, run_name: str | None = None) -> dict:
     t = ctx.config.train
-    model_config = ctx.config.policy if kind == POLICY else ctx.config.world_model
+    model_config = getattr(ctx.config, kind)
     weighted = kind == POLICY and t.oversample_events and ctx.lake.exists("clips")
     spec = ctx.config.spec
     # synthetic rows know only the static part of the state (``stages.synthesize.variant_states``):
@@ -58,16 +58,16 @@ def run_training(ctx: Context, kind: str, turn: int, init_dir: str | None, run_n
 def train_flow(config: str = "default", lake: str = "./lake", landing: str = "./landing",
                world: str = worlds.DEFAULT, overrides: list[str] | None = None,
                config_file: str | None = None, model: str = POLICY, turn: int | None = None) -> dict:
-    """Train `model` ("policy" or "world_model") and register a new version; returns a summary."""
-    if model not in (POLICY, WORLD_MODEL):
-        raise ValueError(f"model must be {POLICY!r} or {WORLD_MODEL!r}, got {model!r}")
+    """Train `model` ("policy", "world_model" or "dynamics") and register a new version; returns a summary."""
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}, got {model!r}")
     ctx = Context.create(config=config, lake=lake, landing=landing, world=world, overrides=overrides,
                          config_file=config_file)
     if not ctx.lake.exists("frames"):
         raise ValueError(f"no frames table in {ctx.world_uri}: run `worldloop curate` first")
     ensure_ray()
     turn = ctx.current_turn() if turn is None else turn
-    model_config = dataclasses.asdict(ctx.config.policy if model == POLICY else ctx.config.world_model)
+    model_config = dataclasses.asdict(getattr(ctx.config, model))
     parent = warm_start(ctx, model, model_config)
     result = run_training(ctx, model, turn, ctx.registry.fetch(parent) if parent else None)
     lineage = {"turn": turn, "config": ctx.config.name, "config_digest": ctx.config.digest(),

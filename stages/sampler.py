@@ -104,12 +104,18 @@ class HistorySampler:
     replacement; ``event_share`` is then the expected share of draws (from all windows) whose
     last step lies in an oversampled clip (weight > 1), ``event_share_natural`` their share of
     windows.
+
+    With ``sequence`` only whole windows are kept (no repeated first frame) and batches carry
+    every slot's action, state, reward and signals (``action_BKA``, ``state_BKS``, ``reward_BK``,
+    ``signals_BK`` lists of names), ``done_BK`` (the slot is its episode's last row) and the row
+    after the window (``next_state_BS``, ``next_signals_B``, ``has_next_B``): what
+    ``models.dynamics`` learns from.
     """
 
     def __init__(self, frames_uri: str, *, history: int, storage_options: dict[str, str] | None = None,
                  filter: str | None = None, rank: int = 0, world_size: int = 1, seed: int = 0,
                  require_next: bool = False, clips_uri: str | None = None,
-                 duplicate_weight: float = 0.0, image_size: int | None = None) -> None:
+                 duplicate_weight: float = 0.0, image_size: int | None = None, sequence: bool = False) -> None:
         if history < 1:
             raise ValueError(f"history must be >= 1, got {history}")
         if not 0 <= rank < world_size:
@@ -118,7 +124,7 @@ class HistorySampler:
         self.dataset = lance.dataset(frames_uri, storage_options=options)
         clips = lance.dataset(clips_uri, storage_options=options).to_table(columns=_CLIP_COLUMNS) \
             if clips_uri else None
-        self.require_next = require_next
+        self.require_next, self.sequence = require_next, sequence
         self.image_size = image_size
         positions, episode, step, origin = self._light_index(filter)
         where = f"{frames_uri} (filter {filter!r}, history {history}, require_next {require_next})"
@@ -130,13 +136,19 @@ class HistorySampler:
         rows = np.arange(len(step))
         self.skipped_windows = int((~valid).sum())
         nxt = np.minimum(rows + 1, len(rows) - 1)
+        follows = (nxt > rows) & (episode[nxt] == episode) & (step[nxt] == step + 1)
         if require_next:
-            valid &= (nxt > rows) & (episode[nxt] == episode) & (step[nxt] == step + 1)
+            valid &= follows
+        if sequence:
+            valid &= slots[:, 0] == rows - (history - 1)
         ids = np.flatnonzero(valid)[rank::world_size]
         if len(ids) == 0:
             raise ValueError(f"no windows for rank {rank}/{world_size} in {where}")
         self._rows = positions[slots[ids]]  # dataset offsets, [W, K]
         self._next = positions[nxt[ids]]
+        self._follows = follows[ids]
+        last = (nxt == rows) | (episode[nxt] != episode)
+        self._last = last[slots[ids]]  # [W, K]: the slot is its episode's last row
         synthetic = origin[ids] == "synthetic"
         weights, self.event_share, self.event_share_natural = None, None, None
         if clips is not None:
@@ -186,10 +198,11 @@ class HistorySampler:
         """
         picks = self._draw(batch_size, synthetic_fraction)
         rows = self._rows[picks]
-        wanted = [rows.reshape(-1), rows[:, -1]] + ([self._next[picks]] if self.require_next else [])
+        with_next = self.require_next or self.sequence
+        wanted = [rows.reshape(-1), rows[:, -1]] + ([self._next[picks]] if with_next else [])
         unique, inverse = np.unique(np.concatenate(wanted), return_inverse=True)
-        fetched = self.dataset.take(pa.array(unique), columns=["episode_id", "step", "image", "height", "width",
-                                                               "label", "action", "state", "task"])
+        columns = ["episode_id", "step", "image", "height", "width", "label", "action", "state", "task"]
+        fetched = self.dataset.take(pa.array(unique), columns=columns + (["reward", "signals"] if self.sequence else []))
         self._check(unique, fetched)
         frames = images.decode(fetched, self.image_size)
         labels = vectors(fetched.column("label"))
@@ -197,11 +210,22 @@ class HistorySampler:
         b, k = rows.shape
         history_idx = inverse[:b * k].reshape(b, k)
         end_idx = inverse[b * k:b * k + b]
+        states = vectors(fetched.column("state"))
         out = {"frames_BKHWC": frames[history_idx], "label_BA": labels[end_idx],
-               "action_BA": actions[end_idx], "state_BS": vectors(fetched.column("state"))[end_idx],
+               "action_BA": actions[end_idx], "state_BS": states[end_idx],
                "tasks": np.asarray(fetched.column("task").to_pylist(), object)[end_idx]}
         if self.require_next:
             out["next_BHWC"] = frames[inverse[b * k + b:]]
+        if self.sequence:
+            signals = np.empty(fetched.num_rows, object)  # one tuple of raised signal names per row
+            for i, raised in enumerate(fetched.column("signals").to_pylist()):
+                signals[i] = tuple(raised or ())
+            rewards = np.nan_to_num(fetched.column("reward").to_numpy(zero_copy_only=False).astype(np.float32))
+            next_idx = inverse[b * k + b:]
+            out.update(action_BKA=actions[history_idx], state_BKS=states[history_idx], reward_BK=rewards[history_idx],
+                       signals_BK=signals[history_idx], done_BK=self._last[picks],
+                       next_state_BS=states[next_idx], next_signals_B=signals[next_idx],
+                       has_next_B=self._follows[picks])
         return out
 
     def _check(self, offsets: np.ndarray, fetched: pa.Table) -> None:

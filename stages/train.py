@@ -15,6 +15,7 @@ import tempfile
 import time
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -25,8 +26,9 @@ from stages.schemas import of_world
 # each ray.train.report waits for the controller's next poll (about 2 s on Ray Train v2, measured):
 # a short run reports every REPORT_MIN_STEPS steps at most, not every tenth of its steps
 REPORT_MIN_STEPS = 25
-# kind -> (module path, whether the sampler must provide the next frame)
-MODEL_KINDS = {"policy": ("models.policy", False), "world_model": ("models.world_model", True)}
+# kind -> (module path, model class, what the sampler adds to a window: "next" frame or the "sequence")
+MODEL_KINDS = {"policy": ("models.policy", "Policy", ""), "world_model": ("models.world_model", "WorldModel", "next"),
+               "dynamics": ("models.dynamics", "Dynamics", "sequence")}
 
 
 def _model_module(kind: str):
@@ -57,12 +59,39 @@ class _LossModule(nn.Module):
                     self._aux_index = [i for i in range(batch["state_BS"].shape[1]) if i not in read]
                 aux = batch["state_BS"][:, self._aux_index]
             return self.model.loss(batch["frames_BKHWC"], batch["label_BA"], state, tasks, aux)
+        if self.kind == "dynamics":
+            return self.model.loss(batch["frames_BKHWC"], batch["action_BKA"], batch["state_BKS"],
+                                   dynamics_targets(batch, c.signals), tasks)["loss"]
         extra = {"tasks": tasks} if tasks is not None else {}
         return self.model.loss(batch["frames_BKHWC"], batch["action_BA"], batch["next_BHWC"], **extra)
 
 
+def _raised(signals: np.ndarray, names: tuple[str, ...]) -> np.ndarray:
+    """Multi-hot float32 [..., G] of the ``names`` raised in each entry (a tuple of names)."""
+    flat = signals.reshape(-1)
+    out = np.array([[name in raised for name in names] for raised in flat], np.float32)
+    return out.reshape(*signals.shape, len(names))
+
+
+def dynamics_targets(batch: dict, signals: tuple[str, ...]):
+    """``models.dynamics.Targets`` of a sampler batch drawn with ``sequence=True``: slot t's next
+    state and signals are slot t+1's, the last slot's the row after the window when it exists."""
+    from models.dynamics import Targets
+
+    def _t(x: np.ndarray | torch.Tensor) -> torch.Tensor:
+        return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+
+    state, has_next = _t(batch["state_BKS"]), _t(batch["has_next_B"]).bool()
+    next_state = torch.cat([state[:, 1:], _t(batch["next_state_BS"])[:, None]], dim=1)
+    raised = _raised(batch["signals_BK"], signals)
+    next_raised = np.concatenate([raised[:, 1:], _raised(batch["next_signals_B"], signals)[:, None]], axis=1)
+    ones = torch.ones_like(has_next)[:, None].expand(-1, state.shape[1] - 1)
+    return Targets(next_state_BKS=next_state, reward_BK=_t(batch["reward_BK"]), next_signals_BKG=_t(next_raised),
+                   done_BK=_t(batch["done_BK"]), has_next_BK=torch.cat([ones, has_next[:, None]], dim=1))
+
+
 def _to_torch(batch: dict, device: torch.device) -> dict:
-    """Arrays to tensors on ``device``; the task strings stay a list."""
+    """Arrays to tensors on ``device``; arrays of Python objects (tasks, signal names) stay as they are."""
     return {k: v if v.dtype == object else torch.from_numpy(v).to(device) for k, v in batch.items()}
 
 
@@ -70,8 +99,7 @@ def _build(kind: str, config: dict, init_dir: str | None) -> nn.Module:
     module = _model_module(kind)
     if init_dir:
         return module.load(init_dir)
-    model_cls = module.Policy if kind == "policy" else module.WorldModel
-    return model_cls(module.config_from_dict(config))
+    return getattr(module, MODEL_KINDS[kind][1])(module.config_from_dict(config))
 
 
 def _where(cfg: dict[str, Any], split: str, base: str | None) -> str:
@@ -98,7 +126,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
         cfg["frames_uri"], history=hp["history"], storage_options=cfg["storage_options"],
         filter=_where(cfg, "train", cfg["filter"]), rank=rank, world_size=world,
         seed=cfg["seed"], require_next=cfg["require_next"], clips_uri=cfg["clips_uri"],
-        duplicate_weight=cfg["duplicate_weight"], image_size=hp["image_size"])
+        duplicate_weight=cfg["duplicate_weight"], image_size=hp["image_size"], sequence=cfg["sequence"])
     opt = torch.optim.AdamW(wrapped.parameters(), lr=hp["lr"], weight_decay=hp.get("weight_decay", 0.0))
     steps, per_worker = cfg["steps"], max(1, hp["batch_size"] // world)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp["lr"], total_steps=steps, pct_start=0.1)
@@ -146,7 +174,8 @@ def _validate(model: nn.Module, cfg: dict, device: torch.device, batches: int = 
         sampler = HistorySampler(
             cfg["frames_uri"], history=cfg["model_config"]["history"],
             storage_options=cfg["storage_options"], filter=_where(cfg, "val", "origin = 'real'"),
-            seed=cfg["seed"] + 7, require_next=cfg["require_next"], image_size=cfg["model_config"]["image_size"])
+            seed=cfg["seed"] + 7, require_next=cfg["require_next"], image_size=cfg["model_config"]["image_size"],
+            sequence=cfg["sequence"])
     except ValueError as err:  # no validation episodes (e.g. val_fraction = 0)
         if "no windows" in str(err):
             return None
@@ -178,13 +207,14 @@ def train_model(kind: str, *, frames_uri: str, model_config, storage_path: str, 
     from ray.train.torch import TorchTrainer
 
     _model_module(kind)  # validates the kind
-    require_next = MODEL_KINDS[kind][1]
+    adds = MODEL_KINDS[kind][2]
     config = dataclasses.asdict(model_config)
     loop_config = {
         "kind": kind, "model_config": config, "frames_uri": frames_uri,
         "storage_options": storage_options, "steps": int(steps or config["steps"]),
         "synthetic_fraction": synthetic_fraction, "init_dir": init_dir, "filter": filter,
-        "seed": seed, "require_next": require_next, "threads": max(1, int(cpus_per_worker)),
+        "seed": seed, "require_next": adds == "next", "sequence": adds == "sequence",
+        "threads": max(1, int(cpus_per_worker)),
         "clips_uri": clips_uri, "duplicate_weight": duplicate_weight, "state_index": list(state_index or []),
         "world": world, "prefetch": int(prefetch),
     }

@@ -88,6 +88,7 @@ class WorldSpec:
     fleet_seed_base: int = 100_000
     state_message: str = "std_msgs/msg/Float32MultiArray"  # or "sensor_msgs/msg/JointState" (arms)
     static_state: tuple[str, ...] = ()  # state names fixed within an episode (a task's goal): synthesis keeps them
+    success_signal: str = ""  # the signal raised when the task is done (worlds scored by "success")
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)  # preset -> dotted overrides
 
     def __post_init__(self) -> None:
@@ -96,6 +97,8 @@ class WorldSpec:
         missing = set(self.policy_state) - set(self.state_names)
         if missing:
             raise ValueError(f"policy_state names {sorted(missing)} are not in state_names")
+        if self.score == "success" and self.success_signal not in self.signals:
+            raise ValueError(f"a world scored by success names its success_signal among {self.signals}")
         if not self.tasks or not self.actions:
             raise ValueError(f"world {self.name!r} needs at least one task and one action")
         if any(self.fleet_seed_base <= s < self.fleet_seed_base + 10**6 for s in self.eval_seeds):

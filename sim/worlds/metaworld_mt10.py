@@ -76,6 +76,7 @@ SPEC = WorldSpec(
     max_steps=150,  # the clean expert succeeds in 36-117 steps (measured; see tests)
     score="success",
     signals=("success", "grasped"),
+    success_signal="success",
     events=(EventSpec("intervention", 4.0, "the safety driver took over"),
             EventSpec("stall", 4.0, "the hand barely moved for stall_steps before success"),
             EventSpec("drift", 3.0, "the shaped reward fell drift_reward below its best so far"),

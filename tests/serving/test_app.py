@@ -200,7 +200,7 @@ class ArmWorld(World):
         tasks=(TaskSpec("reach", "Reach the goal position with the gripper."),
                TaskSpec("push", "Push the puck to the goal."),
                TaskSpec("door-open", "Open the door by pulling its handle.")),
-        score="success", rate_hz=80.0, max_steps=150)
+        score="success", signals=("success",), success_signal="success", rate_hz=80.0, max_steps=150)
 
 
 ARM = ArmWorld.spec

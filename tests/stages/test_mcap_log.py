@@ -129,7 +129,7 @@ ARM = WorldSpec(
     state_names=("shoulder", "elbow", "goal_x"), policy_state=("shoulder", "elbow"),
     actions=(ActionSpec("dx", -1.0, 1.0), ActionSpec("dy", -1.0, 1.0)),
     tasks=(TaskSpec("reach", "Reach the goal."), TaskSpec("push", "Push the puck to the goal.")),
-    rate_hz=12.5, warmup_steps=0, max_steps=100, score="success", signals=("success", "grasped"),
+    rate_hz=12.5, warmup_steps=0, max_steps=100, score="success", signals=("success", "grasped"), success_signal="success",
     events=(), tags={}, mirror={}, eval_seeds=(1, 2), state_message="sensor_msgs/msg/JointState")
 
 
