@@ -50,8 +50,8 @@ bench-curate: $(STAMP)  ## curate vs a script and the decode limit on 640x480 MC
 bench-curate-scale: $(STAMP)  ## the same with 16 one-minute MCAP logs, throughput and memory only
 	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.bench_curate --mcap-logs 16 --mcap-seconds 60 --lerobot-sets 0 --no-sampler --no-per-format $(ARGS)
 
-bench-world-model: $(STAMP)  ## world model fidelity (PSNR/SSIM by horizon) and speed vs baselines, both worlds (last line: JSON)
-	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.bench_world_model $(ARGS)
+bench-world-model: $(STAMP)  ## world model fidelity, speed, neural-sim ranking vs baselines, both worlds; docs/world_model_strip.png (last line: JSON)
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.bench_world_model --strip docs/world_model_strip.png $(ARGS)
 
 ablate-oversampling: $(STAMP)  ## uniform vs clip-weighted policy windows on a copy of LAKE (after make demo)
 	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.ablate_oversampling --lake $(LAKE) --config $(CONFIG) $(ARGS)

@@ -73,6 +73,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks import neural_sim
+from benchmarks.strip import save_strip
 from models import dynamics as dyn
 from models import world_model as wm
 from models.text import build_vocab
@@ -325,6 +326,10 @@ def bench_world(name: str, args: argparse.Namespace) -> dict[str, Any]:
             out[f"psnr_h{h}_{key}"], out[f"ssim_h{h}_{key}"] = c["psnr"][h - 1], c["ssim"][h - 1]
         out[f"psnr_gain_h{h}"] = out[f"psnr_h{h}_wm"] - out[f"psnr_h{h}_copy_last"]
         out[f"regressor_psnr_gain_h{h}"] = out[f"psnr_h{h}_regressor"] - out[f"psnr_h{h}_copy_last"]
+    if args.strip:  # the first held-out window, at the longest horizon, for the README's picture
+        generated = model.rollout(ev["history"][:1], ev["actions"][:1], generator=torch.Generator().manual_seed(args.seed),
+                                  tasks=tasks[:1])
+        out["strip"] = (ev["future"][0], generated[0])
     out["seconds_fidelity"] = perf_counter() - start
     log(f"[{name}] fidelity: " + ", ".join(f"h{h} gain {out[f'psnr_gain_h{h}']:+.2f} dB" for h in horizons)
         + f": {out['seconds_fidelity']:.1f} s")
@@ -411,6 +416,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--regressor-width", type=int, default=32, help="channels of the regressor's first level")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--strip", default="", help="write a PNG of real vs generated frames here")
     part2 = parser.add_argument_group("part 2: the neural simulator (benchmarks/neural_sim.py)")
     part2.add_argument("--no-neural-sim", dest="neural_sim", action="store_false", help="part 1 only")
     part2.add_argument("--dynamics-preset", default="default", choices=sorted(dyn.PRESETS))
@@ -442,6 +448,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "loadavg_start": list(os.getloadavg()), "git_commit": git_commit() or "unknown"}
     start = perf_counter()
     per_world = {w: bench_world(w, args) for w in args.worlds}
+    if args.strip:
+        save_strip(args.strip, {w: r.pop("strip") for w, r in per_world.items()})
+        log(f"strip of real vs generated frames: {args.strip}")
     for w, result in per_world.items():
         figures |= {f"{k}_{w}": v for k, v in result.items()}
     for key in ["fps_batch1", "fps_batched", *(f"fps_{b}_steps{s}" for b in ("batch1", "batched")

@@ -69,7 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("synthesize", parents=[common, turn], help="generate synthetic variants with the world model")
     train = sub.add_parser("train", parents=[common, turn], help="post-train on Ray Train")
     train.add_argument("--model", default="policy", help="policy (default), world_model or dynamics")
-    sub.add_parser("evaluate", parents=[common, turn, version], help="closed-loop evaluation")
+    evaluate = sub.add_parser("evaluate", parents=[common, turn, version], help="closed-loop evaluation")
+    evaluate.add_argument("--in", dest="simulator", default="real", choices=["real", "neural"],
+                          help="the real simulator (default) or the world model's neural simulator")
     promote = sub.add_parser("promote", parents=[common, version], help="gate and roll out to Ray Serve")
     promote.add_argument("--no-serve", action="store_true")
     sub.add_parser("status", parents=[common], help="tables, registry and turns of a lake")
@@ -99,7 +101,7 @@ def _dispatch(args: argparse.Namespace) -> dict:
     if args.command == "train":
         return train.train_flow(**common, model=args.model, turn=args.turn)
     if args.command == "evaluate":
-        return evaluate.evaluate_flow(**common, version=args.version, turn=args.turn)
+        return evaluate.evaluate_flow(**common, version=args.version, turn=args.turn, simulator=args.simulator)
     if args.command == "promote":
         return promote.promote_flow(**common, version=args.version, serve=not args.no_serve)
     if args.command == "status":
@@ -174,7 +176,7 @@ def _render_curate(c: dict) -> str:
 
 def _render_turn(turn: dict) -> str:
     s = turn["stages"]
-    ev, pr = s["evaluate"]["results"], s["promote"]
+    ev, pr = s["evaluate"].get("results", {}), s["promote"]  # a screened-out candidate has no real results
     lines = [f"turn {turn['turn']}",
              f"  fleet       {s['fleet']['episodes']} episodes by {s['fleet']['driver']}, mean score "
              f"{s['fleet']['mean_score']:.3g}, {s['fleet']['interventions']} interventions  ({s['fleet']['wall_s']} s)",
@@ -183,12 +185,19 @@ def _render_turn(turn: dict) -> str:
              *_render_clips(s["curate"]),
              f"  world model v{s['train_world_model']['version']}, loss "
              f"{s['train_world_model']['metrics'].get('train_loss', float('nan')):.4f}  ({s['train_world_model']['wall_s']} s)",
+             *([f"  dynamics    v{s['train_dynamics']['version']}, loss "
+                f"{s['train_dynamics']['metrics'].get('train_loss', float('nan')):.4f}  ({s['train_dynamics']['wall_s']} s)"]
+               if "train_dynamics" in s else []),
              f"  synthesize  {s['synthesize']['generated']} variants: kept {s['synthesize']['kept']}, rejected "
              f"{s['synthesize']['rejected']}, +{s['synthesize']['synthetic_frames']} frames  ({s['synthesize']['wall_s']} s)",
              f"  policy      v{s['train_policy']['version']}, loss "
              f"{s['train_policy']['metrics'].get('train_loss', float('nan')):.4f}{_event_share(s['train_policy'])}"
              f"  ({s['train_policy']['wall_s']} s)",
              f"  evaluate    ({s['evaluate']['wall_s']} s)"]
+    if s["evaluate"].get("screen"):
+        sc = s["evaluate"]["screen"]
+        lines.append(f"    neural screen {'passed' if sc['passed'] else 'FAILED'}: candidate {sc['candidate']:.2f} vs "
+                     f"champion {sc['champion']:.2f} over {sc['n']} starts (margin {sc['margin']:g})")
     for role, r in ev.items():
         rates = ", ".join(f"{k.replace('_', '-')} {v:.2f}" for k, v in r["signal_rates"].items())
         rates = f"  share of steps: {rates}" if rates else ""

@@ -83,6 +83,9 @@ class TrainConfig:
     # batches a background thread makes ahead of each step (0: none). On a GPU the step no longer
     # waits on data; on 2 CPU cores the thread competes with the step (arm policy 226 s against 216 s)
     prefetch: int = 0
+    # a checkpoint (weights + optimizer + step) every this many steps; a run killed mid-way and
+    # started again with the same inputs resumes from the latest one (0: only at the end)
+    checkpoint_every: int = 200
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,11 @@ class EvalConfig:
     tasks: tuple[str, ...] = ()  # () = every task of the world; each task is evaluated on every seed
     parallelism: int = 2
     bootstrap: int = 10_000
+    # the neural simulator (`evaluate --in neural`, and the screen before real rollouts)
+    neural_starts: int = 16  # real starting windows cut from the lake (its val split, else train)
+    neural_horizon: int = 100  # steps each driver takes from a start
+    screen: bool = False  # screen a candidate against the champion in the neural simulator first
+    screen_margin: float = 0.0  # it passes unless its mean neural score is lower by more than this
 
 
 @dataclass(frozen=True)
@@ -161,7 +169,7 @@ def _tiny() -> FlywheelConfig:
         dynamics=replace(dynamics.preset("tiny"), image_size=32),
         policy=policy_model.preset("tiny"),
         train=replace(base.train, cpus_per_worker=0.5, synthetic_fraction=0.25),
-        eval=replace(base.eval, seeds=(1000, 1001), tasks=(), bootstrap=1000),
+        eval=replace(base.eval, seeds=(1000, 1001), tasks=(), bootstrap=1000, neural_starts=4, neural_horizon=8),
     )
 
 

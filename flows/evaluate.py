@@ -6,6 +6,14 @@ the safety driver in shadow mode: it never acts, it counts the takeovers it woul
 ("interventions needed"). Results go to the Lance `evaluations` table, one row per (model version,
 task, seed); a version already evaluated on a scene is not driven again, so the champion and the
 references (privileged expert, random policy) are driven once and reused by later turns.
+
+``simulator="neural"`` (``worldloop evaluate --in neural``) drives the candidate, the champion and
+the random policy in the neural simulator instead (``sim.neural``: the latest world model and
+dynamics model), from real starting windows of the lake; its scores go to the summary and the
+candidate's metrics (``neural_eval_*``), never to the `evaluations` table, which holds the real
+simulator's. With ``eval.screen`` a candidate is first compared with the champion there, and only
+one that passes is driven in the real simulator; one that fails is marked ``screened_out`` and the
+promote flow keeps the champion.
 """
 from __future__ import annotations
 
@@ -17,11 +25,13 @@ import pyarrow as pa
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.runtime import POLICY, Context, ensure_ray
+from flows.runtime import DYNAMICS, POLICY, WORLD_MODEL, Context, ensure_ray
 from sim import worlds
-from stages import adapters
+from stages import adapters, neural
 from stages.evaluate import paired, summarize
-from stages.schemas import EVALUATIONS
+from stages.schemas import EVALUATIONS, of_world
+
+SIMULATORS = ("real", "neural")
 
 REFERENCES = {"expert": {"kind": "expert", "noisy": False}, "random": {"kind": "random"}}
 
@@ -73,11 +83,54 @@ def evaluate_drivers(ctx: Context, drivers: dict[str, tuple[str, str]], turn: in
     return {role: [have[ids[(role, s)]] for s in seeds] for role in drivers}
 
 
+@task(name="neural-starts", cache_policy=NO_CACHE)
+def neural_starts(ctx: Context, turn: int, context: int) -> list:
+    """Starting windows for the neural simulator: real rows of the world, its val split when it has one."""
+    base = f"origin = 'real' AND {of_world(ctx.world_name)}"
+    light = ctx.lake.read("frames", columns=["episode_id", "step"], filter=f"{base} AND split = 'val'")
+    if light.num_rows == 0:
+        light = ctx.lake.read("frames", columns=["episode_id", "step"], filter=f"{base} AND split = 'train'")
+    spec = ctx.config.spec
+    picks = neural.pick_starts(light, n=ctx.config.eval.neural_starts, context=context,
+                               first_step=spec.warmup_steps, seed=turn)
+    if not picks:
+        raise ValueError(f"no real window of {context} steps in {ctx.world_uri} to start the neural simulator from")
+    windows = [ctx.lake.read("frames", columns=list(neural.WINDOW_COLUMNS),
+                             filter=f"{base} AND episode_id = '{e}' AND step > {t - context} AND step <= {t}")
+               for e, t in picks]
+    return neural.starts_from_windows(windows, picks, context=context, image_size=ctx.config.world.image_size,
+                                      task_names={t.instruction: t.name for t in spec.tasks})
+
+
+def evaluate_neural(ctx: Context, drivers: dict[str, tuple[str, str]], turn: int) -> dict[str, list[dict]]:
+    """Per-start rows for each role's driver in the neural simulator (rows as ``summarize`` reads them)."""
+    models = {}
+    for name in (WORLD_MODEL, DYNAMICS):
+        versions = ctx.registry.versions(name)
+        if not versions:
+            raise ValueError(f"no {name} in the registry: run `worldloop train --model {name}` first")
+        models[name] = {"kind": "policy", "registry_uri": ctx.world_uri, "storage_options": ctx.storage_options,
+                        "name": name, "version": versions[-1].version}
+    context = max(versions[-1].config["history"] for versions in map(ctx.registry.versions, (WORLD_MODEL, DYNAMICS)))
+    starts = neural_starts(ctx, turn, context)
+    out = adapters.neural_rollouts({role: _driver(ctx, *d) for role, d in drivers.items()}, starts,
+                                   world=ctx.config.world, models=models, horizon=ctx.config.eval.neural_horizon,
+                                   seed=turn)
+    return {role: [{"task": r["task"], "seed": r["seed"], "scene": f"{r['episode_id']}@{r['start_step']}",
+                    "score": r["score"], "success": r["success"], "steps": r["steps"], "interventions": 0,
+                    "signal_rates": json.dumps({k[:-5]: v for k, v in r.items() if k.endswith("_rate")})}
+                   for r in rows] for role, rows in out.items()}
+
+
 @flow(name="evaluate")
 def evaluate_flow(config: str = "default", lake: str = "./lake", landing: str = "./landing",
                   world: str = worlds.DEFAULT, overrides: list[str] | None = None,
-                  config_file: str | None = None, version: int | None = None, turn: int | None = None) -> dict:
-    """Evaluate a policy version (default: the latest) against the champion and the references."""
+                  config_file: str | None = None, version: int | None = None, turn: int | None = None,
+                  simulator: str = "real") -> dict:
+    """Evaluate a policy version (default: the latest) against the champion and the references, in the
+    real simulator or (``simulator="neural"``) in the world model's."""
+    if simulator not in SIMULATORS:
+        raise ValueError(f"simulator must be one of {SIMULATORS}, got {simulator!r}")
     ctx = Context.create(config=config, lake=lake, landing=landing, world=world, overrides=overrides,
                          config_file=config_file)
     ensure_ray()
@@ -89,23 +142,46 @@ def evaluate_flow(config: str = "default", lake: str = "./lake", landing: str = 
     if candidate is None:
         raise ValueError(f"policy version {version} is not in the registry")
     champion = ctx.registry.get(POLICY, alias="champion")
-    drivers = {"candidate": (POLICY, str(candidate.version)), "expert": ("expert", "privileged"),
-               "random": ("random", "uniform")}
+    drivers = {"candidate": (POLICY, str(candidate.version)), "random": ("random", "uniform")}
     if champion is not None and champion.version != candidate.version:
         drivers["champion"] = (POLICY, str(champion.version))
+    if simulator == "neural":
+        return _summary(ctx, candidate.version, evaluate_neural(ctx, drivers, turn), drivers, turn, "neural")
+    screened = None
+    if ctx.config.eval.screen and "champion" in drivers:
+        pair = evaluate_neural(ctx, {r: drivers[r] for r in ("candidate", "champion")}, turn)
+        screened = neural.screen([r["score"] for r in pair["candidate"]], [r["score"] for r in pair["champion"]],
+                                 margin=ctx.config.eval.screen_margin)
+        ctx.registry.update_metrics(POLICY, candidate.version, {"screened_out": not screened["passed"],
+                                                               "screen": screened})
+        if not screened["passed"]:
+            summary = {"stage": "evaluate", "turn": turn, "candidate_version": candidate.version,
+                       "screened_out": True, "screen": screened}
+            get_run_logger().info("evaluate: screened out in the neural simulator: %s", screened)
+            return summary
+    drivers["expert"] = ("expert", "privileged")
     rows = evaluate_drivers(ctx, drivers, turn)
+    return _summary(ctx, candidate.version, rows, drivers, turn, "real") | ({"screen": screened} if screened else {})
+
+
+def _summary(ctx: Context, version: int, rows: dict[str, list[dict]], drivers: dict, turn: int, simulator: str) -> dict:
+    """Per-role summaries, the candidate's paired comparison, and its metrics in the registry."""
     resamples = ctx.config.eval.bootstrap
     results = {role: dict(summarize(r, resamples=resamples), model=f"{drivers[role][0]}:{drivers[role][1]}")
                for role, r in rows.items()}
     reference = "champion" if "champion" in rows else "random"
-    scores = {role: {(r["task"], r["seed"]): r["score"] for r in rs} for role, rs in rows.items()}
+    key = ("task", "seed") if simulator == "real" else ("scene",)
+    scores = {role: {tuple(r[k] for k in key): r["score"] for r in rs} for role, rs in rows.items()}
     comparison = paired(scores["candidate"], scores[reference], resamples=resamples)
-    ctx.registry.update_metrics(POLICY, candidate.version, {
-        "eval_mean": results["candidate"]["mean"], "eval_ci95": results["candidate"]["ci95"],
-        "eval_seeds": list(ctx.config.eval_seeds), "eval_tasks": list(ctx.config.eval_tasks),
-        "eval_success_rate": results["candidate"]["success_rate"],
-        "eval_signal_rates": results["candidate"]["signal_rates"]})
-    summary = {"stage": "evaluate", "turn": turn, "candidate_version": candidate.version,
-               "reference": reference, "results": results, "comparison": comparison}
-    get_run_logger().info("evaluate: %s", {r: round(v["mean"], 1) for r, v in results.items()})
-    return summary
+    mine = results["candidate"]
+    if simulator == "neural":
+        metrics = {"neural_eval_mean": mine["mean"], "neural_eval_ci95": mine["ci95"], "neural_eval_starts": mine["n"],
+                   "neural_eval_diff": {reference: comparison["mean_diff"]}}
+    else:
+        metrics = {"eval_mean": mine["mean"], "eval_ci95": mine["ci95"], "eval_seeds": list(ctx.config.eval_seeds),
+                   "eval_tasks": list(ctx.config.eval_tasks), "eval_success_rate": mine["success_rate"],
+                   "eval_signal_rates": mine["signal_rates"]}
+    ctx.registry.update_metrics(POLICY, version, metrics)
+    get_run_logger().info("evaluate (%s simulator): %s", simulator, {r: round(v["mean"], 2) for r, v in results.items()})
+    return {"stage": "evaluate", "simulator": simulator, "turn": turn, "candidate_version": version,
+            "reference": reference, "results": results, "comparison": comparison}

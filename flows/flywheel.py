@@ -1,5 +1,6 @@
-"""The flywheel flow: one or more whole turns — fleet, curate, post-train the world model,
-synthesize, post-train the policy, evaluate, promote — each stage a Prefect subflow.
+"""The flywheel flow: one or more whole turns — fleet, curate, post-train the world model (its
+generator and its dynamics model), synthesize, post-train the policy, evaluate, promote — each stage
+a Prefect subflow.
 
 From turn 1 on, the fleet is driven by the served champion. A finished turn is recorded in the
 `turns` table and every lake table is tagged `turn-N`, so any turn's data can be read back.
@@ -18,7 +19,7 @@ from flows.curate import curate_flow
 from flows.evaluate import evaluate_flow
 from flows.fleet import fleet_flow
 from flows.promote import promote_flow, serve_champion
-from flows.runtime import POLICY, WORLD_MODEL, Context, ensure_ray
+from flows.runtime import DYNAMICS, POLICY, WORLD_MODEL, Context, ensure_ray
 from flows.synthesize import synthesize_flow
 from flows.train import train_flow
 from sim import worlds
@@ -67,6 +68,7 @@ def flywheel_flow(config: str = "default", lake: str = "./lake", landing: str = 
         _timed(stages, turn, "fleet", fleet_flow, **common, turn=turn, endpoint=endpoint)
         _timed(stages, turn, "curate", curate_flow, **common, turn=turn)
         _timed(stages, turn, "train_world_model", train_flow, **common, model=WORLD_MODEL, turn=turn)
+        _timed(stages, turn, "train_dynamics", train_flow, **common, model=DYNAMICS, turn=turn)
         _timed(stages, turn, "synthesize", synthesize_flow, **common, turn=turn)
         policy = _timed(stages, turn, "train_policy", train_flow, **common, model=POLICY, turn=turn)
         _timed(stages, turn, "evaluate", evaluate_flow, **common, version=policy["version"], turn=turn)

@@ -68,10 +68,15 @@ def promote_flow(config: str = "default", lake: str = "./lake", landing: str = "
     candidate = ctx.registry.get(POLICY, version=version) if version is not None else versions[-1]
     champion = ctx.registry.get(POLICY, alias="champion")
     cand = scores(ctx, POLICY, str(candidate.version))
-    if len(cand) < len(ctx.config.eval_seeds) * len(ctx.config.eval_tasks):
+    screened = candidate.metrics.get("screened_out") and candidate.metrics.get("screen")
+    if not screened and len(cand) < len(ctx.config.eval_seeds) * len(ctx.config.eval_tasks):
         raise ValueError(f"policy v{candidate.version} is not evaluated on all held-out scenes: "
                          f"run `worldloop evaluate --version {candidate.version}` first")
-    if champion is not None and champion.version == candidate.version:
+    if screened:
+        decision = {"promote": False, "reason": f"candidate screened out in the neural simulator: mean score "
+                    f"{screened['candidate']:.2f} vs the champion's {screened['champion']:.2f} over "
+                    f"{screened['n']} starts (margin {screened['margin']:g}); not driven in the real simulator"}
+    elif champion is not None and champion.version == candidate.version:
         decision = {"promote": False, "reason": "candidate is already the champion"}
     elif champion is not None:
         decision = gate(paired(cand, scores(ctx, POLICY, str(champion.version))), reference_role="champion")

@@ -51,7 +51,8 @@ def run_training(ctx: Context, kind: str, turn: int, init_dir: str | None, run_n
         filter=None if kind == POLICY and not moving else "origin = 'real'", seed=turn,
         state_index=spec.policy_state_index.tolist(), run_name=run_name or f"{kind}-turn{turn}",
         clips_uri=ctx.lake.table_uri("clips") if weighted else None, duplicate_weight=t.duplicate_weight,
-        world=spec.name, prefetch=t.prefetch)
+        world=spec.name, prefetch=t.prefetch, checkpoint_every=t.checkpoint_every,
+        data_version=json.dumps({n: ctx.lake.version(n) for n in ("frames", "clips") if ctx.lake.exists(n)}))
 
 
 @flow(name="train")

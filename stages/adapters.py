@@ -56,6 +56,23 @@ def _load_policy(directory: str, created_at: str):
     return policy_model.load(directory)
 
 
+def _registered(spec: dict) -> tuple[str, Any]:
+    """(local directory, model version) of the registry version a driver spec names."""
+    from stages.registry import Registry
+
+    registry = Registry(spec["registry_uri"], storage_options=spec.get("storage_options"))
+    mv = registry.get(spec["name"], version=spec["version"])
+    if mv is None:
+        raise ValueError(f"{spec['name']} version {spec['version']} is not in the registry at {spec['registry_uri']}")
+    return registry.fetch(mv), mv
+
+
+def _registered_policy(spec: dict):
+    """(policy, "name:vN") of a ``{"kind": "policy", ...}`` driver spec."""
+    directory, mv = _registered(spec)
+    return _load_policy(directory, mv.created_at.isoformat()), f"{spec['name']}:v{mv.version}"
+
+
 def _build_driver(spec: dict, world):
     """A driver from a picklable spec: expert (noisy or not) | random | policy (registry) | endpoint (HTTP)."""
     from sim import rollout
@@ -66,15 +83,9 @@ def _build_driver(spec: dict, world):
     if kind == "random":
         return world.random_driver()
     if kind == "policy":
-        from stages.registry import Registry
-
-        registry = Registry(spec["registry_uri"], storage_options=spec.get("storage_options"))
-        mv = registry.get(spec["name"], version=spec["version"])
-        if mv is None:
-            raise ValueError(f"{spec['name']} version {spec['version']} is not in the registry at {spec['registry_uri']}")
-        model = _load_policy(registry.fetch(mv), mv.created_at.isoformat())
+        model, version = _registered_policy(spec)
         return rollout.PolicyDriver(_policy_act(model), history=model.config.history, name="policy",
-                                    policy_version=f"{spec['name']}:v{mv.version}")
+                                    policy_version=version)
     if kind == "endpoint":
         from serving.client import ActClient
 
@@ -149,3 +160,43 @@ def synthesize_batches(model_dir: str, batches: list[dict], *, world: dict, para
     items = list(enumerate(batches))
     done = pool.map(lambda a, item: a.synthesize.remote(item[1], **params, seed=seed + item[0]), items)
     return [variant for variants in done for variant in variants]
+
+
+@ray.remote(num_cpus=ROLLOUT_CPUS)
+def _neural_rollouts(drivers: dict[str, dict], starts: list, *, world: dict, models: dict[str, dict], horizon: int,
+                     seed: int) -> dict[str, list[dict]]:
+    import torch
+
+    from models import dynamics, world_model
+    from sim import neural, worlds
+    from sim.worlds.base import WorldConfig
+
+    torch.set_num_threads(ROLLOUT_CPUS)
+    w = worlds.get(WorldConfig(**world))
+    sim = neural.NeuralSim(world_model.load(_registered(models["world_model"])[0]),
+                           dynamics.load(_registered(models["dynamics"])[0]), w.spec, seed=seed)
+    out = {}
+    for role, spec in drivers.items():
+        if spec["kind"] == "policy":
+            model = _registered_policy(spec)[0]
+            act, history = _policy_act(model), model.config.history
+        elif spec["kind"] == "random":
+            rng = np.random.default_rng(seed)
+            act = lambda frames, state, tasks: rng.uniform(w.spec.action_low, w.spec.action_high,  # noqa: E731
+                                                           (len(frames), len(w.spec.actions))).astype(np.float32)
+            history = 1
+        else:
+            raise ValueError(f"a {spec['kind']} driver cannot drive in the neural simulator (it reads the real one)")
+        out[role] = neural.run_policy(sim, starts, lambda obs: act(obs["frames"][:, -history:], obs["state"],
+                                                                   obs["tasks"]), horizon=horizon)
+    return out
+
+
+def neural_rollouts(drivers: dict[str, dict], starts: list, *, world, models: dict[str, dict], horizon: int,
+                    seed: int = 0) -> dict[str, list[dict]]:
+    """Each driver (a policy or random driver spec, by role) driven ``horizon`` steps from every
+    start in the neural simulator of the registered world model and dynamics model (``models``:
+    {"world_model": spec, "dynamics": spec}, registry specs as the policy's), in one Ray task;
+    one summary row per start and role (``sim.neural.run_policy``)."""
+    return ray.get(_neural_rollouts.remote(drivers, starts, world=dataclasses.asdict(world), models=models,
+                                           horizon=horizon, seed=seed))

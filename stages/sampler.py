@@ -54,7 +54,12 @@ def window_weights(episode: np.ndarray, step: np.ndarray, clips: pa.Table, *,
 
 class _Pool:
     """Window ids drawn without replacement, reshuffled each time the pool is exhausted; with
-    ``weights``, drawn independently with probability proportional to their weight."""
+    ``weights``, drawn independently with probability proportional to their weight.
+
+    ``draw(n, at=(key, position))`` draws the same ids whatever was drawn before: positions
+    ``position .. position + n - 1`` of a stream of permutations seeded by ``key`` and the epoch
+    (weighted pools: a choice seeded by ``key`` and ``position``), so a resumed run draws what the
+    interrupted one would have."""
 
     def __init__(self, ids: np.ndarray, rng: np.random.Generator, weights: np.ndarray | None = None) -> None:
         self.ids, self.rng, self.order, self.cursor = ids, rng, ids[:0], 0
@@ -64,7 +69,9 @@ class _Pool:
                 raise ValueError(f"all {len(ids)} windows of a sampling pool weigh 0")
             self.p = weights / weights.sum()
 
-    def draw(self, n: int) -> np.ndarray:
+    def draw(self, n: int, at: tuple[list[int], int] | None = None) -> np.ndarray:
+        if at is not None:
+            return self._draw_at(n, *at)
         if self.p is not None:
             return self.rng.choice(self.ids, size=n, p=self.p)
         out: list[np.ndarray] = []
@@ -76,6 +83,19 @@ class _Pool:
             n -= len(take)
             out.append(take)
         return np.concatenate(out) if out else self.ids[:0]
+
+    def _draw_at(self, n: int, key: list[int], position: int) -> np.ndarray:
+        if self.p is not None:
+            return np.random.default_rng([*key, position]).choice(self.ids, size=n, p=self.p)
+        if not len(self.ids) or n <= 0:
+            return self.ids[:0]
+        positions = np.arange(position, position + n)
+        out = np.empty(n, self.ids.dtype)
+        for epoch in np.unique(positions // len(self.ids)):
+            here = positions // len(self.ids) == epoch
+            order = np.random.default_rng([*key, int(epoch)]).permutation(self.ids)
+            out[here] = order[positions[here] % len(self.ids)]
+        return out
 
 
 def history_slots(episode: np.ndarray, step: np.ndarray, history: int) -> tuple[np.ndarray, np.ndarray]:
@@ -154,6 +174,7 @@ class HistorySampler:
         if clips is not None:
             weights = window_weights(episode, step, clips, duplicate_weight=duplicate_weight)[ids]
         rng = np.random.default_rng([seed, rank])
+        self._key = [seed, rank]
         self._all = _Pool(np.arange(len(ids)), rng, weights)
         self._real = _Pool(np.flatnonzero(~synthetic), rng, None if weights is None else weights[~synthetic])
         self._synthetic = _Pool(np.flatnonzero(synthetic), rng, None if weights is None else weights[synthetic])
@@ -182,21 +203,27 @@ class HistorySampler:
     def __len__(self) -> int:
         return len(self._rows)
 
-    def _draw(self, batch_size: int, synthetic_fraction: float | None) -> np.ndarray:
+    def _draw(self, batch_size: int, synthetic_fraction: float | None, step: int | None) -> np.ndarray:
+        def at(pool: int, n: int) -> tuple[list[int], int] | None:
+            return None if step is None else ([*self._key, pool], step * n)
         if synthetic_fraction is None or self.n_synthetic == 0 or self.n_real == 0:
-            return self._all.draw(batch_size)
+            return self._all.draw(batch_size, at(0, batch_size))
         if not 0.0 <= synthetic_fraction <= 1.0:
             raise ValueError(f"synthetic_fraction must be in [0, 1], got {synthetic_fraction}")
         n_syn = int(round(batch_size * synthetic_fraction))
-        return np.concatenate([self._synthetic.draw(n_syn), self._real.draw(batch_size - n_syn)])
+        return np.concatenate([self._synthetic.draw(n_syn, at(1, n_syn)),
+                               self._real.draw(batch_size - n_syn, at(2, batch_size - n_syn))])
 
-    def batch(self, batch_size: int, *, synthetic_fraction: float | None = None) -> dict[str, np.ndarray]:
+    def batch(self, batch_size: int, *, synthetic_fraction: float | None = None,
+              step: int | None = None) -> dict[str, np.ndarray]:
         """A random batch: frames_BKHWC uint8, label_B3, action_B3 float32 (+ next_BHWC).
 
         ``synthetic_fraction`` of the batch comes from windows ending on synthetic rows
-        (None: the natural proportion; all real when there are no synthetic rows).
+        (None: the natural proportion; all real when there are no synthetic rows). With ``step``
+        the batch depends only on the sampler's seed, rank and that step (a resumed training run
+        draws the batches the interrupted one would have); without, batches follow one stream.
         """
-        picks = self._draw(batch_size, synthetic_fraction)
+        picks = self._draw(batch_size, synthetic_fraction, step)
         rows = self._rows[picks]
         with_next = self.require_next or self.sequence
         wanted = [rows.reshape(-1), rows[:, -1]] + ([self._next[picks]] if with_next else [])

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import hashlib
+import json
 import os
 import tempfile
 import time
@@ -26,6 +29,7 @@ from stages.schemas import of_world
 # each ray.train.report waits for the controller's next poll (about 2 s on Ray Train v2, measured):
 # a short run reports every REPORT_MIN_STEPS steps at most, not every tenth of its steps
 REPORT_MIN_STEPS = 25
+TRAINER_STATE = "trainer_state.pt"  # optimizer, schedule and step beside the weights of a mid-run checkpoint
 # kind -> (module path, model class, what the sampler adds to a window: "next" frame or the "sequence")
 MODEL_KINDS = {"policy": ("models.policy", "Policy", ""), "world_model": ("models.world_model", "WorldModel", "next"),
                "dynamics": ("models.dynamics", "Dynamics", "sequence")}
@@ -109,18 +113,55 @@ def _where(cfg: dict[str, Any], split: str, base: str | None) -> str:
     return " AND ".join(c for c in clauses if c)
 
 
+def _step_seed(seed: int, rank: int, step: int) -> int:
+    """The torch seed of one step on one rank: the step's noise does not depend on what ran before."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
+
+
+def _report(metrics: dict, rank: int, save=None) -> None:
+    """``ray.train.report`` with a checkpoint that rank 0 writes with ``save(directory)``, if any."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0 and save is not None:
+            save(tmp)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
 def train_loop(cfg: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker."""
+    """Runs on every Ray Train worker.
+
+    Every ``checkpoint_every`` steps rank 0 reports a checkpoint holding the weights and the
+    training state (optimizer, schedule, step: ``TRAINER_STATE``); a run started again under the
+    same name and storage resumes from the latest one (``ray.train.get_checkpoint``). Each step's
+    batch and noise depend only on the seed, the rank and the step, so a resumed run ends where
+    an uninterrupted one does. The final checkpoint holds the weights alone.
+    """
     import ray.train
     import ray.train.torch
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(cfg["threads"])))
-    torch.manual_seed(cfg["seed"] + rank)
     device = ray.train.torch.get_device()
-    model = _build(cfg["kind"], cfg["model_config"], cfg.get("init_dir"))
-    hp = cfg["model_config"]
+    module, hp = _model_module(cfg["kind"]), cfg["model_config"]
+    steps, per_worker = cfg["steps"], max(1, hp["batch_size"] // world)
+    resumed, first = ray.train.get_checkpoint(), 0
+    state = None
+    if resumed is not None:
+        with resumed.as_directory() as directory:
+            model = module.load(directory).train()
+            if os.path.exists(os.path.join(directory, TRAINER_STATE)):
+                state = torch.load(os.path.join(directory, TRAINER_STATE), weights_only=True)
+        if state is None:  # the run had finished: its final weights are the result
+            _report({"step": steps, "resumed_from": steps}, rank, lambda tmp: module.save(model, tmp))
+            return
+        first = int(state["step"])
+    else:
+        torch.manual_seed(cfg["seed"] + rank)
+        model = _build(cfg["kind"], hp, cfg.get("init_dir"))
     wrapped = ray.train.torch.prepare_model(_LossModule(model, cfg["kind"], cfg["state_index"]))
     sampler = HistorySampler(
         cfg["frames_uri"], history=hp["history"], storage_options=cfg["storage_options"],
@@ -128,17 +169,29 @@ def train_loop(cfg: dict[str, Any]) -> None:
         seed=cfg["seed"], require_next=cfg["require_next"], clips_uri=cfg["clips_uri"],
         duplicate_weight=cfg["duplicate_weight"], image_size=hp["image_size"], sequence=cfg["sequence"])
     opt = torch.optim.AdamW(wrapped.parameters(), lr=hp["lr"], weight_decay=hp.get("weight_decay", 0.0))
-    steps, per_worker = cfg["steps"], max(1, hp["batch_size"] // world)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp["lr"], total_steps=steps, pct_start=0.1)
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+    drawing = iter(range(first, steps))
+
     def draw() -> dict[str, Any]:
-        return sampler.batch(per_worker, synthetic_fraction=cfg["synthetic_fraction"])
+        return sampler.batch(per_worker, synthetic_fraction=cfg["synthetic_fraction"], step=next(drawing))
+
+    def save(directory: str, done: int) -> None:
+        module.save(model, directory)
+        torch.save({"step": done, "optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
+                   os.path.join(directory, TRAINER_STATE))
     # one thread draws the batches in the order the loop would (the same batches), each while the
     # step before it runs: Lance takes and frame decoding release the GIL
-    batches = Prefetcher(draw, depth=cfg["prefetch"], count=steps) if cfg["prefetch"] else \
-        (draw() for _ in range(steps))
+    count = steps - first
+    batches = Prefetcher(draw, depth=cfg["prefetch"], count=count) if cfg["prefetch"] else \
+        (draw() for _ in range(count))
     report_every, start, running = max(REPORT_MIN_STEPS, steps // 10), time.perf_counter(), []
+    every = cfg["checkpoint_every"]
     with contextlib.closing(batches):
-        for step, drawn in enumerate(batches):
+        for step, drawn in enumerate(batches, start=first):
+            torch.manual_seed(_step_seed(cfg["seed"], rank, step))
             loss = wrapped(_to_torch(drawn, device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -146,25 +199,22 @@ def train_loop(cfg: dict[str, Any]) -> None:
             opt.step()
             sched.step()
             running.append(float(loss.detach()))
-            last = step == steps - 1
-            if (step + 1) % report_every and not last:
+            last, keep = step == steps - 1, every > 0 and (step + 1) % every == 0
+            if (step + 1) % report_every and not last and not keep:
                 continue
             elapsed = time.perf_counter() - start
             metrics = {"step": step + 1, "loss": sum(running) / len(running),
-                       "samples_per_s": (step + 1) * per_worker * world / elapsed, "wall_s": elapsed}
+                       "samples_per_s": (step + 1 - first) * per_worker * world / elapsed, "wall_s": elapsed}
+            if first:
+                metrics["resumed_from"] = first
             if sampler.event_share is not None:
                 metrics.update(event_share=sampler.event_share, event_share_natural=sampler.event_share_natural)
             running = []
             if not last:
-                ray.train.report(metrics)
+                _report(metrics, rank, functools.partial(save, done=step + 1) if keep else None)
                 continue
             metrics["val_loss"] = _validate(model, cfg, device) if rank == 0 else None
-            with tempfile.TemporaryDirectory() as tmp:
-                checkpoint = None
-                if rank == 0:
-                    _model_module(cfg["kind"]).save(model, tmp)
-                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
-                ray.train.report(metrics, checkpoint=checkpoint)
+            _report(metrics, rank, lambda tmp: module.save(model, tmp))
 
 
 @torch.no_grad()
@@ -193,7 +243,8 @@ def train_model(kind: str, *, frames_uri: str, model_config, storage_path: str, 
                 use_gpu: bool = False, synthetic_fraction: float | None = None, init_dir: str | None = None,
                 filter: str | None = None, seed: int = 0, run_name: str | None = None,
                 clips_uri: str | None = None, duplicate_weight: float = 0.0,
-                state_index: list[int] | None = None, world: str = "", prefetch: int = 0) -> dict:
+                state_index: list[int] | None = None, world: str = "", prefetch: int = 0,
+                checkpoint_every: int = 0, data_version: str = "") -> dict:
     """Train `kind` on the frames table with a TorchTrainer; returns metrics and the checkpoint dir.
 
     With ``clips_uri`` training windows are drawn by the clips' weights (event clips oversampled,
@@ -202,8 +253,13 @@ def train_model(kind: str, *, frames_uri: str, model_config, storage_path: str, 
     (the world's ``policy_state``). ``world``: only rows of that world (a lake's frames table also
     holds the foreign logs curated into it); frames are resized to the model's ``image_size``.
     ``prefetch``: batches a background thread makes ahead of the step that will use them.
+
+    Resumable: the run is named ``{run_name or kind}-{digest}``, the digest of every input (config,
+    data, ``data_version``: the tables' versions, seed, ...), and checkpoints every
+    ``checkpoint_every`` steps (0: only at the end); the same call after a crash or a kill resumes
+    from its latest checkpoint and ends with the weights an uninterrupted run would have.
     """
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     _model_module(kind)  # validates the kind
@@ -216,14 +272,16 @@ def train_model(kind: str, *, frames_uri: str, model_config, storage_path: str, 
         "seed": seed, "require_next": adds == "next", "sequence": adds == "sequence",
         "threads": max(1, int(cpus_per_worker)),
         "clips_uri": clips_uri, "duplicate_weight": duplicate_weight, "state_index": list(state_index or []),
-        "world": world, "prefetch": int(prefetch),
+        "world": world, "prefetch": int(prefetch), "checkpoint_every": int(checkpoint_every),
+        "data_version": data_version,
     }
+    digest = hashlib.sha256(json.dumps(loop_config, sort_keys=True, default=str).encode()).hexdigest()[:12]
     trainer = TorchTrainer(
         train_loop, train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker}),
-        run_config=RunConfig(name=run_name or f"{kind}-{int(time.time())}",
-                             storage_path=os.path.abspath(storage_path)),
+        run_config=RunConfig(name=f"{run_name or kind}-{digest}", storage_path=os.path.abspath(storage_path),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     result = trainer.fit()
     if result.checkpoint is None:

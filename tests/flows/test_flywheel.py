@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401 -- pa.compute
@@ -12,7 +13,9 @@ import pytest
 import requests
 
 from flows.curate import curate_flow
+from flows.evaluate import evaluate_flow
 from flows.flywheel import flywheel_flow
+from flows.promote import promote_flow
 from flows.runtime import Context
 from stages import images
 from tests.conftest import free_port
@@ -93,6 +96,36 @@ def test_models_are_registered_with_lineage(turn):
         saved = json.load(f)
     assert saved["flywheel"]["name"] == "tiny" and saved["lineage"]["turn"] == 0
     assert registry.versions("world_model")
+    spec = turn["ctx"].config.spec  # the dynamics model takes the world's shapes and signal names
+    dynamics = registry.versions("dynamics")[-1]
+    assert dynamics.config["signals"] == list(spec.signals) and dynamics.config["state_dim"] == len(spec.state_names)
+    assert dynamics.config["action_dim"] == len(spec.actions) and "train_loss" in dynamics.metrics
+
+
+def test_neural_simulator_evaluates_and_screens(turn, tmp_path):
+    """`evaluate --in neural` drives policies in the world model from the lake's real windows; with
+    `eval.screen` a candidate that fails there is never driven in the real simulator nor promoted."""
+    lake = tmp_path / "lake"
+    shutil.copytree(turn["lake"], lake)  # this test registers a version: on a copy of the turn's lake
+    common = {k: turn[k] for k in ("config", "landing", "world")} | {"lake": str(lake)}
+    overrides = turn["overrides"] or []
+    ctx = Context.create(**common, overrides=overrides)
+    champion = ctx.registry.get("policy", alias="champion")
+    twin = ctx.registry.register("policy", ctx.registry.fetch(champion), kind="policy")
+    out = evaluate_flow(**common, overrides=overrides, simulator="neural")
+    assert out["simulator"] == "neural" and set(out["results"]) == {"candidate", "champion", "random"}
+    assert out["candidate_version"] == twin.version and out["results"]["candidate"]["n"] == ctx.config.eval.neural_starts
+    # the same weights from the same starts under the same sampling noise score the same
+    assert out["comparison"]["mean_diff"] == 0.0 and out["reference"] == "champion"
+    assert ctx.registry.get("policy", version=twin.version).metrics["neural_eval_starts"] == 4
+    real_rows = ctx.lake.count("evaluations")
+    strict = [*overrides, "eval.screen=true", "eval.screen_margin=-1"]  # must beat the champion by 1
+    screened = evaluate_flow(**common, overrides=strict)
+    assert screened["screened_out"] and screened["screen"]["mean_diff"] == 0.0
+    assert ctx.lake.count("evaluations") == real_rows  # no real-simulator time was spent on it
+    decision = promote_flow(**common, overrides=strict, serve=False)
+    assert not decision["promote"] and "screened out in the neural simulator" in decision["reason"]
+    assert ctx.registry.get("policy", alias="champion").version == champion.version
 
 
 def test_evaluation_is_paired_and_gated(turn):

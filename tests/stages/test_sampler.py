@@ -23,6 +23,7 @@ def coded_episode(index: int, length: int) -> dict:
     actions = np.column_stack([np.full(length, index), steps, np.zeros(length)]).astype(np.float32)
     states = np.column_stack([np.full(length, index), steps]).astype(np.float32) - 0.25
     return {"frames": frames, "actions": actions, "labels": actions + 0.5, "states": states,
+            "rewards": (100 * index + steps).astype(np.float32), "signals": {"odd": steps % 2 == 1},
             "instruction": f"task {index}", "timestamps_ns": steps.astype(np.int64) * 20_000_000}
 
 
@@ -90,6 +91,27 @@ def test_require_next(frames_uri):
     next_episode, next_step = decode(batch["next_BHWC"])
     np.testing.assert_array_equal(next_episode, end_episode)
     np.testing.assert_array_equal(next_step, end_step + 1)
+
+
+def test_sequence_windows_carry_every_slot_and_the_row_after(frames_uri):
+    sampler = HistorySampler(frames_uri, history=3, sequence=True, seed=5)
+    assert len(sampler) == sum(max(0, n - 2) for _, n, _ in EPISODES)  # whole windows only: no padding
+    batch = sampler.batch(64)
+    episode, step = decode(batch["frames_BKHWC"])
+    np.testing.assert_array_equal(step, step[:, :1] + np.arange(3))
+    assert (episode == episode[:, :1]).all()
+    np.testing.assert_array_equal(batch["action_BKA"][..., 1], step)
+    np.testing.assert_array_equal(batch["state_BKS"], np.stack([episode, step], -1) - 0.25)
+    np.testing.assert_array_equal(batch["reward_BK"], 100 * episode + step)
+    assert [[("odd" in s) for s in row] for row in batch["signals_BK"]] == (step % 2 == 1).tolist()
+    length = dict((i, n) for i, n, _ in EPISODES)
+    last = np.array([[length[e] - 1 for e in row] for row in episode])
+    np.testing.assert_array_equal(batch["done_BK"], step == last)
+    np.testing.assert_array_equal(batch["has_next_B"], step[:, -1] < last[:, -1])
+    after = batch["has_next_B"]
+    np.testing.assert_array_equal(batch["next_state_BS"][after], np.stack([episode[after, -1], step[after, -1] + 1], -1) - 0.25)
+    assert [("odd" in s) for s in batch["next_signals_B"][after]] == ((step[after, -1] + 1) % 2 == 1).tolist()
+    assert batch["done_BK"].any() and not batch["has_next_B"].all()
 
 
 def test_synthetic_fraction(frames_uri):
