@@ -1,7 +1,7 @@
 """`worldloop`: run the flywheel, or any one stage, from the command line.
 
     worldloop run --turns 1 --config default      # whole turns
-    worldloop fleet | curate | synthesize | train | evaluate | promote   # one stage each
+    worldloop fleet | curate | synthesize | train | evaluate | ablate | promote   # one stage each
     worldloop serve                               # keep the champion's endpoint up
 
 Every command takes --lake and --landing (local paths or s3:// URIs; credentials come from the
@@ -72,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("evaluate", parents=[common, turn, version], help="closed-loop evaluation")
     evaluate.add_argument("--in", dest="simulator", default="real", choices=["real", "neural"],
                           help="the real simulator (default) or the world model's neural simulator")
+    ablate = sub.add_parser("ablate", parents=[common, turn],
+                            help="does the lake's synthetic data help? real-only vs real + synthetic policies")
+    ablate.add_argument("--seeds", type=int, default=3, help="training seeds per arm")
     promote = sub.add_parser("promote", parents=[common, version], help="gate and roll out to Ray Serve")
     promote.add_argument("--no-serve", action="store_true")
     sub.add_parser("status", parents=[common], help="tables, registry and turns of a lake")
@@ -85,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
 def _dispatch(args: argparse.Namespace) -> dict:
     if args.command == "worlds":
         return _worlds()
-    from flows import curate, evaluate, fleet, flywheel, promote, synthesize, train
+    from flows import ablate, curate, evaluate, fleet, flywheel, promote, synthesize, train
 
     common = {"config": args.config, "lake": args.lake, "landing": args.landing, "world": args.world,
               "overrides": args.overrides or None, "config_file": args.config_file}
@@ -102,6 +105,8 @@ def _dispatch(args: argparse.Namespace) -> dict:
         return train.train_flow(**common, model=args.model, turn=args.turn)
     if args.command == "evaluate":
         return evaluate.evaluate_flow(**common, version=args.version, turn=args.turn, simulator=args.simulator)
+    if args.command == "ablate":
+        return ablate.ablate_flow(**common, seeds=args.seeds, turn=args.turn)
     if args.command == "promote":
         return promote.promote_flow(**common, version=args.version, serve=not args.no_serve)
     if args.command == "status":
@@ -122,7 +127,7 @@ def _status(args: argparse.Namespace) -> dict:
                          overrides=args.overrides or None, config_file=args.config_file)
     tables = {name: {"rows": ctx.lake.count(name), "version": ctx.lake.version(name),
                      "tags": sorted(ctx.lake.tags(name))}
-              for name in ("episodes", "frames", "clips", "rejects", "sources", "evaluations", "turns")
+              for name in ("episodes", "frames", "clips", "rejects", "sources", "evaluations", "ablations", "turns")
               if ctx.lake.exists(name)}
     models = {}
     for name in (*MODELS, "reasoner"):
@@ -193,6 +198,7 @@ def _render_turn(turn: dict) -> str:
              f"  policy      v{s['train_policy']['version']}, loss "
              f"{s['train_policy']['metrics'].get('train_loss', float('nan')):.4f}{_event_share(s['train_policy'])}"
              f"  ({s['train_policy']['wall_s']} s)",
+             *([f"    synthetic frames {s['train_policy']['synthetic']['reason']}"] if "synthetic" in s["train_policy"] else []),
              f"  evaluate    ({s['evaluate']['wall_s']} s)"]
     if s["evaluate"].get("screen"):
         sc = s["evaluate"]["screen"]

@@ -56,10 +56,13 @@ def _driver(ctx: Context, name: str, version: str) -> dict:
 
 
 @task(name="closed-loop-rollouts", cache_policy=NO_CACHE)
-def evaluate_drivers(ctx: Context, drivers: dict[str, tuple[str, str]], turn: int) -> dict[str, list[dict]]:
+def evaluate_drivers(ctx: Context, drivers: dict[str, tuple[str, str]], turn: int,
+                     specs: dict[str, dict] | None = None) -> dict[str, list[dict]]:
     """Per-seed rows for each role's driver: from the table where present, else by driving.
 
-    All missing (driver, seed) rollouts share one pool, so no driver waits for another's tail.
+    A driver is (model name, version): a reference, a registered policy, or the driver spec
+    ``specs[role]`` gives (an unregistered checkpoint). All missing (driver, seed) rollouts share
+    one pool, so no driver waits for another's tail.
     """
     seeds = scenes(ctx)
     ids = {(role, s): eval_id(ctx, name, version, s) for role, (name, version) in drivers.items() for s in seeds}
@@ -69,7 +72,9 @@ def evaluate_drivers(ctx: Context, drivers: dict[str, tuple[str, str]], turn: in
         have = {r["eval_id"]: r for r in ctx.lake.read("evaluations", filter=f"eval_id IN ({quoted})").to_pylist()}
     missing = [(role, s) for (role, s), i in ids.items() if i not in have]
     if missing:
-        results = adapters.run_rollouts([s for _, s in missing], spec=[_driver(ctx, *drivers[r]) for r, _ in missing],
+        given = specs or {}
+        results = adapters.run_rollouts([s for _, s in missing], spec=[given.get(r) or _driver(ctx, *drivers[r])
+                                                                       for r, _ in missing],
                                         world=ctx.config.world, safety="shadow", storage_options=ctx.storage_options,
                                         parallelism=ctx.config.eval.parallelism, desc="evaluate")
         now = datetime.now(timezone.utc)

@@ -7,6 +7,7 @@ parent version and the git commit; the resolved config is saved beside the weigh
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 
@@ -34,15 +35,47 @@ def warm_start(ctx: Context, kind: str, config: dict):
     return mv if mv is not None and _same(mv.config, config) else None
 
 
+def moving_state(spec) -> bool:
+    """Whether the policy reads state that changes within an episode: synthetic rows know only the
+    static part of the state (``stages.synthesize.variant_states``), so such a policy trains on real rows."""
+    return any(name not in spec.static_state for name in spec.policy_state)
+
+
+def recipe_digest(ctx: Context) -> str:
+    """What makes two ablations comparable: the policy's config and the synthetic share."""
+    recipe = {"policy": dataclasses.asdict(ctx.config.policy), "synthetic_fraction": ctx.config.train.synthetic_fraction}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def synthetic_verdict(ctx: Context) -> dict:
+    """Whether the policy may train on synthetic frames: {"use": bool, "reason": str, "ablation": row}."""
+    if ctx.config.train.synthetic_fraction <= 0:
+        return {"use": False, "reason": "train.synthetic_fraction is 0"}
+    if moving_state(ctx.config.spec):
+        return {"use": False, "reason": "left out: the policy reads state that synthetic frames do not carry"}
+    if not ctx.config.synth.require_lift:
+        return {"use": True, "reason": "synth.require_lift is off: synthetic frames are used without an ablation"}
+    rows = [] if not ctx.lake.exists("ablations") else ctx.lake.read(
+        "ablations", filter=f"world = '{ctx.world_name}' AND recipe = '{recipe_digest(ctx)}'").to_pylist()
+    if not rows:
+        return {"use": False, "reason": "left out: no ablation of this recipe on this lake has shown a lift yet "
+                                        "(run `worldloop ablate`)"}
+    last = max(rows, key=lambda r: r["created_at"])
+    last["created_at"] = last["created_at"].isoformat()
+    shown = (f"{last['mean_diff']:+.3g} (95% CI {last['ci_low']:+.3g} .. {last['ci_high']:+.3g}) over "
+             f"{last['scenes']} scenes x {last['seeds']} seeds, turn {last['turn']}")
+    if last["ci_low"] > 0:
+        return {"use": True, "reason": f"used: the latest ablation shows a lift of {shown}", "ablation": last}
+    return {"use": False, "reason": f"left out: the latest ablation shows no lift, {shown}", "ablation": last}
+
+
 @task(name="ray-train", cache_policy=NO_CACHE)
 def run_training(ctx: Context, kind: str, turn: int, init_dir: str | None, run_name: str | None = None) -> dict:
     t = ctx.config.train
     model_config = getattr(ctx.config, kind)
     weighted = kind == POLICY and t.oversample_events and ctx.lake.exists("clips")
     spec = ctx.config.spec
-    # synthetic rows know only the static part of the state (``stages.synthesize.variant_states``):
-    # a policy that reads moving state trains on real rows
-    moving = any(name not in spec.static_state for name in spec.policy_state)
+    moving = moving_state(spec)
     return train_model(
         kind, frames_uri=ctx.lake.table_uri("frames"), model_config=model_config,
         storage_path=os.path.join(ctx.work_dir, "ray_results"), storage_options=ctx.storage_options,
@@ -70,6 +103,10 @@ def train_flow(config: str = "default", lake: str = "./lake", landing: str = "./
     turn = ctx.current_turn() if turn is None else turn
     model_config = dataclasses.asdict(getattr(ctx.config, model))
     parent = warm_start(ctx, model, model_config)
+    verdict = synthetic_verdict(ctx) if model == POLICY else None
+    if verdict is not None and not verdict["use"]:
+        ctx = dataclasses.replace(ctx, config=dataclasses.replace(
+            ctx.config, train=dataclasses.replace(ctx.config.train, synthetic_fraction=0.0)))
     result = run_training(ctx, model, turn, ctx.registry.fetch(parent) if parent else None)
     lineage = {"turn": turn, "config": ctx.config.name, "config_digest": ctx.config.digest(),
                "tables": {n: ctx.lake.version(n) for n in ("frames", "episodes", "clips")
@@ -83,5 +120,8 @@ def train_flow(config: str = "default", lake: str = "./lake", landing: str = "./
     summary = {"stage": "train", "model": model, "turn": turn, "version": mv.version,
                "warm_start_from": lineage["parent_version"], "metrics": metrics,
                "artifact_uri": mv.artifact_uri}
+    if verdict is not None:
+        summary["synthetic"] = {"used": verdict["use"], "reason": verdict["reason"],
+                                "fraction": ctx.config.train.synthetic_fraction}
     get_run_logger().info("train: %s", summary)
     return summary

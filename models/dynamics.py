@@ -152,6 +152,7 @@ class Dynamics(nn.Module):
         self.gpt = GPT2Model(GPT2Config(vocab_size=1, n_positions=c.history, n_embd=c.embed, n_layer=c.layers,
                                         n_head=c.heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                                         bos_token_id=None, eos_token_id=None))
+        self.gpt.wte.requires_grad_(False)  # tokens come in as embeddings: the vocabulary table is never read
         outputs = c.state_dim + 1 + len(c.signals) + 1  # next state change, reward, signals, done
         self.head = nn.Sequential(nn.LayerNorm(c.embed), nn.Linear(c.embed, outputs))
         self.idm = nn.Sequential(nn.Linear(3 * c.embed, c.idm_hidden), nn.SiLU(), nn.Linear(c.idm_hidden, c.idm_hidden),

@@ -74,7 +74,8 @@ def _registered_policy(spec: dict):
 
 
 def _build_driver(spec: dict, world):
-    """A driver from a picklable spec: expert (noisy or not) | random | policy (registry) | endpoint (HTTP)."""
+    """A driver from a picklable spec: expert (noisy or not) | random | policy (registry) | checkpoint
+    (a local policy directory) | endpoint (HTTP)."""
     from sim import rollout
 
     kind = spec["kind"]
@@ -86,6 +87,10 @@ def _build_driver(spec: dict, world):
         model, version = _registered_policy(spec)
         return rollout.PolicyDriver(_policy_act(model), history=model.config.history, name="policy",
                                     policy_version=version)
+    if kind == "checkpoint":  # an unregistered policy checkpoint (an ablation's)
+        model = _load_policy(spec["directory"], "")
+        return rollout.PolicyDriver(_policy_act(model), history=model.config.history, name=spec.get("name", "policy"),
+                                    policy_version=spec["directory"])
     if kind == "endpoint":
         from serving.client import ActClient
 

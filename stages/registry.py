@@ -35,7 +35,7 @@ import pyarrow.fs as pafs
 from stages.schemas import ALIASES, MODELS
 from stages.storage import is_s3, join, pyarrow_fs, resolve_options, upload_dir
 
-KINDS = ("policy", "world_model", "reasoner")
+KINDS = ("policy", "world_model", "dynamics", "reasoner")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 

@@ -137,6 +137,13 @@ EVALUATIONS = pa.schema([
     ("success", pa.bool_()), ("steps", pa.int64()), ("signal_rates", pa.string()),
     ("interventions", pa.int64()), ("turn", pa.int64()), ("created_at", _TS),
 ])
+ABLATIONS = pa.schema([  # one row per synthetic-data ablation (flows.ablate): the paired lift and its CI
+    ("ablation_id", pa.string()), ("world", pa.string()), ("turn", pa.int64()), ("recipe", pa.string()),
+    ("synthetic_fraction", pa.float64()), ("seeds", pa.int64()), ("scenes", pa.int64()),
+    ("real_frames", pa.int64()), ("synthetic_frames", pa.int64()), ("frames_version", pa.int64()),
+    ("real_mean", pa.float64()), ("mixed_mean", pa.float64()), ("mean_diff", pa.float64()),
+    ("ci_low", pa.float64()), ("ci_high", pa.float64()), ("wins", pa.int64()), ("created_at", _TS),
+])
 TURNS = pa.schema([
     ("turn", pa.int64()), ("config", pa.string()), ("started_at", _TS),
     ("finished_at", _TS), ("candidate_version", pa.int64()),

@@ -12,11 +12,13 @@ import pyarrow.compute  # noqa: F401 -- pa.compute
 import pytest
 import requests
 
+from flows.ablate import ablate_flow
 from flows.curate import curate_flow
 from flows.evaluate import evaluate_flow
 from flows.flywheel import flywheel_flow
 from flows.promote import promote_flow
 from flows.runtime import Context
+from flows.train import synthetic_verdict
 from stages import images
 from tests.conftest import free_port
 
@@ -200,3 +202,30 @@ def test_turn_summary_renders_clips_and_the_reasoner(turn):
     assert f"  clips       +{turn['stages']['curate']['rows_added']['clips']} (" in text
     assert "  reasoner    " in text and "turn 0" in text and "  promote     " in text
     assert "of draws (" in text  # the policy line: how often event clips were drawn
+
+
+def test_synthetic_data_enters_training_only_after_an_ablation_shows_a_lift(turn, tmp_path):
+    """`worldloop ablate` trains real-only and real + synthetic policies on the lake's own data and
+    records the paired lift; until one shows a lift, the turn leaves synthetic frames out and says why."""
+    used = turn["stages"]["train_policy"]["synthetic"]
+    assert not used["used"] and used["fraction"] == 0.0
+    common = {k: turn[k] for k in ("config", "landing", "world", "overrides")}
+    if turn["ctx"].config.spec.policy_state:  # the arm's policy reads moving state: synthetic rows cannot train it
+        assert "state that synthetic frames do not carry" in used["reason"]
+        with pytest.raises(ValueError, match="trains on real frames only"):
+            ablate_flow(**common, lake=turn["lake"], seeds=1)
+        return
+    assert "no ablation" in used["reason"]
+    lake = tmp_path / "lake"
+    shutil.copytree(turn["lake"], lake)
+    out = ablate_flow(**common, lake=str(lake), seeds=1)
+    cfg = turn["ctx"].config
+    assert out["scenes"] == len(cfg.eval_seeds) * len(cfg.eval_tasks) and out["seeds"] == 1
+    assert out["real_frames"] > 0 and out["synthetic_frames"] > 0
+    assert out["ci_low"] <= out["mean_diff"] <= out["ci_high"] and out["lift"] == (out["ci_low"] > 0)
+    ctx = Context.create(**common, lake=str(lake))
+    assert ctx.lake.count("ablations") == 1
+    roles = set(ctx.lake.read("evaluations", columns=["model_name"]).column("model_name").to_pylist())
+    assert {"ablation-real", "ablation-mixed"} <= roles  # driven in the real simulator, recorded
+    verdict = synthetic_verdict(ctx)
+    assert verdict["use"] == out["lift"] and f"{out['mean_diff']:+.3g}" in verdict["reason"]
