@@ -59,7 +59,7 @@ class NeuralSim:
             raise ValueError(f"generator frames {g.image_size} px and dynamics frames {d.image_size} px differ")
         self.context = max(g.history, d.history)
         self.image_size = g.image_size
-        self._success = spec.signals.index(spec.success_signal) if spec.score == "success" else None
+        self.success_index = spec.signals.index(spec.success_signal) if spec.score == "success" else None
 
     def reset(self, starts: Sequence[Start]) -> dict[str, np.ndarray]:
         """Begin one episode per start; returns the first observation batch."""
@@ -102,7 +102,8 @@ class NeuralSim:
         signals = pred.signals.cpu().numpy()
         state = pred.next_state.cpu().numpy() if d.state_dim else np.full((len(actions), len(self.spec.state_names)),
                                                                              np.nan, np.float32)
-        success = signals[:, self._success] > DONE_AT if self._success is not None else np.zeros(len(actions), bool)
+        i = self.success_index
+        success = signals[:, i] > DONE_AT if i is not None else np.zeros(len(actions), bool)
         outcome = {"reward": pred.reward.cpu().numpy(), "signals": signals, "done": pred.done.cpu().numpy(),
                    "success": success, "state": state}
         self.frames = np.concatenate([self.frames[:, 1:], frame[:, None]], axis=1)
@@ -115,14 +116,19 @@ class NeuralSim:
 def run_policy(sim: NeuralSim, starts: Sequence[Start], act: Callable[[dict], np.ndarray], *,
                horizon: int) -> list[dict]:
     """Drive ``act(observation batch) -> actions [B, A]`` for up to ``horizon`` steps from each start;
-    one summary per start: the world's score, the return, success, steps, per-signal rates."""
+    one summary per start: the world's score, the return, success, steps, per-signal rates.
+
+    A world scored by success scores the dynamics model's belief that the task succeeded: the
+    highest probability it gave the success signal while the episode ran (``success_prob``), an
+    estimate of the success rate that a 0/1 threshold would throw away; ``success`` is that
+    probability above ``DONE_AT``, which also ends the episode."""
     if horizon < 1:
         raise ValueError(f"horizon must be >= 1, got {horizon}")
     spec = sim.spec
     obs = sim.reset(starts)
     B = len(starts)
     ret, alive = np.zeros(B), np.ones(B, bool)
-    steps, success = np.zeros(B, int), np.zeros(B, bool)
+    steps, success, belief = np.zeros(B, int), np.zeros(B, bool), np.zeros(B)
     raised = np.zeros((B, len(spec.signals)))
     for _ in range(horizon):
         obs, out = sim.step(act(obs))
@@ -130,14 +136,17 @@ def run_policy(sim: NeuralSim, starts: Sequence[Start], act: Callable[[dict], np
         steps += alive
         raised += alive[:, None] * (out["signals"] > DONE_AT)
         success |= alive & out["success"]
+        if sim.success_index is not None:
+            belief = np.where(alive, np.maximum(belief, out["signals"][:, sim.success_index]), belief)
         alive &= out["done"] <= DONE_AT
         if spec.score == "success":
             alive &= ~success
         if not alive.any():
             break
     return [{"episode_id": s.episode_id, "start_step": s.step, "seed": s.seed, "task": s.task,
-             "score": float(success[i]) if spec.score == "success" else float(ret[i]),
-             "episode_return": float(ret[i]), "success": bool(success[i]), "steps": int(steps[i]),
+             "score": float(belief[i]) if spec.score == "success" else float(ret[i]),
+             "episode_return": float(ret[i]), "success": bool(success[i]), "success_prob": float(belief[i]),
+             "steps": int(steps[i]),
              **{f"{name}_rate": float(raised[i, j] / max(steps[i], 1)) for j, name in enumerate(spec.signals)}}
             for i, s in enumerate(starts)]
 

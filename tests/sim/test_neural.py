@@ -79,7 +79,7 @@ def test_success_worlds_score_the_success_signal():
         head = dynamics.head[-1]
         head.bias[len(spec.state_names) + 1 + spec.signals.index(spec.success_signal)] = 50.0
     rows = run_policy(NeuralSim(generator, dynamics, spec), starts_for(spec, 2), lambda b: np.zeros((2, 4)), horizon=5)
-    assert [(r["score"], r["success"], r["steps"]) for r in rows] == [(1.0, True, 1)] * 2
+    assert [(r["score"] > 0.99, r["success"], r["steps"]) for r in rows] == [(True, True, 1)] * 2
 
 
 def test_rejects_models_of_another_world():
