@@ -218,6 +218,7 @@ def test_synthetic_data_enters_training_only_after_an_ablation_shows_a_lift(turn
     assert "no ablation" in used["reason"]
     lake = tmp_path / "lake"
     shutil.copytree(turn["lake"], lake)
+    common["overrides"] = [*(common["overrides"] or []), "world.max_steps=200"]  # short held-out episodes
     out = ablate_flow(**common, lake=str(lake), seeds=1)
     cfg = turn["ctx"].config
     assert out["scenes"] == len(cfg.eval_seeds) * len(cfg.eval_tasks) and out["seeds"] == 1

@@ -21,7 +21,7 @@ from stages.lake import Lake
 from stages.train import TRAINER_STATE, train_model
 
 SIZE = 16
-CONFIG = dataclasses.replace(world_model.preset("tiny"), image_size=SIZE, batch_size=4, steps=30)
+CONFIG = dataclasses.replace(world_model.preset("tiny"), image_size=SIZE, batch_size=4, steps=16)
 
 
 @pytest.fixture(scope="module")
