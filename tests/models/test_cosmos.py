@@ -23,14 +23,6 @@ SETTINGS = {"domain_name": "pusht", "chunk_size": 4, "num_inference_steps": 2, "
 WORDS = ("<unk>", "<|endoftext|>", "<|vision_start|>", "system", "user", "assistant", "push", "pull", "the", "block")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A word-level tokenizer with the chat template and special tokens the pipeline asks for."""
     tok = Tokenizer(WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))

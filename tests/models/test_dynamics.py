@@ -16,14 +16,6 @@ CFG = dataclasses.replace(preset("tiny"), image_size=16, history=4, action_dim=2
                           signals=("edge",), lr=3e-3, task_vocab=build_vocab(TASKS), task_hidden=8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def toy_windows(batch: int, seed: int) -> tuple[np.ndarray, ...]:
     """A bright column at x = state[0] on a 16-px frame; the action's first value moves it by -1, 0 or
     +1 column, the reward is that move, the "edge" signal is raised at x in {0, 15}, and an

@@ -18,15 +18,6 @@ ARM = dataclasses.replace(preset("tiny"), action_low=(-0.5, -0.5, -1.0, 0.0), ac
                           state_dim=7, task_vocab=build_vocab(TASKS), loss_weights=(1.0, 1.0, 1.0, 2.0))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small nets on a shared 2-core box train far faster on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny() -> Policy:
     torch.manual_seed(0)

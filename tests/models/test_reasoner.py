@@ -26,14 +26,6 @@ ARM_TAGS = {"phase": ("reach", "grasp", "place"), "gripper": ("open", "closed")}
 ARM_EVENTS = ("none", "intervention", "grasp")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def random_clips(cfg: ReasonerConfig, n: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return rng.integers(0, 256, (n, cfg.frames_per_clip, cfg.image_size, cfg.image_size, 3), dtype=np.uint8)

@@ -28,15 +28,6 @@ TASKS = ("Make it brighter.", "Make it darker!")
 TASK_CFG = dataclasses.replace(CFG, action_dim=4, task_vocab=build_vocab(TASKS), task_hidden=16, lr=1e-2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: tiny convolutions on 2 busy cores are many times slower with two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def random_history(batch: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (batch, CFG.history, S, S, 3), dtype=np.uint8)
 

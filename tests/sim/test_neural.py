@@ -36,14 +36,6 @@ def starts_for(spec, n: int, k: int = 3) -> list[Start]:
                   task=spec.tasks[0].name) for i in range(n)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_steps_a_batch_and_scores_by_return():
     spec = worlds.spec("carracing")
     sim = NeuralSim(*models_for(spec), spec)
