@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import sys
+import time
 from datetime import datetime, timezone
 
 import numpy as np
@@ -67,7 +69,10 @@ def ablate_flow(config: str = "default", lake: str = "./lake", landing: str = ".
         for arm, share in zip(ARMS, (0.0, fraction)):
             t = dataclasses.replace(ctx.config.train, synthetic_fraction=share)
             arm_ctx = dataclasses.replace(ctx, config=dataclasses.replace(ctx.config, train=t))
+            started = time.perf_counter()
             result = run_training(arm_ctx, POLICY, 1000 + seed, None, run_name=f"ablate-{arm}-seed{seed}")
+            print(f"ablate: trained {arm} policy, seed {seed}, synthetic share {share:g}  "
+                  f"({time.perf_counter() - started:.1f} s)", file=sys.stderr, flush=True)
             role = f"{arm}-{seed}"
             version = hashlib.sha256(result["checkpoint_dir"].encode()).hexdigest()[:16]
             drivers[role] = (f"ablation-{arm}", version)
