@@ -76,31 +76,33 @@ class Sequences:
     """Every whole window of K steps (and the row after it, when logged) of some episodes."""
 
     def __init__(self, episodes: list[dict], history: int, signals: tuple[str, ...]) -> None:
-        self.eps, self.K, self.signals = episodes, history, signals
+        self.eps, self.K = episodes, history
+        self.raised = [_signals(e, signals) for e in episodes]  # [T, G] per episode, stacked once
         self.index = [(i, t) for i, e in enumerate(episodes) for t in range(len(e["frames"]) - history + 1)]
 
     def batch(self, size: int, rng: np.random.Generator) -> tuple:
         K, picks = self.K, rng.choice(len(self.index), size=size)
         rows = [self.index[p] for p in picks]
 
-        def cut(key: str, extra: int = 0) -> np.ndarray:
+        def cut(arrays: list[np.ndarray], extra: int = 0) -> np.ndarray:
+            """Rows t .. t+K+extra-1 of each picked episode's array, the last row repeated past its end."""
             out = []
             for i, t in rows:
-                x = self.eps[i][key]
-                w = x[t:t + K + extra]
+                w = arrays[i][t:t + K + extra]
                 out.append(np.concatenate([w, np.repeat(w[-1:], K + extra - len(w), 0)]) if len(w) < K + extra else w)
             return np.stack(out)
+
+        def of(key: str) -> list[np.ndarray]:
+            return [e[key] for e in self.eps]
         has = np.array([[t + k + 1 < len(self.eps[i]["frames"]) for k in range(K)] for i, t in rows])
-        states = cut("states", 1)
-        sig = np.stack([(lambda s: np.concatenate([s, np.repeat(s[-1:], K + 1 - len(s), 0)]))(
-            _signals(self.eps[i], self.signals)[t:t + K + 1]) for i, t in rows])
+        states, sig = cut(of("states"), 1), cut(self.raised, 1)
         done = np.array([[t + k == len(self.eps[i]["frames"]) - 1 for k in range(K)] for i, t in rows])
         targets = dyn.Targets(next_state_BKS=torch.from_numpy(states[:, 1:]),
-                              reward_BK=torch.from_numpy(cut("rewards").astype(np.float32)),
+                              reward_BK=torch.from_numpy(cut(of("rewards")).astype(np.float32)),
                               next_signals_BKG=torch.from_numpy(sig[:, 1:]), done_BK=torch.from_numpy(done).float(),
                               has_next_BK=torch.from_numpy(has))
         tasks = [self.eps[i]["instruction"] for i, _ in rows]
-        return cut("frames"), cut("actions"), states[:, :K], targets, tasks
+        return cut(of("frames")), cut(of("actions")), states[:, :K], targets, tasks
 
 
 def train_dynamics(cfg: dyn.DynamicsConfig, episodes: list[dict], seconds: float, seed: int) -> tuple[dyn.Dynamics, dict]:

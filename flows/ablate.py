@@ -85,11 +85,12 @@ def ablate_flow(config: str = "default", lake: str = "./lake", landing: str = ".
             scene[arm].setdefault((r["task"], r["seed"]), []).append(r["score"])
     mean = {arm: {k: float(np.mean(v)) for k, v in scene[arm].items()} for arm in ARMS}
     comparison = paired(mean["mixed"], mean["real"], resamples=ctx.config.eval.bootstrap)
-    row = {"ablation_id": hashlib.sha256(json.dumps([ctx.world_name, counts, ctx.lake.version("frames"),
-                                                     recipe_digest(ctx), seeds, turn]).encode()).hexdigest()[:24],
-           "world": ctx.world_name, "turn": turn, "recipe": recipe_digest(ctx), "synthetic_fraction": fraction,
+    recipe, frames_version = recipe_digest(ctx), ctx.lake.version("frames")
+    row = {"ablation_id": hashlib.sha256(json.dumps([ctx.world_name, counts, frames_version, recipe, seeds,
+                                                     turn]).encode()).hexdigest()[:24],
+           "world": ctx.world_name, "turn": turn, "recipe": recipe, "synthetic_fraction": fraction,
            "seeds": seeds, "scenes": comparison["n"], "real_frames": counts["real"],
-           "synthetic_frames": counts["synthetic"], "frames_version": ctx.lake.version("frames"),
+           "synthetic_frames": counts["synthetic"], "frames_version": frames_version,
            "real_mean": float(np.mean(list(mean["real"].values()))),
            "mixed_mean": float(np.mean(list(mean["mixed"].values()))), "mean_diff": comparison["mean_diff"],
            "ci_low": comparison["ci95"][0], "ci_high": comparison["ci95"][1], "wins": comparison["wins"],

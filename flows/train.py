@@ -17,6 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.runtime import MODELS, POLICY, Context, ensure_ray
 from sim import worlds
 from stages.registry import git_commit
+from stages.schemas import of_world
 from stages.train import train_model
 
 
@@ -56,7 +57,7 @@ def synthetic_verdict(ctx: Context) -> dict:
     if not ctx.config.synth.require_lift:
         return {"use": True, "reason": "synth.require_lift is off: synthetic frames are used without an ablation"}
     rows = [] if not ctx.lake.exists("ablations") else ctx.lake.read(
-        "ablations", filter=f"world = '{ctx.world_name}' AND recipe = '{recipe_digest(ctx)}'").to_pylist()
+        "ablations", filter=f"{of_world(ctx.world_name)} AND recipe = '{recipe_digest(ctx)}'").to_pylist()
     if not rows:
         return {"use": False, "reason": "left out: no ablation of this recipe on this lake has shown a lift yet "
                                         "(run `worldloop ablate`)"}

@@ -31,6 +31,14 @@ C = TypeVar("C")
 M = TypeVar("M", bound=torch.nn.Module)
 
 
+def preset(presets: Mapping[str, C], name: str, what: str) -> C:
+    """The named config of a model's ``PRESETS`` ("tiny" for tests, "default" for the CPU demo, "gpu");
+    an unknown name is a ValueError naming ``what`` and the choices."""
+    if name not in presets:
+        raise ValueError(f"unknown {what} preset {name!r}; choose from {sorted(presets)}")
+    return presets[name]
+
+
 def config_from_dict(cls: type[C], d: Mapping[str, Any]) -> C:
     """Rebuild a (frozen) config dataclass from its JSON form.
 

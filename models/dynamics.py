@@ -8,7 +8,7 @@ gives a hidden vector h[t] from which heads predict
 
 * the next state s[t+1] (as a change from s[t] in normalised units),
 * the reward r[t] the action earned,
-* each of the world's boolean signals at t+1 (``success``, ``off_track``, ...) and
+* each of the world's boolean signals at t+1 (the names its spec declares) and
 * whether the episode ends after step t (``done``);
 
 h[t] is also the conditioning vector a generator may read (``condition``). This is the "next
@@ -87,9 +87,7 @@ PRESETS = {"tiny": _TINY, "default": _DEFAULT, "gpu": _GPU}
 
 def preset(name: str) -> DynamicsConfig:
     """Named config: "tiny" (tests), "default" (CPU demo), "gpu"."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown dynamics preset {name!r}; choose from {sorted(PRESETS)}")
-    return PRESETS[name]
+    return checkpoint.preset(PRESETS, name, "dynamics")
 
 
 def config_from_dict(d: dict) -> DynamicsConfig:

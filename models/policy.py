@@ -120,9 +120,7 @@ PRESETS = {"tiny": _TINY, "default": _DEFAULT, "gpu": _GPU}
 
 def preset(name: str) -> PolicyConfig:
     """Named config: "tiny" (tests), "default" (CPU demo), "gpu"."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown policy preset {name!r}; choose from {sorted(PRESETS)}")
-    return PRESETS[name]
+    return checkpoint.preset(PRESETS, name, "policy")
 
 
 def config_from_dict(d: dict) -> PolicyConfig:

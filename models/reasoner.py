@@ -124,9 +124,7 @@ PRESETS = {"tiny": _TINY, "default": _DEFAULT, "gpu": _GPU}
 
 def preset(name: str) -> ReasonerConfig:
     """Named config (the default vocabulary): "tiny" (tests), "default" (CPU demo), "gpu"."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown reasoner preset {name!r}; choose from {sorted(PRESETS)}")
-    return PRESETS[name]
+    return checkpoint.preset(PRESETS, name, "reasoner")
 
 
 def config_from_dict(d: dict) -> ReasonerConfig:

@@ -117,9 +117,7 @@ PRESETS = {"tiny": _TINY, "default": _DEFAULT, "gpu": _GPU}
 
 def preset(name: str) -> WorldModelConfig:
     """Named config: "tiny" (tests), "default" (CPU demo), "gpu"."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown world-model preset {name!r}; choose from {sorted(PRESETS)}")
-    return PRESETS[name]
+    return checkpoint.preset(PRESETS, name, "world-model")
 
 
 def config_from_dict(d: dict) -> WorldModelConfig:

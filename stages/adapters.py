@@ -201,7 +201,7 @@ def neural_rollouts(drivers: dict[str, dict], starts: list, *, world, models: di
                     seed: int = 0) -> dict[str, list[dict]]:
     """Each driver (a policy or random driver spec, by role) driven ``horizon`` steps from every
     start in the neural simulator of the registered world model and dynamics model (``models``:
-    {"world_model": spec, "dynamics": spec}, registry specs as the policy's), in one Ray task;
+    {"world_model": spec, "dynamics": spec}: registry URI, storage options, name, version), in one Ray task;
     one summary row per start and role (``sim.neural.run_policy``)."""
     return ray.get(_neural_rollouts.remote(drivers, starts, world=dataclasses.asdict(world), models=models,
                                            horizon=horizon, seed=seed))
