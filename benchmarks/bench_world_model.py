@@ -17,12 +17,18 @@ For each world of ``--worlds`` (carracing, metaworld-mt10), in this one process:
    ``spec.fleet_seed_base + i``, tasks round-robin by ``world.scene_tasks``), and
    ``--eval-episodes`` (5) the same way on the held-out ``spec.eval_seeds`` (seed i with task i
    round-robin: the arm's held-out scenes cover several tasks). Frames at the world's image size.
-2. Training. The world model (``models.world_model.WorldModel``, ``--preset`` with the world's
-   action width and task words, as ``flows.config`` sets them) and a deterministic regressor
+2. Training. First the dynamics model (part 2's ``train_dynamics``, ``--dynamics-seconds``): as
+   in the flywheel, its vector h[t] over the window conditions the generator (``--no-condition``:
+   a generator without it). Then the world model (``models.world_model.WorldModel``, ``--preset``
+   with the world's action width and task words and the dynamics model's width, as
+   ``flows.config`` sets them), the same generator without the vector (``wm_plain``: what the
+   reasoner's instruction is worth) and a deterministic regressor
    (``Regressor`` below: a small conv encoder-decoder with skips from the same K frames, the
    action and, for a multi-task world, the task's index, to the change from the last frame;
    MSE) each train for the same wall-clock ``--train-seconds`` (120), one after the other, on the
-   same stream of batches: every window of the training episodes (history o[t-K+1..t], action
+   same stream of batches: every window of the training episodes (history o[t-W+1..t] with the
+   actions and states logged at it, W the longer of the two models' windows, of which the
+   generator and the regressor read the last K frames; action
    a[t], target o[t+1]; a window reaching before step 0 repeats the first frame, as
    ``stages.sampler.HistorySampler`` does), drawn uniformly, at the preset's batch size. Both
    use the recipe of ``stages.train``: AdamW with the preset's lr and weight decay (the world
@@ -34,12 +40,15 @@ For each world of ``--worlds`` (carracing, metaworld-mt10), in this one process:
    max(``--horizons``) (1 4 16 32) steps open loop, driven by the logged actions a[s..], its
    uint8 output fed back as context; scored against the logged frames with
    ``models.world_model.frame_metrics`` (PSNR from the MSE pooled over all windows at a
-   horizon; mean SSIM). The world model is rolled out with ``rollout_metrics`` at the config's
-   ``sampling_steps`` and at 1 step (seeded sampling noise); copy-last-frame is
+   horizon; mean SSIM). The conditioned world model is rolled out in the neural simulator
+   (``NeuralSim.rollout``: the dynamics model reads the window, its predicted states fed back,
+   and instructs the generator) at the config's ``sampling_steps`` and at 1 step (seeded
+   sampling noise), ``wm_plain`` with ``WorldModel.rollout``; copy-last-frame is
    ``copy_last_baseline``. ``psnr_gain_h{H}_{world}`` = world model - copy-last PSNR at horizon H
    (targets: >= 3 dB at 4, > 0 at 32); ``psnr_gain_h{H}`` is the minimum over the worlds run.
-4. Speed. Frames/s of ``WorldModel.predict`` on held-out histories (numpy in and out, as a
-   serving endpoint calls it), batch 1 and batch ``--batch`` (32), at 1, 2, 4 sampling steps and
+4. Speed. Frames/s of one neural-simulator step (``NeuralSim.step``: the dynamics model, then the
+   generator; ``WorldModel.predict`` for an unconditioned one) from held-out windows, batch 1
+   and batch ``--batch`` (32), at 1, 2, 4 sampling steps and
    the config's: calls repeated for ``--speed-seconds`` (2) after 2 warm-up calls.
    ``fps_batch1`` / ``fps_batched`` are at the config's steps (minimum over worlds; targets on 2
    cores: >= 30 and >= 100); ``realtime_factor_{world}`` = fps_batch1 / ``spec.rate_hz``. The
@@ -81,6 +90,7 @@ from benchmarks.strip import save_strip
 from models import dynamics as dyn
 from models import world_model as wm
 from models.text import build_vocab
+from sim.neural import NeuralSim, Start
 
 WORLDS = ("carracing", "metaworld-mt10")
 SPEED_STEPS = (1, 2, 4)
@@ -108,10 +118,12 @@ def drive(world, scenes: list[tuple[int, str]]) -> list[dict]:
 class Batch:
     """One training batch."""
 
-    history: torch.Tensor  # uint8 [B, K, H, W, 3]
-    action: torch.Tensor  # float32 [B, A]
+    history: torch.Tensor  # uint8 [B, W, H, W, 3]: the longer of the two models' windows
+    action: torch.Tensor  # float32 [B, A]: a[t]
     target: torch.Tensor  # uint8 [B, H, W, 3]
     task: np.ndarray  # int [B], index into spec.tasks
+    actions: torch.Tensor  # float32 [B, W, A]: the actions logged at the window's frames
+    states: torch.Tensor  # float32 [B, W, S]: the states logged at them
 
 
 class Windows:
@@ -120,6 +132,7 @@ class Windows:
     def __init__(self, episodes: list[dict], history: int, task_names: tuple[str, ...]) -> None:
         self.frames = torch.from_numpy(np.concatenate([e["frames"] for e in episodes]))
         self.actions = torch.from_numpy(np.concatenate([e["actions"] for e in episodes]))
+        self.states = torch.from_numpy(np.concatenate([e["states"] for e in episodes]).astype(np.float32))
         back, offset, slots, tasks = np.arange(history - 1, -1, -1), 0, [], []
         for e in episodes:
             t = np.arange(len(e["frames"]) - 1)
@@ -137,13 +150,16 @@ class Windows:
         while True:
             ids = rng.choice(len(self), size=batch, replace=len(self) < batch)
             s = self.slots[ids]
-            yield Batch(self.frames[s], self.actions[s[:, -1]], self.frames[s[:, -1] + 1], self.tasks[ids])
+            yield Batch(self.frames[s], self.actions[s[:, -1]], self.frames[s[:, -1] + 1], self.tasks[ids],
+                        self.actions[s], self.states[s])
 
 
 def eval_windows(episodes: list[dict], history: int, horizon: int, starts: int, first: int,
                  task_names: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """Open-loop windows: K frames up to s, the logged actions a[s..s+h-1], the frames o[s+1..s+h]."""
-    rows: dict[str, list] = {"history": [], "actions": [], "future": [], "task": []}
+    """Open-loop windows: K frames up to s with the actions and states logged at them, the logged
+    actions a[s..s+h-1], the frames o[s+1..s+h]."""
+    rows: dict[str, list] = {"history": [], "history_actions": [], "history_states": [], "actions": [],
+                             "future": [], "task": []}
     for e in episodes:
         last = len(e["frames"]) - 1 - horizon
         if last < first:
@@ -151,6 +167,8 @@ def eval_windows(episodes: list[dict], history: int, horizon: int, starts: int, 
             continue
         for s in np.unique(np.linspace(first, last, min(starts, last - first + 1)).round().astype(int)):
             rows["history"].append(e["frames"][s - history + 1:s + 1])
+            rows["history_actions"].append(e["actions"][s - history + 1:s + 1])
+            rows["history_states"].append(e["states"][s - history + 1:s + 1].astype(np.float32))
             rows["actions"].append(e["actions"][s:s + horizon])
             rows["future"].append(e["frames"][s + 1:s + 1 + horizon])
             rows["task"].append(task_names.index(e["task"]))
@@ -170,7 +188,7 @@ class Regressor(nn.Module):
 
     def __init__(self, history: int, action_dim: int, tasks: int, width: int) -> None:
         super().__init__()
-        w, self.tasks = width, tasks
+        w, self.tasks, self.history = width, tasks, history
 
         def block(cin: int, cout: int, stride: int = 1) -> nn.Module:
             return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(8, cout), nn.SiLU())
@@ -197,19 +215,19 @@ class Regressor(nn.Module):
         return context_BKCHW[:, -1] + self.out(x)
 
     def loss(self, batch: Batch) -> torch.Tensor:
-        pred = self(wm._normalise(batch.history), batch.action, torch.from_numpy(batch.task))
+        pred = self(wm._normalise(batch.history[:, -self.history:]), batch.action, torch.from_numpy(batch.task))
         return F.mse_loss(pred, wm._normalise(batch.target))
 
     @torch.no_grad()
     def predict(self, history: np.ndarray, action: np.ndarray, task: np.ndarray) -> np.ndarray:
         """Next uint8 frames [B, H, W, 3] (numpy in and out, as ``WorldModel.predict``)."""
-        context = wm._normalise(torch.from_numpy(history))
+        context = wm._normalise(torch.from_numpy(history[:, -self.history:]))
         return wm._to_uint8(self(context, torch.from_numpy(action), torch.from_numpy(task))).numpy()
 
     @torch.no_grad()
     def rollout(self, history: np.ndarray, actions: np.ndarray, task: np.ndarray) -> np.ndarray:
         """Autoregressive uint8 frames [B, T, H, W, 3], quantised and fed back as the world model's are."""
-        context, task_t, frames = wm._normalise(torch.from_numpy(history)), torch.from_numpy(task), []
+        context, task_t, frames = wm._normalise(torch.from_numpy(history[:, -self.history:])), torch.from_numpy(task), []
         for t in range(actions.shape[1]):
             frame = wm._to_uint8(self(context, torch.from_numpy(actions[:, t]), task_t))
             frames.append(frame)
@@ -267,11 +285,34 @@ def frames_per_s(batch: int, seconds: float, fn: Callable[..., Any], *fn_args: A
 # ---- one world ----------------------------------------------------------------------------------
 
 
-def model_config(preset: str, spec, image_size: int) -> wm.WorldModelConfig:
+def model_config(preset: str, spec, image_size: int, condition_dim: int = 0) -> wm.WorldModelConfig:
     """The preset with the world's shapes, as ``flows.config`` resolves them."""
     vocab = build_vocab(t.instruction for t in spec.tasks) if len(spec.tasks) > 1 else ()
     return dataclasses.replace(wm.preset(preset), action_dim=len(spec.actions), task_vocab=vocab,
-                               image_size=image_size)
+                               image_size=image_size, condition_dim=condition_dim)
+
+
+def generate(model: wm.WorldModel, dynamics: dyn.Dynamics, spec, ev: dict, rows: slice, steps: int, seed: int,
+             tasks: list[str]) -> np.ndarray:
+    """Open-loop frames [B, T, H, W, 3] from the held-out windows ``rows``, driven by the logged actions:
+    through the neural simulator (the dynamics model instructs the generator) when the generator
+    reads its vector, else by the generator alone."""
+    if not model.config.condition_dim:
+        return model.rollout(ev["history"][rows, -model.config.history:], ev["actions"][rows], steps=steps,
+                             generator=torch.Generator().manual_seed(seed), tasks=tasks[rows])
+    sim = NeuralSim(model, dynamics, spec, sampling_steps=steps, seed=seed)
+    starts = [Start(frames=f, actions=a, states=s, instruction=t) for f, a, s, t in
+              zip(ev["history"][rows], ev["history_actions"][rows], ev["history_states"][rows], tasks[rows])]
+    return sim.rollout(starts, ev["actions"][rows])["frames"]
+
+
+def neural_step_speed(model: wm.WorldModel, dynamics: dyn.Dynamics, spec, ev: dict, rows: np.ndarray, steps: int,
+                      seconds: float, tasks: list[str]) -> float:
+    """Frames/s of one neural-simulator step (reasoner and generator) for the windows ``rows``."""
+    sim = NeuralSim(model, dynamics, spec, sampling_steps=steps)
+    sim.reset([Start(frames=ev["history"][i], actions=ev["history_actions"][i], states=ev["history_states"][i],
+                     instruction=tasks[i]) for i in rows])
+    return frames_per_s(len(rows), seconds, sim.step, ev["actions"][rows, 0])
 
 
 def bench_world(name: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -279,8 +320,10 @@ def bench_world(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     world = worlds.get(name)
     spec, out = world.spec, {}
-    cfg = model_config(args.preset, spec, world.image_size)
+    dcfg = neural_sim.dynamics_config(world, args.dynamics_preset)
+    cfg = model_config(args.preset, spec, world.image_size, dcfg.embed if args.condition else 0)
     K, horizons, sample_steps = cfg.history, args.horizons, cfg.sampling_steps
+    W = max(K, dcfg.history)  # the frames both models read before a step
     instructions = [spec.instruction(t) for t in spec.task_names]
 
     start = perf_counter()
@@ -290,50 +333,70 @@ def bench_world(name: str, args: argparse.Namespace) -> dict[str, Any]:
         train_eps += drive(world, [(seed, world.scene_tasks(len(train_eps) + 1)[-1])])
     held_out = [spec.eval_seeds[i % len(spec.eval_seeds)] for i in range(args.eval_episodes)]
     eval_eps = drive(world, list(zip(held_out, world.scene_tasks(len(held_out)))))
-    windows = Windows(train_eps, K, spec.task_names)
-    ev = eval_windows(eval_eps, K, max(horizons), args.starts, max(spec.warmup_steps, K - 1), spec.task_names)
+    windows = Windows(train_eps, W, spec.task_names)
+    ev = eval_windows(eval_eps, W, max(horizons), args.starts, max(spec.warmup_steps, W - 1), spec.task_names)
     out |= {"train_frames": sum(len(e["frames"]) for e in train_eps), "train_windows": len(windows),
             "eval_frames": sum(len(e["frames"]) for e in eval_eps), "eval_windows": len(ev["task"]),
             "seconds_episodes": perf_counter() - start}
     log(f"[{name}] episodes: {len(train_eps)} train ({out['train_frames']} frames), {args.eval_episodes} "
         f"held-out ({out['eval_frames']} frames, {out['eval_windows']} windows): {out['seconds_episodes']:.1f} s")
 
+    start = perf_counter()  # the reasoner first: its vector conditions the generator
+    dynamics, info = neural_sim.train_dynamics(dcfg, train_eps, args.dynamics_seconds, args.seed)
+    out |= info | {"seconds_train_dynamics": perf_counter() - start}
+    log(f"[{name}] train dynamics: {info['train_steps_dynamics']} steps, loss {info['train_loss_dynamics']:.4f}: "
+        f"{out['seconds_train_dynamics']:.1f} s")
+
     torch.manual_seed(args.seed)
     model = wm.WorldModel(cfg)
     torch.manual_seed(args.seed)
+    plain = wm.WorldModel(dataclasses.replace(cfg, condition_dim=0)) if cfg.condition_dim else None
+    torch.manual_seed(args.seed)
     reg = Regressor(K, len(spec.actions), len(spec.tasks) if len(spec.tasks) > 1 else 0, args.regressor_width)
     out |= {"params_wm": sum(p.numel() for p in model.parameters()),
-            "params_regressor": sum(p.numel() for p in reg.parameters())}
+            "params_regressor": sum(p.numel() for p in reg.parameters()), "conditioned": bool(cfg.condition_dim)}
 
-    def wm_loss(b: Batch) -> torch.Tensor:
-        return model.loss(b.history, b.action, b.target, tasks=[instructions[i] for i in b.task])
+    def wm_loss(net: wm.WorldModel, b: Batch) -> torch.Tensor:
+        tasks, condition = [instructions[i] for i in b.task], None
+        if net.config.condition_dim:
+            d = dcfg.history
+            condition = dynamics.predict(b.history[:, -d:], b.actions[:, -d:], b.states[:, -d:],
+                                         tasks if dcfg.task_vocab else None).condition
+        return net.loss(b.history[:, -K:], b.action, b.target, tasks=tasks, condition_BD=condition)
 
-    reg_opt = torch.optim.AdamW(reg.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    for key, net, loss_fn, opt in (("wm", model, wm_loss, model.make_optimizer()),
-                                   ("regressor", reg, reg.loss, reg_opt)):
+    trainees = [("wm", model, functools.partial(wm_loss, model), model.make_optimizer())]
+    if plain is not None:  # the same generator without the reasoner's vector: what the vector is worth
+        trainees.append(("wm_plain", plain, functools.partial(wm_loss, plain), plain.make_optimizer()))
+    trainees.append(("regressor", reg, reg.loss, torch.optim.AdamW(reg.parameters(), lr=cfg.lr,
+                                                                    weight_decay=cfg.weight_decay)))
+    for key, net, loss_fn, opt in trainees:
         r = train(net, loss_fn, opt, windows.stream(cfg.batch_size, args.seed), args.train_seconds)
         out |= {f"train_steps_{key}": r["steps"], f"seconds_train_{key}": r["seconds"], f"train_loss_{key}": r["loss"]}
         log(f"[{name}] train {key}: {r['steps']} steps of batch {cfg.batch_size}, final loss {r['loss']:.4f}: "
             f"{r['seconds']:.1f} s")
 
     start = perf_counter()
-    tasks = [instructions[i] for i in ev["task"]]
-    curves = {}
+    tasks = np.array([instructions[i] for i in ev["task"]], dtype=object)
+    every, curves = slice(None), {}
     for steps in sorted({sample_steps, 1}):
-        m = wm.rollout_metrics(model, ev["history"], ev["actions"], ev["future"], steps=steps,
-                               generator=torch.Generator().manual_seed(args.seed), tasks=tasks)
-        curves[f"wm_steps{steps}"], curves["copy_last"] = m["model"], m["copy_last"]
+        curves[f"wm_steps{steps}"] = wm.frame_metrics(generate(model, dynamics, spec, ev, every, steps, args.seed,
+                                                               tasks), ev["future"])
+    if plain is not None:
+        curves["wm_plain"] = wm.frame_metrics(generate(plain, dynamics, spec, ev, every, sample_steps, args.seed, tasks),
+                                              ev["future"])
     curves["wm"] = curves[f"wm_steps{sample_steps}"]
+    curves["copy_last"] = wm.frame_metrics(wm.copy_last_baseline(ev["history"], max(horizons)), ev["future"])
     curves["regressor"] = wm.frame_metrics(reg.rollout(ev["history"], ev["actions"], ev["task"]), ev["future"])
     for h in horizons:
         for key, c in curves.items():
             out[f"psnr_h{h}_{key}"], out[f"ssim_h{h}_{key}"] = c["psnr"][h - 1], c["ssim"][h - 1]
         out[f"psnr_gain_h{h}"] = out[f"psnr_h{h}_wm"] - out[f"psnr_h{h}_copy_last"]
         out[f"regressor_psnr_gain_h{h}"] = out[f"psnr_h{h}_regressor"] - out[f"psnr_h{h}_copy_last"]
+        if plain is not None:
+            out[f"plain_psnr_gain_h{h}"] = out[f"psnr_h{h}_wm_plain"] - out[f"psnr_h{h}_copy_last"]
     if args.strip:  # the first held-out window, at the longest horizon, for the README's picture
-        generated = model.rollout(ev["history"][:1], ev["actions"][:1], generator=torch.Generator().manual_seed(args.seed),
-                                  tasks=tasks[:1])
-        out["strip"] = (ev["future"][0], generated[0])
+        out["strip"] = (ev["future"][0], generate(model, dynamics, spec, ev, slice(0, 1), sample_steps, args.seed,
+                                                  tasks)[0])
     out["seconds_fidelity"] = perf_counter() - start
     log(f"[{name}] fidelity: " + ", ".join(f"h{h} gain {out[f'psnr_gain_h{h}']:+.2f} dB" for h in horizons)
         + f": {out['seconds_fidelity']:.1f} s")
@@ -342,10 +405,13 @@ def bench_world(name: str, args: argparse.Namespace) -> dict[str, Any]:
     rows = np.resize(np.arange(len(ev["task"])), args.batch)
     for size, key in ((1, "batch1"), (args.batch, "batched")):
         hist, act, idx = ev["history"][rows[:size]], ev["actions"][rows[:size], 0], ev["task"][rows[:size]]
-        row_tasks = [instructions[i] for i in idx]
         for steps in sorted(set(SPEED_STEPS) | {sample_steps}):
-            out[f"fps_{key}_steps{steps}"] = frames_per_s(size, args.speed_seconds, model.predict, hist, act,
-                                                          steps=steps, tasks=row_tasks)
+            if cfg.condition_dim:  # a step of the neural simulator: the reasoner, then the generator
+                out[f"fps_{key}_steps{steps}"] = neural_step_speed(model, dynamics, spec, ev, rows[:size], steps,
+                                                                   args.speed_seconds, tasks)
+            else:
+                out[f"fps_{key}_steps{steps}"] = frames_per_s(size, args.speed_seconds, model.predict, hist[:, -K:],
+                                                              act, steps=steps, tasks=list(tasks[rows[:size]]))
         out[f"fps_{key}"] = out[f"fps_{key}_steps{sample_steps}"]
         out[f"regressor_fps_{key}"] = frames_per_s(size, args.speed_seconds, reg.predict, hist, act, idx)
     out |= {"rate_hz": spec.rate_hz, "realtime_factor": out["fps_batch1"] / spec.rate_hz,
@@ -353,10 +419,10 @@ def bench_world(name: str, args: argparse.Namespace) -> dict[str, Any]:
     log(f"[{name}] speed: {out['fps_batch1']:.1f} fps at batch 1, {out['fps_batched']:.1f} at batch {args.batch} "
         f"({sample_steps} step(s); {spec.rate_hz:g} Hz control): {out['seconds_speed']:.1f} s")
     if args.neural_sim:
-        out |= neural_sim.measure(world, model, train_eps, eval_eps, args)
+        out |= neural_sim.measure(world, model, dynamics, train_eps, eval_eps, args)
     if args.filter_variants:
         start = perf_counter()
-        out |= plausibility.measure(world, model, eval_eps, variants=args.filter_variants, seed=args.seed)
+        out |= plausibility.measure(world, model, dynamics, eval_eps, variants=args.filter_variants, seed=args.seed)
         log(f"[{name}] plausibility filter: rejected {out.get('filter_rejection_rate', float('nan')):.2f}, kept but "
             f"contradicted {out.get('filter_false_keep_rate', float('nan')):.2f}: {perf_counter() - start:.1f} s")
     return out
@@ -372,31 +438,32 @@ def _cell(f: dict[str, Any], world: str, key: str, fmt: str = "{:.2f}") -> str:
 
 def table(f: dict[str, Any], args: argparse.Namespace) -> str:
     steps = f["sampling_steps"]
-    lines = [(f"World model (preset {args.preset}, {steps} sampling step(s)) vs baselines: "
+    lines = [(f"World model (preset {args.preset}, {steps} sampling step(s), "
+              f"{'conditioned on the dynamics model' if args.condition else 'unconditioned'}) vs baselines: "
               f"{args.train_seconds:g} s of training each, {f['threads']} thread(s), "
               f"{f['cpu_count']} CPUs, load {f['loadavg_start'][0]:.1f} -> {f['loadavg_end'][0]:.1f}, "
               f"commit {f['git_commit'][:12]}"), "",
-             "| world | figure | world model | world model, 1 step | copy-last | regressor | target |",
-             "|---|---|---|---|---|---|---|"]
+             "| world | figure | world model | world model, 1 step | without the reasoner's vector | copy-last | "
+             "regressor | target |", "|---|---|---|---|---|---|---|---|"]
+    keys = ("wm", "wm_steps1", "wm_plain", "copy_last", "regressor")
     for w in args.worlds:
         g = functools.partial(_cell, f, w)
 
         for h in args.horizons:
-            psnr = [g(f"psnr_h{h}_{k}") for k in ("wm", "wm_steps1", "copy_last", "regressor")]
-            ssim = [g(f"ssim_h{h}_{k}", "{:.3f}") for k in ("wm", "wm_steps1", "copy_last", "regressor")]
-            lines.append(f"| {w} | PSNR h={h} (dB) | {' | '.join(psnr)} | |")
-            lines.append(f"| {w} | SSIM h={h} | {' | '.join(ssim)} | |")
-            lines.append(f"| {w} | PSNR gain over copy-last h={h} (dB) | {g(f'psnr_gain_h{h}', '{:+.2f}')} | | 0 | "
-                         f"{g(f'regressor_psnr_gain_h{h}', '{:+.2f}')} | {TARGETS.get(f'psnr_gain_h{h}', '')} |")
+            lines.append(f"| {w} | PSNR h={h} (dB) | {' | '.join(g(f'psnr_h{h}_{k}') for k in keys)} | |")
+            lines.append(f"| {w} | SSIM h={h} | {' | '.join(g(f'ssim_h{h}_{k}', '{:.3f}') for k in keys)} | |")
+            lines.append(f"| {w} | PSNR gain over copy-last h={h} (dB) | {g(f'psnr_gain_h{h}', '{:+.2f}')} | | "
+                         f"{g(f'plain_psnr_gain_h{h}', '{:+.2f}')} | 0 | {g(f'regressor_psnr_gain_h{h}', '{:+.2f}')} | "
+                         f"{TARGETS.get(f'psnr_gain_h{h}', '')} |")
         lines.append(f"| {w} | frames/s, batch 1 | {g('fps_batch1', '{:.1f}')} | {g('fps_batch1_steps1', '{:.1f}')} | "
-                     f"| {g('regressor_fps_batch1', '{:.1f}')} | {TARGETS['fps_batch1']} |")
+                     f"| | {g('regressor_fps_batch1', '{:.1f}')} | {TARGETS['fps_batch1']} |")
         lines.append(f"| {w} | frames/s, batch {args.batch} | {g('fps_batched', '{:.1f}')} | "
-                     f"{g('fps_batched_steps1', '{:.1f}')} | | {g('regressor_fps_batched', '{:.1f}')} | "
+                     f"{g('fps_batched_steps1', '{:.1f}')} | | | {g('regressor_fps_batched', '{:.1f}')} | "
                      f"{TARGETS['fps_batched']} |")
-        lines.append(f"| {w} | real-time factor at {g('rate_hz', '{:g}')} Hz, batch 1 | {g('realtime_factor')} | | | | "
+        lines.append(f"| {w} | real-time factor at {g('rate_hz', '{:g}')} Hz, batch 1 | {g('realtime_factor')} | | | | | "
                      ">= 1 |")
-        lines.append(f"| {w} | training steps in {args.train_seconds:g} s | {g('train_steps_wm', '{}')} | | | "
-                     f"{g('train_steps_regressor', '{}')} | |")
+        lines.append(f"| {w} | training steps in {args.train_seconds:g} s | {g('train_steps_wm', '{}')} | | "
+                     f"{g('train_steps_wm_plain', '{}')} | | {g('train_steps_regressor', '{}')} | |")
     lines += ["", "| key figure (min over worlds) | value | target |", "|---|---|---|"]
     for key, target in TARGETS.items():
         value = f.get(key)
@@ -429,6 +496,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--strip", default="", help="write a PNG of real vs generated frames here")
     part2 = parser.add_argument_group("part 2: the neural simulator (benchmarks/neural_sim.py)")
     part2.add_argument("--no-neural-sim", dest="neural_sim", action="store_false", help="part 1 only")
+    parser.add_argument("--no-condition", dest="condition", action="store_false",
+                        help="a generator that does not read the dynamics model's vector (and no wm_plain)")
     part2.add_argument("--dynamics-preset", default="default", choices=sorted(dyn.PRESETS))
     part2.add_argument("--dynamics-seconds", type=float, default=90.0)
     part2.add_argument("--policy-preset", default="default", choices=sorted(dyn.PRESETS))

@@ -1,11 +1,13 @@
 """Part 2 of `make bench-world-model`: the neural simulator as an evaluator, and what the dynamics
 model knows beyond pixels.
 
-For one world, given the generator trained by part 1 and the same training and held-out episodes:
+For one world, given the dynamics model and the generator trained by part 1 and the same training
+and held-out episodes:
 
-1. Dynamics. ``models.dynamics.Dynamics`` (``--dynamics-preset``, the world's shapes) trains for
-   ``--dynamics-seconds`` on every whole window of the training episodes (K steps and the row
-   after). On the held-out windows of part 1, the neural simulator (``sim.neural.NeuralSim``) is
+1. Dynamics. ``models.dynamics.Dynamics`` (``--dynamics-preset``, the world's shapes) trains (in
+   part 1, before the generator, whose conditioning vector it gives) for ``--dynamics-seconds``
+   on every whole window of the training episodes (K steps and the row after) with
+   ``train_dynamics``. On the held-out windows of part 1, the neural simulator (``sim.neural.NeuralSim``) is
    driven by the logged actions and its predicted state, reward and signals are scored per horizon
    against the log: state MAE in units of the training states' std (``state_err_h{H}``), reward MAE
    (``reward_err_h{H}``) and the success signal's accuracy (success worlds), each beside the
@@ -283,19 +285,18 @@ def neural_scores(sim: NeuralSim, act, starts: list[tuple[dict, int]], horizon: 
     return run_policy(sim, [start_of(e, s, sim.context) for e, s in starts], batch_act, horizon=horizon)
 
 
-def measure(world, generator, train: list[dict], held_out: list[dict], args) -> dict[str, Any]:
-    """Parts 1-4 for one world; figures keyed without the world's suffix."""
+def dynamics_config(world, preset: str) -> dyn.DynamicsConfig:
+    """The preset with the world's shapes, as ``flows.config`` resolves them."""
+    spec = world.spec
+    vocab = build_vocab(t.instruction for t in spec.tasks) if len(spec.tasks) > 1 else ()
+    return dataclasses.replace(dyn.preset(preset), image_size=world.image_size, action_dim=len(spec.actions),
+                               state_dim=len(spec.state_names), signals=tuple(spec.signals), task_vocab=vocab)
+
+
+def measure(world, generator, model: dyn.Dynamics, train: list[dict], held_out: list[dict], args) -> dict[str, Any]:
+    """Parts 1-4 for one world (``model``: the trained dynamics model); figures keyed without the world's suffix."""
     spec, out = world.spec, {}
     name = spec.name
-    vocab = build_vocab(t.instruction for t in spec.tasks) if len(spec.tasks) > 1 else ()
-    cfg = dataclasses.replace(dyn.preset(args.dynamics_preset), image_size=world.image_size,
-                              action_dim=len(spec.actions), state_dim=len(spec.state_names),
-                              signals=tuple(spec.signals), task_vocab=vocab)
-    start = perf_counter()
-    model, info = train_dynamics(cfg, train, args.dynamics_seconds, args.seed)
-    out |= info | {"seconds_train_dynamics": perf_counter() - start}
-    log(f"[{name}] train dynamics: {info['train_steps_dynamics']} steps, loss {info['train_loss_dynamics']:.4f}: "
-        f"{out['seconds_train_dynamics']:.1f} s")
     sim = NeuralSim(generator, model, spec, seed=args.seed)
     start = perf_counter()
     out |= dynamics_fidelity(sim, model, spec, train, held_out, args.horizons, max(spec.warmup_steps, sim.context - 1))

@@ -29,7 +29,7 @@ from prefect import flow, get_run_logger
 
 from flows.evaluate import evaluate_drivers
 from flows.runtime import POLICY, Context, ensure_ray
-from flows.train import moving_state, recipe_digest, run_training
+from flows.train import recipe_digest, run_training
 from sim import worlds
 from stages.evaluate import paired
 from stages.schemas import ABLATIONS, of_world
@@ -59,9 +59,6 @@ def ablate_flow(config: str = "default", lake: str = "./lake", landing: str = ".
     fraction = ctx.config.train.synthetic_fraction
     if fraction <= 0:
         raise ValueError("train.synthetic_fraction is 0: nothing to ablate")
-    if moving_state(ctx.config.spec):
-        raise ValueError(f"{ctx.world_name}'s policy reads state that synthetic frames do not carry "
-                         f"({', '.join(ctx.config.spec.policy_state)}): it trains on real frames only")
     ensure_ray()
     turn = ctx.current_turn() if turn is None else turn
     drivers, specs = {}, {}

@@ -188,13 +188,15 @@ def _render_turn(turn: dict) -> str:
              f"  curate      seen {s['curate']['seen']} = kept {s['curate']['kept']} + rejected "
              f"{s['curate']['rejected']}, +{s['curate']['rows_added']['frames']} frames  ({s['curate']['wall_s']} s)",
              *_render_clips(s["curate"]),
+             f"  dynamics    v{s['train_dynamics']['version']}, loss "
+             f"{s['train_dynamics']['metrics'].get('train_loss', float('nan')):.4f}  ({s['train_dynamics']['wall_s']} s)",
              f"  world model v{s['train_world_model']['version']}, loss "
-             f"{s['train_world_model']['metrics'].get('train_loss', float('nan')):.4f}  ({s['train_world_model']['wall_s']} s)",
-             *([f"  dynamics    v{s['train_dynamics']['version']}, loss "
-                f"{s['train_dynamics']['metrics'].get('train_loss', float('nan')):.4f}  ({s['train_dynamics']['wall_s']} s)"]
-               if "train_dynamics" in s else []),
+             f"{s['train_world_model']['metrics'].get('train_loss', float('nan')):.4f}"
+             f"{_conditioned(s['train_world_model'])}  ({s['train_world_model']['wall_s']} s)",
              f"  synthesize  {s['synthesize']['generated']} variants: kept {s['synthesize']['kept']}, rejected "
-             f"{s['synthesize']['rejected']}, +{s['synthesize']['synthetic_frames']} frames  ({s['synthesize']['wall_s']} s)",
+             f"{s['synthesize']['rejected']} ({s['synthesize']['rejected_by_critic']} by the inverse-dynamics critic), "
+             f"expert labels on {s['synthesize']['expert_relabelled']}, +{s['synthesize']['synthetic_frames']} frames  "
+             f"({s['synthesize']['wall_s']} s)",
              f"  policy      v{s['train_policy']['version']}, loss "
              f"{s['train_policy']['metrics'].get('train_loss', float('nan')):.4f}{_event_share(s['train_policy'])}"
              f"  ({s['train_policy']['wall_s']} s)",
@@ -235,6 +237,11 @@ def _render_world(spec: dict) -> str:
         f"  signals     {', '.join(spec['signals']) or '-'}; events {', '.join(e['name'] for e in spec['events'])}",
         "  tags        " + "; ".join(f"{k}: {'/'.join(v)}" for k, v in spec["tags"].items()),
         f"  held out    seeds {spec['eval_seeds'][0]}..{spec['eval_seeds'][-1]} ({len(spec['eval_seeds'])})"])
+
+
+def _conditioned(train: dict) -> str:
+    """Which dynamics model's vector the generator read, when it reads one."""
+    return f", conditioned on {train['conditioned_on']}" if train.get("conditioned_on") else ""
 
 
 def _event_share(train: dict) -> str:

@@ -66,6 +66,15 @@ class SynthConfig:
     drift_steps: int = 6  # first steps drive with the perturbation; the label always recovers
     max_frame_change: float = 40.0  # mean |x_t - x_{t-1}| above this is implausible
     max_color_shift: float = 30.0  # mean |x_t - parent frame| above this is implausible
+    # the inverse-dynamics critic: a variant whose frames do not show the actions that drove them,
+    # by more than this times the critic's error on the real frames of the same batch, is implausible
+    max_idm_ratio: float = 3.0
+    # where labels come from: "expert_replay" (the world's expert at each counterfactual state, where
+    # the world replays the parent; elsewhere the heuristics), "heuristic" (the world's recovery rule,
+    # then the action that drove the generator), "inverse_dynamics" (the rule, then the action the
+    # dynamics model reads off the generated frames); every frame records its label's source
+    labels: str = "expert_replay"
+    replay_parallelism: int = 2
     parallelism: int = 1
     # the policy trains on synthetic frames only once an ablation on this lake (`worldloop ablate`)
     # showed a lift whose 95% CI is above zero; False: always at train.synthetic_fraction
@@ -89,6 +98,9 @@ class TrainConfig:
     # a checkpoint (weights + optimizer + step) every this many steps; a run killed mid-way and
     # started again with the same inputs resumes from the latest one (0: only at the end)
     checkpoint_every: int = 200
+    # the generator reads the dynamics model's conditioning vector (the reasoner instructs the
+    # generator); the world model then trains after the dynamics model, on its vectors
+    condition_generator: bool = True
 
 
 @dataclass(frozen=True)
@@ -224,7 +236,8 @@ def _world_shapes(spec: worlds.WorldSpec, cfg: FlywheelConfig) -> dict[str, Any]
                        "state_dim": len(spec.policy_state), "aux_dim": len(spec.state_names) - len(spec.policy_state),
                        "task_vocab": vocab, "image_size": cfg.world.image_size},
             "world_model": {"action_dim": len(spec.actions), "task_vocab": vocab,
-                            "image_size": cfg.world.image_size},
+                            "image_size": cfg.world.image_size,
+                            "condition_dim": cfg.dynamics.embed if cfg.train.condition_generator else 0},
             "dynamics": {"action_dim": len(spec.actions), "state_dim": len(spec.state_names),
                          "signals": tuple(spec.signals), "task_vocab": vocab, "image_size": cfg.world.image_size}}
 

@@ -110,13 +110,10 @@ def neural_starts(ctx: Context, turn: int, context: int) -> list:
 def evaluate_neural(ctx: Context, drivers: dict[str, tuple[str, str]], turn: int) -> dict[str, list[dict]]:
     """Per-start rows for each role's driver in the neural simulator (rows as ``summarize`` reads them)."""
     models, context = {}, 1
-    for name in (WORLD_MODEL, DYNAMICS):
-        versions = ctx.registry.versions(name)
-        if not versions:
-            raise ValueError(f"no {name} in the registry: run `worldloop train --model {name}` first")
+    for name, mv in zip((WORLD_MODEL, DYNAMICS), ctx.world_model_pair()):
         models[name] = {"registry_uri": ctx.world_uri, "storage_options": ctx.storage_options,
-                        "name": name, "version": versions[-1].version}
-        context = max(context, versions[-1].config["history"])  # frames both models need before a step
+                        "name": name, "version": mv.version}
+        context = max(context, mv.config["history"])  # frames both models need before a step
     starts = neural_starts(ctx, turn, context)
     out = adapters.neural_rollouts({role: _driver(ctx, *d) for role, d in drivers.items()}, starts,
                                    world=ctx.config.world, models=models, horizon=ctx.config.eval.neural_horizon,

@@ -67,8 +67,8 @@ def flywheel_flow(config: str = "default", lake: str = "./lake", landing: str = 
             endpoint = serve_champion(ctx)["url"]  # the fleet drives through the served champion
         _timed(stages, turn, "fleet", fleet_flow, **common, turn=turn, endpoint=endpoint)
         _timed(stages, turn, "curate", curate_flow, **common, turn=turn)
-        _timed(stages, turn, "train_world_model", train_flow, **common, model=WORLD_MODEL, turn=turn)
         _timed(stages, turn, "train_dynamics", train_flow, **common, model=DYNAMICS, turn=turn)
+        _timed(stages, turn, "train_world_model", train_flow, **common, model=WORLD_MODEL, turn=turn)
         _timed(stages, turn, "synthesize", synthesize_flow, **common, turn=turn)
         policy = _timed(stages, turn, "train_policy", train_flow, **common, model=POLICY, turn=turn)
         _timed(stages, turn, "evaluate", evaluate_flow, **common, version=policy["version"], turn=turn)

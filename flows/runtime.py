@@ -147,6 +147,23 @@ class Context:
         os.makedirs(path, exist_ok=True)
         return path
 
+    def world_model_pair(self) -> tuple:
+        """(generator, dynamics model) registry versions that run together: the latest world model and
+        the dynamics model it was trained on (its lineage's ``condition_version``), else the latest."""
+        found = {}
+        for name in (WORLD_MODEL, DYNAMICS):
+            versions = self.registry.versions(name)
+            if not versions:
+                raise ValueError(f"no {name} in the registry: run `worldloop train --model {name}` first")
+            found[name] = versions[-1]
+        paired = found[WORLD_MODEL].lineage.get("condition_version")
+        if paired is not None:
+            found[DYNAMICS] = self.registry.get(DYNAMICS, version=int(paired))
+            if found[DYNAMICS] is None:
+                raise ValueError(f"world_model v{found[WORLD_MODEL].version} was trained on dynamics v{paired}, "
+                                 "which is not in the registry")
+        return found[WORLD_MODEL], found[DYNAMICS]
+
     def current_turn(self) -> int:
         """The open turn: one past the last turn that finished (the `turns` table), 0 at first."""
         if not self.lake.exists("turns"):

@@ -1,7 +1,8 @@
 """Synthesize flow: the world model turns compute into recovery data, with provenance.
 
 Parent windows are drawn from real training episodes (mined events preferred), rolled out by the
-latest world model under counterfactual actions (`stages.synthesize`), filtered for plausibility,
+latest world model and the dynamics model it was trained with (the neural simulator) under
+counterfactual actions (`stages.synthesize`), filtered for plausibility,
 and written to the same `episodes`/`frames` tables with `origin = synthetic`, the parent episode,
 the generator's version, and a per-frame `label_source`. Implausible variants become rejects.
 """
@@ -14,10 +15,12 @@ import pyarrow as pa
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.runtime import WORLD_MODEL, Context, ensure_ray
+from flows.runtime import DYNAMICS, WORLD_MODEL, Context, ensure_ray
 from sim import worlds
 from stages import adapters, synthesize
-from stages.schemas import EPISODES, REJECTS, of_world
+from stages.schemas import EPISODES, REJECTS, of_world, vectors
+
+LABELS = ("expert_replay", "heuristic", "inverse_dynamics")  # synth.labels
 
 
 @task(name="load-parent-windows", cache_policy=NO_CACHE)
@@ -38,6 +41,37 @@ def parent_batch(ctx: Context, turn: int, history: int,
     return parents, batch, states
 
 
+@task(name="expert-relabel", cache_policy=NO_CACHE)
+def expert_labels(ctx: Context, parents: list[tuple[str, int]], variants: list) -> list[np.ndarray | None]:
+    """The world's expert's labels along each kept variant's counterfactual, replayed in the world's
+    simulator from its parent's seed and logged actions (``sim.rollout.replay_labels``); None for a
+    rejected variant or a parent that cannot be replayed (no seed, a span that does not start at
+    step 0, a replay that does not reproduce the logged state)."""
+    keep = [i for i, v in enumerate(variants) if v.reject_reason is None]
+    episodes = ctx.lake.read("episodes", columns=["episode_id", "seed"], filter="origin = 'real'")
+    seeds = dict(zip(episodes.column("episode_id").to_pylist(), episodes.column("seed").to_pylist()))
+    task_of = {t.instruction: t.name for t in ctx.config.spec.tasks}
+    items, where = [], []
+    for i in keep:
+        episode, start = parents[i]
+        if seeds.get(episode, -1) < 0:
+            continue
+        rows = ctx.lake.read("frames", columns=["step", "action", "state", "task"],
+                             filter=f"episode_id = '{episode}' AND step <= {start}").sort_by("step")
+        task = task_of.get(rows.column("task")[0].as_py()) if rows.num_rows else None
+        if task is None or rows.column("step").to_pylist() != list(range(start + 1)):
+            continue
+        actions, states = vectors(rows.column("action")), vectors(rows.column("state"))
+        items.append({"seed": int(seeds[episode]), "task": task, "prefix": actions[:start],
+                      "logged_state": states[start], "actions": variants[i].driven})
+        where.append(i)
+    out: list[np.ndarray | None] = [None] * len(variants)
+    for i, labels in zip(where, adapters.replay_labels(items, world=ctx.config.world,
+                                                       parallelism=ctx.config.synth.replay_parallelism)):
+        out[i] = labels
+    return out
+
+
 @flow(name="synthesize")
 def synthesize_flow(config: str = "default", lake: str = "./lake", landing: str = "./landing",
                     world: str = worlds.DEFAULT, overrides: list[str] | None = None,
@@ -45,20 +79,25 @@ def synthesize_flow(config: str = "default", lake: str = "./lake", landing: str 
     """Generate `config.synth.variants` synthetic episodes with the latest world model."""
     ctx = Context.create(config=config, lake=lake, landing=landing, world=world, overrides=overrides,
                          config_file=config_file)
-    versions = ctx.registry.versions(WORLD_MODEL)
-    if not versions:
-        raise ValueError("no world model in the registry: run `worldloop train --model world_model` first")
+    wm, dyn = ctx.world_model_pair()
     ensure_ray()
     turn = ctx.current_turn() if turn is None else turn
-    wm, s = versions[-1], ctx.config.synth
-    parents, batch, states = parent_batch(ctx, turn, wm.config["history"], wm.config["image_size"])
+    s = ctx.config.synth
+    context = max(wm.config["history"], dyn.config["history"])  # what the neural simulator starts from
+    parents, batch, states = parent_batch(ctx, turn, context, wm.config["image_size"])
     if not parents:
         raise ValueError("no real training window long enough to start a synthetic variant from")
-    params = {"offsets": list(s.offsets), "drift_steps": s.drift_steps,
-              "max_frame_change": s.max_frame_change, "max_color_shift": s.max_color_shift}
-    variants = adapters.synthesize_batches(ctx.registry.fetch(wm), synthesize.split_batch(batch, s.parallelism),
+    if s.labels not in LABELS:
+        raise ValueError(f"synth.labels must be one of {LABELS}, got {s.labels!r}")
+    params = {"offsets": list(s.offsets), "drift_steps": s.drift_steps, "max_frame_change": s.max_frame_change,
+              "max_color_shift": s.max_color_shift, "max_idm_ratio": s.max_idm_ratio,
+              "label_after_drift": synthesize.LABEL_IDM if s.labels == "inverse_dynamics" else synthesize.LABEL_GENERATOR}
+    variants = adapters.synthesize_batches(ctx.registry.fetch(wm), ctx.registry.fetch(dyn),
+                                           synthesize.split_batch(batch, s.parallelism),
                                            world=dataclasses.asdict(ctx.config.world), params=params,
                                            seed=1000 * turn, parallelism=s.parallelism)
+    replayed = expert_labels(ctx, parents, variants) if s.labels == "expert_replay" else [None] * len(variants)
+    variants = [synthesize.relabel(v, r) for v, r in zip(variants, replayed)]
     episodes, frames, rejects = synthesize.variant_tables(
         variants, parents=parents, tasks=batch["tasks"], parent_states=states, spec=ctx.config.spec, turn=turn,
         generator_version=f"{WORLD_MODEL}:v{wm.version}")
@@ -71,8 +110,12 @@ def synthesize_flow(config: str = "default", lake: str = "./lake", landing: str 
         added["rejects"] = ctx.lake.append("rejects", pa.Table.from_pylist(rejects, schema=REJECTS),
                                            key="reject_id")
     ctx.lake.save_config("frames", {**ctx.config.to_dict(), "synth": dataclasses.asdict(s)})
+    reasons = [v.reject_reason for v in variants if v.reject_reason]
     summary = {"stage": "synthesize", "turn": turn, "generator": f"{WORLD_MODEL}:v{wm.version}",
-               "generated": len(parents), "kept": len(episodes), "rejected": len(rejects),
+               "dynamics": f"{DYNAMICS}:v{dyn.version}", "generated": len(parents), "kept": len(episodes),
+               "rejected": len(rejects), "rejected_by_critic": sum("inverse-dynamics" in r for r in reasons),
+               "idm_error": float(np.mean([v.idm_error for v in variants])),
+               "expert_relabelled": sum(r is not None for r in replayed),
                "synthetic_frames": sum(t.num_rows for t in frames), "rows_added": added}
     get_run_logger().info("synthesize: %s", summary)
     return summary

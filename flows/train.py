@@ -14,7 +14,7 @@ import os
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.runtime import MODELS, POLICY, Context, ensure_ray
+from flows.runtime import DYNAMICS, MODELS, POLICY, WORLD_MODEL, Context, ensure_ray
 from sim import worlds
 from stages.registry import git_commit
 from stages.schemas import of_world
@@ -36,12 +36,6 @@ def warm_start(ctx: Context, kind: str, config: dict):
     return mv if mv is not None and _same(mv.config, config) else None
 
 
-def moving_state(spec) -> bool:
-    """Whether the policy reads state that changes within an episode: synthetic rows know only the
-    static part of the state (``stages.synthesize.variant_states``), so such a policy trains on real rows."""
-    return any(name not in spec.static_state for name in spec.policy_state)
-
-
 def recipe_digest(ctx: Context) -> str:
     """What makes two ablations comparable: the policy's config and the synthetic share."""
     recipe = {"policy": dataclasses.asdict(ctx.config.policy), "synthetic_fraction": ctx.config.train.synthetic_fraction}
@@ -52,8 +46,6 @@ def synthetic_verdict(ctx: Context) -> dict:
     """Whether the policy may train on synthetic frames: {"use": bool, "reason": str, "ablation": row}."""
     if ctx.config.train.synthetic_fraction <= 0:
         return {"use": False, "reason": "train.synthetic_fraction is 0"}
-    if moving_state(ctx.config.spec):
-        return {"use": False, "reason": "left out: the policy reads state that synthetic frames do not carry"}
     if not ctx.config.synth.require_lift:
         return {"use": True, "reason": "synth.require_lift is off: synthetic frames are used without an ablation"}
     rows = [] if not ctx.lake.exists("ablations") else ctx.lake.read(
@@ -71,22 +63,38 @@ def synthetic_verdict(ctx: Context) -> dict:
 
 
 @task(name="ray-train", cache_policy=NO_CACHE)
-def run_training(ctx: Context, kind: str, turn: int, init_dir: str | None, run_name: str | None = None) -> dict:
+def run_training(ctx: Context, kind: str, turn: int, init_dir: str | None, run_name: str | None = None,
+                 condition_dir: str | None = None) -> dict:
     t = ctx.config.train
     model_config = getattr(ctx.config, kind)
     weighted = kind == POLICY and t.oversample_events and ctx.lake.exists("clips")
     spec = ctx.config.spec
-    moving = moving_state(spec)
     return train_model(
         kind, frames_uri=ctx.lake.table_uri("frames"), model_config=model_config,
         storage_path=os.path.join(ctx.work_dir, "ray_results"), storage_options=ctx.storage_options,
         num_workers=t.num_workers, cpus_per_worker=t.cpus_per_worker, use_gpu=t.use_gpu,
         synthetic_fraction=t.synthetic_fraction if kind == POLICY else 0.0, init_dir=init_dir,
-        filter=None if kind == POLICY and not moving else "origin = 'real'", seed=turn,
+        filter=None if kind == POLICY else "origin = 'real'", seed=turn,
         state_index=spec.policy_state_index.tolist(), run_name=run_name or f"{kind}-turn{turn}",
         clips_uri=ctx.lake.table_uri("clips") if weighted else None, duplicate_weight=t.duplicate_weight,
         world=spec.name, prefetch=t.prefetch, checkpoint_every=t.checkpoint_every,
-        data_version=json.dumps({n: ctx.lake.version(n) for n in ("frames", "clips") if ctx.lake.exists(n)}))
+        data_version=json.dumps({n: ctx.lake.version(n) for n in ("frames", "clips") if ctx.lake.exists(n)}),
+        condition_dir=condition_dir)
+
+
+def conditioning(ctx: Context, kind: str):
+    """The dynamics version whose vectors condition a generator that reads them (None otherwise): the
+    latest whose width and frames match."""
+    c = getattr(ctx.config, kind)
+    if kind != WORLD_MODEL or not c.condition_dim:
+        return None
+    matching = [mv for mv in ctx.registry.versions(DYNAMICS)
+                if mv.config["embed"] == c.condition_dim and mv.config["image_size"] == c.image_size]
+    if not matching:
+        raise ValueError(f"the world model reads the dynamics model's {c.condition_dim}-wide vector and no dynamics "
+                         "model of that width is in the registry: run `worldloop train --model dynamics` first "
+                         "(or --set train.condition_generator=false)")
+    return matching[-1]
 
 
 @flow(name="train")
@@ -108,8 +116,11 @@ def train_flow(config: str = "default", lake: str = "./lake", landing: str = "./
     if verdict is not None and not verdict["use"]:
         ctx = dataclasses.replace(ctx, config=dataclasses.replace(
             ctx.config, train=dataclasses.replace(ctx.config.train, synthetic_fraction=0.0)))
-    result = run_training(ctx, model, turn, ctx.registry.fetch(parent) if parent else None)
+    teacher = conditioning(ctx, model)
+    result = run_training(ctx, model, turn, ctx.registry.fetch(parent) if parent else None,
+                          condition_dir=ctx.registry.fetch(teacher) if teacher else None)
     lineage = {"turn": turn, "config": ctx.config.name, "config_digest": ctx.config.digest(),
+               "condition_version": teacher.version if teacher else None,
                "tables": {n: ctx.lake.version(n) for n in ("frames", "episodes", "clips")
                           if ctx.lake.exists(n)},
                "parent_version": parent.version if parent else None, "git_commit": git_commit()}
@@ -121,6 +132,8 @@ def train_flow(config: str = "default", lake: str = "./lake", landing: str = "./
     summary = {"stage": "train", "model": model, "turn": turn, "version": mv.version,
                "warm_start_from": lineage["parent_version"], "metrics": metrics,
                "artifact_uri": mv.artifact_uri}
+    if teacher is not None:
+        summary["conditioned_on"] = f"{DYNAMICS}:v{teacher.version}"
     if verdict is not None:
         summary["synthetic"] = {"used": verdict["use"], "reason": verdict["reason"],
                                 "fraction": ctx.config.train.synthetic_fraction}

@@ -11,7 +11,12 @@ A small diffusion generator built from diffusers blocks, following
   the denoiser (the lognormal rarely visits it);
 * GameNGen (Valevski et al. 2024): Gaussian noise augmentation of the context frames during
   training, with its level given to the network, so autoregressive rollouts survive their own
-  errors;
+  errors; as in Diffusion Forcing (Chen et al. 2024) every context frame draws its own level,
+  so the network learns to trust recent and old frames by how clean each is;
+* Cosmos 3's reasoner-instructs-generator split: with ``condition_dim`` the generator also reads a
+  conditioning vector, the hidden state h[t] of the autoregressive reasoner
+  (``models.dynamics.Dynamics``: ``Prediction.condition``) over the same window, which carries
+  what frames alone do not show (the logged state, the task, the longer past);
 * Cosmos (NVIDIA 2025) framing: a world model is f(past frames, action) -> future frames that is
   post-trained on domain data and doubles as a neural simulator (`rollout`).
 
@@ -23,8 +28,8 @@ noise-augmented last frame the network sees, so it learns to clean its context, 
 rollouts fed its own output. delta_scale=None diffuses whole frames.
 
 The denoiser is a diffusers `UNet2DModel` over `pixel_unshuffle`d inputs (a large CPU speed-up);
-the action (and the context-noise level, and the task embedding when ``task_vocab`` is set) go
-through a small MLP into `class_labels` with `class_embed_type="identity"`, i.e. they are added to
+the action (and the K context-noise levels, the task embedding when ``task_vocab`` is set and
+the reasoner's conditioning vector when ``condition_dim`` is) go through a small MLP into `class_labels` with `class_embed_type="identity"`, i.e. they are added to
 the time embedding, which modulates every ResNet block (`resnet_time_scale_shift="scale_shift"`).
 The task embedding comes from ``models.text.TaskEncoder`` (word-level tokens, a one-layer BERT
 trained from scratch, mean-pooled), shared with the policy. EDM's c_noise = ln(sigma)/4 is scaled
@@ -81,6 +86,7 @@ class WorldModelConfig:
     task_vocab: tuple[str, ...] = ()
     task_hidden: int = 32
     task_max_len: int = 32  # tokens kept per instruction
+    condition_dim: int = 0  # width of the reasoner's conditioning vector (models.dynamics embed); 0: none
     # training recipe (used by the post-training stage / recipe scripts)
     lr: float = 2e-3
     weight_decay: float = 1e-4
@@ -102,8 +108,8 @@ class WorldModelConfig:
             raise ValueError(f"delta_scale must be positive or None, got {self.delta_scale}")
         if self.sampling_steps < 1:
             raise ValueError(f"sampling_steps must be >= 1, got {self.sampling_steps}")
-        if self.task_hidden < 1 or self.task_max_len < 1:
-            raise ValueError("task_hidden and task_max_len must be >= 1")
+        if self.task_hidden < 1 or self.task_max_len < 1 or self.condition_dim < 0:
+            raise ValueError("task_hidden and task_max_len must be >= 1 and condition_dim >= 0")
         check_vocab(self.task_vocab)
 
 
@@ -163,7 +169,7 @@ class WorldModel(nn.Module):
         emb_dim = 4 * c.channels[0]  # UNet2DModel's time-embedding width
         self.task_encoder = TaskEncoder(c.task_vocab, c.task_hidden, c.task_max_len) if c.task_vocab else None
         task_dim = c.task_hidden if c.task_vocab else 0
-        self.cond_mlp = nn.Sequential(nn.Linear(c.action_dim + 1 + task_dim, emb_dim), nn.SiLU(),
+        self.cond_mlp = nn.Sequential(nn.Linear(c.action_dim + c.history + task_dim + c.condition_dim, emb_dim), nn.SiLU(),
                                       nn.Linear(emb_dim, emb_dim))
 
     @property
@@ -202,17 +208,32 @@ class WorldModel(nn.Module):
             return None
         return self.task_encoder.encode(tasks, batch, self.device)
 
+    def _extra(self, tasks: Sequence[str] | None, condition_BD, batch: int) -> list[torch.Tensor]:
+        """What besides the action and noise levels goes into the conditioning MLP: the task
+        embedding and the reasoner's vector, each where the config reads it (and required there)."""
+        c, extra = self.config, []
+        task = self.embed_tasks(tasks, batch)
+        if task is not None:
+            extra.append(task)
+        if c.condition_dim:
+            if condition_BD is None:
+                raise ValueError(f"this generator reads the reasoner's conditioning vector [B, {c.condition_dim}]: "
+                                 "pass condition (sim.neural.NeuralSim pairs it with its dynamics model)")
+            cond = _to_tensor(condition_BD)[0].to(self.device, torch.float32)
+            if cond.shape != (batch, c.condition_dim) or not torch.isfinite(cond).all():
+                raise ValueError(f"condition must be finite [{batch}, {c.condition_dim}], got {tuple(cond.shape)}")
+            extra.append(cond)
+        return extra
+
     # ---- EDM denoiser -------------------------------------------------------------------------
 
     def _network(self, x_in_BCHW: torch.Tensor, sigma_B: torch.Tensor, context_BKCHW: torch.Tensor,
-                 action_BA: torch.Tensor, context_sigma_B: torch.Tensor,
-                 task_BD: torch.Tensor | None = None) -> torch.Tensor:
+                 action_BA: torch.Tensor, context_sigma_BK: torch.Tensor, extra: list[torch.Tensor]) -> torch.Tensor:
         """F_theta on the preconditioned input c_in * x_sigma (full resolution in and out)."""
         r = self.config.unshuffle
         stacked = torch.cat([context_BKCHW.flatten(1, 2), x_in_BCHW], dim=1)
         c_noise_B = 1000.0 * sigma_B.log() / 4  # EDM's ln(sigma)/4, scaled for sinusoidal embeddings
-        extra = [] if task_BD is None else [task_BD]
-        cond = self.cond_mlp(torch.cat([action_BA, context_sigma_B[:, None], *extra], dim=1))
+        cond = self.cond_mlp(torch.cat([action_BA, context_sigma_BK, *extra], dim=1))
         out = self.unet(F.pixel_unshuffle(stacked, r), c_noise_B, class_labels=cond).sample
         return F.pixel_shuffle(out, r)
 
@@ -233,20 +254,21 @@ class WorldModel(nn.Module):
         return sd ** 2 / denom ** 2, s * sd / denom, 1 / denom
 
     def denoise(self, x_BCHW: torch.Tensor, sigma_B: torch.Tensor, context_BKCHW: torch.Tensor,
-                action_BA: torch.Tensor, context_sigma_B: torch.Tensor | None = None,
-                tasks: Sequence[str] | None = None) -> torch.Tensor:
-        """D(x_sigma) = c_skip x + c_out F(c_in x): the denoised estimate of the diffused variable."""
-        return self._denoise(x_BCHW, sigma_B, context_BKCHW, action_BA, context_sigma_B,
-                             self.embed_tasks(tasks, x_BCHW.shape[0]))
+                action_BA: torch.Tensor, context_sigma_BK: torch.Tensor | None = None,
+                tasks: Sequence[str] | None = None, condition_BD=None) -> torch.Tensor:
+        """D(x_sigma) = c_skip x + c_out F(c_in x): the denoised estimate of the diffused variable;
+        ``context_sigma_BK`` the noise level of each context frame (None: clean)."""
+        return self._denoise(x_BCHW, sigma_B, context_BKCHW, action_BA, context_sigma_BK,
+                             self._extra(tasks, condition_BD, x_BCHW.shape[0]))
 
     def _denoise(self, x_BCHW: torch.Tensor, sigma_B: torch.Tensor, context_BKCHW: torch.Tensor,
-                 action_BA: torch.Tensor, context_sigma_B: torch.Tensor | None,
-                 task_BD: torch.Tensor | None) -> torch.Tensor:
-        if context_sigma_B is None:
-            context_sigma_B = torch.zeros_like(sigma_B)
+                 action_BA: torch.Tensor, context_sigma_BK: torch.Tensor | None,
+                 extra: list[torch.Tensor]) -> torch.Tensor:
+        if context_sigma_BK is None:
+            context_sigma_BK = sigma_B.new_zeros(sigma_B.shape[0], self.config.history)
         c_skip, c_out, c_in = self._precondition(sigma_B)
         return c_skip * x_BCHW + c_out * self._network(c_in * x_BCHW, sigma_B, context_BKCHW, action_BA,
-                                                       context_sigma_B, task_BD)
+                                                       context_sigma_BK, extra)
 
     def sigmas(self, steps: int) -> torch.Tensor:
         """Karras rho-spaced noise levels from sigma_max down to sigma_min, then 0: [steps + 1]."""
@@ -263,39 +285,40 @@ class WorldModel(nn.Module):
         return torch.where(at_max, torch.full_like(sigma, c.sigma_max), sigma).clamp(c.sigma_min, c.sigma_max)
 
     def loss(self, history_BKHWC: torch.Tensor, action_BA: torch.Tensor, target_BHWC: torch.Tensor,
-             tasks: Sequence[str] | None = None) -> torch.Tensor:
+             tasks: Sequence[str] | None = None, condition_BD=None) -> torch.Tensor:
         """EDM denoising loss (MSE on the network's unit-variance target) for one batch of transitions;
-        ``tasks`` (one instruction per row) is required when the model reads tasks, else ignored."""
+        ``tasks`` (one instruction per row) is required when the model reads tasks, ``condition_BD``
+        (the reasoner's vector over the same window) when it reads one; else they are ignored."""
         history, _ = _to_tensor(history_BKHWC)
         target, _ = _to_tensor(target_BHWC)
         action, _ = _to_tensor(action_BA)
         self._check_history(history)
         self._check_frames(target, "target", "B", 4)
-        B = history.shape[0]
+        B, K = history.shape[:2]
         if target.shape[0] != B:
             raise ValueError(f"target batch {target.shape[0]} does not match history batch {B}")
         action = self._check_actions(action, B, 2)
-        task = self.embed_tasks(tasks, B)
+        extra = self._extra(tasks, condition_BD, B)
         context = _normalise(history.to(self.device))
-        context_sigma = torch.rand(B, device=self.device) * self.config.context_noise_max
-        context = context + context_sigma[:, None, None, None, None] * torch.randn_like(context)
+        context_sigma = torch.rand(B, K, device=self.device) * self.config.context_noise_max  # per frame
+        context = context + context_sigma[:, :, None, None, None] * torch.randn_like(context)
         x0 = self._frame_to_x(_normalise(target.to(self.device)), context)  # from the noisy last frame
         sigma = self.sample_sigma(B)
         noisy = x0 + sigma[:, None, None, None] * torch.randn_like(x0)
         c_skip, c_out, c_in = self._precondition(sigma)
-        out = self._network(c_in * noisy, sigma, context, action, context_sigma, task)
+        out = self._network(c_in * noisy, sigma, context, action, context_sigma, extra)
         return F.mse_loss(out, (x0 - c_skip * noisy) / c_out)
 
     # ---- sampling -----------------------------------------------------------------------------
 
     def _sample(self, context_BKCHW: torch.Tensor, action_BA: torch.Tensor, steps: int,
-                generator: torch.Generator | None, task_BD: torch.Tensor | None = None) -> torch.Tensor:
+                generator: torch.Generator | None, extra: list[torch.Tensor]) -> torch.Tensor:
         """Euler sampler (EDM Alg. 1 without churn) -> normalised next frame [B, 3, H, W]."""
         B, _, C, H, W = context_BKCHW.shape
         sigmas = self.sigmas(steps).to(self.device)
         x = sigmas[0] * torch.randn((B, C, H, W), generator=generator, device=self.device)
         for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-            denoised = self._denoise(x, s.expand(B), context_BKCHW, action_BA, None, task_BD)
+            denoised = self._denoise(x, s.expand(B), context_BKCHW, action_BA, None, extra)
             x = x + (x - denoised) / s * (s_next - s)
         return self._x_to_frame(x, context_BKCHW)
 
@@ -308,15 +331,16 @@ class WorldModel(nn.Module):
     @torch.no_grad()
     def predict(self, history_BKHWC: torch.Tensor | np.ndarray, action_BA: torch.Tensor | np.ndarray,
                 steps: int | None = None, generator: torch.Generator | None = None,
-                tasks: Sequence[str] | None = None) -> torch.Tensor | np.ndarray:
+                tasks: Sequence[str] | None = None, condition_BD=None) -> torch.Tensor | np.ndarray:
         """Next frame uint8 [B, H, W, 3] (numpy in -> numpy out; torch in -> torch on the model's device).
-        `generator` (on the model's device) makes the sampling noise reproducible; `tasks` as in `loss`."""
+        `generator` (on the model's device) makes the sampling noise reproducible; `tasks` and
+        `condition_BD` as in `loss`."""
         history, as_numpy = _to_tensor(history_BKHWC)
         self._check_history(history)
         action = self._check_actions(_to_tensor(action_BA)[0], history.shape[0], 2)
-        task = self.embed_tasks(tasks, history.shape[0])
+        extra = self._extra(tasks, condition_BD, history.shape[0])
         context = _normalise(history.to(self.device))
-        frame = _to_uint8(self._sample(context, action, self._steps(steps), generator, task))
+        frame = _to_uint8(self._sample(context, action, self._steps(steps), generator, extra))
         return frame.cpu().numpy() if as_numpy else frame
 
     @torch.no_grad()
@@ -324,18 +348,23 @@ class WorldModel(nn.Module):
                 steps: int | None = None, generator: torch.Generator | None = None,
                 tasks: Sequence[str] | None = None) -> torch.Tensor | np.ndarray:
         """Autoregressive frames uint8 [B, T, H, W, 3], each fed back (quantised) as context for the next;
-        `tasks` (one instruction per row, fixed over the rollout) as in `loss`."""
+        `tasks` (one instruction per row, fixed over the rollout) as in `loss`. A generator that reads
+        the reasoner's vector needs the reasoner at every step: roll it out with
+        ``sim.neural.NeuralSim`` instead."""
+        if self.config.condition_dim:
+            raise ValueError("this generator reads the reasoner's conditioning vector at every step: roll it out "
+                             "with sim.neural.NeuralSim, which runs its dynamics model beside it")
         history, as_numpy = _to_tensor(history_BKHWC)
         self._check_history(history)
         actions = self._check_actions(_to_tensor(actions_BTA)[0], history.shape[0], 3)
         if actions.shape[1] < 1:
             raise ValueError("actions must hold at least one step")
-        task = self.embed_tasks(tasks, history.shape[0])
+        extra = self._extra(tasks, None, history.shape[0])
         steps = self._steps(steps)
         context = _normalise(history.to(self.device))
         frames = []
         for t in range(actions.shape[1]):
-            frame = _to_uint8(self._sample(context, actions[:, t], steps, generator, task))
+            frame = _to_uint8(self._sample(context, actions[:, t], steps, generator, extra))
             frames.append(frame)
             context = torch.cat([context[:, 1:], _normalise(frame)[:, None]], dim=1)
         out = torch.stack(frames, dim=1)

@@ -4,7 +4,9 @@
 (``Start``: its last frames, the actions taken at them, the logged states and the task), and each
 ``step(actions)`` asks the generator (``models.world_model.WorldModel``) for the next frame and the
 dynamics model (``models.dynamics.Dynamics``) for the next state, the reward, the world's signals
-and whether the episode ends. ``NeuralSimEnv`` is the same for one episode as a Gymnasium
+and whether the episode ends; the dynamics model reads the window first, and its conditioning
+vector instructs the generator when the generator reads one (``condition_dim``). ``rollout``
+drives the batch open loop with given actions (synthesis, fidelity). ``NeuralSimEnv`` is the same for one episode as a Gymnasium
 environment; ``run_policy`` drives any batched policy through it and scores it by the world's own
 rule (episode return, or success: the world's ``success_signal`` raised at some step), as the
 real simulator scores it (``sim.rollout.run_episode``).
@@ -57,6 +59,9 @@ class NeuralSim:
                              f"{len(spec.state_names)}")
         if g.image_size != d.image_size:
             raise ValueError(f"generator frames {g.image_size} px and dynamics frames {d.image_size} px differ")
+        if g.condition_dim not in (0, d.embed):
+            raise ValueError(f"the generator reads a {g.condition_dim}-wide conditioning vector; this dynamics model "
+                             f"gives {d.embed}: pair it with the dynamics model it was trained with")
         self.context = max(g.history, d.history)
         self.image_size = g.image_size
         self.success_index = spec.signals.index(spec.success_signal) if spec.score == "success" else None
@@ -93,12 +98,13 @@ class NeuralSim:
         self.actions[:, -1] = actions
         g, d = self.generator.config, self.dynamics.config
         tasks = list(self.tasks)
-        g_tasks = {"tasks": tasks} if g.task_vocab else {}
-        frame = self.generator.predict(self.frames[:, -g.history:], actions, steps=self.steps,
-                                       generator=self._generator, **g_tasks)
+        # the reasoner reads the window first; its h[t] instructs the generator (when it reads one)
         pred = self.dynamics.predict(self.frames[:, -d.history:], self.actions[:, -d.history:],
                                      self.states[:, -d.history:] if d.state_dim else None,
                                      tasks if d.task_vocab else None)
+        frame = self.generator.predict(self.frames[:, -g.history:], actions, steps=self.steps,
+                                       generator=self._generator, tasks=tasks if g.task_vocab else None,
+                                       condition_BD=pred.condition if g.condition_dim else None)
         signals = pred.signals.cpu().numpy()
         state = pred.next_state.cpu().numpy() if d.state_dim else np.full((len(actions), len(self.spec.state_names)),
                                                                              np.nan, np.float32)
@@ -112,6 +118,23 @@ class NeuralSim:
         self.t += 1
         return self.observation(), outcome
 
+
+    def rollout(self, starts: Sequence[Start], actions_BTA: np.ndarray) -> dict[str, np.ndarray]:
+        """Open loop: drive each start with its row of ``actions_BTA`` [B, T, A] -> frames uint8
+        [B, T, H, W, 3] (frame t follows action t), the predicted states [B, T, S], rewards [B, T],
+        signal probabilities [B, T, G] and end-of-episode probabilities [B, T]."""
+        actions = np.asarray(actions_BTA, np.float32)
+        if actions.ndim != 3 or len(actions) != len(starts) or actions.shape[1] < 1:
+            raise ValueError(f"actions must be [{len(starts)}, T >= 1, A], got {actions.shape}")
+        self.reset(starts)
+        frames, outcomes = [], []
+        for t in range(actions.shape[1]):
+            obs, out = self.step(actions[:, t])
+            frames.append(obs["image"])
+            outcomes.append(out)
+        stack = lambda key: np.stack([o[key] for o in outcomes], axis=1)  # noqa: E731
+        return {"frames": np.stack(frames, axis=1), "states": stack("state"), "rewards": stack("reward"),
+                "signals": stack("signals"), "done": stack("done")}
 
 def run_policy(sim: NeuralSim, starts: Sequence[Start], act: Callable[[dict], np.ndarray], *,
                horizon: int) -> list[dict]:

@@ -135,3 +135,40 @@ def run_episode(*, world: World, seed: int, task: str | None = None, driver, saf
                            for name in spec.signals},
                "timestamps_ns": np.arange(steps, dtype=np.int64) * spec.step_ns}
     return episode, summary
+
+
+def replay_labels(*, world: World, seed: int, task: str, prefix: np.ndarray, logged_state: np.ndarray,
+                  actions: np.ndarray, atol: float = 1e-3) -> np.ndarray | None:
+    """The privileged expert's labels along a counterfactual, where the world can replay a logged state.
+
+    The episode (``seed``, ``task``) is replayed by its logged actions ``prefix`` [t, A] (steps
+    0..t-1, the expert stepping along so that any memory it keeps is what it was), which must
+    reproduce ``logged_state`` (the state logged at step t, NaN entries ignored); then ``actions``
+    [T, A] drive it, and label i is the clean expert's action at the state after ``actions[:i + 1]``.
+    Returns float32 [n, A] with n <= T (fewer when the episode ends), or None when the replay does
+    not reproduce the logged state (a log from elsewhere, or a world that is not deterministic).
+    """
+    spec = world.spec
+    env = world.make_env(int(seed), task, frames=False)
+    try:
+        env.reset()
+        expert = world.expert()
+        expert.reset(env, int(seed))
+        for a in prefix:
+            expert.act(env)
+            if env.step(np.asarray(a, np.float32))[2]:
+                return None
+        state, logged = np.asarray(env.state(), np.float32), np.asarray(logged_state, np.float32)
+        known = np.isfinite(logged)
+        if state.shape != logged.shape or not np.allclose(state[known], logged[known], atol=atol, rtol=1e-4):
+            return None
+        expert.act(env)  # at step t, as when it was logged: one call per state keeps any memory in step
+        labels = []
+        for a in actions:
+            done = env.step(np.asarray(a, np.float32))[2]
+            labels.append(spec.clip_action(expert.act(env), "expert"))
+            if done:
+                break
+        return np.asarray(labels, np.float32).reshape(len(labels), len(spec.actions))
+    finally:
+        env.close()

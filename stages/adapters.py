@@ -135,32 +135,51 @@ def run_rollouts(scenes: list[tuple[int, str]], *, spec: dict | list[dict], worl
                                                storage_options), items, parallelism, desc)
 
 
+@ray.remote(num_cpus=ROLLOUT_CPUS)
+def _replay_labels(item: dict, world: dict) -> np.ndarray | None:
+    from sim import rollout, worlds
+    from sim.worlds.base import WorldConfig
+
+    os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+    return rollout.replay_labels(world=worlds.get(WorldConfig(**world)), **item)
+
+
+def replay_labels(items: list[dict], *, world, parallelism: int = 2) -> list[np.ndarray | None]:
+    """``sim.rollout.replay_labels`` for each item (its keyword arguments: seed, task, prefix,
+    logged_state, actions), `parallelism` at a time; the expert's labels, or None where the world
+    could not replay the parent."""
+    world_dict = dataclasses.asdict(world)
+    return _bounded(lambda item: _replay_labels.remote(item, world_dict), items, parallelism, "replays")
+
+
 @ray.remote(num_cpus=SYNTH_CPUS)
 class WorldModelActor:
-    """Holds one world model and synthesizes batches with it (``stages.synthesize``)."""
+    """Holds one world model and its dynamics model and synthesizes batches with them (``stages.synthesize``)."""
 
-    def __init__(self, model_dir: str, world: dict, threads: int = 1):
+    def __init__(self, model_dir: str, dynamics_dir: str, world: dict, threads: int = 1):
         import torch
 
-        from models import world_model
+        from models import dynamics, world_model
         from sim import worlds
         from sim.worlds.base import WorldConfig
 
         torch.set_num_threads(threads)
         self.model = world_model.load(model_dir).eval()
+        self.dynamics = dynamics.load(dynamics_dir).eval()
         self.world = worlds.get(WorldConfig(**world))
 
     def synthesize(self, batch: dict[str, np.ndarray], **params) -> list[Variant]:
-        return Variant.split(synthesize_batch(batch, model=self.model, world=self.world, **params))
+        return Variant.split(synthesize_batch(batch, model=self.model, dynamics=self.dynamics, world=self.world,
+                                              **params))
 
 
-def synthesize_batches(model_dir: str, batches: list[dict], *, world: dict, params: dict[str, Any], seed: int,
-                       parallelism: int = 1) -> list[Variant]:
-    """Hold the world model in `parallelism` Ray actors and synthesize the batches across them
-    (batch i with seed ``seed + i``); the variants of all batches, in order."""
+def synthesize_batches(model_dir: str, dynamics_dir: str, batches: list[dict], *, world: dict, params: dict[str, Any],
+                       seed: int, parallelism: int = 1) -> list[Variant]:
+    """Hold the world model and its dynamics model in `parallelism` Ray actors and synthesize the
+    batches across them (batch i with seed ``seed + i``); the variants of all batches, in order."""
     from ray.util import ActorPool
 
-    pool = ActorPool([WorldModelActor.remote(model_dir, world, threads=SYNTH_CPUS)
+    pool = ActorPool([WorldModelActor.remote(model_dir, dynamics_dir, world, threads=SYNTH_CPUS)
                       for _ in range(max(1, parallelism))])
     items = list(enumerate(batches))
     done = pool.map(lambda a, item: a.synthesize.remote(item[1], **params, seed=seed + item[0]), items)

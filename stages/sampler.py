@@ -126,8 +126,7 @@ class HistorySampler:
     windows.
 
     With ``sequence`` only whole windows are kept (no repeated first frame) and batches carry
-    every slot's action, state, reward and signals (``action_BKA``, ``state_BKS``, ``reward_BK``,
-    ``signals_BK`` lists of names), ``done_BK`` (the slot is its episode's last row) and the row
+    every slot's reward and signals (``reward_BK``, ``signals_BK`` lists of names), ``done_BK`` (the slot is its episode's last row) and the row
     after the window (``next_state_BS``, ``next_signals_B``, ``has_next_B``): what
     ``models.dynamics`` learns from.
     """
@@ -216,7 +215,8 @@ class HistorySampler:
 
     def batch(self, batch_size: int, *, synthetic_fraction: float | None = None,
               step: int | None = None) -> dict[str, np.ndarray]:
-        """A random batch: frames_BKHWC uint8, label_B3, action_B3 float32 (+ next_BHWC).
+        """A random batch: frames_BKHWC uint8; the last slot's label_BA, action_BA and state_BS and
+        every slot's action_BKA and state_BKS, float32; tasks (+ next_BHWC, + the sequence targets).
 
         ``synthetic_fraction`` of the batch comes from windows ending on synthetic rows
         (None: the natural proportion; all real when there are no synthetic rows). With ``step``
@@ -240,6 +240,7 @@ class HistorySampler:
         states = vectors(fetched.column("state"))
         out = {"frames_BKHWC": frames[history_idx], "label_BA": labels[end_idx],
                "action_BA": actions[end_idx], "state_BS": states[end_idx],
+               "action_BKA": actions[history_idx], "state_BKS": states[history_idx],
                "tasks": np.asarray(fetched.column("task").to_pylist(), object)[end_idx]}
         if self.require_next:
             out["next_BHWC"] = frames[inverse[b * k + b:]]
@@ -249,7 +250,7 @@ class HistorySampler:
                 signals[i] = tuple(raised or ())
             rewards = np.nan_to_num(fetched.column("reward").to_numpy(zero_copy_only=False).astype(np.float32))
             next_idx = inverse[b * k + b:]
-            out.update(action_BKA=actions[history_idx], state_BKS=states[history_idx], reward_BK=rewards[history_idx],
+            out.update(reward_BK=rewards[history_idx],
                        signals_BK=signals[history_idx], done_BK=self._last[picks],
                        next_state_BS=states[next_idx], next_signals_B=signals[next_idx],
                        has_next_B=self._follows[picks])

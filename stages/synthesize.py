@@ -1,15 +1,25 @@
 """Synthesize: counterfactual recovery variants rolled out by the world model from real histories.
 
-For a real window (K history frames ending at step t and the parent's next T actions), the
-world model is driven with the parent's actions under the world's counterfactual perturbation
-(``World.counterfactual``: an offset on the world's actions, then the correction that undoes it)
-for `drift_steps`, then recovers. Every generated frame is labelled honestly, per
-frame, in `label_source`:
+For a real window (K history frames ending at step t, the actions and states logged at them, and
+the parent's next T actions), the neural simulator (``sim.neural.NeuralSim``: the dynamics model
+reads the window and instructs the generator) is driven with the parent's actions under the
+world's counterfactual perturbation (``World.counterfactual``: an offset on the world's actions,
+then the correction that undoes it) for `drift_steps`, then recovers. Every generated frame is
+labelled honestly, per frame, in `label_source`:
   * during the drift the label is the world's recovery label (as PilotNet's shifted-camera
     corrections, Bojarski et al., 2016), with the source the world names ("recovery_heuristic");
-  * afterwards the label is the action the world model was conditioned on: "generator_action".
-`action` always holds what the generator was conditioned on. A variant whose frames change too
-abruptly or drift in colour from the real frame is implausible and becomes a reject, not a row.
+  * afterwards the label is the action the world model was conditioned on ("generator_action"),
+    or with ``label_after_drift="inverse_dynamics"`` the action the dynamics model's inverse-
+    dynamics head reads off the generated frames ("inverse_dynamics");
+  * where the world can replay the parent (its seed and logged actions reproduce the logged
+    state), ``relabel`` puts the world's expert's action at each counterfactual state in its
+    place ("expert_replay"): the frames come from the world model, the labels from the simulator.
+`action` always holds what the generator was conditioned on; a variant's states are the dynamics
+model's predictions (the world's static state kept from the parent). Two filters make a variant
+a reject instead of rows: frames that change too abruptly or drift in colour from the real frame,
+and frames that do not follow the actions that drove them, by the inverse-dynamics critic: its
+error on the variant, in shares of each action's range, above ``max_idm_ratio`` times its error
+on the real windows of the same batch.
 
 Pure functions over Arrow and NumPy batches: the parents' windows (`parent_batch`, from frames
 rows the flow reads), the rollout (`synthesize_batch`, held in a Ray actor by
@@ -29,7 +39,8 @@ from stages.curate import episode_to_tables, reject_row
 from stages import images
 from stages.schemas import features_of, vectors
 
-LABEL_RECOVERY, LABEL_GENERATOR = "recovery_heuristic", "generator_action"
+LABEL_RECOVERY, LABEL_GENERATOR, LABEL_IDM = "recovery_heuristic", "generator_action", "inverse_dynamics"
+LABEL_EXPERT = "expert_replay"  # the world's expert at the counterfactual state, replayed in its simulator
 WINDOW_COLUMNS = ("step", "image", "height", "width", "action", "label", "state", "task")  # what parent_batch reads
 
 
@@ -69,8 +80,11 @@ def _window(rows: pa.Table, start: int, history: int, image_size: int) -> dict[s
     frames, actions = images.decode(rows, image_size), vectors(rows.column("action"))
     labels = vectors(rows.column("label"))
     at = int(np.searchsorted(steps, start))
-    return {"history": frames[at - history + 1: at + 1], "actions": actions[at:], "labels": labels[at:],
-            "states": vectors(rows.column("state"))[at + 1:], "task": rows.column("task")[at].as_py()}
+    states = vectors(rows.column("state"))
+    past = slice(at - history + 1, at + 1)
+    return {"history": frames[past], "history_actions": actions[past], "history_states": states[past],
+            "actions": actions[at:], "labels": labels[at:], "states": states[at + 1:],
+            "task": rows.column("task")[at].as_py()}
 
 
 def parent_batch(windows: Sequence[pa.Table], *, starts: Sequence[int], history: int,
@@ -78,12 +92,15 @@ def parent_batch(windows: Sequence[pa.Table], *, starts: Sequence[int], history:
     """The batch ``synthesize_batch`` takes, and each parent's states after its start step.
 
     ``windows[i]`` holds the frames rows (``WINDOW_COLUMNS``) of one parent episode from step
-    ``starts[i] - history + 1`` to ``starts[i] + horizon``, in any order. No windows: ({}, []).
+    ``starts[i] - history + 1`` to ``starts[i] + horizon``, in any order; ``history`` is the context
+    the neural simulator needs (``NeuralSim.context``). No windows: ({}, []).
     """
     if not windows:
         return {}, []
     cut = [_window(rows, start, history, image_size) for rows, start in zip(windows, starts, strict=True)]
     batch = {"history_BKHWC": np.stack([w["history"] for w in cut]),
+             "history_actions_BKA": np.stack([w["history_actions"] for w in cut]),
+             "history_states_BKS": np.stack([w["history_states"] for w in cut]),
              "parent_actions_BTA": np.stack([w["actions"] for w in cut]),
              "parent_labels_BTA": np.stack([w["labels"] for w in cut]),
              "tasks": np.array([w["task"] for w in cut], dtype=object)}
@@ -132,64 +149,106 @@ def plausibility(frames_BTHWC: np.ndarray, parent_last_BHWC: np.ndarray, *, max_
     return reasons
 
 
-def synthesize_batch(batch: dict[str, np.ndarray], *, model, world, offsets: Sequence[float], drift_steps: int,
-                     max_frame_change: float, max_color_shift: float, seed: int) -> dict:
-    """Roll the world model out for a batch of parent windows.
+def idm_error(inferred_BTA: np.ndarray, actions_BTA: np.ndarray, span: np.ndarray) -> np.ndarray:
+    """Mean |inferred - given| action per window [B], in shares of each action's range ``span`` [A]."""
+    return (np.abs(inferred_BTA - actions_BTA) / span).mean(axis=(1, 2))
 
-    `batch`: history_BKHWC uint8 (frames t-K+1..t), parent_actions_BTA and parent_labels_BTA
-    float32 for steps t..t+H (H+1 of them), and tasks (the parents' instructions) when the
-    world model reads tasks. The model is driven with the first H counterfactual
-    actions and generates frames t+1..t+H; row i of a variant is frame t+1+i with the action and
-    label of step t+1+i (what is done after seeing it). Returns frames_BHHWC, actions, labels,
-    label_sources, offsets_B and a reject reason (None = plausible) per variant.
+
+def synthesize_batch(batch: dict[str, np.ndarray], *, model, dynamics, world, offsets: Sequence[float],
+                     drift_steps: int, max_frame_change: float, max_color_shift: float, max_idm_ratio: float,
+                     seed: int, label_after_drift: str = LABEL_GENERATOR) -> dict:
+    """Roll the neural simulator (generator ``model`` + ``dynamics``) out for a batch of parent windows.
+
+    `batch`: history_BKHWC uint8 (frames t-K+1..t) with history_actions_BKA and history_states_BKS
+    logged at them, parent_actions_BTA and parent_labels_BTA float32 for steps t..t+H (H+1 of
+    them), and tasks (the parents' instructions). The simulator is driven with the first H
+    counterfactual actions and generates frames t+1..t+H; row i of a variant is frame t+1+i with
+    the action and label of step t+1+i (what is done after seeing it) and the predicted state.
+    Returns frames_BTHWC, states_BTS, actions, labels, label_sources, offsets_B, idm_error_B,
+    idm_error_real (the critic's reference) and a reject reason (None = plausible) per variant.
     """
-    import torch
+    from sim.neural import NeuralSim, Start
 
+    if label_after_drift not in (LABEL_GENERATOR, LABEL_IDM):
+        raise ValueError(f"label_after_drift must be {LABEL_GENERATOR!r} or {LABEL_IDM!r}, got {label_after_drift!r}")
     history = batch["history_BKHWC"]
     rng = np.random.default_rng(seed)
     offsets_B = rng.choice(np.asarray(offsets, dtype=np.float32), size=len(history))
     actions, labels, sources = counterfactual(world, batch["parent_actions_BTA"], batch["parent_labels_BTA"],
                                               offsets_B, drift_steps=drift_steps, seed=seed)
-    generator = torch.Generator().manual_seed(seed)
-    tasks = list(batch["tasks"]) if getattr(model.config, "task_vocab", ()) else None
-    kwargs = {"tasks": tasks} if tasks is not None else {}
-    frames = np.asarray(model.rollout(history, actions[:, :-1], generator=generator, **kwargs))
+    sim = NeuralSim(model, dynamics, world.spec, seed=seed)
+    starts = [Start(frames=history[i], actions=batch["history_actions_BKA"][i], states=batch["history_states_BKS"][i],
+                    instruction=str(batch["tasks"][i])) for i in range(len(history))]
+    out = sim.rollout(starts, actions[:, :-1])
+    frames = out["frames"]
     reasons = plausibility(frames, history[:, -1], max_frame_change=max_frame_change,
                            max_color_shift=max_color_shift)
-    return {"frames_BTHWC": frames, "actions_BTA": actions[:, 1:], "labels_BTA": labels[:, 1:],
-            "label_sources_BT": sources[:, 1:], "offsets_B": offsets_B, "reject_reasons": reasons}
+    span = np.maximum(world.spec.action_high - world.spec.action_low, 1e-6)
+    real = float(np.median(idm_error(dynamics.infer_actions(history), batch["history_actions_BKA"][:, :-1], span))) \
+        if history.shape[1] > 1 else float("nan")
+    inferred = dynamics.infer_actions(np.concatenate([history[:, -1:], frames], axis=1))  # steps t..t+H-1
+    error = idm_error(inferred, actions[:, :-1], span)
+    limit = max_idm_ratio * real
+    reasons = [r if r is not None or not np.isfinite(limit) or e <= limit else
+               f"implausible: frames do not follow their actions (inverse-dynamics error {e:.3f} > "
+               f"{max_idm_ratio} x {real:.3f} on real frames)" for r, e in zip(reasons, error)]
+    sources = sources.astype(object)
+    if label_after_drift == LABEL_IDM:  # steps after the drift that a generated frame follows
+        later = np.arange(min(drift_steps, inferred.shape[1]), inferred.shape[1])
+        labels[:, later] = inferred[:, later]
+        sources[:, later] = LABEL_IDM
+    return {"frames_BTHWC": frames, "states_BTS": out["states"], "driven_BTA": actions[:, :-1], "actions_BTA": actions[:, 1:],
+            "labels_BTA": labels[:, 1:], "label_sources_BT": sources[:, 1:], "offsets_B": offsets_B,
+            "idm_error_B": error, "idm_error_real": real, "reject_reasons": reasons}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Variant:
     """One variant ``synthesize_batch`` generated from a parent window: the world's
-    perturbation offset, frames uint8 [T, H, W, 3], actions and labels [T, A], each label's source [T], and
-    why it is implausible (None when it is not)."""
+    perturbation offset, frames uint8 [T, H, W, 3], predicted states [T, S], actions and labels [T, A],
+    each label's source [T], the critic's inverse-dynamics error, and why it is implausible (None
+    when it is not)."""
 
     offset: float
     frames: np.ndarray
+    states: np.ndarray
+    driven: np.ndarray  # [T, A]: the actions that made the frames (steps t..t+T-1)
     actions: np.ndarray
     labels: np.ndarray
     label_sources: np.ndarray
+    idm_error: float
     reject_reason: str | None
 
     @classmethod
     def split(cls, out: dict) -> list[Variant]:
         """The variants of a ``synthesize_batch`` result, in batch order."""
-        return [cls(offset=float(out["offsets_B"][i]), frames=out["frames_BTHWC"][i], actions=out["actions_BTA"][i],
-                    labels=out["labels_BTA"][i], label_sources=out["label_sources_BT"][i],
+        return [cls(offset=float(out["offsets_B"][i]), frames=out["frames_BTHWC"][i], states=out["states_BTS"][i],
+                    driven=out["driven_BTA"][i], actions=out["actions_BTA"][i], labels=out["labels_BTA"][i],
+                    label_sources=out["label_sources_BT"][i], idm_error=float(out["idm_error_B"][i]),
                     reject_reason=out["reject_reasons"][i]) for i in range(len(out["reject_reasons"]))]
 
 
-def variant_states(spec, parent_states: np.ndarray, n: int) -> np.ndarray:
-    """States of a variant: the policy's inputs that the perturbation does not move (the task's
-    goal, say) are kept from the parent where the world marks them static; everything else is
-    unknown (NaN), since no simulator produced it."""
-    states = np.full((n, len(spec.state_names)), np.nan, np.float32)
+def relabel(variant: Variant, labels: np.ndarray | None) -> Variant:
+    """``variant`` with its first len(labels) labels replaced by the expert's at the replayed
+    counterfactual states (``sim.rollout.replay_labels``), each marked ``LABEL_EXPERT``; unchanged
+    when the world could not replay its parent (None)."""
+    if labels is None or not len(labels):
+        return variant
+    n = min(len(labels), len(variant.labels))
+    new, sources = variant.labels.copy(), np.array(variant.label_sources, dtype=object)
+    new[:n], sources[:n] = labels[:n], LABEL_EXPERT
+    return dataclasses.replace(variant, labels=new, label_sources=sources)
+
+
+def variant_states(spec, predicted: np.ndarray, parent_states: np.ndarray) -> np.ndarray:
+    """States of a variant [T, S]: the dynamics model's predictions, with the inputs the perturbation
+    does not move (the task's goal, say: the world's ``static_state``) kept from the parent."""
+    states = np.array(predicted, np.float32, copy=True)
     static = [spec.state_names.index(name) for name in spec.static_state]
     if static and len(parent_states):
-        states[:len(parent_states), static] = parent_states[:, static]
-        states[len(parent_states):, static] = parent_states[-1, static]
+        n = min(len(parent_states), len(states))
+        states[:n, static] = parent_states[:n, static]
+        states[n:, static] = parent_states[n - 1, static]
     return states
 
 
@@ -213,10 +272,10 @@ def variant_tables(variants: Sequence[Variant], *, parents: Sequence[tuple[str, 
             continue
         digest = hashlib.sha256(uri.encode()).hexdigest()
         n = len(variant.frames)
-        # the parent's logged states are those of the real trajectory, not of this variant: NaN
+        # the parent's logged states are those of the real trajectory, not of this variant: predicted
         episode = {"world": spec.name, "seed": -1, "driver": generator_version, "policy_version": "",
                    "frames": variant.frames, "actions": variant.actions, "labels": variant.labels,
-                   "instruction": task, "states": variant_states(spec, states[:n], n),
+                   "instruction": task, "states": variant_states(spec, variant.states, states),
                    "timestamps_ns": (start + 1 + np.arange(n, dtype=np.int64)) * spec.step_ns}
         row, table = episode_to_tables(
             episode, episode_id=f"syn-{digest[:24]}", source_uri=uri, content_hash=digest, turn=turn,

@@ -46,10 +46,14 @@ def _model_module(kind: str):
 class _LossModule(nn.Module):
     """Routes a model's `loss` through `forward`, so DistributedDataParallel syncs its gradients."""
 
-    def __init__(self, model: nn.Module, kind: str, state_index: list[int], aux: bool = True):
+    def __init__(self, model: nn.Module, kind: str, state_index: list[int], aux: bool = True,
+                 teacher: nn.Module | None = None):
         super().__init__()
         self.model, self.kind, self.state_index, self.aux = model, kind, state_index, aux
         self._aux_index: list[int] | None = None  # the state columns the policy does not read
+        # the frozen reasoner whose vector conditions a generator; a tuple, so that it is no submodule:
+        # DDP, the optimizer and train() never see it
+        self._teacher = (teacher.eval().requires_grad_(False),) if teacher is not None else ()
 
     def forward(self, batch: dict) -> torch.Tensor:
         c = self.model.config
@@ -66,8 +70,18 @@ class _LossModule(nn.Module):
         if self.kind == "dynamics":
             return self.model.loss(batch["frames_BKHWC"], batch["action_BKA"], batch["state_BKS"],
                                    dynamics_targets(batch, c.signals), tasks)["loss"]
-        extra = {"tasks": tasks} if tasks is not None else {}
-        return self.model.loss(batch["frames_BKHWC"], batch["action_BA"], batch["next_BHWC"], **extra)
+        frames = batch["frames_BKHWC"]
+        return self.model.loss(frames[:, -c.history:], batch["action_BA"], batch["next_BHWC"], tasks=tasks,
+                               condition_BD=self._condition(batch) if self._teacher else None)
+
+    def _condition(self, batch: dict) -> torch.Tensor:
+        """The reasoner's h[t] over the last steps of the window: what conditions the generator."""
+        teacher = self._teacher[0]
+        d = teacher.config
+        k = d.history
+        return teacher.predict(batch["frames_BKHWC"][:, -k:], batch["action_BKA"][:, -k:],
+                               batch["state_BKS"][:, -k:] if d.state_dim else None,
+                               list(batch["tasks"]) if d.task_vocab else None).condition
 
 
 def _raised(signals: np.ndarray, names: tuple[str, ...]) -> np.ndarray:
@@ -104,6 +118,15 @@ def _build(kind: str, config: dict, init_dir: str | None) -> nn.Module:
     if init_dir:
         return module.load(init_dir)
     return getattr(module, MODEL_KINDS[kind][1])(module.config_from_dict(config))
+
+
+def _teacher(cfg: dict[str, Any], device: torch.device) -> nn.Module | None:
+    """The frozen dynamics model whose vector conditions the model being trained, if any."""
+    if not cfg.get("condition_dir"):
+        return None
+    from models import dynamics
+
+    return dynamics.load(cfg["condition_dir"]).to(device)
 
 
 def _where(cfg: dict[str, Any], split: str, base: str | None) -> str:
@@ -162,9 +185,10 @@ def train_loop(cfg: dict[str, Any]) -> None:
     else:
         torch.manual_seed(cfg["seed"] + rank)
         model = _build(cfg["kind"], hp, cfg.get("init_dir"))
-    wrapped = ray.train.torch.prepare_model(_LossModule(model, cfg["kind"], cfg["state_index"]))
+    teacher = _teacher(cfg, device)
+    wrapped = ray.train.torch.prepare_model(_LossModule(model, cfg["kind"], cfg["state_index"], teacher=teacher))
     sampler = HistorySampler(
-        cfg["frames_uri"], history=hp["history"], storage_options=cfg["storage_options"],
+        cfg["frames_uri"], history=cfg["window"], storage_options=cfg["storage_options"],
         filter=_where(cfg, "train", cfg["filter"]), rank=rank, world_size=world,
         seed=cfg["seed"], require_next=cfg["require_next"], clips_uri=cfg["clips_uri"],
         duplicate_weight=cfg["duplicate_weight"], image_size=hp["image_size"], sequence=cfg["sequence"])
@@ -213,16 +237,17 @@ def train_loop(cfg: dict[str, Any]) -> None:
             if not last:
                 _report(metrics, rank, functools.partial(save, done=step + 1) if keep else None)
                 continue
-            metrics["val_loss"] = _validate(model, cfg, device) if rank == 0 else None
+            metrics["val_loss"] = _validate(model, cfg, device, teacher) if rank == 0 else None
             _report(metrics, rank, lambda tmp: module.save(model, tmp))
 
 
 @torch.no_grad()
-def _validate(model: nn.Module, cfg: dict, device: torch.device, batches: int = 4) -> float | None:
+def _validate(model: nn.Module, cfg: dict, device: torch.device, teacher: nn.Module | None,
+              batches: int = 4) -> float | None:
     """Mean loss on the held-out `val` split of real frames (None when that split is empty)."""
     try:
         sampler = HistorySampler(
-            cfg["frames_uri"], history=cfg["model_config"]["history"],
+            cfg["frames_uri"], history=cfg["window"],
             storage_options=cfg["storage_options"], filter=_where(cfg, "val", "origin = 'real'"),
             seed=cfg["seed"] + 7, require_next=cfg["require_next"], image_size=cfg["model_config"]["image_size"],
             sequence=cfg["sequence"])
@@ -231,7 +256,7 @@ def _validate(model: nn.Module, cfg: dict, device: torch.device, batches: int = 
             return None
         raise
     # the behaviour-cloning loss alone: comparable across configs with and without auxiliary targets
-    wrapped, losses = _LossModule(model, cfg["kind"], cfg["state_index"], aux=False).eval(), []
+    wrapped, losses = _LossModule(model, cfg["kind"], cfg["state_index"], aux=False, teacher=teacher).eval(), []
     for _ in range(batches):
         losses.append(float(wrapped(_to_torch(sampler.batch(cfg["model_config"]["batch_size"]), device))))
     model.train()
@@ -244,7 +269,7 @@ def train_model(kind: str, *, frames_uri: str, model_config, storage_path: str, 
                 filter: str | None = None, seed: int = 0, run_name: str | None = None,
                 clips_uri: str | None = None, duplicate_weight: float = 0.0,
                 state_index: list[int] | None = None, world: str = "", prefetch: int = 0,
-                checkpoint_every: int = 0, data_version: str = "") -> dict:
+                checkpoint_every: int = 0, data_version: str = "", condition_dir: str | None = None) -> dict:
     """Train `kind` on the frames table with a TorchTrainer; returns metrics and the checkpoint dir.
 
     With ``clips_uri`` training windows are drawn by the clips' weights (event clips oversampled,
@@ -258,6 +283,10 @@ def train_model(kind: str, *, frames_uri: str, model_config, storage_path: str, 
     data, ``data_version``: the tables' versions, seed, ...), and checkpoints every
     ``checkpoint_every`` steps (0: only at the end); the same call after a crash or a kill resumes
     from its latest checkpoint and ends with the weights an uninterrupted run would have.
+
+    ``condition_dir``: a world model whose config reads a conditioning vector (``condition_dim``)
+    trains on the vector of this frozen dynamics model (``models.dynamics``), computed over each
+    window; windows then span the longer of the two models' histories.
     """
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -265,6 +294,18 @@ def train_model(kind: str, *, frames_uri: str, model_config, storage_path: str, 
     _model_module(kind)  # validates the kind
     adds = MODEL_KINDS[kind][2]
     config = dataclasses.asdict(model_config)
+    window = config["history"]
+    if config.get("condition_dim"):
+        if not condition_dir:
+            raise ValueError(f"this {kind} reads a conditioning vector: train it with the dynamics model that gives it "
+                             "(condition_dir)")
+        from models import dynamics
+        d = dynamics.load(condition_dir).config
+        if d.embed != config["condition_dim"] or d.image_size != config["image_size"]:
+            raise ValueError(f"the dynamics model at {condition_dir} gives {d.embed}-wide vectors over "
+                             f"{d.image_size} px frames; the {kind} reads {config['condition_dim']} over "
+                             f"{config['image_size']} px")
+        window = max(window, d.history)
     loop_config = {
         "kind": kind, "model_config": config, "frames_uri": frames_uri,
         "storage_options": storage_options, "steps": int(steps or config["steps"]),
@@ -273,7 +314,8 @@ def train_model(kind: str, *, frames_uri: str, model_config, storage_path: str, 
         "threads": max(1, int(cpus_per_worker)),
         "clips_uri": clips_uri, "duplicate_weight": duplicate_weight, "state_index": list(state_index or []),
         "world": world, "prefetch": int(prefetch), "checkpoint_every": int(checkpoint_every),
-        "data_version": data_version,
+        "data_version": data_version, "window": window,
+        "condition_dir": condition_dir if config.get("condition_dim") else None,
     }
     digest = hashlib.sha256(json.dumps(loop_config, sort_keys=True, default=str).encode()).hexdigest()[:12]
     trainer = TorchTrainer(

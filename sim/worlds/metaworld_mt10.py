@@ -97,8 +97,7 @@ SPEC = WorldSpec(
              "tiny": {"world.max_steps": 60, "world.options": {"noise": {"pulse_prob": 0.05}}},
              # one turn in under 20 minutes on 2 cores: 8 expert episodes per task (6 when the champion
              # drives, over HTTP: on-policy states with the expert's labels), 5 held-out seeds per task
-             # (50 scenes), a longer policy fit; the world model's variants are few, as the arm's policy
-             # trains on real rows (its moving state is not synthesized)
+             # (50 scenes), a longer policy fit; the world model's variants are few
              "default": {"fleet.episodes": 80, "fleet.champion_episodes": 60,
                          "eval.seeds": (1000, 1001, 1002, 1003, 1004),
                          "policy.steps": 2000, "world_model.steps": 200, "synth.variants": 8}},

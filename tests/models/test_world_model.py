@@ -62,7 +62,7 @@ def overfit(config, make_batch):
     batch = make_batch(8, seed=1)
     before = seeded_loss(model, batch)
     opt = model.make_optimizer()
-    for _ in range(40):
+    for _ in range(80):
         loss = model.loss(*batch)
         opt.zero_grad()
         loss.backward()
@@ -218,3 +218,28 @@ def test_frame_metrics_and_copy_last_baseline():
         frame_metrics(baseline.astype(np.float32), future)
     report = rollout_metrics(WorldModel(CFG), history, np.zeros((2, 3, 3)), future, steps=1)
     assert report["copy_last"] == perfect and len(report["model"]["psnr"]) == 3
+
+
+def condition_task(batch: int, seed: int):
+    """A transition set by the reasoner's vector alone: its first entry brightens or darkens the frame."""
+    history, _, _ = gas_task(batch, seed)
+    sign = (torch.arange(batch) % 2).float() * 2 - 1
+    condition = torch.zeros(batch, 8)
+    condition[:, 0] = sign
+    target = (history[:, -1].int() + 20 * sign[:, None, None, None].int()).to(torch.uint8)
+    return history, torch.zeros(batch, 3), target, None, condition
+
+
+def test_the_reasoners_vector_conditions_the_generator():
+    config = dataclasses.replace(CFG, condition_dim=8, lr=1e-2)
+    model, (history, action, _, _, condition), before, after = overfit(config, condition_task)
+    assert after < 0.5 * before
+    brighter = model.predict(history, action, steps=1, condition_BD=condition.abs()).float().mean()
+    darker = model.predict(history, action, steps=1, condition_BD=-condition.abs()).float().mean()
+    assert brighter - darker > 10, (brighter, darker)
+    with pytest.raises(ValueError, match="conditioning vector"):
+        model.predict(history, action)
+    with pytest.raises(ValueError, match=r"condition must be finite \[8, 8\]"):
+        model.predict(history, action, condition_BD=torch.zeros(8, 3))
+    with pytest.raises(ValueError, match="NeuralSim"):
+        model.rollout(history, action[:, None])

@@ -21,10 +21,11 @@ SIZE = 16
 def models_for(spec, seed: int = 0) -> tuple[WorldModel, Dynamics]:
     torch.manual_seed(seed)
     vocab = ()
-    generator = WorldModel(dataclasses.replace(wm_preset("tiny"), image_size=SIZE, action_dim=len(spec.actions)))
-    dynamics = Dynamics(dataclasses.replace(dynamics_preset("tiny"), image_size=SIZE, action_dim=len(spec.actions),
-                                            state_dim=len(spec.state_names), signals=spec.signals, task_vocab=vocab))
-    return generator.eval(), dynamics.eval()
+    d = dataclasses.replace(dynamics_preset("tiny"), image_size=SIZE, action_dim=len(spec.actions),
+                            state_dim=len(spec.state_names), signals=spec.signals, task_vocab=vocab)
+    generator = WorldModel(dataclasses.replace(wm_preset("tiny"), image_size=SIZE, action_dim=len(spec.actions),
+                                               condition_dim=d.embed))  # the reasoner instructs the generator
+    return generator.eval(), Dynamics(d).eval()
 
 
 def starts_for(spec, n: int, k: int = 3) -> list[Start]:
@@ -94,3 +95,22 @@ def test_gymnasium_env_contract():
             break
     assert truncated or terminated
     assert env.render().shape == (SIZE, SIZE, 3)
+
+
+def test_open_loop_rollout_pairs_the_generator_with_its_reasoner():
+    spec = worlds.spec("carracing")
+    generator, dynamics = models_for(spec)
+    sim = NeuralSim(generator, dynamics, spec)
+    starts = starts_for(spec, 2, k=sim.context)
+    actions = np.tile(spec.action_high, (2, 5, 1))
+    out = sim.rollout(starts, actions)
+    assert out["frames"].shape == (2, 5, SIZE, SIZE, 3) and out["frames"].dtype == np.uint8
+    assert out["states"].shape == (2, 5, len(spec.state_names)) and np.isfinite(out["states"]).all()
+    assert out["signals"].shape == (2, 5, len(spec.signals)) and out["done"].shape == (2, 5)
+    again = NeuralSim(generator, dynamics, spec).rollout(starts, actions)
+    np.testing.assert_array_equal(out["frames"], again["frames"])  # seeded
+    with pytest.raises(ValueError, match=r"actions must be \[2, T >= 1, A\]"):
+        sim.rollout(starts, actions[0])
+    other = Dynamics(dataclasses.replace(dynamics.config, embed=64, heads=2))
+    with pytest.raises(ValueError, match="pair it with the dynamics model it was trained with"):
+        NeuralSim(generator, other, spec)

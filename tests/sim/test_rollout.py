@@ -162,3 +162,26 @@ def test_random_driver_is_seeded_and_within_bounds():
     assert not np.array_equal(a["actions"], c["actions"])
     assert (a["actions"] >= world.spec.action_low).all() and (a["actions"] <= world.spec.action_high).all()
     assert a["driver"] == "random"
+
+
+@pytest.mark.parametrize("name", ["carracing", "metaworld-mt10"])
+def test_replaying_the_logged_actions_gives_back_the_logged_expert_labels(name):
+    """Both worlds reproduce a logged state from the seed and the actions so far, so the expert's
+    labels along a counterfactual are the labels it would have logged there; driven by the logged
+    actions themselves, the replay must give back the logged labels exactly."""
+    from sim.rollout import replay_labels
+
+    world = worlds.get(WorldConfig(name=name, image_size=32, max_steps=60))
+    task = world.spec.task_names[-1]
+    ep, _ = run_episode(world=world, seed=7, task=task, driver=world.expert(noisy=True, seed=1))
+    t = 40
+    labels = replay_labels(world=world, seed=7, task=task, prefix=ep["actions"][:t], logged_state=ep["states"][t],
+                           actions=ep["actions"][t:t + 5])
+    np.testing.assert_allclose(labels, ep["expert_actions"][t + 1:t + 6], atol=1e-6)
+    pushed = ep["actions"][t:t + 5] + np.float32(0.3)  # a counterfactual: labels from the states it reaches
+    other = replay_labels(world=world, seed=7, task=task, prefix=ep["actions"][:t], logged_state=ep["states"][t],
+                          actions=np.clip(pushed, world.spec.action_low, world.spec.action_high))
+    assert other.shape == (5, len(world.spec.actions)) and not np.allclose(other, labels)
+    wrong = ep["states"][t] + 1.0  # not the state this seed and these actions reach: no labels
+    assert replay_labels(world=world, seed=7, task=task, prefix=ep["actions"][:t], logged_state=wrong,
+                         actions=ep["actions"][t:t + 5]) is None

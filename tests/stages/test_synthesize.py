@@ -9,9 +9,9 @@ import pyarrow as pa
 
 from sim import worlds
 from stages import images
-from stages.synthesize import (LABEL_GENERATOR, LABEL_RECOVERY, Variant, counterfactual, parent_batch,
-                               plausibility, select_parents, split_batch, synthesize_batch, variant_states,
-                               variant_tables)
+from stages.synthesize import (LABEL_EXPERT, LABEL_GENERATOR, LABEL_IDM, LABEL_RECOVERY, Variant, counterfactual,
+                               parent_batch, plausibility, relabel, select_parents, split_batch, synthesize_batch,
+                               variant_states, variant_tables)
 
 WORLD = worlds.get("carracing")
 
@@ -73,36 +73,53 @@ def test_select_parents_respects_bounds_and_prefers_events():
     assert max(drawn.count(s) for s in range(50, 90) if s not in (60, 80)) < 25
 
 
-class StubWorldModel:
-    """Frames that repeat the last history frame; records what it was driven with."""
+def neural_pair(size: int = 8):
+    """A tiny random generator conditioned on a tiny random dynamics model of the car's shapes."""
+    import dataclasses
 
-    config = SimpleNamespace(task_vocab=())
+    import torch
 
-    def __init__(self) -> None:
-        self.calls = []
+    from models.dynamics import Dynamics
+    from models.dynamics import preset as dynamics_preset
+    from models.world_model import WorldModel
+    from models.world_model import preset as wm_preset
 
-    def rollout(self, history_BKHWC, actions_BTA, *, generator=None, **kwargs):
-        self.calls.append((np.asarray(actions_BTA).copy(), kwargs))
-        return np.repeat(history_BKHWC[:, -1:], actions_BTA.shape[1], axis=1)
+    spec = WORLD.spec
+    torch.manual_seed(0)
+    d = dataclasses.replace(dynamics_preset("tiny"), image_size=size, action_dim=len(spec.actions),
+                            state_dim=len(spec.state_names), signals=spec.signals)
+    g = dataclasses.replace(wm_preset("tiny"), image_size=size, action_dim=len(spec.actions), condition_dim=d.embed)
+    return WorldModel(g).eval(), Dynamics(d).eval()
 
 
-def test_synthesize_batch_drives_the_world_model_with_the_worlds_counterfactual():
+def neural_batch(size: int = 8, k: int = 4, horizon: int = 5) -> dict:
     rng = np.random.default_rng(0)
-    history = rng.integers(0, 256, (2, 3, 8, 8, 3), dtype=np.uint8)
-    parent = np.tile(np.array([0.1, 0.5, 0.0], np.float32), (2, 5, 1))
-    batch = {"history_BKHWC": history, "parent_actions_BTA": parent, "parent_labels_BTA": parent,
-             "tasks": np.array(["drive", "drive"], object)}
-    model = StubWorldModel()
-    out = synthesize_batch(batch, model=model, world=WORLD, offsets=[0.5], drift_steps=2,
-                           max_frame_change=40.0, max_color_shift=30.0, seed=0)
-    assert out["frames_BTHWC"].shape == (2, 4, 8, 8, 3)
+    parent = np.tile(np.array([0.1, 0.5, 0.0], np.float32), (2, horizon, 1))
+    return {"history_BKHWC": rng.integers(0, 256, (2, k, size, size, 3), dtype=np.uint8),
+            "history_actions_BKA": np.zeros((2, k, 3), np.float32),
+            "history_states_BKS": rng.normal(size=(2, k, len(WORLD.spec.state_names))).astype(np.float32),
+            "parent_actions_BTA": parent, "parent_labels_BTA": parent, "tasks": np.array(["drive", "drive"], object)}
+
+
+def test_synthesize_batch_drives_the_neural_simulator_with_the_worlds_counterfactual():
+    model, dynamics = neural_pair()
+    common = {"model": model, "dynamics": dynamics, "world": WORLD, "offsets": [0.5], "drift_steps": 2,
+              "max_frame_change": 255.0, "max_color_shift": 255.0, "seed": 0}
+    out = synthesize_batch(neural_batch(), **common, max_idm_ratio=1e9)
+    assert out["frames_BTHWC"].shape == (2, 4, 8, 8, 3) and out["frames_BTHWC"].dtype == np.uint8
     assert out["actions_BTA"].shape == out["labels_BTA"].shape == (2, 4, 3)
+    assert out["states_BTS"].shape == (2, 4, len(WORLD.spec.state_names)) and np.isfinite(out["states_BTS"]).all()
     np.testing.assert_array_equal(out["offsets_B"], [0.5, 0.5])
-    driven, kwargs = model.calls[0]
-    np.testing.assert_allclose(driven[:, :, 0], [[0.6, 0.6, -0.4, -0.4]] * 2, atol=1e-6)
-    assert kwargs == {}  # a world model without a task vocabulary is not given tasks
+    np.testing.assert_allclose(out["actions_BTA"][:, :, 0], [[0.6, -0.4, -0.4, 0.1]] * 2, atol=1e-6)
     assert out["label_sources_BT"][0].tolist() == [LABEL_RECOVERY] + [LABEL_GENERATOR] * 3
-    assert out["reject_reasons"] == [None, None]
+    assert out["reject_reasons"] == [None, None] and np.isfinite(out["idm_error_real"])
+    # the critic: a random generator's frames do not show the actions; at a ratio of 0 every variant is dropped
+    strict = synthesize_batch(neural_batch(), **common, max_idm_ratio=0.0)
+    assert all("frames do not follow their actions" in r for r in strict["reject_reasons"])
+    relabelled = synthesize_batch(neural_batch(), **common, max_idm_ratio=1e9, label_after_drift=LABEL_IDM)
+    # steps t+2, t+3 are read off the frames after them; step t+4 has no frame after it in the variant
+    assert relabelled["label_sources_BT"][0].tolist() == [LABEL_RECOVERY, LABEL_IDM, LABEL_IDM, LABEL_GENERATOR]
+    np.testing.assert_array_equal(relabelled["frames_BTHWC"], out["frames_BTHWC"])
 
 
 def window_rows(steps: list[int], task: str = "drive") -> pa.Table:
@@ -122,6 +139,8 @@ def test_parent_batch_cuts_history_and_the_steps_after_the_start():
     batch, states = parent_batch(windows, starts=[5, 12], history=3, image_size=2)  # the model's size
     assert batch["history_BKHWC"].shape == (2, 3, 2, 2, 3)
     assert batch["history_BKHWC"][:, :, 0, 0, 0].tolist() == [[3, 4, 5], [10, 11, 12]]
+    assert batch["history_actions_BKA"][:, :, 0].tolist() == [[3, 4, 5], [10, 11, 12]]  # logged at those frames
+    assert batch["history_states_BKS"][:, :, 1].tolist() == [[3, 4, 5], [10, 11, 12]]
     assert batch["parent_actions_BTA"][:, :, 0].tolist() == [[5, 6, 7, 8, 9], [12, 13, 14, 15, 16]]
     assert batch["parent_labels_BTA"][0, :, 0].tolist() == [105, 106, 107, 108, 109]
     assert batch["tasks"].tolist() == ["drive", "push"]
@@ -131,12 +150,13 @@ def test_parent_batch_cuts_history_and_the_steps_after_the_start():
     assert [len(p["tasks"]) for p in parts] == [1, 1] and parts[1]["tasks"].tolist() == ["push"]
 
 
-def test_variant_states_keep_only_the_static_state():
+def test_variant_states_are_predicted_and_keep_the_static_state():
     spec = SimpleNamespace(state_names=("x", "goal"), static_state=("goal",))
     parent = np.array([[1.0, 7.0], [2.0, 8.0]], np.float32)
-    states = variant_states(spec, parent, 3)
-    assert np.isnan(states[:, 0]).all() and states[:, 1].tolist() == [7.0, 8.0, 8.0]
-    assert np.isnan(variant_states(worlds.spec("carracing"), np.zeros((3, 8), np.float32), 3)).all()
+    predicted = np.array([[3.0, 0.0], [4.0, 0.0], [5.0, 0.0]], np.float32)
+    states = variant_states(spec, predicted, parent)
+    assert states[:, 0].tolist() == [3.0, 4.0, 5.0] and states[:, 1].tolist() == [7.0, 8.0, 8.0]
+    assert predicted[:, 1].tolist() == [0.0] * 3  # the prediction is not changed in place
 
 
 def test_variant_tables_keep_plausible_variants_and_reject_the_rest():
@@ -144,7 +164,9 @@ def test_variant_tables_keep_plausible_variants_and_reject_the_rest():
     out = {"frames_BTHWC": rng.integers(0, 256, (2, 4, 8, 8, 3), dtype=np.uint8),
            "actions_BTA": np.zeros((2, 4, 3), np.float32), "labels_BTA": np.ones((2, 4, 3), np.float32),
            "label_sources_BT": np.array([[LABEL_RECOVERY] + [LABEL_GENERATOR] * 3] * 2),
-           "offsets_B": np.array([0.5, -0.5], np.float32), "reject_reasons": [None, "implausible: colour drift"]}
+           "offsets_B": np.array([0.5, -0.5], np.float32), "reject_reasons": [None, "implausible: colour drift"],
+           "states_BTS": np.ones((2, 4, 8), np.float32), "idm_error_B": np.array([0.1, 0.2]),
+           "driven_BTA": np.zeros((2, 4, 3), np.float32)}
     variants = Variant.split(out)
     assert [v.offset for v in variants] == [0.5, -0.5] and variants[1].reject_reason == "implausible: colour drift"
     spec = worlds.spec("carracing")
@@ -161,4 +183,9 @@ def test_variant_tables_keep_plausible_variants_and_reject_the_rest():
     assert table.column("label_source").to_pylist() == [LABEL_RECOVERY] + [LABEL_GENERATOR] * 3
     assert (rejects[0]["stage"], rejects[0]["reason"], rejects[0]["detail"]) == \
         ("synthesize", "implausible", "implausible: colour drift")
+    # the expert's labels where the world replayed the parent: as many steps as the replay gave
+    expert = relabel(variants[0], np.full((3, 3), 0.5, np.float32))
+    assert expert.label_sources.tolist() == [LABEL_EXPERT] * 3 + [LABEL_GENERATOR]
+    assert expert.labels[:3].tolist() == [[0.5] * 3] * 3 and expert.labels[3].tolist() == [1.0] * 3
+    assert relabel(variants[0], None) is variants[0] and variants[0].labels[0].tolist() == [1.0] * 3
     assert "parent=ep-b&step=20&offset=-0.50" in rejects[0]["source_uri"]
