@@ -26,7 +26,7 @@ from models import world_model as wm
 from stages import synthesize
 
 OFFSETS, DRIFT_STEPS, HORIZON = (-0.5, 0.5), 6, 12  # flows.config.SynthConfig's defaults
-MAX_FRAME_CHANGE, MAX_COLOR_SHIFT, MAX_IDM_RATIO = 40.0, 30.0, 3.0
+MAX_FRAME_CHANGE, MAX_COLOR_SHIFT, MAX_IDM_RATIO = 40.0, 30.0, 1.5  # SynthConfig's defaults
 
 
 def _replay(world, e: dict, start: int, actions: np.ndarray) -> np.ndarray:
@@ -79,7 +79,7 @@ def measure(world, generator, dynamics, held_out: list[dict], *, variants: int, 
                 f"filter_false_drop_rate{suffix}": float((~keep & faithful).sum() / max((~keep).sum(), 1))}
     return {"filter_variants": len(picks), **rates(kept, ""), **rates(heuristic, "_heuristic"),
             "filter_faithful_rate": float(faithful.mean()), "filter_rejected_by_critic": int(by_critic.sum()),
-            "filter_idm_error_real": float(out["idm_error_real"]),
+            "filter_idm_error_real": float(out["idm_error_real"]), "filter_idm_error_logged": float(out["idm_error_logged"]),
             "filter_idm_error_faithful": float(out["idm_error_B"][faithful].mean()) if faithful.any() else None,
             "filter_idm_error_contradicted": float(out["idm_error_B"][~faithful].mean()) if (~faithful).any() else None,
             "counterfactual_psnr": float(model_psnr.mean()), "counterfactual_psnr_copy_last": float(copy_psnr.mean())}
@@ -89,7 +89,7 @@ def table(f: dict[str, Any], worlds: list[str]) -> list[str]:
     lines = ["", "Synthesis plausibility filters against counterfactuals replayed in the real simulator "
              "(frame heuristics alone / with the inverse-dynamics critic):", "",
              "| world | variants | faithful | rejected | kept but contradicted | dropped but faithful | "
-             "critic's error: real / faithful / contradicted | PSNR vs real counterfactual (copy-last) |",
+             "critic's error: real frames / generated under logged actions / faithful / contradicted | PSNR vs real counterfactual (copy-last) |",
              "|---|---|---|---|---|---|---|---|"]
     def both(key: str, w: str) -> str:
         return f"{f[f'{key}_heuristic_{w}']:.2f} / {f[f'{key}_{w}']:.2f}"
@@ -98,7 +98,7 @@ def table(f: dict[str, Any], worlds: list[str]) -> list[str]:
         if f.get(f"filter_variants_{w}") is None:
             continue
         errors = " / ".join("-" if f.get(f"filter_idm_error_{k}_{w}") is None else f"{f[f'filter_idm_error_{k}_{w}']:.3f}"
-                            for k in ("real", "faithful", "contradicted"))
+                            for k in ("real", "logged", "faithful", "contradicted"))
         lines.append(f"| {w} | {f[f'filter_variants_{w}']} | {f[f'filter_faithful_rate_{w}']:.2f} | "
                      f"{both('filter_rejection_rate', w)} | {both('filter_false_keep_rate', w)} | "
                      f"{both('filter_false_drop_rate', w)} | {errors} | {f[f'counterfactual_psnr_{w}']:.2f} "

@@ -66,9 +66,9 @@ class SynthConfig:
     drift_steps: int = 6  # first steps drive with the perturbation; the label always recovers
     max_frame_change: float = 40.0  # mean |x_t - x_{t-1}| above this is implausible
     max_color_shift: float = 30.0  # mean |x_t - parent frame| above this is implausible
-    # the inverse-dynamics critic: a variant whose frames do not show the actions that drove them,
-    # by more than this times the critic's error on the real frames of the same batch, is implausible
-    max_idm_ratio: float = 3.0
+    # the inverse-dynamics critic: a variant whose frames show the actions that drove them worse than
+    # this times the generator's median on the same windows under their logged actions is implausible
+    max_idm_ratio: float = 1.5
     # where labels come from: "expert_replay" (the world's expert at each counterfactual state, where
     # the world replays the parent; elsewhere the heuristics), "heuristic" (the world's recovery rule,
     # then the action that drove the generator), "inverse_dynamics" (the rule, then the action the

@@ -112,8 +112,8 @@ def test_synthesize_batch_drives_the_neural_simulator_with_the_worlds_counterfac
     np.testing.assert_array_equal(out["offsets_B"], [0.5, 0.5])
     np.testing.assert_allclose(out["actions_BTA"][:, :, 0], [[0.6, -0.4, -0.4, 0.1]] * 2, atol=1e-6)
     assert out["label_sources_BT"][0].tolist() == [LABEL_RECOVERY] + [LABEL_GENERATOR] * 3
-    assert out["reject_reasons"] == [None, None] and np.isfinite(out["idm_error_real"])
-    # the critic: a random generator's frames do not show the actions; at a ratio of 0 every variant is dropped
+    assert out["reject_reasons"] == [None, None] and np.isfinite([out["idm_error_real"], out["idm_error_logged"]]).all()
+    # the critic: at a ratio of 0 to the error under the logged actions, every variant is dropped
     strict = synthesize_batch(neural_batch(), **common, max_idm_ratio=0.0)
     assert all("frames do not follow their actions" in r for r in strict["reject_reasons"])
     relabelled = synthesize_batch(neural_batch(), **common, max_idm_ratio=1e9, label_after_drift=LABEL_IDM)
