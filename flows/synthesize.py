@@ -79,6 +79,8 @@ def synthesize_flow(config: str = "default", lake: str = "./lake", landing: str 
     """Generate `config.synth.variants` synthetic episodes with the latest world model."""
     ctx = Context.create(config=config, lake=lake, landing=landing, world=world, overrides=overrides,
                          config_file=config_file)
+    if ctx.config.synth.labels not in LABELS:
+        raise ValueError(f"synth.labels must be one of {LABELS}, got {ctx.config.synth.labels!r}")
     wm, dyn = ctx.world_model_pair()
     ensure_ray()
     turn = ctx.current_turn() if turn is None else turn
@@ -87,8 +89,6 @@ def synthesize_flow(config: str = "default", lake: str = "./lake", landing: str 
     parents, batch, states = parent_batch(ctx, turn, context, wm.config["image_size"])
     if not parents:
         raise ValueError("no real training window long enough to start a synthetic variant from")
-    if s.labels not in LABELS:
-        raise ValueError(f"synth.labels must be one of {LABELS}, got {s.labels!r}")
     params = {"offsets": list(s.offsets), "drift_steps": s.drift_steps, "max_frame_change": s.max_frame_change,
               "max_color_shift": s.max_color_shift, "max_idm_ratio": s.max_idm_ratio,
               "label_after_drift": synthesize.LABEL_IDM if s.labels == "inverse_dynamics" else synthesize.LABEL_GENERATOR}
