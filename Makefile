@@ -19,7 +19,7 @@ export PYOPENGL_PLATFORM := osmesa
 export HF_HUB_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup demo test test-all bench-curate bench-curate-scale bench-world-model ablate-oversampling serve prefect-server deploy worker clean
+.PHONY: setup demo test test-all bench-curate bench-curate-scale bench-world-model bench-serve ablate-oversampling serve prefect-server deploy worker clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,8 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)   ## one full turn on the embedded default; WORLD=... LAKE=... LANDING=... TURNS=... CONFIG=...
+	@# a Ray cluster with Serve that outlives make (idempotent; `worldloop down` or `make clean` stops it)
+	$(BIN)/worldloop up
 	$(BIN)/worldloop run --world $(WORLD) --turns $(TURNS) --config $(CONFIG) --lake $(LAKE) --landing $(LANDING)
 
 test: $(STAMP)   ## the default suite (skips `slow` and `gpu`)
@@ -56,6 +58,9 @@ bench-world-model: $(STAMP)  ## world model fidelity, speed, neural-sim ranking 
 ablate-oversampling: $(STAMP)  ## uniform vs clip-weighted policy windows on a copy of LAKE (after make demo)
 	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.ablate_oversampling --lake $(LAKE) --config $(CONFIG) $(ARGS)
 
+bench-serve: $(STAMP)  ## /act on Ray Serve vs FastAPI+uvicorn: p50/p99 at 1 client, rps at 16, failures during a rollout (last line: JSON)
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.bench_serve $(ARGS)
+
 serve: $(STAMP)  ## keep the champion's endpoint up
 	$(BIN)/worldloop serve --lake $(LAKE) --landing $(LANDING)
 
@@ -69,5 +74,6 @@ deploy: $(STAMP)  ## register prefect.yaml's deployments with the server at PREF
 worker: $(STAMP)
 	$(BIN)/prefect worker start --pool worldloop-process
 
-clean:
+clean:  ## stop what `worldloop up` started, then remove the lake, the landing zone and .worldloop
+	-[ ! -x $(BIN)/worldloop ] || $(BIN)/worldloop down
 	rm -rf $(LAKE) $(LANDING) .worldloop

@@ -52,49 +52,50 @@ def ablate_flow(config: str = "default", lake: str = "./lake", landing: str = ".
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     ctx = Context.create(config=config, lake=lake, landing=landing, world=world, overrides=overrides,
                          config_file=config_file)
-    counts = _counts(ctx) if ctx.lake.exists("frames") else {"real": 0, "synthetic": 0}
-    if not counts["real"] or not counts["synthetic"]:
-        raise ValueError(f"the ablation needs real and synthetic training frames of {ctx.world_name}, the lake has "
-                         f"{counts}: run a turn (or `worldloop synthesize`) first")
-    fraction = ctx.config.train.synthetic_fraction
-    if fraction <= 0:
-        raise ValueError("train.synthetic_fraction is 0: nothing to ablate")
-    ensure_ray()
-    turn = ctx.current_turn() if turn is None else turn
-    drivers, specs = {}, {}
-    for seed in range(seeds):
-        for arm, share in zip(ARMS, (0.0, fraction)):
-            t = dataclasses.replace(ctx.config.train, synthetic_fraction=share)
-            arm_ctx = dataclasses.replace(ctx, config=dataclasses.replace(ctx.config, train=t))
-            started = time.perf_counter()
-            result = run_training(arm_ctx, POLICY, 1000 + seed, None, run_name=f"ablate-{arm}-seed{seed}")
-            print(f"ablate: trained {arm} policy, seed {seed}, synthetic share {share:g}  "
-                  f"({time.perf_counter() - started:.1f} s)", file=sys.stderr, flush=True)
-            role = f"{arm}-{seed}"
-            version = hashlib.sha256(result["checkpoint_dir"].encode()).hexdigest()[:16]
-            drivers[role] = (f"ablation-{arm}", version)
-            specs[role] = {"kind": "checkpoint", "directory": result["checkpoint_dir"], "name": f"ablation-{arm}"}
-    rows = evaluate_drivers(ctx, drivers, turn, specs=specs)
-    scene = {arm: {} for arm in ARMS}
-    for role, rs in rows.items():
-        arm = role.split("-")[0]
-        for r in rs:
-            scene[arm].setdefault((r["task"], r["seed"]), []).append(r["score"])
-    mean = {arm: {k: float(np.mean(v)) for k, v in scene[arm].items()} for arm in ARMS}
-    comparison = paired(mean["mixed"], mean["real"], resamples=ctx.config.eval.bootstrap)
-    recipe, frames_version = recipe_digest(ctx), ctx.lake.version("frames")
-    row = {"ablation_id": hashlib.sha256(json.dumps([ctx.world_name, counts, frames_version, recipe, seeds,
-                                                     turn]).encode()).hexdigest()[:24],
-           "world": ctx.world_name, "turn": turn, "recipe": recipe, "synthetic_fraction": fraction,
-           "seeds": seeds, "scenes": comparison["n"], "real_frames": counts["real"],
-           "synthetic_frames": counts["synthetic"], "frames_version": frames_version,
-           "real_mean": float(np.mean(list(mean["real"].values()))),
-           "mixed_mean": float(np.mean(list(mean["mixed"].values()))), "mean_diff": comparison["mean_diff"],
-           "ci_low": comparison["ci95"][0], "ci_high": comparison["ci95"][1], "wins": comparison["wins"],
-           "created_at": datetime.now(timezone.utc)}
-    ctx.lake.append("ablations", pa.Table.from_pylist([row], schema=ABLATIONS), key="ablation_id")
-    summary = {"stage": "ablate", **{k: v for k, v in row.items() if k != "created_at"},
-               "lift": row["ci_low"] > 0}
-    get_run_logger().info("ablate: mixed - real %+.3g (95%% CI %+.3g .. %+.3g) over %d scenes x %d seeds",
-                          row["mean_diff"], row["ci_low"], row["ci_high"], row["scenes"], seeds)
-    return summary
+    with ctx.writer_lock():
+        counts = _counts(ctx) if ctx.lake.exists("frames") else {"real": 0, "synthetic": 0}
+        if not counts["real"] or not counts["synthetic"]:
+            raise ValueError(f"the ablation needs real and synthetic training frames of {ctx.world_name}, the lake has "
+                             f"{counts}: run a turn (or `worldloop synthesize`) first")
+        fraction = ctx.config.train.synthetic_fraction
+        if fraction <= 0:
+            raise ValueError("train.synthetic_fraction is 0: nothing to ablate")
+        ensure_ray()
+        turn = ctx.current_turn() if turn is None else turn
+        drivers, specs = {}, {}
+        for seed in range(seeds):
+            for arm, share in zip(ARMS, (0.0, fraction)):
+                t = dataclasses.replace(ctx.config.train, synthetic_fraction=share)
+                arm_ctx = dataclasses.replace(ctx, config=dataclasses.replace(ctx.config, train=t))
+                started = time.perf_counter()
+                result = run_training(arm_ctx, POLICY, 1000 + seed, None, run_name=f"ablate-{arm}-seed{seed}")
+                print(f"ablate: trained {arm} policy, seed {seed}, synthetic share {share:g}  "
+                      f"({time.perf_counter() - started:.1f} s)", file=sys.stderr, flush=True)
+                role = f"{arm}-{seed}"
+                version = hashlib.sha256(result["checkpoint_dir"].encode()).hexdigest()[:16]
+                drivers[role] = (f"ablation-{arm}", version)
+                specs[role] = {"kind": "checkpoint", "directory": result["checkpoint_dir"], "name": f"ablation-{arm}"}
+        rows = evaluate_drivers(ctx, drivers, turn, specs=specs)
+        scene = {arm: {} for arm in ARMS}
+        for role, rs in rows.items():
+            arm = role.split("-")[0]
+            for r in rs:
+                scene[arm].setdefault((r["task"], r["seed"]), []).append(r["score"])
+        mean = {arm: {k: float(np.mean(v)) for k, v in scene[arm].items()} for arm in ARMS}
+        comparison = paired(mean["mixed"], mean["real"], resamples=ctx.config.eval.bootstrap)
+        recipe, frames_version = recipe_digest(ctx), ctx.lake.version("frames")
+        row = {"ablation_id": hashlib.sha256(json.dumps([ctx.world_name, counts, frames_version, recipe, seeds,
+                                                         turn]).encode()).hexdigest()[:24],
+               "world": ctx.world_name, "turn": turn, "recipe": recipe, "synthetic_fraction": fraction,
+               "seeds": seeds, "scenes": comparison["n"], "real_frames": counts["real"],
+               "synthetic_frames": counts["synthetic"], "frames_version": frames_version,
+               "real_mean": float(np.mean(list(mean["real"].values()))),
+               "mixed_mean": float(np.mean(list(mean["mixed"].values()))), "mean_diff": comparison["mean_diff"],
+               "ci_low": comparison["ci95"][0], "ci_high": comparison["ci95"][1], "wins": comparison["wins"],
+               "created_at": datetime.now(timezone.utc)}
+        ctx.lake.append("ablations", pa.Table.from_pylist([row], schema=ABLATIONS), key="ablation_id")
+        summary = {"stage": "ablate", **{k: v for k, v in row.items() if k != "created_at"},
+                   "lift": row["ci_low"] > 0}
+        get_run_logger().info("ablate: mixed - real %+.3g (95%% CI %+.3g .. %+.3g) over %d scenes x %d seeds",
+                              row["mean_diff"], row["ci_low"], row["ci_high"], row["scenes"], seeds)
+        return summary

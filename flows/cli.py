@@ -3,6 +3,7 @@
     worldloop run --turns 1 --config default      # whole turns
     worldloop fleet | curate | synthesize | train | evaluate | ablate | promote   # one stage each
     worldloop serve                               # keep the champion's endpoint up
+    worldloop up | down                           # a Ray cluster with Serve that outlives the commands
 
 Every command takes --lake and --landing (local paths or s3:// URIs; credentials come from the
 AWS_* environment), --config {tiny,default,gpu}, and --json (one JSON object on stdout).
@@ -78,16 +79,44 @@ def _parser() -> argparse.ArgumentParser:
     promote = sub.add_parser("promote", parents=[common, version], help="gate and roll out to Ray Serve")
     promote.add_argument("--no-serve", action="store_true")
     sub.add_parser("status", parents=[common], help="tables, registry and turns of a lake")
+    models = sub.add_parser("models", help="the policy registry: list | show | promote VERSION | rollback")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    models_sub.add_parser("list", parents=[common], help="versions with their aliases and gate verdicts")
+    models_show = models_sub.add_parser("show", parents=[common], help="one version: metrics, files, alias moves")
+    models_show.add_argument("version", nargs="?", type=int, default=None, help="default: the champion, else the latest")
+    models_promote = models_sub.add_parser("promote", parents=[common],
+                                           help="make VERSION the champion (deployed and probed first when serving)")
+    models_promote.add_argument("version", type=int)
+    models_rollback = models_sub.add_parser("rollback", parents=[common], help="make the previous champion the champion again")
+    for p in (models_promote, models_rollback):
+        p.add_argument("--reason", default="", help="why (kept in the alias history)")
+        p.add_argument("--no-serve", action="store_true", help="move the aliases without deploying")
     worlds_cmd = sub.add_parser("worlds", help="the registered worlds with their features")
     worlds_cmd.add_argument("--json", action="store_true", help="print them as one JSON object on stdout")
     serve = sub.add_parser("serve", parents=[common], help="serve the champion until interrupted")
     serve.add_argument("--port", type=int, default=None)
+    up = sub.add_parser("up", help="start (or join) a Ray cluster with Serve that outlives the command")
+    up.add_argument("--host", default="127.0.0.1", help="Serve's HTTP host; beyond loopback needs WORLDLOOP_API_TOKEN")
+    up.add_argument("--port", type=int, default=None, help="Serve's HTTP port (default: $WORLDLOOP_SERVE_PORT or 8000)")
+    up.add_argument("--ray-port", type=int, default=None, help="the Ray head's GCS port (default: a free one)")
+    up.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the head (default: max(4, cores))")
+    down = sub.add_parser("down", help="stop exactly what `worldloop up` started")
+    down.add_argument("--grace-period", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL")
+    for cmd in (up, down):
+        cmd.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
     return parser
 
 
 def _dispatch(args: argparse.Namespace) -> dict:
     if args.command == "worlds":
         return _worlds()
+    if args.command in ("up", "down"):
+        from serving import cluster
+
+        if args.command == "down":
+            return {"stage": "down", **cluster.down(grace_s=args.grace_period)}
+        return {"stage": "up", **cluster.up(host=args.host, port=args.port, ray_port=args.ray_port,
+                                            num_cpus=args.num_cpus)}
     from flows import ablate, curate, evaluate, fleet, flywheel, promote, synthesize, train
 
     common = {"config": args.config, "lake": args.lake, "landing": args.landing, "world": args.world,
@@ -111,6 +140,8 @@ def _dispatch(args: argparse.Namespace) -> dict:
         return promote.promote_flow(**common, version=args.version, serve=not args.no_serve)
     if args.command == "status":
         return _status(args)
+    if args.command == "models":
+        return _models(args)
     return _serve(args)
 
 
@@ -135,6 +166,25 @@ def _status(args: argparse.Namespace) -> dict:
         models[name] = {"versions": [mv.version for mv in ctx.registry.versions(name)],
                         "champion": champion.version if champion else None}
     return {"lake": ctx.lake_uri, "world": ctx.world_name, "next_turn": ctx.current_turn(), "tables": tables, "models": models}
+
+
+def _models(args: argparse.Namespace) -> dict:
+    """`worldloop models ...`: the body is flows.models."""
+    from flows import models
+    from flows.runtime import Context
+
+    ctx = Context.create(config=args.config, lake=args.lake, landing=args.landing, world=args.world,
+                         overrides=args.overrides or None, config_file=args.config_file)
+    if args.models_command == "list":
+        return models.list_models(ctx)
+    if args.models_command == "show":
+        champion = ctx.registry.aliases("policy").get("champion")
+        return models.show(ctx, version=args.version if args.version is not None else champion)
+    serve = False if args.no_serve else None
+    with ctx.writer_lock():  # the aliases are the lake's: one writer at a time
+        if args.models_command == "promote":
+            return models.promote(ctx, version=args.version, reason=args.reason, serve=serve)
+        return models.rollback(ctx, reason=args.reason, serve=serve)
 
 
 def _serve(args: argparse.Namespace) -> dict:
@@ -164,10 +214,16 @@ def render(summary: dict) -> str:
     """A short human-readable account of a stage or of whole turns."""
     if "turns" in summary:
         return "\n\n".join(_render_turn(t) for t in summary["turns"])
+    if str(summary.get("command", "")).startswith("models "):
+        from flows.models import render as render_models
+
+        return render_models(summary)
     if "worlds" in summary:
         return "\n\n".join(_render_world(spec) for spec in summary["worlds"].values())
     if summary.get("stage") == "curate":
         return _render_curate(summary)
+    if summary.get("stage") in ("up", "down"):
+        return summary["message"]
     return json.dumps(summary, indent=2, default=str)
 
 
@@ -279,6 +335,16 @@ def _exit_on_sigterm(signum: int, frame) -> None:
     raise SystemExit(128 + signum)
 
 
+def _ephemeral_endpoint(args: argparse.Namespace) -> bool:
+    """Whether the command deploys an endpoint into a Ray cluster of its own (no RAY_ADDRESS, no
+    `worldloop up`), which stops when the command exits."""
+    if args.command not in ("run", "promote") or args.no_serve or os.environ.get("RAY_ADDRESS"):
+        return False
+    from serving.cluster import running_address
+
+    return running_address() is None
+
+
 def main(argv: list[str] | None = None) -> int:
     _environment()
     signal.signal(signal.SIGTERM, _exit_on_sigterm)  # Ray's init installs the same kind of handler
@@ -286,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     real_stdout = sys.stdout
+    ephemeral = _ephemeral_endpoint(args)
     try:
         with contextlib.redirect_stdout(sys.stderr if args.json else real_stdout), prefect_settings():
             summary = _dispatch(args)
@@ -295,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json and summary.get("stage") == "curate":  # the person watching reads what happened too
         print(render(summary), file=sys.stderr, flush=True)
     print(json.dumps(summary, default=str) if args.json else render(summary), file=real_stdout, flush=True)
+    if ephemeral:
+        print("note: the endpoint stops when this command exits (its Ray cluster is this process's own); "
+              "run `worldloop up` first to keep it answering", file=sys.stderr, flush=True)
     return 0
 
 

@@ -117,6 +117,28 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class GateConfig:
+    """The promotion gate (``stages.promote.gate``): how much better, and which guards may not regress."""
+
+    margin: float = 0.0  # the 95% lower bound of the mean paired score difference must be above this
+    failure_tolerance: float = 0.0  # the failure rate (1 - success rate) may rise by at most this
+    interventions_tolerance: float = 0.5  # interventions needed per episode may rise by at most this
+    guard_signals: tuple[str, ...] = ()  # the world's bad signals (its presets name them) whose share of steps
+    signal_tolerance: float = 0.01  # ... may rise by at most this
+
+    def __post_init__(self) -> None:
+        bad = [k for k in ("failure_tolerance", "interventions_tolerance", "signal_tolerance")
+               if not getattr(self, k) >= 0]
+        if bad or self.margin != self.margin:
+            raise ValueError(f"gate: {bad or ['margin']} must be >= 0 (margin: a number)")
+
+    def tolerances(self) -> dict[str, float]:
+        """Guard name -> the largest rise allowed, as ``stages.promote.gate`` takes them."""
+        return {"failure_rate": self.failure_tolerance, "interventions": self.interventions_tolerance,
+                **{s: self.signal_tolerance for s in self.guard_signals}}
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
@@ -137,6 +159,7 @@ class FlywheelConfig:
     policy: policy_model.PolicyConfig = field(default_factory=lambda: policy_model.preset("default"))
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
 
     def validate(self) -> "FlywheelConfig":
@@ -145,6 +168,9 @@ class FlywheelConfig:
         if len(set(sizes.values())) != 1:
             raise ValueError(f"image sizes must agree across components, got {sizes}")
         worlds.get(self.world)  # the world's options
+        unknown = sorted(set(self.gate.guard_signals) - set(self.spec.signals))
+        if unknown:
+            raise ValueError(f"gate.guard_signals {unknown} are not signals of {self.world.name} {list(self.spec.signals)}")
         return self
 
     @property

@@ -9,7 +9,9 @@ Crash safety: kept frames are written as uncommitted fragments, then committed i
 frames, clips, episodes (the completion mark of an episode), rejects, and last the manifest.
 A run that dies half-way leaves frames or clips whose episode row is missing; the next run
 deletes those orphans first and processes the unit again (it is not in the manifest), so
-nothing is duplicated and nothing is lost.
+nothing is duplicated and nothing is lost. Another live run's in-flight episodes look exactly like
+such orphans, which is why curate (as every flow that writes) holds the lake's writer lock
+(``stages.lock``): while it is held no other run writes the lake, so every orphan is a dead run's.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from flows.config import FlywheelConfig
 from flows.describe import write_clips
 from flows.runtime import Context, code_version, ensure_ray
 from sim import worlds
-from stages import curate_ray, sources, storage
+from stages import curate_ray, lock, sources, storage
 from stages.curate import SpanVerdict, reject_row
 from stages.ingest import IngestResult
 from stages.schemas import EPISODES, REJECTS, SOURCES, features_of, frames_schema, to_json
@@ -45,7 +47,11 @@ def new_units(ctx: Context) -> tuple[list[dict], int]:
 
 @task(name="repair", cache_policy=NO_CACHE)
 def repair(ctx: Context) -> dict:
-    """Delete frames and clips of episodes that never got their episodes row (a crashed run)."""
+    """Delete frames and clips of episodes that never got their episodes row (a crashed run).
+
+    Only under the lake's writer lock (checked): with no other writer alive, no orphan can be a
+    live run's episode between its frames commit and its episodes commit."""
+    lock.require_held(ctx.lake_uri)
     complete = ctx.lake.keys("episodes", "episode_id")
     removed = {}
     for name in ("frames", "clips"):
@@ -156,33 +162,34 @@ def curate_flow(config: str = "default", lake: str = "./lake", landing: str = ".
     """
     ctx = Context.create(config=config, lake=lake, landing=landing, world=world, overrides=overrides,
                          config_file=config_file)
-    overrides = {"mapping": {**ctx.config.curate.mapping, **mapping}} if mapping else {}
-    overrides |= {"reasoner": reasoner} if reasoner else {}
-    if overrides:
-        curate_cfg = dataclasses.replace(ctx.config.curate, **overrides)
-        ctx = dataclasses.replace(ctx, config=dataclasses.replace(ctx.config, curate=curate_cfg))
-    ensure_ray()
-    turn = ctx.current_turn() if turn is None else turn
-    repaired = repair(ctx)
-    units, listed = new_units(ctx)
-    results, verdicts = ingest_and_judge(ctx, units, turn)
-    out = commit(ctx, units, results, verdicts, turn)
-    save_lineage(ctx, units, turn)
-    manifest = out["manifest"]
-    summary = {
-        "stage": "curate", "turn": turn, "listed": listed, "seen": len(units),
-        "kept": sum(m["outcome"] == "kept" for m in manifest),
-        "rejected": sum(m["outcome"] == "rejected" for m in manifest),
-        "frames_seen": sum(m["frames_seen"] for m in manifest),
-        "frames_kept": sum(m["frames_kept"] for m in manifest),
-        "spans_kept": sum(m["spans_kept"] for m in manifest),
-        "spans_rejected": sum(m["spans_rejected"] for m in manifest),
-        "frames_rejected": sum(r["frames"] for r in out["rejects"]),
-        "rejects": [{"source": r["source_uri"], "stage": r["stage"], "reason": r["reason"]}
-                    for r in out["rejects"]],
-        "rows_added": out["added"], "clips": out["clips"], "repaired": repaired,
-        "versions": {n: ctx.lake.version(n) for n in TABLES if ctx.lake.exists(n)},
-    }
-    assert summary["kept"] + summary["rejected"] == summary["seen"], "a source was lost"
-    get_run_logger().info("curate: %s", {k: v for k, v in summary.items() if k != "rejects"})
-    return summary
+    with ctx.writer_lock():
+        overrides = {"mapping": {**ctx.config.curate.mapping, **mapping}} if mapping else {}
+        overrides |= {"reasoner": reasoner} if reasoner else {}
+        if overrides:
+            curate_cfg = dataclasses.replace(ctx.config.curate, **overrides)
+            ctx = dataclasses.replace(ctx, config=dataclasses.replace(ctx.config, curate=curate_cfg))
+        ensure_ray()
+        turn = ctx.current_turn() if turn is None else turn
+        repaired = repair(ctx)
+        units, listed = new_units(ctx)
+        results, verdicts = ingest_and_judge(ctx, units, turn)
+        out = commit(ctx, units, results, verdicts, turn)
+        save_lineage(ctx, units, turn)
+        manifest = out["manifest"]
+        summary = {
+            "stage": "curate", "turn": turn, "listed": listed, "seen": len(units),
+            "kept": sum(m["outcome"] == "kept" for m in manifest),
+            "rejected": sum(m["outcome"] == "rejected" for m in manifest),
+            "frames_seen": sum(m["frames_seen"] for m in manifest),
+            "frames_kept": sum(m["frames_kept"] for m in manifest),
+            "spans_kept": sum(m["spans_kept"] for m in manifest),
+            "spans_rejected": sum(m["spans_rejected"] for m in manifest),
+            "frames_rejected": sum(r["frames"] for r in out["rejects"]),
+            "rejects": [{"source": r["source_uri"], "stage": r["stage"], "reason": r["reason"]}
+                        for r in out["rejects"]],
+            "rows_added": out["added"], "clips": out["clips"], "repaired": repaired,
+            "versions": {n: ctx.lake.version(n) for n in TABLES if ctx.lake.exists(n)},
+        }
+        assert summary["kept"] + summary["rejected"] == summary["seen"], "a source was lost"
+        get_run_logger().info("curate: %s", {k: v for k, v in summary.items() if k != "rejects"})
+        return summary

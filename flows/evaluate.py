@@ -135,35 +135,36 @@ def evaluate_flow(config: str = "default", lake: str = "./lake", landing: str = 
         raise ValueError(f"simulator must be one of {SIMULATORS}, got {simulator!r}")
     ctx = Context.create(config=config, lake=lake, landing=landing, world=world, overrides=overrides,
                          config_file=config_file)
-    ensure_ray()
-    turn = ctx.current_turn() if turn is None else turn
-    versions = ctx.registry.versions(POLICY)
-    if not versions:
-        raise ValueError("no policy in the registry: run `worldloop train --model policy` first")
-    candidate = ctx.registry.get(POLICY, version=version) if version is not None else versions[-1]
-    if candidate is None:
-        raise ValueError(f"policy version {version} is not in the registry")
-    champion = ctx.registry.get(POLICY, alias="champion")
-    drivers = {"candidate": (POLICY, str(candidate.version)), "random": ("random", "uniform")}
-    if champion is not None and champion.version != candidate.version:
-        drivers["champion"] = (POLICY, str(champion.version))
-    if simulator == "neural":
-        return _summary(ctx, candidate.version, evaluate_neural(ctx, drivers, turn), drivers, turn, "neural")
-    screened = None
-    if ctx.config.eval.screen and "champion" in drivers:
-        pair = evaluate_neural(ctx, {r: drivers[r] for r in ("candidate", "champion")}, turn)
-        screened = neural.screen([r["score"] for r in pair["candidate"]], [r["score"] for r in pair["champion"]],
-                                 margin=ctx.config.eval.screen_margin)
-        ctx.registry.update_metrics(POLICY, candidate.version, {"screened_out": not screened["passed"],
-                                                               "screen": screened})
-        if not screened["passed"]:
-            summary = {"stage": "evaluate", "turn": turn, "candidate_version": candidate.version,
-                       "screened_out": True, "screen": screened}
-            get_run_logger().info("evaluate: screened out in the neural simulator: %s", screened)
-            return summary
-    drivers["expert"] = ("expert", "privileged")
-    rows = evaluate_drivers(ctx, drivers, turn)
-    return _summary(ctx, candidate.version, rows, drivers, turn, "real") | ({"screen": screened} if screened else {})
+    with ctx.writer_lock():
+        ensure_ray()
+        turn = ctx.current_turn() if turn is None else turn
+        versions = ctx.registry.versions(POLICY)
+        if not versions:
+            raise ValueError("no policy in the registry: run `worldloop train --model policy` first")
+        candidate = ctx.registry.get(POLICY, version=version) if version is not None else versions[-1]
+        if candidate is None:
+            raise ValueError(f"policy version {version} is not in the registry")
+        champion = ctx.registry.get(POLICY, alias="champion")
+        drivers = {"candidate": (POLICY, str(candidate.version)), "random": ("random", "uniform")}
+        if champion is not None and champion.version != candidate.version:
+            drivers["champion"] = (POLICY, str(champion.version))
+        if simulator == "neural":
+            return _summary(ctx, candidate.version, evaluate_neural(ctx, drivers, turn), drivers, turn, "neural")
+        screened = None
+        if ctx.config.eval.screen and "champion" in drivers:
+            pair = evaluate_neural(ctx, {r: drivers[r] for r in ("candidate", "champion")}, turn)
+            screened = neural.screen([r["score"] for r in pair["candidate"]], [r["score"] for r in pair["champion"]],
+                                     margin=ctx.config.eval.screen_margin)
+            ctx.registry.update_metrics(POLICY, candidate.version, {"screened_out": not screened["passed"],
+                                                                   "screen": screened})
+            if not screened["passed"]:
+                summary = {"stage": "evaluate", "turn": turn, "candidate_version": candidate.version,
+                           "screened_out": True, "screen": screened}
+                get_run_logger().info("evaluate: screened out in the neural simulator: %s", screened)
+                return summary
+        drivers["expert"] = ("expert", "privileged")
+        rows = evaluate_drivers(ctx, drivers, turn)
+        return _summary(ctx, candidate.version, rows, drivers, turn, "real") | ({"screen": screened} if screened else {})
 
 
 def _summary(ctx: Context, version: int, rows: dict[str, list[dict]], drivers: dict, turn: int, simulator: str) -> dict:

@@ -52,20 +52,21 @@ def fleet_flow(config: str = "default", lake: str = "./lake", landing: str = "./
     them; returns a summary."""
     ctx = Context.create(config=config, lake=lake, landing=landing, world=world, overrides=overrides,
                          config_file=config_file)
-    ensure_ray()
-    turn = ctx.current_turn() if turn is None else turn
-    spec = driver_spec(ctx, endpoint)
-    summaries = drive(ctx, turn, spec)
-    n = len(summaries)
-    summary = {
-        "stage": "fleet", "turn": turn, "driver": spec.get("version", spec["kind"]), "episodes": n,
-        "mean_score": sum(s["score"] for s in summaries) / n,
-        "interventions": sum(s["interventions"] for s in summaries),
-        "frames": sum(s["steps"] for s in summaries),
-        "success_rate": sum(s["success"] for s in summaries) / n,
-        "landing": storage.join(ctx.fleet_landing_uri, f"turn-{turn:04d}"),
-    }
-    get_run_logger().info("fleet: %s", summary)
-    return summary
+    with ctx.writer_lock():
+        ensure_ray()
+        turn = ctx.current_turn() if turn is None else turn
+        spec = driver_spec(ctx, endpoint)
+        summaries = drive(ctx, turn, spec)
+        n = len(summaries)
+        summary = {
+            "stage": "fleet", "turn": turn, "driver": spec.get("version", spec["kind"]), "episodes": n,
+            "mean_score": sum(s["score"] for s in summaries) / n,
+            "interventions": sum(s["interventions"] for s in summaries),
+            "frames": sum(s["steps"] for s in summaries),
+            "success_rate": sum(s["success"] for s in summaries) / n,
+            "landing": storage.join(ctx.fleet_landing_uri, f"turn-{turn:04d}"),
+        }
+        get_run_logger().info("fleet: %s", summary)
+        return summary
 
 

@@ -56,24 +56,25 @@ def flywheel_flow(config: str = "default", lake: str = "./lake", landing: str = 
     """Run `turns` whole turns of the flywheel; returns every stage's summary per turn."""
     ctx = Context.create(config=config, lake=lake, landing=landing, world=world, overrides=overrides,
                          config_file=config_file)
-    ensure_ray()
-    common = {"config": config, "lake": lake, "landing": landing, "world": world, "overrides": overrides,
-              "config_file": config_file}
-    done = []
-    for _ in range(turns):
-        turn, started, stages = ctx.current_turn(), datetime.now(timezone.utc), {}
-        endpoint = None
-        if serve and ctx.registry.get(POLICY, alias="champion") is not None:
-            endpoint = serve_champion(ctx)["url"]  # the fleet drives through the served champion
-        _timed(stages, turn, "fleet", fleet_flow, **common, turn=turn, endpoint=endpoint)
-        _timed(stages, turn, "curate", curate_flow, **common, turn=turn)
-        _timed(stages, turn, "train_dynamics", train_flow, **common, model=DYNAMICS, turn=turn)
-        _timed(stages, turn, "train_world_model", train_flow, **common, model=WORLD_MODEL, turn=turn)
-        _timed(stages, turn, "synthesize", synthesize_flow, **common, turn=turn)
-        policy = _timed(stages, turn, "train_policy", train_flow, **common, model=POLICY, turn=turn)
-        _timed(stages, turn, "evaluate", evaluate_flow, **common, version=policy["version"], turn=turn)
-        _timed(stages, turn, "promote", promote_flow, **common, version=policy["version"], serve=serve)
-        finish_turn(ctx, turn, started, stages)
-        get_run_logger().info("turn %d finished: %s", turn, stages["promote"]["reason"])
-        done.append({"turn": turn, "stages": stages})
-    return {"turns": done}
+    with ctx.writer_lock():
+        ensure_ray()
+        common = {"config": config, "lake": lake, "landing": landing, "world": world, "overrides": overrides,
+                  "config_file": config_file}
+        done = []
+        for _ in range(turns):
+            turn, started, stages = ctx.current_turn(), datetime.now(timezone.utc), {}
+            endpoint = None
+            if serve and ctx.registry.get(POLICY, alias="champion") is not None:
+                endpoint = serve_champion(ctx)["url"]  # the fleet drives through the served champion
+            _timed(stages, turn, "fleet", fleet_flow, **common, turn=turn, endpoint=endpoint)
+            _timed(stages, turn, "curate", curate_flow, **common, turn=turn)
+            _timed(stages, turn, "train_dynamics", train_flow, **common, model=DYNAMICS, turn=turn)
+            _timed(stages, turn, "train_world_model", train_flow, **common, model=WORLD_MODEL, turn=turn)
+            _timed(stages, turn, "synthesize", synthesize_flow, **common, turn=turn)
+            policy = _timed(stages, turn, "train_policy", train_flow, **common, model=POLICY, turn=turn)
+            _timed(stages, turn, "evaluate", evaluate_flow, **common, version=policy["version"], turn=turn)
+            _timed(stages, turn, "promote", promote_flow, **common, version=policy["version"], serve=serve)
+            finish_turn(ctx, turn, started, stages)
+            get_run_logger().info("turn %d finished: %s", turn, stages["promote"]["reason"])
+            done.append({"turn": turn, "stages": stages})
+        return {"turns": done}

@@ -68,12 +68,15 @@ def prefect_settings() -> Iterator[None]:
 
 
 def ensure_ray(address: str | None = None) -> None:
-    """Connect to RAY_ADDRESS / `address` if given, else start (or reuse) a local cluster."""
+    """Connect to RAY_ADDRESS / `address` if given, else to `worldloop up`'s cluster when it runs (so
+    endpoints outlive the command), else start (or reuse) a local cluster that stops with the process."""
     import ray
+
+    from serving.cluster import running_address
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
+    address = address or os.environ.get("RAY_ADDRESS") or running_address()
     kwargs = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
     if address:
         ray.init(address=address, **kwargs)
@@ -139,6 +142,19 @@ class Context:
         from stages.registry import Registry
 
         return Registry(self.world_uri, storage_options=self.storage_options)
+
+    def writer_lock(self):
+        """Hold the whole lake's writer lock (``stages.lock.hold``) for a flow that writes it: one
+        writing run per lake, however it was started. Nested flows share their parent's lease. The
+        lock records the Prefect flow run's name; WORLDLOOP_LOCK_WAIT (seconds to wait for another
+        run, default 0: stop at once naming it) and WORLDLOOP_LOCK_TTL (the lease, default 60 s)
+        come from the environment."""
+        from prefect.runtime import flow_run
+
+        from stages import lock
+
+        run = f"{flow_run.flow_name}/{flow_run.name}" if flow_run.id else ""
+        return lock.hold(self.lake_uri, run=run, storage_options=self.storage_options)
 
     @property
     def work_dir(self) -> str:

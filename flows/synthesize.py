@@ -79,43 +79,44 @@ def synthesize_flow(config: str = "default", lake: str = "./lake", landing: str 
     """Generate `config.synth.variants` synthetic episodes with the latest world model."""
     ctx = Context.create(config=config, lake=lake, landing=landing, world=world, overrides=overrides,
                          config_file=config_file)
-    if ctx.config.synth.labels not in LABELS:
-        raise ValueError(f"synth.labels must be one of {LABELS}, got {ctx.config.synth.labels!r}")
-    wm, dyn = ctx.world_model_pair()
-    ensure_ray()
-    turn = ctx.current_turn() if turn is None else turn
-    s = ctx.config.synth
-    context = max(wm.config["history"], dyn.config["history"])  # what the neural simulator starts from
-    parents, batch, states = parent_batch(ctx, turn, context, wm.config["image_size"])
-    if not parents:
-        raise ValueError("no real training window long enough to start a synthetic variant from")
-    params = {"offsets": list(s.offsets), "drift_steps": s.drift_steps, "max_frame_change": s.max_frame_change,
-              "max_color_shift": s.max_color_shift, "max_idm_ratio": s.max_idm_ratio,
-              "label_after_drift": synthesize.LABEL_IDM if s.labels == "inverse_dynamics" else synthesize.LABEL_GENERATOR}
-    variants = adapters.synthesize_batches(ctx.registry.fetch(wm), ctx.registry.fetch(dyn),
-                                           synthesize.split_batch(batch, s.parallelism),
-                                           world=dataclasses.asdict(ctx.config.world), params=params,
-                                           seed=1000 * turn, parallelism=s.parallelism)
-    replayed = expert_labels(ctx, parents, variants) if s.labels == "expert_replay" else [None] * len(variants)
-    variants = [synthesize.relabel(v, r) for v, r in zip(variants, replayed)]
-    episodes, frames, rejects = synthesize.variant_tables(
-        variants, parents=parents, tasks=batch["tasks"], parent_states=states, spec=ctx.config.spec, turn=turn,
-        generator_version=f"{WORLD_MODEL}:v{wm.version}")
-    added = {"frames": 0, "episodes": 0, "rejects": 0}
-    if episodes:
-        added["frames"] = ctx.lake.append("frames", pa.concat_tables(frames), key="frame_id")
-        added["episodes"] = ctx.lake.append("episodes", pa.Table.from_pylist(episodes, schema=EPISODES),
-                                            key="episode_id")
-    if rejects:
-        added["rejects"] = ctx.lake.append("rejects", pa.Table.from_pylist(rejects, schema=REJECTS),
-                                           key="reject_id")
-    ctx.lake.save_config("frames", {**ctx.config.to_dict(), "synth": dataclasses.asdict(s)})
-    reasons = [v.reject_reason for v in variants if v.reject_reason]
-    summary = {"stage": "synthesize", "turn": turn, "generator": f"{WORLD_MODEL}:v{wm.version}",
-               "dynamics": f"{DYNAMICS}:v{dyn.version}", "generated": len(parents), "kept": len(episodes),
-               "rejected": len(rejects), "rejected_by_critic": sum("inverse-dynamics" in r for r in reasons),
-               "idm_error": float(np.mean([v.idm_error for v in variants])),
-               "expert_relabelled": sum(r is not None for r in replayed),
-               "synthetic_frames": sum(t.num_rows for t in frames), "rows_added": added}
-    get_run_logger().info("synthesize: %s", summary)
-    return summary
+    with ctx.writer_lock():
+        if ctx.config.synth.labels not in LABELS:
+            raise ValueError(f"synth.labels must be one of {LABELS}, got {ctx.config.synth.labels!r}")
+        wm, dyn = ctx.world_model_pair()
+        ensure_ray()
+        turn = ctx.current_turn() if turn is None else turn
+        s = ctx.config.synth
+        context = max(wm.config["history"], dyn.config["history"])  # what the neural simulator starts from
+        parents, batch, states = parent_batch(ctx, turn, context, wm.config["image_size"])
+        if not parents:
+            raise ValueError("no real training window long enough to start a synthetic variant from")
+        params = {"offsets": list(s.offsets), "drift_steps": s.drift_steps, "max_frame_change": s.max_frame_change,
+                  "max_color_shift": s.max_color_shift, "max_idm_ratio": s.max_idm_ratio,
+                  "label_after_drift": synthesize.LABEL_IDM if s.labels == "inverse_dynamics" else synthesize.LABEL_GENERATOR}
+        variants = adapters.synthesize_batches(ctx.registry.fetch(wm), ctx.registry.fetch(dyn),
+                                               synthesize.split_batch(batch, s.parallelism),
+                                               world=dataclasses.asdict(ctx.config.world), params=params,
+                                               seed=1000 * turn, parallelism=s.parallelism)
+        replayed = expert_labels(ctx, parents, variants) if s.labels == "expert_replay" else [None] * len(variants)
+        variants = [synthesize.relabel(v, r) for v, r in zip(variants, replayed)]
+        episodes, frames, rejects = synthesize.variant_tables(
+            variants, parents=parents, tasks=batch["tasks"], parent_states=states, spec=ctx.config.spec, turn=turn,
+            generator_version=f"{WORLD_MODEL}:v{wm.version}")
+        added = {"frames": 0, "episodes": 0, "rejects": 0}
+        if episodes:
+            added["frames"] = ctx.lake.append("frames", pa.concat_tables(frames), key="frame_id")
+            added["episodes"] = ctx.lake.append("episodes", pa.Table.from_pylist(episodes, schema=EPISODES),
+                                                key="episode_id")
+        if rejects:
+            added["rejects"] = ctx.lake.append("rejects", pa.Table.from_pylist(rejects, schema=REJECTS),
+                                               key="reject_id")
+        ctx.lake.save_config("frames", {**ctx.config.to_dict(), "synth": dataclasses.asdict(s)})
+        reasons = [v.reject_reason for v in variants if v.reject_reason]
+        summary = {"stage": "synthesize", "turn": turn, "generator": f"{WORLD_MODEL}:v{wm.version}",
+                   "dynamics": f"{DYNAMICS}:v{dyn.version}", "generated": len(parents), "kept": len(episodes),
+                   "rejected": len(rejects), "rejected_by_critic": sum("inverse-dynamics" in r for r in reasons),
+                   "idm_error": float(np.mean([v.idm_error for v in variants])),
+                   "expert_relabelled": sum(r is not None for r in replayed),
+                   "synthetic_frames": sum(t.num_rows for t in frames), "rows_added": added}
+        get_run_logger().info("synthesize: %s", summary)
+        return summary

@@ -106,36 +106,37 @@ def train_flow(config: str = "default", lake: str = "./lake", landing: str = "./
         raise ValueError(f"model must be one of {MODELS}, got {model!r}")
     ctx = Context.create(config=config, lake=lake, landing=landing, world=world, overrides=overrides,
                          config_file=config_file)
-    if not ctx.lake.exists("frames"):
-        raise ValueError(f"no frames table in {ctx.world_uri}: run `worldloop curate` first")
-    ensure_ray()
-    turn = ctx.current_turn() if turn is None else turn
-    model_config = dataclasses.asdict(getattr(ctx.config, model))
-    parent = warm_start(ctx, model, model_config)
-    verdict = synthetic_verdict(ctx) if model == POLICY else None
-    if verdict is not None and not verdict["use"]:
-        ctx = dataclasses.replace(ctx, config=dataclasses.replace(
-            ctx.config, train=dataclasses.replace(ctx.config.train, synthetic_fraction=0.0)))
-    teacher = conditioning(ctx, model)
-    result = run_training(ctx, model, turn, ctx.registry.fetch(parent) if parent else None,
-                          condition_dir=ctx.registry.fetch(teacher) if teacher else None)
-    lineage = {"turn": turn, "config": ctx.config.name, "config_digest": ctx.config.digest(),
-               "condition_version": teacher.version if teacher else None,
-               "tables": {n: ctx.lake.version(n) for n in ("frames", "episodes", "clips")
-                          if ctx.lake.exists(n)},
-               "parent_version": parent.version if parent else None, "git_commit": git_commit()}
-    metrics = {f"train_{k}": v for k, v in result["metrics"].items() if isinstance(v, (int, float))}
-    with open(os.path.join(result["checkpoint_dir"], "train_config.json"), "w") as f:  # as LeRobot does
-        json.dump({"flywheel": ctx.config.to_dict(), "model": model, "lineage": lineage}, f, indent=2, default=str)
-    mv = ctx.registry.register(model, result["checkpoint_dir"], kind=model, metrics=metrics,
-                               lineage=lineage, config=model_config)
-    summary = {"stage": "train", "model": model, "turn": turn, "version": mv.version,
-               "warm_start_from": lineage["parent_version"], "metrics": metrics,
-               "artifact_uri": mv.artifact_uri}
-    if teacher is not None:
-        summary["conditioned_on"] = f"{DYNAMICS}:v{teacher.version}"
-    if verdict is not None:
-        summary["synthetic"] = {"used": verdict["use"], "reason": verdict["reason"],
-                                "fraction": ctx.config.train.synthetic_fraction}
-    get_run_logger().info("train: %s", summary)
-    return summary
+    with ctx.writer_lock():
+        if not ctx.lake.exists("frames"):
+            raise ValueError(f"no frames table in {ctx.world_uri}: run `worldloop curate` first")
+        ensure_ray()
+        turn = ctx.current_turn() if turn is None else turn
+        model_config = dataclasses.asdict(getattr(ctx.config, model))
+        parent = warm_start(ctx, model, model_config)
+        verdict = synthetic_verdict(ctx) if model == POLICY else None
+        if verdict is not None and not verdict["use"]:
+            ctx = dataclasses.replace(ctx, config=dataclasses.replace(
+                ctx.config, train=dataclasses.replace(ctx.config.train, synthetic_fraction=0.0)))
+        teacher = conditioning(ctx, model)
+        result = run_training(ctx, model, turn, ctx.registry.fetch(parent) if parent else None,
+                              condition_dir=ctx.registry.fetch(teacher) if teacher else None)
+        lineage = {"turn": turn, "config": ctx.config.name, "config_digest": ctx.config.digest(),
+                   "condition_version": teacher.version if teacher else None,
+                   "tables": {n: ctx.lake.version(n) for n in ("frames", "episodes", "clips")
+                              if ctx.lake.exists(n)},
+                   "parent_version": parent.version if parent else None, "git_commit": git_commit()}
+        metrics = {f"train_{k}": v for k, v in result["metrics"].items() if isinstance(v, (int, float))}
+        with open(os.path.join(result["checkpoint_dir"], "train_config.json"), "w") as f:  # as LeRobot does
+            json.dump({"flywheel": ctx.config.to_dict(), "model": model, "lineage": lineage}, f, indent=2, default=str)
+        mv = ctx.registry.register(model, result["checkpoint_dir"], kind=model, metrics=metrics,
+                                   lineage=lineage, config=model_config)
+        summary = {"stage": "train", "model": model, "turn": turn, "version": mv.version,
+                   "warm_start_from": lineage["parent_version"], "metrics": metrics,
+                   "artifact_uri": mv.artifact_uri}
+        if teacher is not None:
+            summary["conditioned_on"] = f"{DYNAMICS}:v{teacher.version}"
+        if verdict is not None:
+            summary["synthetic"] = {"used": verdict["use"], "reason": verdict["reason"],
+                                    "fraction": ctx.config.train.synthetic_fraction}
+        get_run_logger().info("train: %s", summary)
+        return summary

@@ -156,7 +156,13 @@ MODELS = pa.schema([  # one row per version; metrics, lineage and config as JSON
     ("name", pa.string()), ("version", pa.int64()), ("artifact_uri", pa.string()),
     ("kind", pa.string()), ("metrics", pa.string()), ("lineage", pa.string()),
     ("config", pa.string()), ("created_at", _TS),
+    # JSON {relative path: {"sha256", "size"}} of every artifact file; null on versions registered
+    # before manifests existed (tables without the column gain it, all null, on their next write)
+    ("manifest", pa.string()),
 ])
 ALIASES = pa.schema([  # append-only alias history; the latest row wins
     ("name", pa.string()), ("alias", pa.string()), ("version", pa.int64()), ("set_at", _TS),
+    # why the alias moved, who moved it (a Prefect flow run, else the command line) and the gate's
+    # decision with its numbers (JSON; "" when no gate decided); null on rows of older tables
+    ("reason", pa.string()), ("flow_run", pa.string()), ("gate", pa.string()),
 ])

@@ -51,7 +51,8 @@ SPEC = WorldSpec(
           "speed": ("slow", "medium", "fast")},
     mirror={"curvature": {"left": "right", "right": "left"}},
     eval_seeds=tuple(range(1000, 1010)),
-    presets={"all": {"policy.loss_weights": (2.0, 1.0, 1.0), "world.image_size": 64},
+    presets={"all": {"policy.loss_weights": (2.0, 1.0, 1.0), "world.image_size": 64,
+                     "gate.guard_signals": ("off_track",)},  # the gate: no more time off the road
              "tiny": {"world.image_size": 32, "world.max_steps": 120,
                       "world.options": {"noise": {"pulse_prob": 0.05}}}},
 )

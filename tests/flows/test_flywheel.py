@@ -140,7 +140,7 @@ def test_evaluation_is_paired_and_gated(turn):
     assert set(ev["results"]) >= {"candidate", "expert", "random"}
     scenes = sorted((t, s) for t in cfg.eval_tasks for s in (1000, 1001))
     assert ev["comparison"]["seeds"] == scenes  # every driver on the same (task, seed) scenes
-    assert promote["promote"] == (ev["comparison"]["mean_diff"] > 0)
+    assert promote["promote"] == (promote["ci95"][0] > cfg.gate.margin)  # vs the random policy: the lower bound
     rows = turn["ctx"].lake.read("evaluations").to_pylist()
     assert sorted({(r["task"], r["seed"]) for r in rows}) == scenes
     assert set(ev["results"]["candidate"]["per_task"]) == set(cfg.eval_tasks)

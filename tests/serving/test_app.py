@@ -113,7 +113,7 @@ def test_client_acts_and_keeps_the_version(served, frames):
         assert action.dtype == np.float32 and action.shape == (3,)
         assert -1 <= action[0] <= 1 and 0 <= action[1] <= 1 and 0 <= action[2] <= 1
         assert client.model_version == 1 and client.health()["status"] == "ok"
-        with pytest.raises(ActError, match="expected exactly 2 frames") as err:
+        with pytest.raises(ActError, match="frames: List should have at least 2 items") as err:
             client.act(frames[:1])
         assert err.value.status_code == 422 and "frames" in err.value.message
         # what a fleet driver passes whatever the world: an empty state and the task (ignored here)
@@ -125,31 +125,35 @@ def test_client_acts_and_keeps_the_version(served, frames):
 
 
 @pytest.mark.parametrize("payload, status, message", [
-    ({"encoding": "raw_base64", "frames": ["AAAA"] * 3}, 422, "expected exactly 2 frames"),
-    ({"encoding": "raw_base64", "frames": ["AAAA"]}, 422, "expected exactly 2 frames"),
-    ({"encoding": "raw_base64", "frames": [_raw(np.zeros(SHAPE[1:], np.uint8)), "not base64!"]}, 400,
-     "frames[1]: invalid base64"),
-    ({"encoding": "raw_base64", "frames": [_raw(np.zeros((8, 8, 3), np.uint8))] * 2}, 400,
-     "frames[0]: raw frame has 192 bytes, expected 32*32*3"),
-    ({"encoding": "list", "frames": [np.zeros((16, 16, 3), int).tolist()] * 2}, 400,
-     "frames[0]: expected shape (32, 32, 3), got (16, 16, 3)"),
-    ({"encoding": "list", "frames": [np.full(SHAPE[1:], 300).tolist()] * 2}, 400,
-     "frames[0]: values must be in 0..255"),
-    ({"encoding": "list", "frames": ["AAAA"] * 2}, 400, "encoding 'list' expects nested lists"),
+    ({"encoding": "raw_base64", "frames": ["AAAA"] * 3}, 422, "frames: List should have at most 2 items"),
+    ({"encoding": "raw_base64", "frames": ["AAAA"]}, 422, "frames.0: String should have at least 4096"),
+    ({"encoding": "raw_base64", "frames": [_raw(np.zeros(SHAPE[1:], np.uint8)), "!" * 4096]}, 422,
+     "frames.1: String should match pattern"),
+    ({"encoding": "raw_base64", "frames": [_raw(np.zeros((8, 8, 3), np.uint8))] * 2}, 422,
+     "frames.0: String should have at least 4096 characters"),
+    ({"encoding": "list", "frames": [np.zeros((16, 16, 3), int).tolist()] * 2}, 422,
+     "frames.0.0: List should have at least 32 items"),
+    ({"encoding": "list", "frames": [np.full(SHAPE[1:], 300).tolist()] * 2}, 422,
+     "frames.0.0.0.0: Input should be less than or equal to 255"),
+    ({"encoding": "list", "frames": ["AAAA"] * 2}, 422, "frames.0: Input should be a valid list"),
     ({"encoding": "png_base64", "frames": [_png(np.zeros(SHAPE[1:], np.uint8), "RGBA")] * 2}, 400,
      "frames[0]: expected an 8-bit RGB PNG"),
+    ({"encoding": "png_base64", "frames": [_png(np.zeros((1000, 1000, 3), np.uint8))] * 2}, 400,
+     "frames[0]: PNG is 1000x1000, expected 32x32"),  # a bomb: refused by its header, never decoded
     ({"encoding": "png_base64", "frames": [_raw(np.zeros(SHAPE[1:], np.uint8))] * 2}, 400,
      "frames[0]: not a decodable PNG"),
     ({"encoding": "jpeg", "frames": []}, 422, "png_base64"),
     ({"frames": []}, 422, "encoding"),
-    ({"encoding": "list", "frames": [[[[10 ** 30] * 3]] * 32] * 2}, 400, "frames[0]: ragged nested lists or integers"),
+    ({"encoding": "list", "frames": [[[[10 ** 30] * 3]] * 32] * 2}, 422, "integer 100000000000000000000000... is "
+     "beyond 64 bits"),
+    ({"encoding": "list", "frames": [[[[-2 ** 63] * 3]] * 32] * 2}, 422, "frames.0.0.0.0: Input should be greater than or equal to 0"),
     ({"encoding": "raw_base64", "frames": [_raw(np.zeros(SHAPE[1:], np.uint8))] * 2, "task": "drive"}, 422,
      "task: Extra inputs are not permitted"),
 ])
 def test_malformed_requests_get_a_clear_4xx(served, payload, status, message):
     r = requests.post(f"{served['url']}/act", json=payload, timeout=10)
     assert r.status_code == status and message in _message(r), r.text
-    assert len(r.content) < 2000  # the message, not an echo of the frames
+    assert len(r.content) < 2000  # the message, not an echo of the frames (nor thousands of pixel errors)
 
 
 def test_bad_json_is_a_422(served):
@@ -161,19 +165,42 @@ def test_bad_json_is_a_422(served):
 def test_openapi_describes_the_schemas(served):
     spec = requests.get(f"{served['url']}/openapi.json", timeout=10).json()
     schemas = spec["components"]["schemas"]
-    assert {"ActRequest", "ActResponse", "Action", "Health", "ErrorResponse"} <= set(schemas)
+    variants = {"ActRequestRaw": "raw_base64", "ActRequestPng": "png_base64", "ActRequestList": "list"}
+    assert {*variants, "ActResponse", "Action", "Health", "ErrorResponse"} <= set(schemas)
     assert "State" not in schemas
-    request = schemas["ActRequest"]
-    assert list(request["properties"]) == ["frames", "encoding"] and request["additionalProperties"] is False
-    assert set(request["properties"]["encoding"]["enum"]) == {"png_base64", "raw_base64", "list"}
-    frames = request["properties"]["frames"]
-    assert frames["minItems"] == frames["maxItems"] == CFG.history
-    assert "oldest first" in frames["description"] and "HxWx3 = 32x32x3 uint8" in frames["description"]
+    for name, encoding in variants.items():
+        request = schemas[name]
+        assert list(request["properties"]) == ["encoding", "frames"] and request["additionalProperties"] is False
+        assert request["properties"]["encoding"]["const"] == encoding
+        frames = request["properties"]["frames"]
+        assert frames["minItems"] == frames["maxItems"] == CFG.history and "oldest first" in frames["description"]
+    raw = schemas["ActRequestRaw"]["properties"]["frames"]["items"]
+    assert raw["minLength"] == raw["maxLength"] == 4 * 32 * 32 and raw["pattern"] == "^[A-Za-z0-9+/]{4096}$"
+    rows = schemas["ActRequestList"]["properties"]["frames"]["items"]
+    assert rows["minItems"] == rows["maxItems"] == 32 == rows["items"]["minItems"] == rows["items"]["maxItems"]
+    assert rows["items"]["items"]["items"] == {"type": "integer", "minimum": 0, "maximum": 255}
+    assert "32x32" in schemas["ActRequestPng"]["properties"]["frames"]["items"]["description"]
     _assert_actions(schemas["Action"], sim.worlds.spec("carracing"))
     act = spec["paths"]["/act"]["post"]
-    assert set(act["responses"]) >= {"200", "400", "422"}
-    r = requests.post(f"{served['url']}/act", json=request["examples"][0], timeout=10)
+    assert set(act["responses"]) >= {"200", "400", "413", "415", "422"} and "401" not in act["responses"]
+    r = requests.post(f"{served['url']}/act", json=schemas["ActRequestPng"]["examples"][0], timeout=10)
     assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("body, headers, status, message", [
+    (b"{}" + b" " * 200_000, {"Content-Type": "application/json"}, 413, "body larger than"),
+    (b'{"encoding": "list"}', {"Content-Type": "text/plain"}, 415, "Content-Type: application/json"),
+    (b"[" * 100_000 + b"]" * 100_000, {"Content-Type": "application/json"}, 413, "body larger than"),
+    (b"[" * 5000 + b"]" * 5000, {"Content-Type": "application/json"}, 422, "nested"),
+    (b'{"encoding": "list", "frames": [Infinity]}', {"Content-Type": "application/json"}, 422,
+     "Infinity is not a JSON number"),
+    (b'{"encoding": "list", "frames": [' + b"9" * 5000 + b"]}", {"Content-Type": "application/json"}, 422,
+     "beyond 64 bits"),
+    (b"", {"Content-Type": "application/json"}, 422, "Field required"),
+])
+def test_limits_come_before_work(served, body, headers, status, message):
+    r = requests.post(f"{served['url']}/act", data=body, headers=headers, timeout=10)
+    assert r.status_code == status and message in _message(r), r.text
 
 
 def test_build_app_needs_the_alias_and_a_known_world(served):
@@ -278,12 +305,12 @@ def test_arm_openapi_names_actions_state_and_tasks(arm):
     assert list(state["properties"]) == list(ARM_STATE) == state["required"]
     assert state["additionalProperties"] is False
     assert all(p["type"] == "number" and n in p["description"] for n, p in state["properties"].items())
-    request = schemas["ActRequest"]
-    assert list(request["properties"]) == ["frames", "encoding", "state", "task"]
+    request = schemas["ActRequestRaw"]
+    assert list(request["properties"]) == ["encoding", "frames", "state", "task"]
     assert set(request["required"]) == {"frames", "encoding", "state", "task"}
     assert "hand_x" in request["properties"]["state"]["description"]
     assert request["properties"]["task"]["enum"] == [*ARM.task_names, *(t.instruction for t in ARM.tasks)]
-    r = requests.post(f"{arm['url']}/act", json=request["examples"][0], timeout=10)
+    r = requests.post(f"{arm['url']}/act", json=schemas["ActRequestPng"]["examples"][0], timeout=10)
     assert r.status_code == 200, r.text
 
 
@@ -292,14 +319,14 @@ def test_arm_openapi_names_actions_state_and_tasks(arm):
     (lambda p: p["state"].pop("goal_z"), 422, "body.state.goal_z: Field required"),
     (lambda p: p["state"].update(elbow=0.0), 422, "body.state.elbow: Extra inputs are not permitted"),
     (lambda p: p["state"].update(hand_x="left"), 422, "body.state.hand_x: Input should be a valid number"),
-    (lambda p: p["state"].update(hand_x=float("nan")), 422, "body.state.hand_x: Input should be a finite number"),
-    (lambda p: p["state"].update(hand_x=1e39), 400, "state hand_x: beyond float32 range"),
+    (lambda p: p["state"].update(hand_x=float("nan")), 422, "body: NaN is not a JSON number"),
+    (lambda p: p["state"].update(hand_x=1e39), 422, "body.state.hand_x: Input should be less than or equal to 3402823466"),
     (lambda p: p.update(state=[0.0] * 7), 422, "body.state: Input should be a valid dictionary"),
     (lambda p: p.update(task="fly"), 422, "body.task: Input should be 'reach', 'push', 'door-open', 'Reach the goal"),
     (lambda p: p.pop("task"), 422, "body.task: Field required"),
-    (lambda p: p.update(frames=p["frames"][:1]), 422, "body.frames: Value error, expected exactly 2 frames"),
-    (lambda p: p.update(frames=p["frames"] * 2), 422, "expected exactly 2 frames (the policy's history K"),
-    (lambda p: p.update(frames=[_raw(np.zeros((8, 8, 3), np.uint8))] * 2), 400, "frames[0]: raw frame has 192 bytes"),
+    (lambda p: p.update(frames=p["frames"][:1]), 422, "body.frames: List should have at least 2 items"),
+    (lambda p: p.update(frames=p["frames"] * 2), 422, "body.frames: List should have at most 2 items"),
+    (lambda p: p.update(frames=[_raw(np.zeros((8, 8, 3), np.uint8))] * 2), 422, "frames.0: String should have at least"),
 ])
 def test_arm_malformed_requests_get_a_clear_4xx(arm, frames, change, status, message):
     payload = _arm_request(frames, np.zeros(len(ARM_STATE), np.float32), "reach")

@@ -133,3 +133,118 @@ def test_bad_input_is_a_clear_error(tmp_path, model_dir):
     with pytest.raises(ValueError, match="unsupported registry URI"):
         Registry("gs://bucket/lake")
     assert reg.versions("pol") == []
+
+
+def _artifact_path(reg: Registry, mv) -> str:
+    return f"{mv.artifact_uri}/model.safetensors" if mv.artifact_uri.startswith("s3://") \
+        else str(Path(mv.artifact_uri) / "model.safetensors")
+
+
+def test_tampered_or_partial_artifacts_are_refused(store, model_dir):
+    from stages import storage
+    from stages.registry import ArtifactError
+
+    reg = Registry(*store)
+    mv = reg.register("pol", model_dir, kind="policy")
+    assert set(mv.manifest) == {"model.safetensors", "config.json", "sub/notes.txt"}
+    assert mv.manifest["config.json"]["size"] == (model_dir / "config.json").stat().st_size
+    target = _artifact_path(reg, mv)
+    good = storage.read_bytes(target, reg.storage_options)
+    storage.write_bytes(target, bytes([good[0] ^ 0xFF]) + good[1:], reg.storage_options)  # same size, one byte changed
+    with pytest.raises(ArtifactError, match=r"changed since registration .*model.safetensors"):
+        reg.fetch(mv)
+    storage.delete(target, reg.storage_options)  # a partial artifact
+    with pytest.raises(ArtifactError, match=r"missing \['model.safetensors'\]"):
+        reg.fetch(mv)
+    storage.write_bytes(target, good, reg.storage_options)
+    assert _files(Path(reg.fetch(mv))) == _files(model_dir)
+    storage.write_bytes(target.replace("model.safetensors", "extra.bin"), b"x", reg.storage_options)
+    with pytest.raises(ArtifactError, match=r"unexpected \['extra.bin'\]"):
+        Registry(*store).fetch(mv, model_dir.parent / "copy")
+
+
+def test_a_damaged_cache_is_fetched_again(store, model_dir):
+    reg = Registry(*store)
+    if not reg.uri.startswith("s3://"):
+        pytest.skip("local artifacts are verified in place, there is no cache")
+    mv = reg.register("pol", model_dir, kind="policy")
+    cached = Path(reg.fetch(mv))
+    (cached / "config.json").write_text("{}")
+    assert reg.fetch(mv) == str(cached) and _files(cached) == _files(model_dir)
+
+
+def test_concurrent_registrations_take_distinct_versions(store, model_dir):
+    from concurrent.futures import ThreadPoolExecutor
+
+    reg = Registry(*store)
+    reg.register("pol", model_dir, kind="policy")
+    with ThreadPoolExecutor(4) as pool:  # each thread its own Registry, as separate processes would
+        got = list(pool.map(lambda _: Registry(*store).register("pol", model_dir, kind="policy").version, range(4)))
+    assert sorted(got) == [2, 3, 4, 5]
+    assert [m.version for m in Registry(*store).versions("pol")] == [1, 2, 3, 4, 5]
+
+
+def test_promote_and_rollback_keep_a_history(store, model_dir):
+    reg = Registry(*store)
+    for _ in range(3):
+        reg.register("pol", model_dir, kind="policy")
+    reg.promote("pol", 1, reason="first", flow_run="run-a", gate={"promote": True, "ci95": [1.0, 2.0]})
+    reg.set_alias("pol", "challenger", 2, reason="lower bound -3 not above 0", gate={"promote": False})
+    reg.promote("pol", 3, reason="beats v1", flow_run="run-b")
+    assert reg.aliases("pol") == {"champion": 3, "previous": 1, "challenger": 2}
+    with pytest.raises(ValueError, match="already the champion"):
+        reg.promote("pol", 3, reason="again")
+    reg.rollback("pol", reason="v3 misbehaves")
+    assert reg.aliases("pol") | {} == {"champion": 1, "previous": 3, "challenger": 2}
+    history = Registry(*store).history("pol")
+    assert [(e.alias, e.version) for e in history] == [
+        ("champion", 1), ("challenger", 2), ("previous", 1), ("champion", 3), ("previous", 3), ("champion", 1)]
+    assert history[0].gate == {"promote": True, "ci95": [1.0, 2.0]} and history[0].flow_run == "run-a"
+    assert history[-1].reason == "v3 misbehaves" and history[-1].flow_run.startswith("command: ")
+    assert history[1].reason == "lower bound -3 not above 0" and history[3].gate is None
+    reg.rollback("pol", reason="undo")  # a swap: the second rollback undoes the first
+    assert reg.get("pol", alias="champion").version == 3
+
+
+def test_rollback_without_previous_is_a_clear_error(tmp_path, model_dir):
+    reg = Registry(tmp_path / "lake")
+    reg.register("pol", model_dir, kind="policy")
+    reg.promote("pol", 1, reason="first")
+    with pytest.raises(ValueError, match="no previous champion"):
+        reg.rollback("pol", reason="nothing to go back to")
+
+
+def test_tables_of_the_old_schema_still_work(tmp_path, model_dir):
+    """A lake written before manifests and alias reasons existed: readable, and writable after."""
+    import datetime as dt
+
+    import lance
+    import pyarrow as pa
+
+    from stages.storage import upload_dir
+
+    root = tmp_path / "lake" / "registry"
+    upload_dir(model_dir, root / "pol" / "v1")
+    now = dt.datetime.now(dt.timezone.utc)
+    ts = pa.timestamp("us", tz="UTC")
+    old_models = pa.schema([("name", pa.string()), ("version", pa.int64()), ("artifact_uri", pa.string()),
+                            ("kind", pa.string()), ("metrics", pa.string()), ("lineage", pa.string()),
+                            ("config", pa.string()), ("created_at", ts)])
+    old_aliases = pa.schema([("name", pa.string()), ("alias", pa.string()), ("version", pa.int64()), ("set_at", ts)])
+    lance.write_dataset(pa.Table.from_pylist([{"name": "pol", "version": 1, "artifact_uri": str(root / "pol" / "v1"),
+                                               "kind": "policy", "metrics": "{}", "lineage": "{}", "config": "{}",
+                                               "created_at": now}], schema=old_models), str(root / "models.lance"))
+    lance.write_dataset(pa.Table.from_pylist([{"name": "pol", "alias": "champion", "version": 1, "set_at": now}],
+                                             schema=old_aliases), str(root / "aliases.lance"))
+    reg = Registry(tmp_path / "lake")
+    old = reg.get("pol", alias="champion")
+    assert old.version == 1 and old.manifest is None and _files(Path(reg.fetch(old))) == _files(model_dir)
+    assert reg.history("pol")[0].reason == "" and reg.history("pol")[0].gate is None
+    new = reg.register("pol", model_dir, kind="policy")
+    assert new.version == 2 and new.manifest is not None
+    reg.promote("pol", 2, reason="new schema", gate={"promote": True})
+    reg.update_metrics("pol", 1, {"score": 1.0})
+    reopened = Registry(tmp_path / "lake")
+    assert reopened.aliases("pol") == {"champion": 2, "previous": 1}
+    assert reopened.get("pol", version=1).metrics == {"score": 1.0} and reopened.get("pol", version=1).manifest is None
+    assert reopened.alias_history("pol", "champion")[-1].gate == {"promote": True}
