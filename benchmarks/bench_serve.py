@@ -34,6 +34,7 @@ import base64
 import json
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
@@ -262,6 +263,7 @@ def bench(args: argparse.Namespace) -> dict:
         plain.terminate()
         plain.wait(timeout=30)
         ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
     figures.update({"failed": result["failed"] + result["unversioned"], "requests_during_rollout": result["requests"],
                     "versions_seen": result["versions"], "rollout_s": round(rollout_s, 1),
                     "rollout_errors": result["errors"], "preset": args.preset, "world": args.world,

@@ -274,6 +274,12 @@ def _render_turn(turn: dict) -> str:
     if "endpoint" in pr:
         lines.append(f"  endpoint    {pr['endpoint']['url']}  champion policy:v{pr['champion_version']} "
                      f"score {pr['champion_score']:.1f}")
+    companions = pr.get("companions", {})
+    for app, url in companions.get("urls", {}).items():
+        lines.append(f"  {app.split('-', 1)[0]:<11} {url}")
+    for app, why in {**companions.get("skipped", {}), **({"companions": companions["error"]}
+                                                          if "error" in companions else {})}.items():
+        lines.append(f"  {app.split('-', 1)[0]:<11} not served: {why}")
     return "\n".join(lines)
 
 

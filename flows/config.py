@@ -145,6 +145,7 @@ class ServeConfig:
     app_name: str = ""  # "" = "act-<world>": each world's champion is its own Serve application
     route_prefix: str = ""  # "" = "/<world>": POST /<world>/act, GET /<world>/healthz
     num_replicas: int = 1
+    companions: bool = True  # also serve the world model (predict) and the reasoner (report) beside act
 
 
 @dataclass(frozen=True)

@@ -138,12 +138,7 @@ def evaluate_flow(config: str = "default", lake: str = "./lake", landing: str = 
     with ctx.writer_lock():
         ensure_ray()
         turn = ctx.current_turn() if turn is None else turn
-        versions = ctx.registry.versions(POLICY)
-        if not versions:
-            raise ValueError("no policy in the registry: run `worldloop train --model policy` first")
-        candidate = ctx.registry.get(POLICY, version=version) if version is not None else versions[-1]
-        if candidate is None:
-            raise ValueError(f"policy version {version} is not in the registry")
+        candidate = ctx.candidate_policy(version)
         champion = ctx.registry.get(POLICY, alias="champion")
         drivers = {"candidate": (POLICY, str(candidate.version)), "random": ("random", "uniform")}
         if champion is not None and champion.version != candidate.version:

@@ -11,6 +11,7 @@ once and the summary says so. Aliases: ``stages.registry`` (``champion``, ``prev
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from flows.promote import flow_run_label, roll_out
 from flows.runtime import POLICY, Context, ensure_ray
@@ -47,9 +48,15 @@ def show(ctx: Context, *, version: int | None = None, alias: str | None = None, 
 
 
 def endpoint_up(ctx: Context) -> bool:
-    """Whether this world's act application runs on the Ray cluster ``ensure_ray`` connects to."""
+    """Whether this world's act application runs on a cluster that outlives this command (an initialized
+    Ray, RAY_ADDRESS or `worldloop up`'s); a cluster of this command's own serves nothing yet."""
+    import ray
     from ray import serve
 
+    from serving.cluster import running_address
+
+    if not (ray.is_initialized() or os.environ.get("RAY_ADDRESS") or running_address()):
+        return False
     ensure_ray()
     app = ctx.config.serve.app_name or f"act-{ctx.world_name}"
     return app in serve.status().applications

@@ -112,6 +112,21 @@ def serve_champion(ctx: Context) -> dict:
     return serve_version(ctx, champion.version)
 
 
+@task(name="serve-companions", cache_policy=NO_CACHE)
+def serve_companions(ctx: Context) -> dict:
+    """Roll the world's predict (world model) and report (reasoner, turn reports) applications to the
+    registry's latest versions beside act. A failure is reported, never fatal: the policy's endpoint
+    is what the turn ships."""
+    from serving.app import deploy_world
+
+    s = ctx.config.serve
+    try:
+        return deploy_world(registry_uri=ctx.world_uri, world=ctx.world_name, storage_options=ctx.storage_options,
+                            host=s.host, port=s.port, apps=("predict", "report"))
+    except Exception as err:  # noqa: BLE001 - reported in the summary
+        return {"urls": {}, "error": f"{type(err).__name__}: {err}"}
+
+
 def roll_out(ctx: Context, *, version: int, move: Callable[[], list[AliasEvent]], serve: bool) -> dict:
     """Deploy and probe ``version``, and only then ``move`` the aliases. Without ``serve`` the aliases
     move at once. On a failed deployment or probe nothing moves, the champion is deployed again, and
@@ -142,12 +157,7 @@ def promote_flow(config: str = "default", lake: str = "./lake", landing: str = "
     ctx = Context.create(config=config, lake=lake, landing=landing, world=world, overrides=overrides,
                          config_file=config_file)
     with ctx.writer_lock():
-        versions = ctx.registry.versions(POLICY)
-        if not versions:
-            raise ValueError("no policy in the registry: run `worldloop train --model policy` first")
-        candidate = ctx.registry.get(POLICY, version=version) if version is not None else versions[-1]
-        if candidate is None:
-            raise ValueError(f"policy version {version} is not in the registry")
+        candidate = ctx.candidate_policy(version)
         champion = ctx.registry.get(POLICY, alias="champion")
         cand = scores(ctx, POLICY, str(candidate.version))
         screened = candidate.metrics.get("screened_out") and candidate.metrics.get("screen")
@@ -183,5 +193,7 @@ def promote_flow(config: str = "default", lake: str = "./lake", landing: str = "
         if serve and champion is not None and "endpoint" not in summary:
             ensure_ray()
             summary["endpoint"] = serve_champion(ctx)
+        if serve and ctx.config.serve.companions:
+            summary["companions"] = serve_companions(ctx)
         get_run_logger().info("promote: %s", summary)
         return summary

@@ -163,6 +163,16 @@ class Context:
         os.makedirs(path, exist_ok=True)
         return path
 
+    def candidate_policy(self, version: int | None = None):
+        """The policy version to evaluate or promote: ``version``, or the latest registered one."""
+        versions = self.registry.versions(POLICY)
+        if not versions:
+            raise ValueError("no policy in the registry: run `worldloop train --model policy` first")
+        candidate = self.registry.get(POLICY, version=version) if version is not None else versions[-1]
+        if candidate is None:
+            raise ValueError(f"policy version {version} is not in the registry")
+        return candidate
+
     def world_model_pair(self) -> tuple:
         """(generator, dynamics model) registry versions that run together: the latest world model and
         the dynamics model it was trained on (its lineage's ``condition_version``), else the latest."""

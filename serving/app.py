@@ -66,10 +66,12 @@ def deploy(*, registry_uri: str, model_name: str, alias: str = "champion",
 
 def deploy_world(*, registry_uri: str, world: str = worlds.DEFAULT, storage_options: dict[str, str] | None = None,
                  host: str = "127.0.0.1", port: int = 8000, alias: str = "champion",
-                 policy_name: str = "policy", reasoner_name: str = "reasoner") -> dict[str, Any]:
-    """Deploy act, predict and report for ``world`` from the registry at ``registry_uri`` (the world's
-    lake). Returns {"urls": {app: url}, "skipped": {app: why}}: an application whose model is not
-    registered yet is skipped, saying so (report's turn route needs no model: it always deploys)."""
+                 policy_name: str = "policy", reasoner_name: str = "reasoner",
+                 apps: tuple[str, ...] = ("act", "predict", "report")) -> dict[str, Any]:
+    """Deploy ``apps`` (act, predict and report by default) for ``world`` from the registry at
+    ``registry_uri`` (the world's lake). Returns {"urls": {app: url}, "skipped": {app: why}}: an
+    application whose model is not registered yet is skipped, saying so (report's turn route needs no
+    model: it always deploys)."""
     from serving.predict import build_predict
     from serving.report import build_report
 
@@ -81,7 +83,12 @@ def deploy_world(*, registry_uri: str, world: str = worlds.DEFAULT, storage_opti
         (f"report-{world}", f"/{world}-report"): lambda: build_report(reasoner_name=reasoner_name, alias=alias,
                                                                        **common)}
     urls, skipped = {}, {}
+    unknown = set(apps) - {"act", "predict", "report"}
+    if unknown:
+        raise ValueError(f"unknown applications {sorted(unknown)}: choose from act, predict, report")
     for (name, prefix), build in builders.items():
+        if name.split("-", 1)[0] not in apps:
+            continue
         try:
             application = build()
         except LookupError as e:

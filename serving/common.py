@@ -23,7 +23,7 @@ import numpy as np
 from fastapi import Body, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, Field, StringConstraints
 from starlette.routing import Match
 
 TOKEN_ENV = "WORLDLOOP_API_TOKEN"  # the bearer token every route but /healthz needs, when set
@@ -77,9 +77,18 @@ def png_frame_type(image_size: int) -> Any:
               json_schema_extra={"contentEncoding": "base64", "contentMediaType": "image/png"})]
 
 
+def _json_number(value: Any) -> Any:
+    """A JSON integer may be written 104 or 104.0, but a boolean or a string is no number (pydantic's lax
+    mode would take ``true`` as 1 and ``"104"`` as 104)."""
+    if isinstance(value, (bool, str)):
+        raise ValueError("must be a JSON number")
+    return value
+
+
 def list_frame_type(image_size: int) -> Any:
     """Nested lists [H][W][3] of integers 0..255."""
-    pixel = Annotated[list[Annotated[int, Field(ge=0, le=255, strict=True)]], Field(min_length=3, max_length=3)]
+    pixel = Annotated[list[Annotated[int, Field(ge=0, le=255), BeforeValidator(_json_number)]],
+                      Field(min_length=3, max_length=3)]
     row = Annotated[list[pixel], Field(min_length=image_size, max_length=image_size)]
     return Annotated[list[row], Field(min_length=image_size, max_length=image_size,
                                       description=f"[{image_size}][{image_size}][3] integers 0..255")]

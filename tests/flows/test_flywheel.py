@@ -185,6 +185,13 @@ def test_served_champion_answers_a_real_frame(turn):
     assert 400 <= bad.status_code < 500 and bad.json()
     assert requests.get(f"{url}/healthz", timeout=30).json()["model_version"] == champion.version
     assert "/act" in requests.get(f"{url}/openapi.json", timeout=30).json()["paths"]
+    world = turn["world"]  # the world model and the reasoner are served beside the policy
+    companions = promote["companions"]["urls"]
+    assert set(companions) == {f"predict-{world}", f"report-{world}"}, promote["companions"]
+    for app_url in companions.values():
+        assert requests.get(f"{app_url.rstrip('/')}/healthz", timeout=30).status_code == 200
+    report = requests.get(f"{companions[f'report-{world}'].rstrip('/')}/turn/0", timeout=30)
+    assert report.status_code == 200 and report.json()["report"]["recommendations"], report.text
 
 
 def test_status_reports_tables_models_and_turn_tags(turn):

@@ -30,7 +30,7 @@ from tests.conftest import free_port
 WORLD = "carracing"
 SPEC = worlds.spec(WORLD)
 SIZE = 16  # frames of the world model pair
-CLIP = reasoner_config_for(SPEC, "tiny")
+CLIP = reasoner_config_for(SPEC, "tiny", image_size=SIZE)  # small frames: fast to fuzz
 
 
 def register_world_models(registry: Registry, tmp, *, seed: int = 0) -> dict[str, int]:

@@ -12,19 +12,18 @@ import time
 
 import pytest
 
-from stages import lock
+from stages import lock, storage
 from stages.lake import Lake
+from tests.stages.test_storage import root  # noqa: F401  (fixture: local and s3 roots)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.fixture(params=["local", "s3"])
-def lake(request, tmp_path):
+@pytest.fixture
+def lake(root):
     """(lake URI, storage options) on a tmp dir and on the moto S3 server."""
-    if request.param == "local":
-        return str(tmp_path / "lake"), None
-    _, options = request.getfixturevalue("s3_server")
-    return f"s3://lake/lock-test-{os.urandom(4).hex()}", options
+    uri, options = root
+    return storage.join(uri, "lake"), options
 
 
 def stored(uri, options):
@@ -126,10 +125,17 @@ def test_live_holder_elsewhere_is_waited_for_then_taken(lake, capsys):
 def test_a_lease_taken_over_while_held_is_reported(lake):
     uri, options = lake
     with pytest.raises(lock.LeaseLost, match="taken over by another run"), \
-            lock.hold(uri, run="stalled", storage_options=options, wait_s=0, ttl_s=0.4) as lease:
+            lock.hold(uri, run="stalled", storage_options=options, wait_s=0, ttl_s=0.8) as lease:
         path = lock.lock_uri(uri)  # another run that judged this lease expired swaps it
-        assert lock.swap_object(path, b"{}", token=lease.token, storage_options=options)
-        time.sleep(0.3)
+        for _ in range(20):  # the holder's heartbeat may renew between our read and our swap
+            if lock.swap_object(path, b"{}", token=lock.read_object(path, storage_options=options)[1],
+                                storage_options=options):
+                break
+        else:
+            pytest.fail("could not swap the lock object")
+        deadline = time.monotonic() + 10
+        while not lease.lost and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert lease.lost
         with pytest.raises(lock.LeaseLost):
             lock.require_held(uri)
