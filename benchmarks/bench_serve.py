@@ -35,7 +35,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,12 +44,6 @@ from pathlib import Path
 import numpy as np
 import requests
 from pydantic import BaseModel
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def act_payload(health: dict, *, seed: int = 0) -> dict:
@@ -222,6 +215,7 @@ def bench(args: argparse.Namespace) -> dict:
     import ray
 
     from serving.app import deploy
+    from serving.cluster import free_port
     from stages.registry import Registry, git_commit
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
@@ -229,7 +223,7 @@ def bench(args: argparse.Namespace) -> dict:
     _register(registry, tmp, preset_name=args.preset, world=args.world)
     ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
              configure_logging=False)
-    port, plain_port = _free_port(), _free_port()
+    port, plain_port = free_port(), free_port()
     common = dict(registry_uri=registry.uri, model_name="policy", world=args.world, port=port, app_name="act-bench",
                   route_prefix="/bench")
     url = deploy(**common, version=1)

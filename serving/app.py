@@ -64,35 +64,53 @@ def deploy(*, registry_uri: str, model_name: str, alias: str = "champion",
     return run_app(application, host=host, port=port, app_name=app_name, route_prefix=route_prefix or f"/{app_name}")
 
 
+APPS = {"act": "/{world}", "predict": "/{world}-predict", "report": "/{world}-report"}  # app -> route prefix
+
+
+def build_one(app: str, *, registry_uri: str, world: str, storage_options: dict[str, str] | None,
+              token: str | None, alias: str = "champion", num_replicas: int = 1,
+              model_name: str | None = None) -> serve.Application:
+    """One bound application of ``world``: ``act`` (the policy ``model_name``, default ``policy``),
+    ``predict`` (the world model and its dynamics model) or ``report`` (the reasoner ``model_name``,
+    default ``reasoner``). LookupError when its model is not registered."""
+    from serving.predict import build_predict
+    from serving.report import build_report
+
+    common = {"registry_uri": registry_uri, "world": world, "storage_options": storage_options, "token": token,
+              "alias": alias, "num_replicas": num_replicas}
+    if app == "act":
+        return build_act(model_name=model_name or "policy", **common)
+    if app == "predict":
+        return build_predict(**common)
+    if app == "report":
+        return build_report(reasoner_name=model_name or "reasoner", **common)
+    raise ValueError(f"unknown application {app!r}: choose from {', '.join(APPS)}")
+
+
 def deploy_world(*, registry_uri: str, world: str = worlds.DEFAULT, storage_options: dict[str, str] | None = None,
                  host: str = "127.0.0.1", port: int = 8000, alias: str = "champion",
                  policy_name: str = "policy", reasoner_name: str = "reasoner",
-                 apps: tuple[str, ...] = ("act", "predict", "report")) -> dict[str, Any]:
+                 apps: tuple[str, ...] = tuple(APPS)) -> dict[str, Any]:
     """Deploy ``apps`` (act, predict and report by default) for ``world`` from the registry at
     ``registry_uri`` (the world's lake). Returns {"urls": {app: url}, "skipped": {app: why}}: an
     application whose model is not registered yet is skipped, saying so (report's turn route needs no
     model: it always deploys)."""
-    from serving.predict import build_predict
-    from serving.report import build_report
-
-    token = api_token(host)
-    common = {"registry_uri": registry_uri, "world": world, "storage_options": storage_options, "token": token}
-    builders = {
-        (f"act-{world}", f"/{world}"): lambda: build_act(model_name=policy_name, alias=alias, **common),
-        (f"predict-{world}", f"/{world}-predict"): lambda: build_predict(**common),
-        (f"report-{world}", f"/{world}-report"): lambda: build_report(reasoner_name=reasoner_name, alias=alias,
-                                                                       **common)}
-    urls, skipped = {}, {}
-    unknown = set(apps) - {"act", "predict", "report"}
+    unknown = set(apps) - set(APPS)
     if unknown:
-        raise ValueError(f"unknown applications {sorted(unknown)}: choose from act, predict, report")
-    for (name, prefix), build in builders.items():
-        if name.split("-", 1)[0] not in apps:
+        raise ValueError(f"unknown applications {sorted(unknown)}: choose from {', '.join(APPS)}")
+    token = api_token(host)
+    names = {"act": policy_name, "report": reasoner_name}
+    urls, skipped = {}, {}
+    for app, prefix in APPS.items():
+        if app not in apps:
             continue
+        name = f"{app}-{world}"
         try:
-            application = build()
+            application = build_one(app, registry_uri=registry_uri, world=world, storage_options=storage_options,
+                                    token=token, alias=alias, model_name=names.get(app))
         except LookupError as e:
             skipped[name] = str(e)
             continue
-        urls[name] = run_app(application, host=host, port=port, app_name=name, route_prefix=prefix)
+        urls[name] = run_app(application, host=host, port=port, app_name=name,
+                             route_prefix=prefix.format(world=world))
     return {"urls": urls, "skipped": skipped}

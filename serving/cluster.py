@@ -155,6 +155,7 @@ def app_builder(args: dict[str, Any]) -> Any:
     needs ``$WORLDLOOP_API_TOKEN``). Credentials and the token come from the cluster's environment.
     """
     from flows.runtime import storage_options_from_env
+    from serving.app import build_one
     from serving.common import api_token
     from sim import worlds
     from stages import storage
@@ -167,28 +168,16 @@ def app_builder(args: dict[str, Any]) -> Any:
     world = args.get("world", worlds.DEFAULT)
     uri = args.get("registry_uri") or storage.join(args["lake"], world)
     uri = uri if "://" in uri else os.path.abspath(uri)
-    common = {"registry_uri": uri, "world": world, "storage_options": storage_options_from_env(uri),
-              "alias": args.get("alias", "champion"), "num_replicas": int(args.get("num_replicas", 1)),
-              "token": api_token(args.get("host", "127.0.0.1"))}
-    app = args.get("app", "act")
-    if app == "act":
-        from serving.act import build_act
-
-        return build_act(model_name=args.get("model_name", "policy"), **common)
-    if app == "predict":
-        from serving.predict import build_predict
-
-        return build_predict(**common)
-    if app == "report":
-        from serving.report import build_report
-
-        return build_report(reasoner_name=args.get("model_name", "reasoner"), **common)
-    raise ValueError(f"app must be act, predict or report, got {app!r}")
+    return build_one(args.get("app", "act"), registry_uri=uri, world=world,
+                     storage_options=storage_options_from_env(uri), token=api_token(args.get("host", "127.0.0.1")),
+                     alias=args.get("alias", "champion"), num_replicas=int(args.get("num_replicas", 1)),
+                     model_name=args.get("model_name"))
 
 
 # --- the head node ----------------------------------------------------------------------------------------
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on the loopback that is free now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -206,14 +195,14 @@ def _start_head(*, ray_port: int | None, num_cpus: int, timeout_s: float) -> dic
     """`ray start --head` in a fresh temp dir; returns the state naming the processes it started."""
     # Ray's unix sockets live under the temp dir and their paths may not exceed ~107 bytes: keep it short.
     temp_dir = tempfile.mkdtemp(prefix="wl-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
-    gcs_port = ray_port or _free_port()
+    gcs_port = ray_port or free_port()
     ray_cli = shutil.which("ray", path=os.path.dirname(sys.executable)) or shutil.which("ray")
     if ray_cli is None:
         raise RuntimeError("the `ray` command is not installed beside this Python; install ray[serve]")
     cmd = [ray_cli, "start", "--head", f"--port={gcs_port}", "--node-ip-address=127.0.0.1",
            f"--num-cpus={num_cpus}", "--disable-usage-stats", "--include-dashboard=false",
-           f"--temp-dir={temp_dir}", f"--ray-client-server-port={_free_port()}",
-           f"--dashboard-agent-listen-port={_free_port()}"]
+           f"--temp-dir={temp_dir}", f"--ray-client-server-port={free_port()}",
+           f"--dashboard-agent-listen-port={free_port()}"]
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
     # Ray turns token auth on for `ray start` when ~/.ray/auth_token exists, but a driver given an
     # explicit address (ensure_ray) never turns it on: keep the two agreeing unless the user chose.
