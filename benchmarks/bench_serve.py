@@ -214,10 +214,11 @@ def _register(registry, tmp: Path, *, preset_name: str, world: str) -> None:
 def bench(args: argparse.Namespace) -> dict:
     import ray
 
-    from serving.app import deploy
+    from serving.app import INGRESS_ENV, deploy
     from serving.cluster import free_port
     from stages.registry import Registry, git_commit
 
+    os.environ[INGRESS_ENV] = args.ingress
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     registry = Registry(str(tmp / "registry"))
     _register(registry, tmp, preset_name=args.preset, world=args.world)
@@ -261,6 +262,7 @@ def bench(args: argparse.Namespace) -> dict:
     figures.update({"failed": result["failed"] + result["unversioned"], "requests_during_rollout": result["requests"],
                     "versions_seen": result["versions"], "rollout_s": round(rollout_s, 1),
                     "rollout_errors": result["errors"], "preset": args.preset, "world": args.world,
+                    "ingress": args.ingress,
                     "clients": args.clients, "cpu_count": os.cpu_count(), "platform": platform.platform(),
                     "loadavg_1m": os.getloadavg()[0], "git_commit": git_commit() or "unknown"})
     return figures
@@ -280,7 +282,7 @@ def _report(f: dict) -> None:
              ("p99 at 1 client", f"{f['p99_ms']:.2f} ms", f"{f['p99_ms_fastapi']:.2f} ms"),
              (f"throughput at {n} clients", f"{f[f'rps_{n}']:.1f} req/s", f"{f[f'rps_{n}_fastapi']:.1f} req/s"),
              ("failed under load", str(f["failed_load"]), str(f["failed_load_fastapi"]))]
-    print(f"{'':36} {'Ray Serve':>14} {'FastAPI+uvicorn':>16}", file=sys.stderr)
+    print(f"{'':36} {'Serve, ' + f['ingress']:>14} {'FastAPI+uvicorn':>16}", file=sys.stderr)
     for name, serve_v, plain_v in lines:
         print(f"{name:36} {serve_v:>14} {plain_v:>16}", file=sys.stderr)
     print(f"rollout v1 -> v2 -> v1 under a stream: {f['failed']} failed of {f['requests_during_rollout']} "
@@ -299,6 +301,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=500, help="sequential requests for p50/p99")
     parser.add_argument("--clients", type=int, default=16, help="concurrent clients for throughput")
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds of throughput")
+    parser.add_argument("--ingress", choices=["haproxy", "proxy"], default="haproxy",
+                        help="Serve's ingress (serving.app.ingress_env; default: %(default)s)")
     parser.add_argument("--hold", type=float, default=3.0, help="seconds after each rollout")
     args = parser.parse_args(argv)
     kwargs = json.loads(args.kwargs)

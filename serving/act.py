@@ -222,7 +222,7 @@ class ActDeployment:
         self.model_name, self.model_version, self.shadow_version = model_name, version, shadow_version
         self.compared, self.diff_sum, self.agreed, self.failed = 0, 0.0, 0, 0
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def infer(self, items: list[tuple]) -> list[np.ndarray]:
         actions = _batch_act(self.policy, items)
         if self.shadow is not None:

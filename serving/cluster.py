@@ -339,8 +339,9 @@ def _ensure_serve(address: str, *, host: str, port: int, timeout_s: float = 120.
     """Start Serve's HTTP proxy on ``host:port`` unless Serve runs (its address cannot move); wait
     until it answers. Returns its host, port, URL and whether this call started it."""
     import requests
-    from ray import serve
     from ray.serve.context import _get_global_client
+
+    from serving.app import start_serve
 
     with _driver(address):
         try:
@@ -348,7 +349,7 @@ def _ensure_serve(address: str, *, host: str, port: int, timeout_s: float = 120.
             started = False
         except Exception:  # Serve is not running on this cluster
             started = True
-        serve.start(http_options={"host": host, "port": port})
+        start_serve(host=host, port=port)
         http = _get_global_client().http_config
     url_host = "127.0.0.1" if http.host in ("0.0.0.0", "::", "") else http.host
     url = f"http://{url_host}:{http.port}/"

@@ -76,11 +76,13 @@ def test_up_deploy_outlives_the_process_down_stops_exactly_it(ray_cluster, tmp_p
         assert health.ok and health.json()["model_version"] == 1
         owned = [psutil.Process(p["pid"]) for p in first["processes"]]
         assert all(p.is_running() for p in owned)
+        haproxy = [c for p in owned for c in p.children(recursive=True) if c.name() == "haproxy"]
+        assert haproxy, "the default ingress is Serve's HAProxy, a child of up's cluster"
     finally:
         down = _json(_worldloop(["down", "--json", "--grace-period", "6"], home))
     assert down["status"] == "stopped" and down["serve_stopped"]
     assert set(p.pid for p in owned) <= set(down["terminated"]) | set(down["killed"])
-    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in owned)
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in owned + haproxy)
     assert not any(first["temp_dir"] in " ".join(p.info["cmdline"] or ())
                    for p in psutil.process_iter(["cmdline"]))
     assert not (home / ".worldloop" / "cluster.json").exists()
@@ -90,3 +92,22 @@ def test_up_deploy_outlives_the_process_down_stops_exactly_it(ray_cluster, tmp_p
         requests.get(f"{url}/healthz", timeout=3)
     twice = _json(_worldloop(["down", "--json"], home))
     assert twice["status"] == "not running" and "nothing to stop" in twice["message"]
+
+
+def test_serve_config_file_is_valid_and_uses_the_default_ingress(monkeypatch):
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from serving.app import INGRESS_ENV, ingress_env
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load(open("serving/config.yaml")))
+    assert {a.import_path for a in config.applications} == {"serving.cluster:app_builder"}
+    monkeypatch.delenv(INGRESS_ENV, raising=False)
+    env = ingress_env()
+    in_file = config.controller_options.runtime_env["env_vars"]
+    assert {k: env[k] for k in in_file} == in_file  # the file's ingress is the flows' default
+    monkeypatch.setenv(INGRESS_ENV, "proxy")
+    assert ingress_env() == {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    monkeypatch.setenv(INGRESS_ENV, "nginx")
+    with pytest.raises(ValueError, match="haproxy, proxy"):
+        ingress_env()
