@@ -2,7 +2,7 @@
 
 Endpoints deployed by a command live in that command's Ray cluster; a plain `worldloop run`
 starts its own and the endpoint dies with it. ``up`` starts a head node with ``ray start --head``
-in its own temp dir (so nothing else on the machine shares it) and Serve's HTTP proxy on
+in its own temp dir (so nothing else on the machine shares it) and Serve's ingress (serving.app.start_serve) on
 ``host:port``; Serve's controller is detached and outlives the driver that started it. What was
 started is recorded in a state file, ``<home>/.worldloop/cluster.json`` (home: ``$WORLDLOOP_HOME``,
 else the working directory): the address, the temp dir, the processes it owns, the HTTP address.
@@ -72,7 +72,7 @@ def check_bind(*, host: str, port: int) -> None:
 def up(*, host: str = "127.0.0.1", port: int | None = None, ray_port: int | None = None,
        num_cpus: int | None = None, home: str | None = None, address: str | None = None,
        timeout_s: float = 120.0) -> dict:
-    """Start (or join) the long-lived cluster and make sure Serve's HTTP proxy runs on it.
+    """Start (or join) the long-lived cluster and make sure Serve's ingress runs on it.
 
     ``port`` defaults to ``$WORLDLOOP_SERVE_PORT`` or 8000 (the flows' default endpoint port);
     ``address`` / ``$RAY_ADDRESS`` names an existing cluster to join instead of starting one.
@@ -336,7 +336,7 @@ def _driver(address: str) -> Iterator[None]:
 
 
 def _ensure_serve(address: str, *, host: str, port: int, timeout_s: float = 120.0) -> dict:
-    """Start Serve's HTTP proxy on ``host:port`` unless Serve runs (its address cannot move); wait
+    """Start Serve's ingress on ``host:port`` unless Serve runs (its address cannot move); wait
     until it answers. Returns its host, port, URL and whether this call started it."""
     import requests
     from ray.serve.context import _get_global_client
@@ -364,7 +364,7 @@ def _ensure_serve(address: str, *, host: str, port: int, timeout_s: float = 120.
         except requests.RequestException:
             pass
         if time.monotonic() > deadline:
-            raise RuntimeError(f"Serve's HTTP proxy did not answer at {url} within {timeout_s:.0f} s")
+            raise RuntimeError(f"Serve's ingress did not answer at {url} within {timeout_s:.0f} s")
         time.sleep(0.5)
     return {"host": http.host, "port": http.port, "url": url, "serve_started": started}
 

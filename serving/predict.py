@@ -147,7 +147,7 @@ class PredictDeployment:
         self.spec, self.versions, self.token = world_spec, versions, token
         NeuralSim(self.generator, self.dynamics, world_spec)  # refuses a pair that does not fit the world
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def step(self, items: list[tuple]) -> list[tuple]:
         sim = NeuralSim(self.generator, self.dynamics, self.spec)
         sim.reset([start for start, _ in items])
