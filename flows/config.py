@@ -270,7 +270,8 @@ def _world_shapes(spec: worlds.WorldSpec, cfg: FlywheelConfig) -> dict[str, Any]
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["train.num_workers=1", "eval.seeds=[1000, 1001]"]`` -> dotted dict; values are JSON, else text."""
+    """``["train.num_workers=1", "eval.seeds=[1000, 1001]"]`` -> dotted dict; values are JSON, else text
+    (a list field also takes comma-separated text: ``eval.tasks=push,reach``)."""
     out = {}
     for item in items:
         key, sep, text = item.partition("=")
@@ -281,6 +282,14 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[key.strip()] = text
     return out
+
+
+def _scalar(text: str) -> Any:
+    """One item of a comma-separated list override: JSON (a number, true, null), else text."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
 def load_file(path: str) -> dict[str, Any]:
@@ -330,6 +339,8 @@ def _set(obj: Any, path: list[str], value: Any, full: str) -> Any:
         value = from_dict(type(current), {**dataclasses.asdict(current), **value})
     elif isinstance(value, list):
         value = tuple(value)
+    elif isinstance(current, tuple) and isinstance(value, str):
+        value = tuple(_scalar(p.strip().strip("'\"")) for p in value.strip("()[] ").split(",") if p.strip())
     elif isinstance(current, bool) and not isinstance(value, bool):
         raise ValueError(f"override {full!r}: expected true or false, got {value!r}")
     elif isinstance(current, (int, float)) and not isinstance(current, bool):

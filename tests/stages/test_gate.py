@@ -123,3 +123,26 @@ def test_broken_candidates_are_never_promoted(ray_cluster, prefect_harness, tmp_
     event = ctx.registry.alias_history(POLICY, "challenger")[-1]
     assert event.gate["promote"] is False and event.reason == out["reason"] and event.flow_run.startswith("prefect flow run")
     assert ctx.registry.get(POLICY, version=versions["brakes"].version).metrics["gate"]["reason"] == out["reason"]
+
+
+def test_an_arm_policy_that_never_closes_its_gripper_is_never_promoted(ray_cluster, tmp_path):
+    from flows.evaluate import evaluate_drivers
+    from flows.promote import decide
+    from flows.runtime import POLICY, Context
+
+    ctx = Context.create(config="tiny", lake=str(tmp_path / "lake"), landing=str(tmp_path / "landing"),
+                         world="metaworld-mt10", overrides=["eval.tasks=pick-place,peg-insert-side",
+                                                            "eval.seeds=1000,1001,1002"])
+    spec, cfg = ctx.config.spec, ctx.config.policy
+    policy = _always(cfg, spec, {"gripper": "low"})  # the arm's spec: -1 opens; the gate never reads it
+    gripper = spec.action_names.index("gripper")
+    state = np.zeros((1, cfg.state_dim), np.float32) if cfg.state_dim else None
+    frames = np.zeros((1, cfg.history, cfg.image_size, cfg.image_size, 3), np.uint8)
+    tasks = [spec.tasks[0].instruction] if cfg.task_vocab else None
+    assert policy.act(frames, state, tasks)[0, gripper] == pytest.approx(spec.action_low[gripper])
+    save(policy, tmp_path / "open")
+    mv = ctx.registry.register(POLICY, tmp_path / "open", kind="policy")
+    rows = evaluate_drivers.fn(ctx, {"open": (POLICY, str(mv.version)), "expert": ("expert", "privileged")}, turn=0)
+    assert all(len(r) == 6 for r in rows.values())
+    decision = decide(ctx, mv, ("expert", "privileged"))
+    assert not decision["promote"] and "does not beat expert policy" in decision["reason"], decision
