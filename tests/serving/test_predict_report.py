@@ -1,6 +1,7 @@
 """predict (the world model) and report (the reasoner, turn reports) deployed by ``deploy_world`` on a real
 Ray Serve instance, over real HTTP: tiny models built here with random weights, registered as the flows
-register them (the world model's lineage names its dynamics model), a `turns` row with the real schema."""
+register them (the world model's lineage names its dynamics model), a `turns` row with the real schema.
+Deployed with a bearer token: every request but the 401 checks goes through ``HTTP``, which sends it."""
 from __future__ import annotations
 
 import base64
@@ -18,6 +19,7 @@ from models import dynamics as dynamics_lib
 from models import reasoner as reasoner_lib
 from models import world_model as world_model_lib
 from serving.app import deploy_world
+from serving.common import TOKEN_ENV
 from sim import worlds
 from stages.describe import reasoner_config_for
 from stages.evaluate import summarize
@@ -31,6 +33,9 @@ WORLD = "carracing"
 SPEC = worlds.spec(WORLD)
 SIZE = 16  # frames of the world model pair
 CLIP = reasoner_config_for(SPEC, "tiny", image_size=SIZE)  # small frames: fast to fuzz
+TOKEN = "predict-report-token"
+HTTP = requests.Session()
+HTTP.headers["Authorization"] = f"Bearer {TOKEN}"
 
 
 def register_world_models(registry: Registry, tmp, *, seed: int = 0) -> dict[str, int]:
@@ -91,7 +96,9 @@ def world(ray_cluster, tmp_path_factory):
     registry = Registry(str(tmp / "lake"))
     versions = register_world_models(registry, tmp)
     Lake(registry.uri).append("turns", pa.Table.from_pylist([turn_row(1)], schema=TURNS), key="turn")
-    out = deploy_world(registry_uri=registry.uri, world=WORLD, port=free_port())
+    with pytest.MonkeyPatch.context() as mp:  # the replicas get the token from the deployment, not the env
+        mp.setenv(TOKEN_ENV, TOKEN)
+        out = deploy_world(registry_uri=registry.uri, world=WORLD, port=free_port())
     try:
         yield {**out, "versions": versions, "registry": registry}
     finally:
@@ -109,14 +116,14 @@ def _report_url(world) -> str:
 
 def _example(url: str, path: str, schema_name: str) -> dict:
     """The example the OpenAPI schema gives for the request body (the png_base64 variant's)."""
-    schema = requests.get(f"{url}/openapi.json", timeout=10).json()
+    schema = HTTP.get(f"{url}/openapi.json", timeout=10).json()
     return schema["components"]["schemas"][schema_name]["examples"][0]
 
 
 def test_deploy_world_skips_act_without_a_policy_and_serves_the_paired_models(world):
     assert set(world["urls"]) == {f"predict-{WORLD}", f"report-{WORLD}"}
     assert "no version with alias 'champion'" in world["skipped"][f"act-{WORLD}"]
-    health = requests.get(f"{_predict_url(world)}/healthz", timeout=10).json()
+    health = HTTP.get(f"{_predict_url(world)}/healthz", timeout=10).json()
     v = world["versions"]
     assert (health["world_model_version"], health["dynamics_version"]) == (v["world_model"], v["dynamics"])
     assert health["states"] == list(SPEC.state_names) and health["image_size"] == SIZE
@@ -125,7 +132,7 @@ def test_deploy_world_skips_act_without_a_policy_and_serves_the_paired_models(wo
 def test_predict_answers_its_own_example_and_a_raw_request(world):
     url = _predict_url(world)
     example = _example(url, "/predict", "PredictRequestPng")
-    r = requests.post(f"{url}/predict", json=example, timeout=30)
+    r = HTTP.post(f"{url}/predict", json=example, timeout=30)
     assert r.status_code == 200, r.text
     body = r.json()
     frame = np.frombuffer(base64.b64decode(body["frame"]), np.uint8)
@@ -136,7 +143,7 @@ def test_predict_answers_its_own_example_and_a_raw_request(world):
     # the same request with raw frames gives the same next frame (seeded sampling, batch of one)
     raw = dict(example, encoding="raw_base64",
                frames=[base64.b64encode(np.zeros((SIZE, SIZE, 3), np.uint8).tobytes()).decode()] * len(example["frames"]))
-    again = requests.post(f"{url}/predict", json=raw, timeout=30)
+    again = HTTP.post(f"{url}/predict", json=raw, timeout=30)
     assert again.status_code == 200 and again.json()["frame"] == body["frame"]
 
 
@@ -155,9 +162,9 @@ def test_predict_refuses_malformed_requests_with_4xx(world):
         "an integer beyond 64 bits": (dict(good, action={**good["action"], first: 2 ** 70}), 422, "64 bits"),
     }
     for what, (body, status, said) in cases.items():
-        r = requests.post(f"{url}/predict", json=body, timeout=30)
+        r = HTTP.post(f"{url}/predict", json=body, timeout=30)
         assert r.status_code == status and said in r.text, (what, r.status_code, r.text[:300])
-    r = requests.post(f"{url}/predict", data=b"x" * 10_000_000, headers={"Content-Type": "application/json"},
+    r = HTTP.post(f"{url}/predict", data=b"x" * 10_000_000, headers={"Content-Type": "application/json"},
                       timeout=30)
     assert r.status_code == 413
 
@@ -170,11 +177,11 @@ def _png(size: int) -> str:
 
 def test_clip_report_from_the_schema_example(world):
     url = _report_url(world)
-    health = requests.get(f"{url}/healthz", timeout=10).json()
+    health = HTTP.get(f"{url}/healthz", timeout=10).json()
     assert health["reasoner_version"] == world["versions"]["reasoner"] and health["events"] == list(CLIP.events)
     example = _example(url, "/clip", "ClipRequestPng")
     for event in ("none", "off_track"):
-        r = requests.post(f"{url}/clip", json=dict(example, event=event), timeout=30)
+        r = HTTP.post(f"{url}/clip", json=dict(example, event=event), timeout=30)
         assert r.status_code == 200, r.text
         body = r.json()
         assert set(body["tags"]) == set(CLIP.tags) and all(body["tags"][k] in CLIP.tags[k] for k in CLIP.tags)
@@ -194,15 +201,15 @@ def test_clip_refuses_malformed_requests_with_4xx(world):
     for body, status in ((dict(good, event="crash"), 422), (dict(good, frames=good["frames"][:2]), 422),
                          (dict(good, frames=["iVBORw0KGgo="] * len(good["frames"])), 400),
                          (dict(good, encoding="list"), 422), ({**good, "extra": 1}, 422)):
-        r = requests.post(f"{url}/clip", json=body, timeout=30)
+        r = HTTP.post(f"{url}/clip", json=body, timeout=30)
         assert r.status_code == status, (body.get("event"), r.text[:300])
-    r = requests.post(f"{url}/clip", data="event=none", headers={"Content-Type": "text/plain"}, timeout=30)
+    r = HTTP.post(f"{url}/clip", data="event=none", headers={"Content-Type": "text/plain"}, timeout=30)
     assert r.status_code == 415 and "application/json" in r.json()["detail"]
 
 
 def test_turn_report_reads_like_a_report(world):
     url = _report_url(world)
-    r = requests.get(f"{url}/turn/1", timeout=30)
+    r = HTTP.get(f"{url}/turn/1", timeout=30)
     assert r.status_code == 200, r.text
     body = r.json()
     assert (body["turn"], body["promoted"], body["candidate_version"], body["champion_version"]) == (1, False, 3, 2)
@@ -220,7 +227,22 @@ def test_turn_report_reads_like_a_report(world):
 
 def test_turn_report_refuses_unknown_and_malformed_turns(world):
     url = _report_url(world)
-    assert requests.get(f"{url}/turn/7", timeout=10).status_code == 404
+    assert HTTP.get(f"{url}/turn/7", timeout=10).status_code == 404
     for bad in ("-1", "x", str(2 ** 70)):
-        r = requests.get(f"{url}/turn/{bad}", timeout=10)
+        r = HTTP.get(f"{url}/turn/{bad}", timeout=10)
         assert r.status_code == 422, (bad, r.text)
+
+
+def test_predict_and_report_need_the_token(world):
+    predict, report = _predict_url(world), _report_url(world)
+    example = _example(predict, "/predict", "PredictRequestPng")
+    for method, url, kw in (("POST", f"{predict}/predict", {"json": example}),
+                            ("POST", f"{report}/clip", {"json": {}}), ("GET", f"{report}/turn/1", {}),
+                            ("GET", f"{predict}/openapi.json", {})):
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            r = requests.request(method, url, headers=headers, timeout=10, **kw)
+            assert r.status_code == 401 and r.headers["WWW-Authenticate"].startswith("Bearer"), (url, r.text)
+    for url in (predict, report):  # probes need no token
+        assert requests.get(f"{url}/healthz", timeout=10).status_code == 200
+    schema = HTTP.get(f"{report}/openapi.json", timeout=10).json()
+    assert schema["paths"]["/clip"]["post"]["security"] == [{"bearer": []}]
