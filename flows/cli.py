@@ -365,6 +365,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"worldloop {args.command}: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:  # `ray start` or Serve would not come up: say why, without a traceback
+        if args.command not in ("up", "down"):
+            raise
+        print(f"worldloop {args.command}: {err}", file=sys.stderr)
+        return 1
     if args.json and summary.get("stage") == "curate":  # the person watching reads what happened too
         print(render(summary), file=sys.stderr, flush=True)
     print(json.dumps(summary, default=str) if args.json else render(summary), file=real_stdout, flush=True)

@@ -143,3 +143,19 @@ def test_fleet_scenes_per_driver(tmp_path):
     assert not {s for s, _ in expert} & {s for s, _ in champion} and len({s for s, _ in expert}) == 80
     car = Context.create(config="default", lake=str(tmp_path / "lake"), landing=str(tmp_path / "landing"))
     assert len(fleet_scenes(car, 1, champion=True)) == car.config.fleet.episodes  # 0: same as the expert's
+
+
+def test_up_says_why_the_cluster_did_not_start(tmp_path, monkeypatch, capsys):
+    from serving import cluster
+    from tests.conftest import free_port
+
+    def fail(**_):
+        raise RuntimeError("`ray start --head --port=6379` failed: address already in use")
+
+    monkeypatch.setenv("WORLDLOOP_HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(cluster, "_start_head", fail)
+    assert cli.main(["up", "--port", str(free_port())]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("worldloop up: `ray start --head --port=6379` failed") and "Traceback" not in err
+    assert not (tmp_path / ".worldloop" / "cluster.json").exists()
