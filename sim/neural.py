@@ -8,8 +8,7 @@ and whether the episode ends; the dynamics model reads the window first, and its
 vector instructs the generator when the generator reads one (``condition_dim``). ``rollout``
 drives the batch open loop with given actions (synthesis, fidelity). ``NeuralSimEnv`` is the same for one episode as a Gymnasium
 environment; ``run_policy`` drives any batched policy through it and scores it by the world's own
-rule (episode return, or success: the world's success rule on the predicted state, else its
-``success_signal`` raised, at some step), as the
+rule (episode return, or success: the world's ``success_signal`` raised at some step), as the
 real simulator scores it (``sim.rollout.run_episode``).
 
 Nothing here names a world's fields: widths, bounds, signals and the score come from the spec.
@@ -66,8 +65,6 @@ class NeuralSim:
         self.context = max(g.history, d.history)
         self.image_size = g.image_size
         self.success_index = spec.signals.index(spec.success_signal) if spec.score == "success" else None
-        # success judged on the predicted state by the world's rule where it has one, else the signal's probability
-        self.success_by_rule = bool(spec.score == "success" and spec.success_rules and d.state_dim)
 
     def reset(self, starts: Sequence[Start]) -> dict[str, np.ndarray]:
         """Begin one episode per start; returns the first observation batch."""
@@ -82,11 +79,6 @@ class NeuralSim:
         self.actions = np.stack([pad(np.asarray(s.actions, np.float32)) for s in starts])
         self.states = np.stack([pad(np.asarray(s.states, np.float32)) for s in starts])
         self.tasks = [s.instruction for s in starts]
-        by_instruction = {t.instruction: t.name for t in self.spec.tasks}
-        self.task_names = [s.task or by_instruction.get(s.instruction, "") for s in starts]
-        if self.success_by_rule and not set(self.task_names) <= set(self.spec.task_names):
-            raise ValueError(f"starts name tasks {sorted(set(self.task_names) - set(self.spec.task_names))} that "
-                             f"world {self.spec.name!r} has no success rule for")
         self.done = np.zeros(len(starts), bool)
         self.t = 0
         self._generator = torch.Generator().manual_seed(self.seed)
@@ -117,10 +109,7 @@ class NeuralSim:
         state = pred.next_state.cpu().numpy() if d.state_dim else np.full((len(actions), len(self.spec.state_names)),
                                                                              np.nan, np.float32)
         i = self.success_index
-        if self.success_by_rule:
-            success = self.spec.success_from_state(state, self.task_names)
-        else:
-            success = signals[:, i] > DONE_AT if i is not None else np.zeros(len(actions), bool)
+        success = signals[:, i] > DONE_AT if i is not None else np.zeros(len(actions), bool)
         outcome = {"reward": pred.reward.cpu().numpy(), "signals": signals, "done": pred.done.cpu().numpy(),
                    "success": success, "state": state}
         self.frames = np.concatenate([self.frames[:, 1:], frame[:, None]], axis=1)
@@ -152,12 +141,10 @@ def run_policy(sim: NeuralSim, starts: Sequence[Start], act: Callable[[dict], np
     """Drive ``act(observation batch) -> actions [B, A]`` for up to ``horizon`` steps from each start;
     one summary per start: the world's score, the return, success, steps, per-signal rates.
 
-    A world scored by success that has success rules (``WorldSpec.success_rules``) scores 1.0 when
-    its rule held on the predicted state at some step, which also ends the episode, as in the real
-    simulator. Without rules it scores the dynamics model's belief that the task succeeded: the
-    highest probability it gave the success signal while the episode ran (``success_prob``, always
-    reported), an estimate of the success rate that a 0/1 threshold would throw away; ``success`` is
-    then that probability above ``DONE_AT``."""
+    A world scored by success scores the dynamics model's belief that the task succeeded: the
+    highest probability it gave the success signal while the episode ran (``success_prob``), an
+    estimate of the success rate that a 0/1 threshold would throw away; ``success`` is that
+    probability above ``DONE_AT``, which also ends the episode."""
     if horizon < 1:
         raise ValueError(f"horizon must be >= 1, got {horizon}")
     spec = sim.spec
@@ -180,8 +167,7 @@ def run_policy(sim: NeuralSim, starts: Sequence[Start], act: Callable[[dict], np
         if not alive.any():
             break
     return [{"episode_id": s.episode_id, "start_step": s.step, "seed": s.seed, "task": s.task,
-             "score": (float(success[i]) if sim.success_by_rule else float(belief[i])) if spec.score == "success"
-             else float(ret[i]),
+             "score": float(belief[i]) if spec.score == "success" else float(ret[i]),
              "episode_return": float(ret[i]), "success": bool(success[i]), "success_prob": float(belief[i]),
              "steps": int(steps[i]),
              **{f"{name}_rate": float(raised[i, j] / max(steps[i], 1)) for j, name in enumerate(spec.signals)}}

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -66,16 +65,6 @@ class EventSpec:
 
 
 @dataclass(frozen=True)
-class SuccessRule:
-    """A task's success condition on the logged state: ``|state[a] - state[b]| <= radius`` (Euclidean over
-    the named fields; ``b`` empty: the norm of ``state[a]``), as the world's simulator decides it."""
-
-    a: tuple[str, ...]
-    radius: float
-    b: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
 class WorldSpec:
     """Everything about a world that the rest of the system reads (features, rules, seeds)."""
 
@@ -100,9 +89,6 @@ class WorldSpec:
     state_message: str = "std_msgs/msg/Float32MultiArray"  # or "sensor_msgs/msg/JointState" (arms)
     static_state: tuple[str, ...] = ()  # state names fixed within an episode (a task's goal): synthesis keeps them
     success_signal: str = ""  # the signal raised when the task is done (worlds scored by "success")
-    # task -> its success condition on the full state, where the world has one for every task: the neural
-    # simulator then judges success from its predicted state rather than the success signal's probability
-    success_rules: dict[str, SuccessRule] = field(default_factory=dict)
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)  # preset -> dotted overrides
 
     def __post_init__(self) -> None:
@@ -115,11 +101,6 @@ class WorldSpec:
             raise ValueError(f"a world scored by success names its success_signal among {self.signals}")
         if not self.tasks or not self.actions:
             raise ValueError(f"world {self.name!r} needs at least one task and one action")
-        if self.success_rules and set(self.success_rules) != set(self.task_names):
-            raise ValueError(f"success_rules must cover every task of {self.name!r} or none")
-        unknown = {n for r in self.success_rules.values() for n in r.a + r.b} - set(self.state_names)
-        if unknown:
-            raise ValueError(f"success_rules name {sorted(unknown)}, not in state_names")
         if any(self.fleet_seed_base <= s < self.fleet_seed_base + 10**6 for s in self.eval_seeds):
             raise ValueError("eval_seeds overlap the fleet's seed range")
 
@@ -144,16 +125,6 @@ class WorldSpec:
     @property
     def task_names(self) -> tuple[str, ...]:
         return tuple(t.name for t in self.tasks)
-
-    def success_from_state(self, states_BS: np.ndarray, tasks: Sequence[str]) -> np.ndarray:
-        """bool [B]: each task's ``success_rules`` condition on its full state row (task names)."""
-        index = {n: i for i, n in enumerate(self.state_names)}
-        out = np.zeros(len(states_BS), bool)
-        for row, (state, task) in enumerate(zip(np.asarray(states_BS, np.float64), tasks)):
-            rule = self.success_rules[task]
-            diff = state[[index[n] for n in rule.a]] - (state[[index[n] for n in rule.b]] if rule.b else 0.0)
-            out[row] = bool(np.linalg.norm(diff) <= rule.radius)
-        return out
 
     def instruction(self, task: str) -> str:
         for t in self.tasks:

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field  # noqa: E402
 import numpy as np  # noqa: E402
 
 from sim.worlds import detectors, register  # noqa: E402
-from sim.worlds.base import ActionSpec, EventSpec, SuccessRule, TaskSpec, World, WorldConfig, WorldSpec  # noqa: E402
+from sim.worlds.base import ActionSpec, EventSpec, TaskSpec, World, WorldConfig, WorldSpec  # noqa: E402
 from sim.worlds.metaworld_expert import (HAND, Expert, NoiseConfig, NoisyExpert, SafetyConfig,  # noqa: E402
                                         SafetyMonitor)
 
@@ -56,12 +56,6 @@ TASKS = (
 STATE_NAMES = ("hand_x", "hand_y", "hand_z", "gripper", "goal_x", "goal_y", "goal_z",
                "obj_x", "obj_y", "obj_z", "obj_to_goal")
 GRIP, GOAL, OBJ, TO_GO = 3, slice(4, 7), slice(7, 10), 10
-# Meta-World v3's success conditions (sawyer_*_v3.py evaluate_state) on this state: obj_to_goal is its
-# obj_to_target; the door is judged on x alone. Checked against the env's own flag in tests/sim.
-SUCCESS_RADIUS = {"reach": 0.05, "push": 0.05, "pick-place": 0.07, "drawer-open": 0.03, "drawer-close": 0.065,
-                  "button-press-topdown": 0.024, "peg-insert-side": 0.07, "window-open": 0.05, "window-close": 0.05}
-SUCCESS_RULES = {**{t: SuccessRule(("obj_to_goal",), r) for t, r in SUCCESS_RADIUS.items()},
-                 "door-open": SuccessRule(("obj_x",), 0.08, b=("goal_x",))}
 PHASES = ("reach", "grasp", "transport", "place", "push", "done")
 MAX_PATH = 500  # Meta-World refuses to step an episode past this
 
@@ -83,7 +77,6 @@ SPEC = WorldSpec(
     score="success",
     signals=("success", "grasped"),
     success_signal="success",
-    success_rules=SUCCESS_RULES,
     events=(EventSpec("intervention", 4.0, "the safety driver took over"),
             EventSpec("stall", 4.0, "the hand barely moved for stall_steps before success"),
             EventSpec("drift", 3.0, "the shaped reward fell drift_reward below its best so far"),
