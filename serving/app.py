@@ -64,8 +64,10 @@ def ingress_env() -> dict[str, str]:
     if ingress == "proxy":
         return {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
     # A replica being replaced keeps answering for 2 s (Ray's default, 30 s, is for external load
-    # balancers; HAProxy here is reconfigured within ~0.1 s); stats and metrics ports are per cluster.
+    # balancers; HAProxy here is reconfigured within ~0.1 s); a client silent for 60 s is dropped
+    # (Ray's default: an hour); stats and metrics ports are per cluster.
     return {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+            "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": "60",
             "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())}
 
 
