@@ -25,6 +25,7 @@ import contextlib
 import datetime
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -128,6 +129,7 @@ def down(*, home: str | None = None, grace_s: float = 10.0) -> dict:
         return {"status": "not running", "message": f"nothing to stop (no {path})"}
     alive = _alive(state)
     serve_stopped = False
+    haproxy_dirs = _haproxy_dirs(state) if state["owned"] else set()  # before Serve stops its HAProxy
     if alive and (state["owned"] or state.get("serve_started")):
         with contextlib.suppress(Exception):  # the processes go below anyway; a failure here is not fatal
             from ray import serve
@@ -136,6 +138,8 @@ def down(*, home: str | None = None, grace_s: float = 10.0) -> dict:
                 serve.shutdown()
             serve_stopped = True
     stopped = _stop(state, grace_s=grace_s) if state["owned"] else {"terminated": [], "killed": []}
+    for folder in haproxy_dirs:
+        shutil.rmtree(folder, ignore_errors=True)
     path.unlink(missing_ok=True)
     what = (f"stopped Ray at {state['address']} ({len(stopped['terminated']) + len(stopped['killed'])} "
             f"processes)" if state["owned"] else f"left the cluster at {state['address']} running")
@@ -309,6 +313,20 @@ def _stop(state: dict, *, grace_s: float) -> dict:
     if state.get("temp_dir"):
         shutil.rmtree(state["temp_dir"], ignore_errors=True)
     return {"terminated": sorted(terminated), "killed": sorted(killed)}
+
+
+def _haproxy_dirs(state: dict) -> set[str]:
+    """The per-node folders of Serve's HAProxy files (config, sockets) that the cluster's HAProxy
+    command lines name (``-f <base>/<node id>/haproxy.cfg``): only folders named by a Ray node id."""
+    import psutil
+
+    dirs = set()
+    for p in _session_processes(state):
+        with contextlib.suppress(psutil.Error):
+            if p.name() == "haproxy":
+                cmd = p.cmdline()
+                dirs |= {os.path.dirname(cmd[i + 1]) for i, arg in enumerate(cmd[:-1]) if arg == "-f"}
+    return {d for d in dirs if re.fullmatch(r"[0-9a-f]{56}", os.path.basename(d))}
 
 
 def _descends(proc, ancestor) -> bool:

@@ -14,6 +14,7 @@ import requests
 import torch
 
 from models.policy import Policy, preset, save
+from serving import cluster
 from stages.registry import Registry
 from tests.conftest import free_port
 
@@ -78,6 +79,8 @@ def test_up_deploy_outlives_the_process_down_stops_exactly_it(ray_cluster, tmp_p
         assert all(p.is_running() for p in owned)
         haproxy = [c for p in owned for c in p.children(recursive=True) if c.name() == "haproxy"]
         assert haproxy, "the default ingress is Serve's HAProxy, a child of up's cluster"
+        (haproxy_dir,) = cluster._haproxy_dirs(first)
+        assert os.path.isfile(os.path.join(haproxy_dir, "haproxy.cfg"))
     finally:
         down = _json(_worldloop(["down", "--json", "--grace-period", "6"], home))
     assert down["status"] == "stopped" and down["serve_stopped"]
@@ -85,7 +88,7 @@ def test_up_deploy_outlives_the_process_down_stops_exactly_it(ray_cluster, tmp_p
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in owned + haproxy)
     assert not any(first["temp_dir"] in " ".join(p.info["cmdline"] or ())
                    for p in psutil.process_iter(["cmdline"]))
-    assert not (home / ".worldloop" / "cluster.json").exists()
+    assert not (home / ".worldloop" / "cluster.json").exists() and not os.path.exists(haproxy_dir)
     assert all(p.is_running() for p in ours)  # the session's own Ray is untouched ...
     assert ray_cluster.get(ray_cluster.put(41)) == 41  # ... and still works
     with pytest.raises(requests.ConnectionError):  # the endpoint went with the cluster
