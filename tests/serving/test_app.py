@@ -6,7 +6,6 @@ import base64
 import dataclasses
 import io
 import json
-import socket
 import threading
 
 import numpy as np
@@ -22,16 +21,11 @@ from serving.app import build_app, deploy
 from serving.client import ActClient, ActError, _server_message
 from sim.worlds.base import ActionSpec, TaskSpec, World
 from stages.registry import Registry
+from tests.conftest import free_port
 
 APP = "act_test"
 CFG = preset("tiny")
 SHAPE = (CFG.history, CFG.image_size, CFG.image_size, 3)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _register_policy(registry: Registry, tmp_path, seed: int, cfg=CFG, name: str = "driver") -> tuple[Policy, int]:
@@ -73,7 +67,7 @@ def served(ray_cluster, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serving")
     registry = Registry(tmp / "lake")
     policy, _ = _register_policy(registry, tmp, seed=1)
-    port = _free_port()
+    port = free_port()
     try:
         url = deploy(registry_uri=registry.uri, model_name="driver", port=port, app_name=APP)
         yield {"url": url, "port": port, "registry": registry, "policy": policy, "tmp": tmp}
