@@ -21,6 +21,10 @@ bounds, the proprioceptive/goal state and the task vocabulary through the config
   shifted by a random whole number of pixels in [-shift, shift] on each axis, the border repeated
   (DrQ's random shift: Kostrikov et al., "Image Augmentation Is All You Need", ICLR 2021; RAD,
   Laskin et al. 2020): few demonstrations, many frames that differ by a few pixels.
+* Keypoints (``keypoints`` > 0): a spatial softmax over the last feature map turns K learned
+  1x1-conv maps into K expected (x, y) image positions (Finn et al., "Deep Spatial Autoencoders",
+  ICRA 2016; Levine et al. 2016; robomimic's image policies, Mandlekar et al. 2021); the 2K
+  coordinates join the flattened features, so a small object can be located below the map's cell.
 * Auxiliary targets (``aux_dim`` > 0 and ``aux_weight`` > 0): in training, a second head predicts
   from the image features the state the policy is not given (object positions a simulator or a
   labelled log knows), normalised like the state; its smooth-L1, times ``aux_weight``, joins the
@@ -70,6 +74,7 @@ class PolicyConfig:
     task_vocab: tuple[str, ...] = ()  # lower-case words of the world's task instructions; () = no task input
     task_hidden: int = 32
     task_max_len: int = 32  # tokens kept per instruction
+    keypoints: int = 0  # spatial-softmax keypoints of the last feature map (0 = flattened features only)
     aux_dim: int = 0  # width of the auxiliary target (the world's state the policy does not read)
     aux_weight: float = 0.0  # its share of the training loss; 0 = no auxiliary head
     # training recipe (used by the post-training stage / recipe script)
@@ -97,6 +102,8 @@ class PolicyConfig:
             raise ValueError(f"shift must be in [0, {self.image_size // 2}), got {self.shift}")
         if self.state_dim < 0 or self.state_hidden < 1 or self.task_hidden < 1 or self.task_max_len < 1:
             raise ValueError("state_dim must be >= 0 and state_hidden, task_hidden, task_max_len >= 1")
+        if self.keypoints < 0:
+            raise ValueError(f"keypoints must be >= 0, got {self.keypoints}")
         if self.aux_dim < 0 or self.aux_weight < 0:
             raise ValueError(f"aux_dim and aux_weight must be >= 0, got {self.aux_dim}, {self.aux_weight}")
         check_vocab(self.task_vocab)
@@ -154,6 +161,21 @@ class RunningNorm(nn.Module):
         return ((x_BS - self.mean) / std).clamp(-self.clip, self.clip)
 
 
+class SpatialSoftmax(nn.Module):
+    """[B, C, H, W] -> [B, 2K]: the expected (x, y) in [-1, 1] of each of K learned maps' softmax."""
+
+    def __init__(self, channels: int, keypoints: int, height: int, width: int) -> None:
+        super().__init__()
+        self.maps = nn.Conv2d(channels, keypoints, 1)
+        self.log_temperature = nn.Parameter(torch.zeros(()))
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, height), torch.linspace(-1, 1, width), indexing="ij")
+        self.register_buffer("grid_PX", torch.stack([xs.flatten(), ys.flatten()], dim=1), persistent=False)
+
+    def forward(self, feat_BCHW: torch.Tensor) -> torch.Tensor:
+        logits_BKP = self.maps(feat_BCHW).flatten(2) / self.log_temperature.exp()
+        return (logits_BKP.softmax(dim=-1) @ self.grid_PX).flatten(1)
+
+
 def random_shift(x_BCHW: torch.Tensor, pad: int) -> torch.Tensor:
     """Each sample translated by whole pixels in [-pad, pad] (replicated border), as DrQ does."""
     B, _, H, W = x_BCHW.shape
@@ -178,7 +200,10 @@ class Policy(nn.Module):
         self.encoder = nn.Sequential(*blocks)
         side = c.image_size // 2 ** (len(c.channels) + 1)
         extra = 0
-        self.state_norm = self.state_mlp = self.task_encoder = self.film = None
+        self.state_norm = self.state_mlp = self.task_encoder = self.film = self.keypoints = None
+        if c.keypoints:
+            self.keypoints = SpatialSoftmax(c_in, c.keypoints, side, side)
+            extra += 2 * c.keypoints
         if c.state_dim:
             self.state_norm = RunningNorm(c.state_dim)
             self.state_mlp = nn.Sequential(nn.Linear(c.state_dim, c.state_hidden), nn.SiLU(),
@@ -253,6 +278,8 @@ class Policy(nn.Module):
             feat_BCHW = feat_BCHW * (1 + gamma) + beta
             parts.append(task_BD)
         feat_BD = feat_BCHW.flatten(1)
+        if self.keypoints is not None:
+            parts.append(self.keypoints(feat_BCHW))
         raw_BA = self.head(torch.cat([feat_BD, *parts], dim=1))
         return self.action_low + (self.action_high - self.action_low) * torch.sigmoid(raw_BA), feat_BD
 

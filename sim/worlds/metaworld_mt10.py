@@ -123,18 +123,24 @@ class TagThresholds:
 @dataclass(frozen=True)
 class Options:
     success_hold: int = 5  # the episode ends once success has held this many steps
+    camera_fovy: float = 0.0  # the camera's vertical field of view in degrees; 0 = the model's own (45)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     safety: SafetyConfig = field(default_factory=SafetyConfig)
     events: EventThresholds = field(default_factory=EventThresholds)
     tags: TagThresholds = field(default_factory=TagThresholds)
 
+    def __post_init__(self) -> None:
+        if self.success_hold < 1 or not (self.camera_fovy == 0 or 0 < self.camera_fovy < 180):
+            raise ValueError(f"success_hold must be >= 1 and camera_fovy 0 or in (0, 180) degrees, got "
+                             f"{self.success_hold}, {self.camera_fovy}")
 
-_POOL: dict[tuple[str, int], list] = {}  # (task, image size) -> idle raw envs of this process
+
+_POOL: dict[tuple[str, int, float], list] = {}  # (task, image size, fovy) -> idle raw envs of this process
 _POOL_LOCK = threading.Lock()
-POOL_IDLE = 2  # idle envs kept per (task, size); more are freed
+POOL_IDLE = 2  # idle envs kept per (task, size, fovy); more are freed
 
 
-def _build(task: str, size: int):
+def _build(task: str, size: int, fovy: float = 0.0):
     """A raw Meta-World env of `task` that samples its own scene (from ``np_random``) on reset."""
     import mujoco
     from metaworld.env_dict import ALL_V3_ENVIRONMENTS, ML1_ARGS_KWARGS
@@ -147,6 +153,8 @@ def _build(task: str, size: int):
     env._set_task_inner(**kwargs)
     env._set_task_called, env._freeze_rand_vec, env.seeded_rand_vec = True, False, True
     model = env.model
+    if fovy:  # a narrower view of the same camera: the table's objects take more pixels
+        model.cam_fovy[model.camera(SPEC.camera).id] = fovy
     model.vis.quality.shadowsize = 0  # before the renderer exists (it is created on first render)
     model.vis.quality.offsamples = 0
     model.mat_reflectance[:] = 0  # mirrored second pass: ~40% of a frame, < 0.03/255 of its pixels
@@ -163,12 +171,12 @@ def _free(env) -> None:
     env.close()
 
 
-def _checkout(task: str, size: int):
-    """An idle pooled env of (task, size), or a new one."""
+def _checkout(key: tuple[str, int, float]):
+    """An idle pooled env of (task, size, fovy), or a new one."""
     with _POOL_LOCK:
-        idle = _POOL.get((task, size))
+        idle = _POOL.get(key)
         env = idle.pop() if idle else None
-    return env or _build(task, size)
+    return env or _build(*key)
 
 
 @atexit.register
@@ -187,9 +195,9 @@ class MetaWorldEnv:
         self.seed, self.task = int(seed), task
         self._blank = None if frames else np.zeros((world.image_size, world.image_size, 3), np.uint8)
         self.max_steps, self.hold = world.max_steps, world.options.success_hold
-        self._key = (task, world.image_size)
+        self._key = (task, world.image_size, float(world.options.camera_fovy))
         self._scene = int(np.random.SeedSequence([self.seed, zlib.crc32(task.encode())]).generate_state(1)[0])
-        self.gym = _checkout(task, world.image_size)
+        self.gym = _checkout(self._key)
         model = self.gym.model
         self._free_geoms = self.gym.worldloop_free_geoms
         self._pads = (model.geom("leftpad_geom").id, model.geom("rightpad_geom").id)
