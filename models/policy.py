@@ -21,8 +21,8 @@ bounds, the proprioceptive/goal state and the task vocabulary through the config
   shifted by a random whole number of pixels in [-shift, shift] on each axis, the border repeated
   (DrQ's random shift: Kostrikov et al., "Image Augmentation Is All You Need", ICLR 2021; RAD,
   Laskin et al. 2020): few demonstrations, many frames that differ by a few pixels.
-* Keypoints (``keypoints`` > 0): a spatial softmax over the last feature map turns K learned
-  1x1-conv maps into K expected (x, y) image positions (Finn et al., "Deep Spatial Autoencoders",
+* Keypoints (``keypoints`` > 0): a spatial softmax over the first (finest, 1/4 of the image's side)
+  feature map turns K learned 3x3-conv maps into K expected (x, y) image positions (Finn et al., "Deep Spatial Autoencoders",
   ICRA 2016; Levine et al. 2016; robomimic's image policies, Mandlekar et al. 2021); the 2K
   coordinates join the flattened features, so a small object can be located below the map's cell.
 * Auxiliary targets (``aux_dim`` > 0 and ``aux_weight`` > 0): in training, a second head predicts
@@ -31,6 +31,9 @@ bounds, the proprioceptive/goal state and the task vocabulary through the config
   loss. Inference never uses it: it shapes the encoder to find what the actions depend on (the
   auxiliary pose targets of Levine et al. 2016, "End-to-End Training of Deep Visuomotor Policies";
   UNREAL's auxiliary tasks, Jaderberg et al. 2017). Rows whose targets are not finite are skipped.
+  With ``aux_input`` the head also reads that head's estimate (gradient stopped, so only the
+  auxiliary loss shapes it): the policy sees the objects in its pixels as a few numbers, the
+  perception-then-control split of classic visuomotor pipelines, and still reads no privileged state.
 
 Training hyper-parameters live beside the architecture so the resolved config saved with a
 checkpoint says how it was made.
@@ -74,9 +77,10 @@ class PolicyConfig:
     task_vocab: tuple[str, ...] = ()  # lower-case words of the world's task instructions; () = no task input
     task_hidden: int = 32
     task_max_len: int = 32  # tokens kept per instruction
-    keypoints: int = 0  # spatial-softmax keypoints of the last feature map (0 = flattened features only)
+    keypoints: int = 0  # spatial-softmax keypoints of the finest feature map (0 = flattened features only)
     aux_dim: int = 0  # width of the auxiliary target (the world's state the policy does not read)
     aux_weight: float = 0.0  # its share of the training loss; 0 = no auxiliary head
+    aux_input: bool = False  # the action head also reads the auxiliary head's estimate (needs the head)
     # training recipe (used by the post-training stage / recipe script)
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -102,6 +106,8 @@ class PolicyConfig:
             raise ValueError(f"shift must be in [0, {self.image_size // 2}), got {self.shift}")
         if self.state_dim < 0 or self.state_hidden < 1 or self.task_hidden < 1 or self.task_max_len < 1:
             raise ValueError("state_dim must be >= 0 and state_hidden, task_hidden, task_max_len >= 1")
+        if self.aux_input and not self.has_aux:
+            raise ValueError("aux_input needs the auxiliary head (aux_dim > 0 and aux_weight > 0)")
         if self.keypoints < 0:
             raise ValueError(f"keypoints must be >= 0, got {self.keypoints}")
         if self.aux_dim < 0 or self.aux_weight < 0:
@@ -166,7 +172,7 @@ class SpatialSoftmax(nn.Module):
 
     def __init__(self, channels: int, keypoints: int, height: int, width: int) -> None:
         super().__init__()
-        self.maps = nn.Conv2d(channels, keypoints, 1)
+        self.maps = nn.Conv2d(channels, keypoints, 3, padding=1)
         self.log_temperature = nn.Parameter(torch.zeros(()))
         ys, xs = torch.meshgrid(torch.linspace(-1, 1, height), torch.linspace(-1, 1, width), indexing="ij")
         self.register_buffer("grid_PX", torch.stack([xs.flatten(), ys.flatten()], dim=1), persistent=False)
@@ -202,7 +208,8 @@ class Policy(nn.Module):
         extra = 0
         self.state_norm = self.state_mlp = self.task_encoder = self.film = self.keypoints = None
         if c.keypoints:
-            self.keypoints = SpatialSoftmax(c_in, c.keypoints, side, side)
+            fine = c.image_size // 4
+            self.keypoints = SpatialSoftmax(c.channels[0], c.keypoints, fine, fine)
             extra += 2 * c.keypoints
         if c.state_dim:
             self.state_norm = RunningNorm(c.state_dim)
@@ -215,6 +222,7 @@ class Policy(nn.Module):
             nn.init.zeros_(self.film.weight)
             nn.init.zeros_(self.film.bias)
             extra += c.task_hidden
+        extra += c.aux_dim if c.aux_input else 0
         # the leading Flatten is a no-op on [B, D]; it keeps the pixels-only parameter names of older checkpoints
         self.head = nn.Sequential(nn.Flatten(), nn.Dropout(c.dropout),
                                   nn.Linear(c_in * side * side + extra, c.hidden), nn.SiLU(),
@@ -262,13 +270,14 @@ class Policy(nn.Module):
 
     def _forward(self, frames_BKHWC: torch.Tensor, state_BS: torch.Tensor | None,
                  tokens_BL: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(actions [B, A], the image features [B, D] after the task's modulation)."""
+        """(actions [B, A], the auxiliary head's normalised estimate [B, X] or None without the head)."""
         self._check(frames_BKHWC, state_BS, tokens_BL)
         B, K, H, W, C = frames_BKHWC.shape
         x = frames_BKHWC.permute(0, 1, 4, 2, 3).reshape(B, K * C, H, W).float() / 127.5 - 1.0
         if self.training and self.config.shift:
             x = random_shift(x, self.config.shift)
-        feat_BCHW = self.encoder(x)
+        fine_BCHW = self.encoder[:3](x)  # space-to-depth, the first stride-2 conv and its activation
+        feat_BCHW = self.encoder[3:](fine_BCHW)
         parts = []
         if self.state_mlp is not None:
             parts.append(self.state_mlp(self.state_norm(state_BS.to(x.device, torch.float32))))
@@ -279,9 +288,12 @@ class Policy(nn.Module):
             parts.append(task_BD)
         feat_BD = feat_BCHW.flatten(1)
         if self.keypoints is not None:
-            parts.append(self.keypoints(feat_BCHW))
+            parts.append(self.keypoints(fine_BCHW))
+        aux_BX = None if self.aux_head is None else self.aux_head(feat_BD)  # normalised, like its targets
+        if self.config.aux_input:
+            parts.append(aux_BX.detach())
         raw_BA = self.head(torch.cat([feat_BD, *parts], dim=1))
-        return self.action_low + (self.action_high - self.action_low) * torch.sigmoid(raw_BA), feat_BD
+        return self.action_low + (self.action_high - self.action_low) * torch.sigmoid(raw_BA), aux_BX
 
     def _tokens(self, tasks: Sequence[str] | None, batch: int) -> torch.Tensor | None:
         if self.task_encoder is None:
@@ -300,20 +312,20 @@ class Policy(nn.Module):
             raise ValueError(f"target must be [B, {A}] with B={frames_BKHWC.shape[0]}, got {tuple(target_BA.shape)}")
         if torch.isnan(target_BA).any():
             raise ValueError("target actions contain NaN; filter unlabeled rows before training")
-        pred_BA, feat_BD = self._forward(frames_BKHWC, state_BS, self._tokens(tasks, frames_BKHWC.shape[0]))
+        pred_BA, est_BX = self._forward(frames_BKHWC, state_BS, self._tokens(tasks, frames_BKHWC.shape[0]))
         w = torch.tensor(self.config.loss_weights or (1.0,) * A, dtype=pred_BA.dtype, device=pred_BA.device)
         per = F.smooth_l1_loss(pred_BA, target_BA.to(pred_BA), reduction="none", beta=0.1)
         loss = (per * w).sum(dim=1).mean() / w.sum()
         if self.aux_head is None or aux_BX is None:
             return loss
-        if tuple(aux_BX.shape) != (len(feat_BD), self.config.aux_dim):
-            raise ValueError(f"aux targets must be [{len(feat_BD)}, {self.config.aux_dim}], got {tuple(aux_BX.shape)}")
-        aux_BX = aux_BX.to(feat_BD)
+        if tuple(aux_BX.shape) != (len(est_BX), self.config.aux_dim):
+            raise ValueError(f"aux targets must be [{len(est_BX)}, {self.config.aux_dim}], got {tuple(aux_BX.shape)}")
+        aux_BX = aux_BX.to(est_BX)
         ok_B = torch.isfinite(aux_BX).all(dim=1)
         target_BX = torch.zeros_like(aux_BX)
         if ok_B.any():  # the running norm learns from finite rows only
             target_BX[ok_B] = self.aux_norm(aux_BX[ok_B])
-        per_B = F.smooth_l1_loss(self.aux_head(feat_BD), target_BX, reduction="none", beta=0.1).mean(dim=1)
+        per_B = F.smooth_l1_loss(est_BX, target_BX, reduction="none", beta=0.1).mean(dim=1)
         aux = (per_B * ok_B).sum() / ok_B.sum().clamp_min(1)  # the head is always in the graph (DDP)
         return loss + self.config.aux_weight * aux
 

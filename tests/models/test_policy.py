@@ -270,13 +270,36 @@ def test_auxiliary_targets_shape_the_encoder_in_training_only(tmp_path):
     policy.eval()
     x, _, aux = batch(64, seed=999)  # unseen squares
     with torch.no_grad():
-        feat = policy._forward(x, None, None)[1]
-        pred = policy.aux_head(feat) * policy.aux_norm.var.sqrt() + policy.aux_norm.mean
+        pred = policy._forward(x, None, None)[1] * policy.aux_norm.var.sqrt() + policy.aux_norm.mean
     assert (pred - aux).abs().mean() < 0.25 * (aux - aux.mean(0)).abs().mean()  # far better than the mean
     save(policy, tmp_path / "aux")
     again = load(tmp_path / "aux")
     torch.testing.assert_close(again.aux_norm.mean, policy.aux_norm.mean)
     np.testing.assert_array_equal(again.act(x.numpy()), policy.act(x.numpy()))
+
+
+def test_the_head_can_read_the_auxiliary_estimate_which_only_its_own_loss_trains(tmp_path):
+    """``aux_input``: the action head reads the auxiliary head's estimate of the unread state; the
+    behaviour-cloning loss does not reach that head (stopped gradient), the auxiliary loss does."""
+    with pytest.raises(ValueError, match="aux_input needs"):
+        dataclasses.replace(preset("tiny"), aux_input=True)
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(ARM, aux_dim=3, aux_weight=1.0, aux_input=True)
+    policy = Policy(cfg)
+    plain = Policy(dataclasses.replace(cfg, aux_input=False))
+    assert policy.head[2].in_features == plain.head[2].in_features + 3
+    x, s, tasks = torch.from_numpy(frames(cfg, 4)), torch.from_numpy(states(4)), list(TASKS) + ["Open the drawer"]
+    target = torch.full((4, 4), 0.25)
+    policy.loss(x, target, s, tasks).backward()  # behaviour cloning alone
+    assert all(p.grad is None or not p.grad.any() for p in policy.aux_head.parameters())
+    assert policy.head[2].weight.grad[:, -3:].abs().sum() > 0  # the head does read the estimate
+    policy.zero_grad()
+    policy.loss(x, target, s, tasks, aux_BX=torch.randn(4, 3)).backward()
+    assert all(p.grad.abs().sum() > 0 for p in policy.aux_head.parameters())
+    save(policy, tmp_path / "aux_input")
+    again = load(tmp_path / "aux_input")
+    assert again.config.aux_input
+    np.testing.assert_array_equal(again.act(x.numpy(), s.numpy(), tasks), policy.act(x.numpy(), s.numpy(), tasks))
 
 
 def test_keypoints_locate_a_bright_cell_below_the_grid_and_travel_with_the_checkpoint(tmp_path):
@@ -285,7 +308,8 @@ def test_keypoints_locate_a_bright_cell_below_the_grid_and_travel_with_the_check
     round-trips."""
     soft = SpatialSoftmax(1, 1, 4, 5)
     with torch.no_grad():
-        soft.maps.weight.fill_(1.0)
+        soft.maps.weight.zero_()
+        soft.maps.weight[0, 0, 1, 1] = 1.0  # the centre tap: each cell its own value
         soft.maps.bias.zero_()
         soft.log_temperature.fill_(-4.0)  # sharp
     feat = torch.zeros(2, 1, 4, 5)
@@ -299,7 +323,7 @@ def test_keypoints_locate_a_bright_cell_below_the_grid_and_travel_with_the_check
     policy = Policy(cfg)
     x, s, tasks = frames(cfg, 3), states(3), list(TASKS)
     out = policy.act(x, s, tasks)
-    assert out.shape == (3, 4) and policy.keypoints(torch.zeros(3, cfg.channels[-1], 4, 4)).shape == (3, 8)
+    assert out.shape == (3, 4) and policy.keypoints(torch.zeros(3, cfg.channels[0], 8, 8)).shape == (3, 8)
     policy.train()
     policy.loss(torch.from_numpy(x), torch.full((3, 4), 0.25), torch.from_numpy(s), tasks).backward()
     assert policy.keypoints.maps.weight.grad.abs().sum() > 0 and policy.keypoints.log_temperature.grad is not None
