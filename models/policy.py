@@ -80,7 +80,7 @@ class PolicyConfig:
     keypoints: int = 0  # spatial-softmax keypoints of the finest feature map (0 = flattened features only)
     aux_dim: int = 0  # width of the auxiliary target (the world's state the policy does not read)
     aux_weight: float = 0.0  # its share of the training loss; 0 = no auxiliary head
-    aux_input: bool = False  # the action head also reads the auxiliary head's estimate (needs the head)
+    aux_input: bool = False  # the action head also reads the auxiliary head's estimate (needs aux_weight > 0)
     # training recipe (used by the post-training stage / recipe script)
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -106,8 +106,8 @@ class PolicyConfig:
             raise ValueError(f"shift must be in [0, {self.image_size // 2}), got {self.shift}")
         if self.state_dim < 0 or self.state_hidden < 1 or self.task_hidden < 1 or self.task_max_len < 1:
             raise ValueError("state_dim must be >= 0 and state_hidden, task_hidden, task_max_len >= 1")
-        if self.aux_input and not self.has_aux:
-            raise ValueError("aux_input needs the auxiliary head (aux_dim > 0 and aux_weight > 0)")
+        if self.aux_input and self.aux_weight <= 0:  # aux_dim 0 (no unread state): nothing to estimate
+            raise ValueError("aux_input needs the auxiliary loss (aux_weight > 0)")
         if self.keypoints < 0:
             raise ValueError(f"keypoints must be >= 0, got {self.keypoints}")
         if self.aux_dim < 0 or self.aux_weight < 0:
@@ -222,7 +222,7 @@ class Policy(nn.Module):
             nn.init.zeros_(self.film.weight)
             nn.init.zeros_(self.film.bias)
             extra += c.task_hidden
-        extra += c.aux_dim if c.aux_input else 0
+        extra += c.aux_dim if c.aux_input and c.has_aux else 0
         # the leading Flatten is a no-op on [B, D]; it keeps the pixels-only parameter names of older checkpoints
         self.head = nn.Sequential(nn.Flatten(), nn.Dropout(c.dropout),
                                   nn.Linear(c_in * side * side + extra, c.hidden), nn.SiLU(),
@@ -290,7 +290,7 @@ class Policy(nn.Module):
         if self.keypoints is not None:
             parts.append(self.keypoints(fine_BCHW))
         aux_BX = None if self.aux_head is None else self.aux_head(feat_BD)  # normalised, like its targets
-        if self.config.aux_input:
+        if self.config.aux_input and aux_BX is not None:
             parts.append(aux_BX.detach())
         raw_BA = self.head(torch.cat([feat_BD, *parts], dim=1))
         return self.action_low + (self.action_high - self.action_low) * torch.sigmoid(raw_BA), aux_BX

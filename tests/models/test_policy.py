@@ -281,7 +281,7 @@ def test_auxiliary_targets_shape_the_encoder_in_training_only(tmp_path):
 def test_the_head_can_read_the_auxiliary_estimate_which_only_its_own_loss_trains(tmp_path):
     """``aux_input``: the action head reads the auxiliary head's estimate of the unread state; the
     behaviour-cloning loss does not reach that head (stopped gradient), the auxiliary loss does."""
-    with pytest.raises(ValueError, match="aux_input needs"):
+    with pytest.raises(ValueError, match="aux_input needs the auxiliary loss"):
         dataclasses.replace(preset("tiny"), aux_input=True)
     torch.manual_seed(0)
     cfg = dataclasses.replace(ARM, aux_dim=3, aux_weight=1.0, aux_input=True)
