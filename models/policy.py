@@ -21,10 +21,6 @@ bounds, the proprioceptive/goal state and the task vocabulary through the config
   shifted by a random whole number of pixels in [-shift, shift] on each axis, the border repeated
   (DrQ's random shift: Kostrikov et al., "Image Augmentation Is All You Need", ICLR 2021; RAD,
   Laskin et al. 2020): few demonstrations, many frames that differ by a few pixels.
-* Keypoints (``keypoints`` > 0): a spatial softmax over the first (finest, 1/4 of the image's side)
-  feature map turns K learned 3x3-conv maps into K expected (x, y) image positions (Finn et al., "Deep Spatial Autoencoders",
-  ICRA 2016; Levine et al. 2016; robomimic's image policies, Mandlekar et al. 2021); the 2K
-  coordinates join the flattened features, so a small object can be located below the map's cell.
 * Auxiliary targets (``aux_dim`` > 0 and ``aux_weight`` > 0): in training, a second head predicts
   from the image features the state the policy is not given (object positions a simulator or a
   labelled log knows), normalised like the state; its smooth-L1, times ``aux_weight``, joins the
@@ -77,7 +73,6 @@ class PolicyConfig:
     task_vocab: tuple[str, ...] = ()  # lower-case words of the world's task instructions; () = no task input
     task_hidden: int = 32
     task_max_len: int = 32  # tokens kept per instruction
-    keypoints: int = 0  # spatial-softmax keypoints of the finest feature map (0 = flattened features only)
     aux_dim: int = 0  # width of the auxiliary target (the world's state the policy does not read)
     aux_weight: float = 0.0  # its share of the training loss; 0 = no auxiliary head
     aux_input: bool = False  # the action head also reads the auxiliary head's estimate (needs aux_weight > 0)
@@ -108,8 +103,6 @@ class PolicyConfig:
             raise ValueError("state_dim must be >= 0 and state_hidden, task_hidden, task_max_len >= 1")
         if self.aux_input and self.aux_weight <= 0:  # aux_dim 0 (no unread state): nothing to estimate
             raise ValueError("aux_input needs the auxiliary loss (aux_weight > 0)")
-        if self.keypoints < 0:
-            raise ValueError(f"keypoints must be >= 0, got {self.keypoints}")
         if self.aux_dim < 0 or self.aux_weight < 0:
             raise ValueError(f"aux_dim and aux_weight must be >= 0, got {self.aux_dim}, {self.aux_weight}")
         check_vocab(self.task_vocab)
@@ -167,21 +160,6 @@ class RunningNorm(nn.Module):
         return ((x_BS - self.mean) / std).clamp(-self.clip, self.clip)
 
 
-class SpatialSoftmax(nn.Module):
-    """[B, C, H, W] -> [B, 2K]: the expected (x, y) in [-1, 1] of each of K learned maps' softmax."""
-
-    def __init__(self, channels: int, keypoints: int, height: int, width: int) -> None:
-        super().__init__()
-        self.maps = nn.Conv2d(channels, keypoints, 3, padding=1)
-        self.log_temperature = nn.Parameter(torch.zeros(()))
-        ys, xs = torch.meshgrid(torch.linspace(-1, 1, height), torch.linspace(-1, 1, width), indexing="ij")
-        self.register_buffer("grid_PX", torch.stack([xs.flatten(), ys.flatten()], dim=1), persistent=False)
-
-    def forward(self, feat_BCHW: torch.Tensor) -> torch.Tensor:
-        logits_BKP = self.maps(feat_BCHW).flatten(2) / self.log_temperature.exp()
-        return (logits_BKP.softmax(dim=-1) @ self.grid_PX).flatten(1)
-
-
 def random_shift(x_BCHW: torch.Tensor, pad: int) -> torch.Tensor:
     """Each sample translated by whole pixels in [-pad, pad] (replicated border), as DrQ does."""
     B, _, H, W = x_BCHW.shape
@@ -206,11 +184,7 @@ class Policy(nn.Module):
         self.encoder = nn.Sequential(*blocks)
         side = c.image_size // 2 ** (len(c.channels) + 1)
         extra = 0
-        self.state_norm = self.state_mlp = self.task_encoder = self.film = self.keypoints = None
-        if c.keypoints:
-            fine = c.image_size // 4
-            self.keypoints = SpatialSoftmax(c.channels[0], c.keypoints, fine, fine)
-            extra += 2 * c.keypoints
+        self.state_norm = self.state_mlp = self.task_encoder = self.film = None
         if c.state_dim:
             self.state_norm = RunningNorm(c.state_dim)
             self.state_mlp = nn.Sequential(nn.Linear(c.state_dim, c.state_hidden), nn.SiLU(),
@@ -276,8 +250,7 @@ class Policy(nn.Module):
         x = frames_BKHWC.permute(0, 1, 4, 2, 3).reshape(B, K * C, H, W).float() / 127.5 - 1.0
         if self.training and self.config.shift:
             x = random_shift(x, self.config.shift)
-        fine_BCHW = self.encoder[:3](x)  # space-to-depth, the first stride-2 conv and its activation
-        feat_BCHW = self.encoder[3:](fine_BCHW)
+        feat_BCHW = self.encoder(x)
         parts = []
         if self.state_mlp is not None:
             parts.append(self.state_mlp(self.state_norm(state_BS.to(x.device, torch.float32))))
@@ -287,8 +260,6 @@ class Policy(nn.Module):
             feat_BCHW = feat_BCHW * (1 + gamma) + beta
             parts.append(task_BD)
         feat_BD = feat_BCHW.flatten(1)
-        if self.keypoints is not None:
-            parts.append(self.keypoints(fine_BCHW))
         aux_BX = None if self.aux_head is None else self.aux_head(feat_BD)  # normalised, like its targets
         if self.config.aux_input and aux_BX is not None:
             parts.append(aux_BX.detach())

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.policy import (PRESETS, Policy, PolicyConfig, SpatialSoftmax, config_from_dict, load, preset, random_shift,
-                           save)
+from models.policy import PRESETS, Policy, PolicyConfig, config_from_dict, load, preset, random_shift, save
 from models.text import build_vocab
 
 TASKS = ("Pick up the red cube.", "Push the blue block left!", "Open the drawer")
@@ -300,34 +299,3 @@ def test_the_head_can_read_the_auxiliary_estimate_which_only_its_own_loss_trains
     again = load(tmp_path / "aux_input")
     assert again.config.aux_input
     np.testing.assert_array_equal(again.act(x.numpy(), s.numpy(), tasks), policy.act(x.numpy(), s.numpy(), tasks))
-
-
-def test_keypoints_locate_a_bright_cell_below_the_grid_and_travel_with_the_checkpoint(tmp_path):
-    """The spatial softmax returns each map's expected (x, y) in [-1, 1] (a sharp map: its peak's
-    place; a blend of two cells: a point between them), and a policy with keypoints runs, trains and
-    round-trips."""
-    soft = SpatialSoftmax(1, 1, 4, 5)
-    with torch.no_grad():
-        soft.maps.weight.zero_()
-        soft.maps.weight[0, 0, 1, 1] = 1.0  # the centre tap: each cell its own value
-        soft.maps.bias.zero_()
-        soft.log_temperature.fill_(-4.0)  # sharp
-    feat = torch.zeros(2, 1, 4, 5)
-    feat[0, 0, 3, 0] = 1.0  # bottom-left cell
-    feat[1, 0, 1, 2] = feat[1, 0, 1, 3] = 1.0  # two cells of row 1: halfway between columns 2 and 3
-    torch.testing.assert_close(soft(feat), torch.tensor([[-1.0, 1.0], [0.25, -1 / 3]]), atol=1e-3, rtol=0)
-    with pytest.raises(ValueError, match="keypoints"):
-        dataclasses.replace(preset("tiny"), keypoints=-1)
-    torch.manual_seed(0)
-    cfg = dataclasses.replace(ARM, keypoints=4)
-    policy = Policy(cfg)
-    x, s, tasks = frames(cfg, 3), states(3), list(TASKS)
-    out = policy.act(x, s, tasks)
-    assert out.shape == (3, 4) and policy.keypoints(torch.zeros(3, cfg.channels[0], 8, 8)).shape == (3, 8)
-    policy.train()
-    policy.loss(torch.from_numpy(x), torch.full((3, 4), 0.25), torch.from_numpy(s), tasks).backward()
-    assert policy.keypoints.maps.weight.grad.abs().sum() > 0 and policy.keypoints.log_temperature.grad is not None
-    save(policy, tmp_path / "kp")
-    again = load(tmp_path / "kp")
-    assert again.config.keypoints == 4
-    np.testing.assert_array_equal(again.act(x, s, tasks), policy.act(x, s, tasks))

@@ -131,20 +131,6 @@ def test_scenes_depend_on_the_seed_only(world, make):
     assert not np.allclose(reach.state()[goal], pick.state()[goal])
 
 
-def test_a_narrower_camera_shows_the_same_scene_larger(world, make):
-    """``camera_fovy`` narrows the world's camera (a zoom): same scene and physics, other frames."""
-    wide = make(1000, "push")
-    narrow_world = worlds.get(WorldConfig(name="metaworld-mt10", image_size=SIZE, options={"camera_fovy": 30}))
-    narrow = make(1000, "push", narrow_world)
-    fw, fn = wide.reset(), narrow.reset()
-    assert np.array_equal(wide.state(), narrow.state()) and not np.array_equal(fw, fn)
-    cam = SPEC.camera
-    assert narrow.gym.model.camera(cam).fovy[0] == 30 and wide.gym.model.camera(cam).fovy[0] == 45
-    assert make(1000, "push").gym is not narrow.gym  # pooled per field of view
-    with pytest.raises(ValueError, match="camera_fovy"):
-        worlds.get(WorldConfig(name="metaworld-mt10", options={"camera_fovy": -5}))
-
-
 @pytest.mark.parametrize("task", ["reach", "drawer-close", "button-press-topdown"])
 def test_clean_expert_succeeds(world, make, task):
     out = run(world, make(1000, task), world.expert())
