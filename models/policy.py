@@ -24,9 +24,9 @@ bounds, the proprioceptive/goal state and the task vocabulary through the config
 * Auxiliary targets (``aux_dim`` > 0 and ``aux_weight`` > 0): in training, a second head predicts
   from the image features the state the policy is not given (object positions a simulator or a
   labelled log knows), normalised like the state; its smooth-L1, times ``aux_weight``, joins the
-  loss. Inference never uses it: it shapes the encoder to find what the actions depend on (the
-  auxiliary pose targets of Levine et al. 2016, "End-to-End Training of Deep Visuomotor Policies";
-  UNREAL's auxiliary tasks, Jaderberg et al. 2017). Rows whose targets are not finite are skipped.
+  loss. Inference runs it only with ``aux_input`` (below): it shapes the encoder to find what the
+  actions depend on (the auxiliary pose targets of Levine et al. 2016, "End-to-End Training of Deep
+  Visuomotor Policies"; UNREAL's auxiliary tasks, Jaderberg et al. 2017). Rows whose targets are not finite are skipped.
   With ``aux_input`` the head also reads that head's estimate (gradient stopped, so only the
   auxiliary loss shapes it): the policy sees the objects in its pixels as a few numbers, the
   perception-then-control split of classic visuomotor pipelines, and still reads no privileged state.
@@ -240,11 +240,12 @@ class Policy(nn.Module):
                 tokens_BL: torch.Tensor | None = None) -> torch.Tensor:
         """Actions [B, A] in [action_low, action_high]. ``tokens_BL`` (from ``tokenize``) is ignored
         by a policy without task input."""
-        return self._forward(frames_BKHWC, state_BS, tokens_BL)[0]
+        return self._forward(frames_BKHWC, state_BS, tokens_BL, estimate=False)[0]
 
     def _forward(self, frames_BKHWC: torch.Tensor, state_BS: torch.Tensor | None,
-                 tokens_BL: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(actions [B, A], the auxiliary head's normalised estimate [B, X] or None without the head)."""
+                 tokens_BL: torch.Tensor | None, *, estimate: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(actions [B, A], the auxiliary head's normalised estimate [B, X]; None without the head or
+        when ``estimate`` is False and the action head does not read it)."""
         self._check(frames_BKHWC, state_BS, tokens_BL)
         B, K, H, W, C = frames_BKHWC.shape
         x = frames_BKHWC.permute(0, 1, 4, 2, 3).reshape(B, K * C, H, W).float() / 127.5 - 1.0
@@ -260,7 +261,8 @@ class Policy(nn.Module):
             feat_BCHW = feat_BCHW * (1 + gamma) + beta
             parts.append(task_BD)
         feat_BD = feat_BCHW.flatten(1)
-        aux_BX = None if self.aux_head is None else self.aux_head(feat_BD)  # normalised, like its targets
+        wanted = self.aux_head is not None and (estimate or self.config.aux_input)
+        aux_BX = self.aux_head(feat_BD) if wanted else None  # normalised, like its targets
         if self.config.aux_input and aux_BX is not None:
             parts.append(aux_BX.detach())
         raw_BA = self.head(torch.cat([feat_BD, *parts], dim=1))
