@@ -115,7 +115,7 @@ def test_models_take_the_worlds_shapes():
     assert arm.policy.state_dim == 7 and {"drawer", "window", "door"} <= set(arm.policy.task_vocab)
     assert arm.world_model.action_dim == 4 and arm.world_model.task_vocab == arm.policy.task_vocab
     demo = resolve("default", world="metaworld-mt10")  # the world's own preset overrides
-    assert (demo.fleet.episodes, demo.fleet.champion_episodes, len(demo.eval_seeds)) == (300, 60, 5)
+    assert (demo.fleet.episodes, demo.fleet.champion_episodes, len(demo.eval_seeds)) == (300, 60, 10)
     assert (demo.curate.min_length, demo.policy.shift, arm.policy.shift) == (20, 4, 4)
     assert demo.policy.aux_input and demo.policy.aux_dim == 4 and not arm.policy.aux_input  # obj x, y, z, to goal
     assert resolve("gpu", world="metaworld-mt10").curate.min_length == 20  # "all" applies to every preset
