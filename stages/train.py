@@ -14,11 +14,14 @@ import functools
 import hashlib
 import json
 import os
+import sys
 import tempfile
+import threading
 import time
 from typing import Any
 
 import numpy as np
+import ray
 import torch
 from torch import nn
 
@@ -29,6 +32,7 @@ from stages.schemas import of_world
 # each ray.train.report waits for the controller's next poll (about 2 s on Ray Train v2, measured):
 # a short run reports every REPORT_MIN_STEPS steps at most, not every tenth of its steps
 REPORT_MIN_STEPS = 25
+PROGRESS_EVERY_S = 1.0  # rank 0 tells the driver's step bar where it is at most this often
 TRAINER_STATE = "trainer_state.pt"  # optimizer, schedule and step beside the weights of a mid-run checkpoint
 # kind -> (module path, model class, what the sampler adds to a window: "next" frame or the "sequence")
 MODEL_KINDS = {"policy": ("models.policy", "Policy", ""), "world_model": ("models.world_model", "WorldModel", "next"),
@@ -212,7 +216,8 @@ def train_loop(cfg: dict[str, Any]) -> None:
     batches = Prefetcher(draw, depth=cfg["prefetch"], count=count) if cfg["prefetch"] else \
         (draw() for _ in range(count))
     report_every, start, running = max(REPORT_MIN_STEPS, steps // 10), time.perf_counter(), []
-    every = cfg["checkpoint_every"]
+    every, shown = cfg["checkpoint_every"], 0.0
+    progress = cfg.get("progress") if rank == 0 else None
     with contextlib.closing(batches):
         for step, drawn in enumerate(batches, start=first):
             torch.manual_seed(_step_seed(cfg["seed"], rank, step))
@@ -223,6 +228,9 @@ def train_loop(cfg: dict[str, Any]) -> None:
             opt.step()
             sched.step()
             running.append(float(loss.detach()))
+            if progress is not None and (step == steps - 1 or time.perf_counter() - shown > PROGRESS_EVERY_S):
+                progress.set.remote(step + 1, running[-1])  # fire and forget: the driver's step bar
+                shown = time.perf_counter()
             last, keep = step == steps - 1, every > 0 and (step + 1) % every == 0
             if (step + 1) % report_every and not last and not keep:
                 continue
@@ -318,14 +326,62 @@ def train_model(kind: str, *, frames_uri: str, model_config, storage_path: str, 
         "condition_dir": condition_dir if config.get("condition_dim") else None,
     }
     digest = hashlib.sha256(json.dumps(loop_config, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    progress = _Steps.remote()  # not part of the digest: a resumed run is the same run
     trainer = TorchTrainer(
-        train_loop, train_loop_config=loop_config,
+        train_loop, train_loop_config={**loop_config, "progress": progress},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(name=f"{run_name or kind}-{digest}", storage_path=os.path.abspath(storage_path),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
-    result = trainer.fit()
+    with _step_bar(progress, total=loop_config["steps"], desc=f"train {run_name or kind}"):
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training {kind} produced no checkpoint: {result.error}")
     return {"checkpoint_dir": result.checkpoint.path, "metrics": dict(result.metrics)}
+
+
+@ray.remote(num_cpus=0)
+class _Steps:
+    """Where rank 0 is: the step it finished and that step's loss."""
+
+    def __init__(self) -> None:
+        self.seen: tuple[int, float | None] = (0, None)
+
+    def set(self, step: int, loss: float) -> None:
+        self.seen = (step, loss)
+
+    def get(self) -> tuple[int, float | None]:
+        return self.seen
+
+
+@contextlib.contextmanager
+def _step_bar(progress, *, total: int, desc: str, every_s: float = 2.0):
+    """A step bar on stderr, fed by rank 0 through the ``_Steps`` actor while the block (the
+    trainer's fit, on this thread) runs; the actor ends with the block."""
+    from tqdm import tqdm
+
+    done = threading.Event()
+
+    def follow(bar) -> None:
+        while True:
+            last = done.wait(every_s)  # one more poll after the block ends: the bar ends where rank 0 did
+            try:
+                step, loss = ray.get(progress.get.remote(), timeout=every_s)
+            except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):  # busy or going away
+                step, loss = bar.n, None
+            bar.update(step - bar.n)
+            if loss is not None:
+                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            if last:
+                return
+
+    with tqdm(total=total, desc=desc, unit="step", file=sys.stderr, mininterval=every_s) as bar:
+        thread = threading.Thread(target=follow, args=(bar,), daemon=True, name="step-bar")
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+            ray.kill(progress)

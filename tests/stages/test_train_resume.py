@@ -47,11 +47,13 @@ def weights(result: dict) -> dict[str, np.ndarray]:
     return load_file(os.path.join(result["checkpoint_dir"], "model.safetensors"))
 
 
-def test_a_killed_run_resumes_to_the_same_weights(ray_cluster, frames_uri, tmp_path):
+def test_a_killed_run_resumes_to_the_same_weights(ray_cluster, frames_uri, tmp_path, capfd):
     common = {"frames_uri": frames_uri, "num_workers": 2, "cpus_per_worker": 0.5, "checkpoint_every": 5,
               "seed": 7, "run_name": "resume-test"}
     whole = train_model("world_model", model_config=CONFIG, storage_path=str(tmp_path / "whole"), **common)
     assert "resumed_from" not in whole["metrics"] and whole["metrics"]["step"] == CONFIG.steps
+    bar = capfd.readouterr().err  # the driver's step bar, fed by rank 0, ends at the last step
+    assert "train resume-test: 100%" in bar and f"{CONFIG.steps}/{CONFIG.steps}" in bar and "loss=" in bar
 
     killed = tmp_path / "killed"
     script = tmp_path / "train.py"
