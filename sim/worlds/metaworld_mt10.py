@@ -104,9 +104,11 @@ SPEC = WorldSpec(
              # drives, over HTTP: on-policy states with the expert's labels), all 10 held-out seeds per
              # task (100 scenes: on 50 the gate could not pass a +0.10 candidate, CI +0.0 .. +0.2), a
              # long policy fit (more scenes need more steps: 2000 underfit 300 episodes, 0.50 against
-             # 0.72 at 6000); the world model's variants are few
-             "default": {"fleet.episodes": 300, "fleet.champion_episodes": 60,
-                         "policy.steps": 5000, "world_model.steps": 200, "synth.variants": 8}},
+             # 0.72 at 6000); the world model's variants are few and its two models fit briefly
+             # (both warm-start each turn; the policy reads neither while synthetic frames stay gated
+             # out): at 600 dynamics and 200 generator steps turns took 19.0 to 20.9 minutes
+             "default": {"fleet.episodes": 300, "fleet.champion_episodes": 60, "policy.steps": 5000,
+                         "dynamics.steps": 300, "world_model.steps": 100, "synth.variants": 8}},
 )
 
 
