@@ -273,7 +273,7 @@ def _render_turn(turn: dict) -> str:
     lines.append(f"  promote     {'PROMOTED' if pr['promote'] else 'kept champion'}: {pr['reason']}")
     if "endpoint" in pr:
         lines.append(f"  endpoint    {pr['endpoint']['url']}  champion policy:v{pr['champion_version']} "
-                     f"score {pr['champion_score']:.1f}")
+                     f"score {pr['champion_score']:.4g}")
     companions = pr.get("companions", {})
     for app, url in companions.get("urls", {}).items():
         lines.append(f"  {app.split('-', 1)[0]:<11} {url}")

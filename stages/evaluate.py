@@ -59,4 +59,4 @@ def paired(candidate: dict, reference: dict, *, resamples: int = 10_000) -> dict
     diff = np.array([candidate[s] - reference[s] for s in seeds], dtype=np.float64)
     lo, hi = bootstrap_ci(diff, resamples=resamples)
     return {"seeds": seeds, "mean_diff": float(diff.mean()), "ci95": [lo, hi],
-            "wins": int((diff > 0).sum()), "n": len(seeds)}
+            "wins": int((diff > 0).sum()), "losses": int((diff < 0).sum()), "n": len(seeds)}

@@ -66,7 +66,7 @@ def gate(*, candidate: Sequence[Mapping[str, Any]], reference: Sequence[Mapping[
     """
     tolerances = dict(tolerances if tolerances is not None else {g: 0.0 for g in BUILTIN_GUARDS})
     decision: dict[str, Any] = {"promote": False, "reference_role": reference_role, "margin": float(margin),
-                                "mean_diff": None, "ci95": None, "n": 0, "wins": 0, "guards": {}}
+                                "mean_diff": None, "ci95": None, "n": 0, "wins": 0, "losses": 0, "guards": {}}
     cs, rs = candidate_setup or {}, reference_setup or {}
     differ = {k: (cs[k], rs[k]) for k in sorted(set(cs) & set(rs)) if cs[k] != rs[k]}
     if differ:
@@ -90,8 +90,8 @@ def gate(*, candidate: Sequence[Mapping[str, Any]], reference: Sequence[Mapping[
               for g, tol in tolerances.items()}
     better = lo > margin
     regressed = [g for g, v in guards.items() if v["enforced"] and not v["ok"]]
-    numbers = (f"mean paired difference {diff:+.1f} (95% CI {lo:+.1f} .. {hi:+.1f}; lower bound must be above "
-               f"{margin:g}) over {comparison['n']} scenes, {comparison['wins']} wins")
+    numbers = (f"mean paired difference {diff:+.4g} (95% CI {lo:+.4g} .. {hi:+.4g}; lower bound must be above "
+               f"{margin:g}) over {comparison['n']} scenes, {comparison['wins']} won, {comparison['losses']} lost")
     if not better:
         reason = f"candidate does not beat {reference_role}: {numbers}"
     elif regressed:
@@ -103,4 +103,5 @@ def gate(*, candidate: Sequence[Mapping[str, Any]], reference: Sequence[Mapping[
         reason = (f"candidate beats {reference_role}: {numbers}; guards "
                   f"{'held' if enforce_guards else 'reported, not enforced'} ({held or 'none'})")
     return decision | {"promote": bool(better and not regressed), "reason": reason, "mean_diff": diff,
-                       "ci95": [lo, hi], "n": comparison["n"], "wins": comparison["wins"], "guards": guards}
+                       "ci95": [lo, hi], "n": comparison["n"], "wins": comparison["wins"],
+                       "losses": comparison["losses"], "guards": guards}

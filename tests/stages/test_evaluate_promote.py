@@ -47,7 +47,7 @@ def test_summarize_reports_success_and_per_task_means():
 
 def test_paired_uses_only_common_seeds():
     out = paired({1: 10.0, 2: 20.0, 3: 99.0}, {1: 5.0, 2: 25.0, 4: 0.0}, resamples=500)
-    assert out["seeds"] == [1, 2] and out["mean_diff"] == 0.0 and out["wins"] == 1
+    assert out["seeds"] == [1, 2] and out["mean_diff"] == 0.0 and out["wins"] == 1 and out["losses"] == 1
     with pytest.raises(ValueError, match="no common scenes"):
         paired({1: 1.0}, {2: 1.0})
 

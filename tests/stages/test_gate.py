@@ -35,7 +35,7 @@ def test_one_win_of_ten_is_not_promoted():
     decision = _gate(_rows(candidate), _rows(champion))
     assert decision["mean_diff"] > 0 and decision["wins"] == 1 and decision["ci95"][0] < 0
     assert not decision["promote"] and "does not beat champion" in decision["reason"]
-    assert "over 10 scenes, 1 wins" in decision["reason"]
+    assert "over 10 scenes, 1 won, 9 lost" in decision["reason"] and decision["losses"] == 9
 
 
 def test_lower_bound_must_clear_the_margin():
