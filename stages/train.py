@@ -327,14 +327,14 @@ def train_model(kind: str, *, frames_uri: str, model_config, storage_path: str, 
     }
     digest = hashlib.sha256(json.dumps(loop_config, sort_keys=True, default=str).encode()).hexdigest()[:12]
     progress = _Steps.remote()  # not part of the digest: a resumed run is the same run
-    trainer = TorchTrainer(
-        train_loop, train_loop_config={**loop_config, "progress": progress},
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cpus_per_worker}),
-        run_config=RunConfig(name=f"{run_name or kind}-{digest}", storage_path=os.path.abspath(storage_path),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-    )
-    with _step_bar(progress, total=loop_config["steps"], desc=f"train {run_name or kind}"):
+    with _step_bar(progress, total=loop_config["steps"], desc=f"train {run_name or kind}"):  # ends the actor
+        trainer = TorchTrainer(
+            train_loop, train_loop_config={**loop_config, "progress": progress},
+            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                         resources_per_worker={"CPU": cpus_per_worker}),
+            run_config=RunConfig(name=f"{run_name or kind}-{digest}", storage_path=os.path.abspath(storage_path),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        )
         result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training {kind} produced no checkpoint: {result.error}")
