@@ -36,7 +36,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GPT2Config, GPT2Model
 
 from models import checkpoint
 from models.policy import RunningNorm
@@ -147,6 +146,8 @@ class Dynamics(nn.Module):
         self.state_in = nn.Linear(c.state_dim, c.embed) if c.state_dim else None
         self.task = TaskEncoder(c.task_vocab, c.task_hidden, c.task_max_len) if c.task_vocab else None
         self.task_in = nn.Linear(c.task_hidden, c.embed) if c.task_vocab else None
+        from transformers import GPT2Config, GPT2Model  # here: reading a config never pays the import
+
         self.gpt = GPT2Model(GPT2Config(vocab_size=1, n_positions=c.history, n_embd=c.embed, n_layer=c.layers,
                                         n_head=c.heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                                         bos_token_id=None, eos_token_id=None))

@@ -34,7 +34,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from models import checkpoint
 
@@ -158,6 +157,8 @@ class Reasoner(nn.Module):
         side = c.image_size // 2 ** (len(c.channels) + 1)
         self.encoder = nn.Sequential(*blocks, nn.Flatten(), nn.Linear(c_in * side * side, c.embed_dim))
         self.to_prefix = nn.Sequential(nn.SiLU(), nn.Linear(c.embed_dim, c.d_model))
+        from transformers import LlamaConfig, LlamaForCausalLM  # here: reading a config never pays the import
+
         self.lm = LlamaForCausalLM(LlamaConfig(
             vocab_size=len(self.vocab), hidden_size=c.d_model, intermediate_size=4 * c.d_model,
             num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=c.n_heads,

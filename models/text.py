@@ -18,7 +18,6 @@ from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
-from transformers import BertConfig, BertModel
 
 SPECIALS = ("[PAD]", "[UNK]")
 PAD_ID, UNK_ID = 0, 1
@@ -61,6 +60,8 @@ class TaskEncoder(nn.Module):
     """Token ids [B, L] -> task embedding [B, hidden]: a one-layer BERT, mean-pooled over real tokens."""
 
     def __init__(self, vocab: Sequence[str], hidden: int, max_len: int) -> None:
+        from transformers import BertConfig, BertModel  # here: a model without task text never pays its import
+
         super().__init__()
         check_vocab(vocab)
         self.vocab, self.max_len = tuple(vocab), max_len

@@ -49,7 +49,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DModel
 from torch import nn
 
 from models import checkpoint
@@ -159,6 +158,8 @@ class WorldModel(nn.Module):
         levels = len(c.channels)
         down = ("DownBlock2D",) * (levels - 1) + ("AttnDownBlock2D" if c.attention else "DownBlock2D",)
         up = tuple("AttnUpBlock2D" if b == "AttnDownBlock2D" else "UpBlock2D" for b in reversed(down))
+        from diffusers import UNet2DModel  # here: reading a config never pays the import
+
         self.unet = UNet2DModel(
             sample_size=c.image_size // c.unshuffle, in_channels=3 * (c.history + 1) * r2,
             out_channels=3 * r2, block_out_channels=c.channels, layers_per_block=c.layers,

@@ -78,14 +78,16 @@ def start_serve(*, host: str, port: int) -> None:
                 controller_options={"runtime_env": {"env_vars": ingress_env()}})
 
 
-def run_app(application: serve.Application, *, host: str, port: int, app_name: str, route_prefix: str) -> str:
+def run_apps(applications: dict[str, tuple[serve.Application, str]], *, host: str, port: int) -> dict[str, str]:
     """Start Serve on ``host:port`` unless it runs (then its address is kept: Serve cannot move it),
-    run ``application`` under ``route_prefix``; returns its base URL."""
+    run each application (name -> (application, route prefix)) at once, their replicas starting
+    side by side, and wait until all run; returns each one's base URL."""
     start_serve(host=host, port=port)
-    serve.run(application, name=app_name, route_prefix=route_prefix)
+    serve.run_many([serve.RunTarget(application, name=name, route_prefix=prefix)
+                    for name, (application, prefix) in applications.items()])
     http = _get_global_client().http_config
     url_host = "127.0.0.1" if http.host in ("0.0.0.0", "::", "") else http.host
-    return f"http://{url_host}:{http.port}{route_prefix}"
+    return {name: f"http://{url_host}:{http.port}{prefix}" for name, (_, prefix) in applications.items()}
 
 
 def deploy(*, registry_uri: str, model_name: str, alias: str = "champion",
@@ -98,7 +100,7 @@ def deploy(*, registry_uri: str, model_name: str, alias: str = "champion",
     application = build_app(registry_uri=registry_uri, model_name=model_name, alias=alias,
                             storage_options=storage_options, num_replicas=num_replicas, world=world,
                             version=version, shadow_alias=shadow_alias, host=host)
-    return run_app(application, host=host, port=port, app_name=app_name, route_prefix=route_prefix or f"/{app_name}")
+    return run_apps({app_name: (application, route_prefix or f"/{app_name}")}, host=host, port=port)[app_name]
 
 
 APPS = {"act": "/{world}", "predict": "/{world}-predict", "report": "/{world}-report"}  # app -> route prefix
@@ -137,17 +139,14 @@ def deploy_world(*, registry_uri: str, world: str = worlds.DEFAULT, storage_opti
         raise ValueError(f"unknown applications {sorted(unknown)}: choose from {', '.join(APPS)}")
     token = api_token(host)
     names = {"act": policy_name, "report": reasoner_name}
-    urls, skipped = {}, {}
+    built, skipped = {}, {}
     for app, prefix in APPS.items():
         if app not in apps:
             continue
         name = f"{app}-{world}"
         try:
-            application = build_one(app, registry_uri=registry_uri, world=world, storage_options=storage_options,
-                                    token=token, alias=alias, model_name=names.get(app))
+            built[name] = (build_one(app, registry_uri=registry_uri, world=world, storage_options=storage_options,
+                                     token=token, alias=alias, model_name=names.get(app)), prefix.format(world=world))
         except LookupError as e:
             skipped[name] = str(e)
-            continue
-        urls[name] = run_app(application, host=host, port=port, app_name=name,
-                             route_prefix=prefix.format(world=world))
-    return {"urls": urls, "skipped": skipped}
+    return {"urls": run_apps(built, host=host, port=port) if built else {}, "skipped": skipped}
