@@ -160,3 +160,18 @@ def test_up_says_why_the_cluster_did_not_start(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.startswith("worldloop up: `ray start --head --port=6379` failed") and "Traceback" not in err
     assert not (tmp_path / ".worldloop" / "cluster.json").exists()
+
+
+def test_reading_configs_and_building_a_textless_policy_import_no_model_library():
+    """transformers and diffusers load where a module that needs them is built: a command that only
+    reads configs (`down`, `worlds`, `status`) or a car policy process never pays their import."""
+    script = ("import sys\nfrom flows import cli\nfrom flows.config import resolve\n"
+              "from models.policy import Policy\n"
+              "cfg = resolve('tiny', world='carracing')\nPolicy(cfg.policy)\n"
+              "print(sorted({m.split('.')[0] for m in sys.modules} & {'transformers', 'diffusers'}))\n"
+              "from models.text import TaskEncoder\nTaskEncoder(('pick', 'up'), 8, 4)\n"
+              "print('transformers' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=os.getcwd(), env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["[]", "True"]
