@@ -212,11 +212,14 @@ def frames_per_s(batch: int, seconds: float, fn: Callable[..., Any], *fn_args: A
 # ---- one world ----------------------------------------------------------------------------------
 
 
-def model_config(preset: str, spec, image_size: int, condition_dim: int = 0) -> wm.WorldModelConfig:
-    """The preset with the world's shapes, as ``flows.config`` resolves them."""
+def model_config(preset: str, spec, image_size: int, condition_dim: int = 0,
+                 overrides: dict[str, Any] | None = None) -> wm.WorldModelConfig:
+    """The preset with ``overrides`` (``--set``) and the world's shapes, as ``flows.config`` resolves them."""
+    from flows.config import apply
+
     vocab = build_vocab(t.instruction for t in spec.tasks) if len(spec.tasks) > 1 else ()
-    return dataclasses.replace(wm.preset(preset), action_dim=len(spec.actions), task_vocab=vocab,
-                               image_size=image_size, condition_dim=condition_dim)
+    return dataclasses.replace(apply(wm.preset(preset), overrides or {}), action_dim=len(spec.actions),
+                               task_vocab=vocab, image_size=image_size, condition_dim=condition_dim)
 
 
 def generate(model: wm.WorldModel, dynamics: dyn.Dynamics, spec, ev: dict, rows: slice, steps: int, seed: int,
@@ -248,7 +251,7 @@ def bench_world(name: str, args: argparse.Namespace) -> dict[str, Any]:
     world = worlds.get(name)
     spec, out = world.spec, {}
     dcfg = neural_sim.dynamics_config(world, args.dynamics_preset)
-    cfg = model_config(args.preset, spec, world.image_size, dcfg.embed if args.condition else 0)
+    cfg = model_config(args.preset, spec, world.image_size, dcfg.embed if args.condition else 0, args.overrides)
     K, horizons, sample_steps = cfg.history, args.horizons, cfg.sampling_steps
     W = max(K, dcfg.history)  # the frames both models read before a step
     instructions = [spec.instruction(t) for t in spec.task_names]
@@ -258,18 +261,24 @@ def bench_world(name: str, args: argparse.Namespace) -> dict[str, Any]:
     while len(train_eps) < args.train_episodes or sum(len(e["frames"]) for e in train_eps) < args.train_frames:
         seed = spec.fleet_seed_base + len(train_eps)
         train_eps += drive(world, [(seed, world.scene_tasks(len(train_eps) + 1)[-1])])
+    play_eps: list[dict] = []  # on scenes after the fleet's
+    while sum(len(e["frames"]) for e in play_eps) < args.play_frames:
+        n = len(train_eps) + len(play_eps)
+        play_eps += drive(world, [(spec.fleet_seed_base + n, world.scene_tasks(len(play_eps) + 1)[-1])], play=True)
     held_out = [spec.eval_seeds[i % len(spec.eval_seeds)] for i in range(args.eval_episodes)]
     eval_eps = drive(world, list(zip(held_out, world.scene_tasks(len(held_out)))))
     windows = Windows(train_eps, W, spec.task_names)
     ev = eval_windows(eval_eps, W, max(horizons), args.starts, max(spec.warmup_steps, W - 1), spec.task_names)
     out |= {"train_frames": sum(len(e["frames"]) for e in train_eps), "train_windows": len(windows),
+            "play_frames": sum(len(e["frames"]) for e in play_eps),
             "eval_frames": sum(len(e["frames"]) for e in eval_eps), "eval_windows": len(ev["task"]),
             "seconds_episodes": perf_counter() - start}
-    log(f"[{name}] episodes: {len(train_eps)} train ({out['train_frames']} frames), {args.eval_episodes} "
+    log(f"[{name}] episodes: {len(train_eps)} train ({out['train_frames']} frames), {len(play_eps)} play "
+        f"({out['play_frames']} frames), {args.eval_episodes} "
         f"held-out ({out['eval_frames']} frames, {out['eval_windows']} windows): {out['seconds_episodes']:.1f} s")
 
     start = perf_counter()  # the reasoner first: its vector conditions the generator
-    dynamics, info = neural_sim.train_dynamics(dcfg, train_eps, args.dynamics_seconds, args.seed)
+    dynamics, info = neural_sim.train_dynamics(dcfg, train_eps + play_eps, args.dynamics_seconds, args.seed)
     out |= info | {"seconds_train_dynamics": perf_counter() - start}
     log(f"[{name}] train dynamics: {info['train_steps_dynamics']} steps, loss {info['train_loss_dynamics']:.4f}: "
         f"{out['seconds_train_dynamics']:.1f} s")
@@ -409,6 +418,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worlds", nargs="+", default=list(WORLDS), choices=list(WORLDS))
     parser.add_argument("--preset", default="default", choices=sorted(wm.PRESETS))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a field of the world model's preset (e.g. train_sigma_max_prob=0.9)")
     parser.add_argument("--train-seconds", type=float, default=120.0, help="per model per world")
     parser.add_argument("--train-episodes", type=int, default=8, help="at least this many training episodes")
     parser.add_argument("--train-frames", type=int, default=8000, help="and at least this many frames (0: any)")
@@ -427,6 +438,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="a generator that does not read the dynamics model's vector (and no wm_plain)")
     part2.add_argument("--dynamics-preset", default="default", choices=sorted(dyn.PRESETS))
     part2.add_argument("--dynamics-seconds", type=float, default=90.0)
+    part2.add_argument("--play-frames", type=int, default=3000,
+                       help="frames of play data (the world's random driver, no safety driver) the dynamics model "
+                            "also trains on, so that it has seen what failing looks like (0: none)")
     part2.add_argument("--policy-preset", default="default", choices=sorted(dyn.PRESETS))
     part2.add_argument("--policy-seconds", type=float, default=120.0, help="the policy ladder's training budget")
     part2.add_argument("--sim-starts", type=int, default=10, help="starting states shared by both simulators")
@@ -437,6 +451,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="part 3: counterfactual variants replayed in the real simulator (0: skip)")
     args = parser.parse_args(argv)
     args.horizons = sorted(set(args.horizons))
+    from flows.config import apply, parse_overrides
+
+    args.overrides = parse_overrides(args.overrides)
     if args.horizons[0] < 1 or min(args.train_episodes, args.eval_episodes, args.starts, args.batch) < 1 \
             or args.regressor_width % 8:
         parser.error("horizons, episodes, starts and batch must be >= 1; --regressor-width a multiple of 8")
@@ -446,10 +463,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     from stages.registry import git_commit
 
-    cfg = wm.preset(args.preset)
+    cfg = apply(wm.preset(args.preset), args.overrides)
     figures: dict[str, Any] = {
-        "preset": args.preset, "sampling_steps": cfg.sampling_steps, "batch_size": cfg.batch_size,
+        "preset": args.preset, "overrides": args.overrides, "sampling_steps": cfg.sampling_steps, "batch_size": cfg.batch_size,
         "train_seconds": args.train_seconds, "train_episodes": args.train_episodes, "train_frames": args.train_frames,
+        "play_frames": args.play_frames,
         "eval_episodes": args.eval_episodes, "horizons": args.horizons, "starts": args.starts,
         "speed_batch": args.batch, "threads": torch.get_num_threads(), "seed": args.seed,
         "cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,

@@ -15,11 +15,14 @@ def log(message: str) -> None:
 
 
 
-def drive(world, scenes: list[tuple[int, str]]) -> list[dict]:
-    """Episodes driven as the turn-0 fleet drives them: noisy expert, expert as safety driver."""
+def drive(world, scenes: list[tuple[int, str]], *, play: bool = False) -> list[dict]:
+    """Episodes driven as the turn-0 fleet drives them: noisy expert, expert as safety driver; or,
+    with ``play``, play data: the world's uniformly random driver with nobody taking over."""
     from sim.rollout import run_episode
 
-    return [run_episode(world=world, seed=seed, task=task, driver=world.expert(noisy=True), safety="active")[0]
+    def driver():
+        return world.random_driver() if play else world.expert(noisy=True)
+    return [run_episode(world=world, seed=seed, task=task, driver=driver(), safety="off" if play else "active")[0]
             for seed, task in scenes]
 
 
