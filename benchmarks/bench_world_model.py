@@ -17,6 +17,11 @@ For each world of ``--worlds`` (carracing, metaworld-mt10), in this one process:
    ``spec.fleet_seed_base + i``, tasks round-robin by ``world.scene_tasks``), and
    ``--eval-episodes`` (5) the same way on the held-out ``spec.eval_seeds`` (seed i with task i
    round-robin: the arm's held-out scenes cover several tasks). Frames at the world's image size.
+   With ``--play-frames N`` (default 0), also N frames of play data on the scenes after the
+   fleet's: the world's uniformly random driver with nobody taking over, episodes until the
+   budget is met. Only the dynamics model trains on them (a fleet whose logs nearly all succeed
+   teaches its success head little about failing). Measured, arm, 3000 frames: no reliable
+   change to the success ranking (benchmarks/README.md).
 2. Training. First the dynamics model (part 2's ``train_dynamics``, ``--dynamics-seconds``): as
    in the flywheel, its vector h[t] over the window conditions the generator (``--no-condition``:
    a generator without it). Then the world model (``models.world_model.WorldModel``, ``--preset``
@@ -438,7 +443,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="a generator that does not read the dynamics model's vector (and no wm_plain)")
     part2.add_argument("--dynamics-preset", default="default", choices=sorted(dyn.PRESETS))
     part2.add_argument("--dynamics-seconds", type=float, default=90.0)
-    part2.add_argument("--play-frames", type=int, default=3000,
+    part2.add_argument("--play-frames", type=int, default=0,
                        help="frames of play data (the world's random driver, no safety driver) the dynamics model "
                             "also trains on, so that it has seen what failing looks like (0: none)")
     part2.add_argument("--policy-preset", default="default", choices=sorted(dyn.PRESETS))
@@ -455,6 +460,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     args.overrides = parse_overrides(args.overrides)
     if args.horizons[0] < 1 or min(args.train_episodes, args.eval_episodes, args.starts, args.batch) < 1 \
+            or args.play_frames < 0 \
             or args.regressor_width % 8:
         parser.error("horizons, episodes, starts and batch must be >= 1; --regressor-width a multiple of 8")
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
