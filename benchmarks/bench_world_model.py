@@ -250,6 +250,15 @@ def neural_step_speed(model: wm.WorldModel, dynamics: dyn.Dynamics, spec, ev: di
     return frames_per_s(len(rows), seconds, sim.step, ev["actions"][rows, 0])
 
 
+def drive_until(world, first_seed: int, episodes: int, frames: int, *, play: bool = False) -> list[dict]:
+    """Episodes on seeds ``first_seed``, ``first_seed + 1``, ... (tasks round-robin) until there are at
+    least ``episodes`` of them holding at least ``frames`` frames (``benchmarks.windows.drive``)."""
+    out: list[dict] = []
+    while len(out) < episodes or sum(len(e["frames"]) for e in out) < frames:
+        out += drive(world, [(first_seed + len(out), world.scene_tasks(len(out) + 1)[-1])], play=play)
+    return out
+
+
 def bench_world(name: str, args: argparse.Namespace) -> dict[str, Any]:
     from sim import worlds
 
@@ -262,14 +271,8 @@ def bench_world(name: str, args: argparse.Namespace) -> dict[str, Any]:
     instructions = [spec.instruction(t) for t in spec.task_names]
 
     start = perf_counter()
-    train_eps: list[dict] = []
-    while len(train_eps) < args.train_episodes or sum(len(e["frames"]) for e in train_eps) < args.train_frames:
-        seed = spec.fleet_seed_base + len(train_eps)
-        train_eps += drive(world, [(seed, world.scene_tasks(len(train_eps) + 1)[-1])])
-    play_eps: list[dict] = []  # on scenes after the fleet's
-    while sum(len(e["frames"]) for e in play_eps) < args.play_frames:
-        n = len(train_eps) + len(play_eps)
-        play_eps += drive(world, [(spec.fleet_seed_base + n, world.scene_tasks(len(play_eps) + 1)[-1])], play=True)
+    train_eps = drive_until(world, spec.fleet_seed_base, args.train_episodes, args.train_frames)
+    play_eps = drive_until(world, spec.fleet_seed_base + len(train_eps), 0, args.play_frames, play=True)
     held_out = [spec.eval_seeds[i % len(spec.eval_seeds)] for i in range(args.eval_episodes)]
     eval_eps = drive(world, list(zip(held_out, world.scene_tasks(len(held_out)))))
     windows = Windows(train_eps, W, spec.task_names)
@@ -460,9 +463,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     args.overrides = parse_overrides(args.overrides)
     if args.horizons[0] < 1 or min(args.train_episodes, args.eval_episodes, args.starts, args.batch) < 1 \
-            or args.play_frames < 0 \
-            or args.regressor_width % 8:
-        parser.error("horizons, episodes, starts and batch must be >= 1; --regressor-width a multiple of 8")
+            or args.play_frames < 0 or args.regressor_width % 8:
+        parser.error("horizons, episodes, starts and batch must be >= 1; --play-frames >= 0; "
+                     "--regressor-width a multiple of 8")
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
     os.environ.setdefault("MUJOCO_GL", "osmesa")
     os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa")
@@ -471,9 +474,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     cfg = apply(wm.preset(args.preset), args.overrides)
     figures: dict[str, Any] = {
-        "preset": args.preset, "overrides": args.overrides, "sampling_steps": cfg.sampling_steps, "batch_size": cfg.batch_size,
-        "train_seconds": args.train_seconds, "train_episodes": args.train_episodes, "train_frames": args.train_frames,
-        "play_frames": args.play_frames,
+        "preset": args.preset, "overrides": args.overrides, "sampling_steps": cfg.sampling_steps,
+        "batch_size": cfg.batch_size, "train_seconds": args.train_seconds, "train_episodes": args.train_episodes,
+        "train_frames": args.train_frames, "play_frames": args.play_frames,
         "eval_episodes": args.eval_episodes, "horizons": args.horizons, "starts": args.starts,
         "speed_batch": args.batch, "threads": torch.get_num_threads(), "seed": args.seed,
         "cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
