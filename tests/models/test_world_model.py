@@ -77,7 +77,7 @@ def test_presets_derive_and_validate():
     with pytest.raises(ValueError, match="unknown world-model preset"):
         preset("huge")
     with pytest.raises(ValueError, match="divisible"):
-        dataclasses.replace(CFG, image_size=30)
+        dataclasses.replace(CFG, image_size=31)
     with pytest.raises(ValueError, match="unknown WorldModelConfig fields"):
         config_from_dict({"image_size": 64, "bogus": 1})
 
@@ -111,9 +111,19 @@ def test_bad_input_is_a_clear_error():
         model.predict(history, np.zeros((2, 3)), steps=0)
 
 
+def backward_after_one_step(model: WorldModel, *batch) -> None:
+    """Gradients of the loss after one optimiser step: the output conv starts at zero, so at
+    initialisation nothing before it gets a gradient."""
+    opt = model.make_optimizer()
+    model.loss(*batch).backward()
+    opt.step()
+    opt.zero_grad()
+    model.loss(*batch).backward()
+
+
 def test_gradients_reach_the_action_mlp():
     model = WorldModel(CFG)
-    model.loss(*gas_task(4, seed=0)).backward()
+    backward_after_one_step(model, *gas_task(4, seed=0))
     for name, p in model.cond_mlp.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
@@ -171,7 +181,7 @@ def test_tasks_are_required_and_reach_the_conditioning():
         model.predict(history, action, tasks=tasks[:2])
     with pytest.raises(ValueError, match="actions must"):
         model.predict(history, action[:, :3], tasks=tasks)
-    model.loss(history, action, target, tasks).backward()
+    backward_after_one_step(model, history, action, target, tasks)
     for name, p in [*model.cond_mlp.named_parameters(), *model.task_encoder.named_parameters()]:
         if "token_type" not in name:  # one segment: its embedding is a constant offset
             assert p.grad is not None and p.grad.abs().sum() > 0, name
