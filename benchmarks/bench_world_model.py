@@ -1,7 +1,7 @@
 """`make bench-world-model`: the world model against its baselines on both built-in worlds, in one
 process. Part 1 (here): the generator against copy-last-frame and a CNN regressor, fidelity of
 open-loop rollouts and generation speed on the CPU. Part 2 (``benchmarks/neural_sim.py``): the
-dynamics model's errors, inverse dynamics, and six policies ranked by the neural simulator
+dynamics model's errors, inverse dynamics, and eight policies ranked by the neural simulator
 against the real one (``spearman_*``). Part 3 (``benchmarks/plausibility.py``): the synthesis
 filter against counterfactuals replayed in the real simulator.
 
@@ -15,7 +15,7 @@ For each world of ``--worlds`` (carracing, metaworld-mt10), in this one process:
    (the arm's episodes are short: the same frame budget for both worlds), as the turn-0 fleet drives them (``sim.rollout.run_episode``
    with the world's noisy privileged expert, the expert as active safety driver, seeds
    ``spec.fleet_seed_base + i``, tasks round-robin by ``world.scene_tasks``), and
-   ``--eval-episodes`` (5) the same way on the held-out ``spec.eval_seeds`` (seed i with task i
+   ``--eval-episodes`` (10) the same way on the held-out ``spec.eval_seeds`` (seed i with task i
    round-robin: the arm's held-out scenes cover several tasks). Frames at the world's image size.
    With ``--play-frames N`` (default 0), also N frames of play data on the scenes after the
    fleet's: the world's uniformly random driver with nobody taking over, episodes until the
@@ -92,7 +92,7 @@ from torch import nn
 
 from benchmarks import neural_sim, plausibility
 from benchmarks.strip import save_strip
-from benchmarks.windows import Batch, Windows, drive, eval_windows
+from benchmarks.windows import Batch, Windows, drive, eval_windows, held_out_scenes
 from models import dynamics as dyn
 from models import world_model as wm
 from models.text import build_vocab
@@ -273,8 +273,7 @@ def bench_world(name: str, args: argparse.Namespace) -> dict[str, Any]:
     start = perf_counter()
     train_eps = drive_until(world, spec.fleet_seed_base, args.train_episodes, args.train_frames)
     play_eps = drive_until(world, spec.fleet_seed_base + len(train_eps), 0, args.play_frames, play=True)
-    held_out = [spec.eval_seeds[i % len(spec.eval_seeds)] for i in range(args.eval_episodes)]
-    eval_eps = drive(world, list(zip(held_out, world.scene_tasks(len(held_out)))))
+    eval_eps = drive(world, held_out_scenes(spec, args.eval_episodes))
     windows = Windows(train_eps, W, spec.task_names)
     ev = eval_windows(eval_eps, W, max(horizons), args.starts, max(spec.warmup_steps, W - 1), spec.task_names)
     out |= {"train_frames": sum(len(e["frames"]) for e in train_eps), "train_windows": len(windows),
@@ -451,7 +450,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             "also trains on, so that it has seen what failing looks like (0: none)")
     part2.add_argument("--policy-preset", default="default", choices=sorted(dyn.PRESETS))
     part2.add_argument("--policy-seconds", type=float, default=120.0, help="the policy ladder's training budget")
-    part2.add_argument("--sim-starts", type=int, default=10, help="starting states shared by both simulators")
+    part2.add_argument("--sim-starts", type=int, default=30, help="starting states shared by both simulators")
     part2.add_argument("--sim-start", type=int, default=0, help="first start step (at least the warm-up)")
     part2.add_argument("--sim-stride", type=int, default=150, help="steps between starts of one episode")
     part2.add_argument("--sim-horizon", type=int, default=100, help="steps each policy drives (0: the world's max)")

@@ -16,13 +16,16 @@ and held-out episodes:
    against the logged ones: MAE and R^2 (1 - MSE / variance of the logged actions) per world.
 3. A ladder of policies. A behaviour-cloned ``models.policy.Policy`` (the preset the flywheel
    trains, with the world's shapes) trains on the expert's labels of the training episodes for
-   ``--policy-seconds``; its weights at 0, 1/8, 1/2 and all of the budget, the final one with half
-   of its actions replaced by random ones, and the uniformly random policy make six policies.
-4. Ranking. Each policy drives ``--sim-horizon`` steps from the same starting states: real
-   windows of held-out episodes (step ``--sim-start`` and later), in the real simulator (the
+   ``--policy-seconds``; its weights at 0, 1/8, 1/2 and all of the budget, the final one with a
+   quarter, half and three quarters of its actions replaced by random ones (epsilon-greedy rungs:
+   a clone saturates early, so checkpoints alone give rungs of equal quality, between which any
+   ranking is noise), and the uniformly random policy make eight policies.
+4. Ranking. Each policy drives ``--sim-horizon`` steps from the same ``--sim-starts`` starting
+   states: real windows of held-out episodes (step ``--sim-start`` and every ``--sim-stride``
+   after; more held-out scenes are driven when those hold too few), in the real simulator (the
    episode replayed from its seed by its logged actions up to the start, which reproduces the
    logged frame: checked and counted) and in the neural simulator (seeded from the logged
-   frames, actions and states). ``spearman`` is the rank correlation of the six policies' mean
+   frames, actions and states). ``spearman`` is the rank correlation of the eight policies' mean
    scores (the world's score; ``spearman_return`` the same on returns), ``bias`` the mean of
    neural - real scores.
 """
@@ -43,6 +46,7 @@ from models.text import build_vocab
 from sim.neural import NeuralSim, Start, run_policy
 
 CHECKPOINTS = (0.0, 0.125, 0.5, 1.0)  # shares of the policy's training budget kept as ladder rungs
+MIXES = (0.25, 0.5, 0.75)  # shares of the final clone's actions replaced by random ones, one rung each
 
 
 def log(message: str) -> None:
@@ -192,7 +196,7 @@ def policy_config(spec, image_size: int, preset: str) -> pol.PolicyConfig:
 
 def policy_ladder(spec, cfg: pol.PolicyConfig, episodes: list[dict], seconds: float,
                   seed: int) -> dict[str, Callable[[np.ndarray, np.ndarray, list[str]], np.ndarray]]:
-    """name -> act(frames_BKHWC, policy state_BP, instructions) of the six rungs."""
+    """name -> act(frames_BKHWC, policy state_BP, instructions) of the eight rungs."""
     from benchmarks.bench_world_model import one_cycle
 
     torch.manual_seed(seed)
@@ -241,11 +245,26 @@ def policy_ladder(spec, cfg: pol.PolicyConfig, episodes: list[dict], seconds: fl
         return rng.uniform(spec.action_low, spec.action_high, (len(frames_BKHWC), len(spec.actions))).astype(np.float32)
 
     ladder = {"random": random_act, **{name: acting(w) for name, w in snapshots.items()}}
-    ladder["bc@1+50%random"] = acting(snapshots["bc@1"], noise=0.5, seed=seed)
-    return ladder
+    return ladder | {f"bc@1+{round(100 * q)}%random": acting(snapshots["bc@1"], noise=q, seed=seed + i)
+                     for i, q in enumerate(MIXES)}
 
 
 # ---- 4: the same policies in both simulators ------------------------------------------------------
+
+
+def ranking_starts(world, held_out: list[dict], first: int, stride: int, wanted: int) -> list[tuple[dict, int]]:
+    """``wanted`` starting states (episode, step): steps ``first``, ``first + stride``, ... of each
+    held-out episode, taken round-robin over the episodes; when they hold too few, more held-out
+    scenes are driven (``benchmarks.windows.held_out_scenes``, after the given episodes' own)."""
+    from benchmarks.windows import drive, held_out_scenes
+
+    episodes = list(held_out)
+    steps = lambda e: range(first, len(e["frames"]) - 1, stride)  # noqa: E731
+    scenes = held_out_scenes(world.spec, 10 ** 6)
+    while sum(len(steps(e)) for e in episodes) < wanted and len(episodes) < len(scenes):
+        episodes += drive(world, [scenes[len(episodes)]])
+    rows = [[(e, s) for s in steps(e)] for e in episodes]
+    return [r[k] for k in range(max(map(len, rows), default=0)) for r in rows if k < len(r)][:wanted]
 
 
 def real_scores(world, act, starts: list[tuple[dict, int]], horizon: int, K: int) -> tuple[list[dict], int]:
@@ -308,8 +327,7 @@ def measure(world, generator, model: dyn.Dynamics, train: list[dict], held_out: 
     log(f"[{name}] policy ladder ({len(ladder)} policies): {perf_counter() - start:.1f} s")
     first = max(args.sim_start, sim.context - 1, spec.warmup_steps)
     horizon = args.sim_horizon or spec.max_steps
-    per = -(-args.sim_starts // len(held_out))  # starts per held-out episode, spaced by --sim-stride
-    starts = [(e, s) for e in held_out for s in range(first, len(e["frames"]) - 1, args.sim_stride)[:per]]
+    starts = ranking_starts(world, held_out, first, args.sim_stride, args.sim_starts)
     real, neural, mismatched = {}, {}, 0
     start = perf_counter()
     for policy_name, act in ladder.items():

@@ -15,6 +15,15 @@ def log(message: str) -> None:
 
 
 
+def held_out_scenes(spec, n: int) -> list[tuple[int, str]]:
+    """The first ``n`` distinct held-out scenes (seed, task): seed i with task i (round-robin) first,
+    then each seed with the next task, and so on; at most every pair of ``spec.eval_seeds`` and tasks."""
+    seeds, tasks = spec.eval_seeds, spec.task_names
+    pairs = sorted(((i, j) for i in range(len(seeds)) for j in range(len(tasks))),
+                   key=lambda p: ((p[1] - p[0]) % len(tasks), p[0]))
+    return [(seeds[i], tasks[j]) for i, j in pairs[:n]]
+
+
 def drive(world, scenes: list[tuple[int, str]], *, play: bool = False) -> list[dict]:
     """Episodes driven as the turn-0 fleet drives them: noisy expert, expert as safety driver; or,
     with ``play``, play data: the world's uniformly random driver with nobody taking over."""

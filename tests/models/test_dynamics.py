@@ -49,6 +49,8 @@ def test_config_rejects_bad_shapes():
         dataclasses.replace(CFG, image_size=18)
     with pytest.raises(ValueError, match="repeat"):
         dataclasses.replace(CFG, signals=("a", "a"))
+    with pytest.raises(ValueError, match="state_noise"):
+        dataclasses.replace(CFG, state_noise=-0.1)
     assert config_from_dict(dataclasses.asdict(CFG)) == CFG
 
 
@@ -67,10 +69,23 @@ def test_inputs_are_checked():
         model.predict(frames[:, :4], actions[:, :4], states[:, :4], None)
 
 
+def fit(model: Dynamics, steps: int) -> dict[str, torch.Tensor]:
+    """``steps`` optimiser steps on fresh toy windows; the last step's losses."""
+    opt, K = model.make_optimizer(), model.config.history
+    model.train()
+    for step in range(steps):
+        frames, actions, states, targets, tasks = toy_windows(32, step)
+        targets = Targets(**{f.name: getattr(targets, f.name)[:, :K] for f in dataclasses.fields(Targets)})
+        losses = model.loss(frames[:, :K], actions[:, :K], states[:, :K], targets, tasks)
+        opt.zero_grad()
+        losses["loss"].backward()
+        opt.step()
+    return losses
+
+
 def test_learns_state_reward_signals_end_and_inverse_dynamics():
     torch.manual_seed(0)
     model = Dynamics(CFG)
-    opt = model.make_optimizer()
     val = toy_windows(64, 99)
     K = CFG.history
 
@@ -86,19 +101,32 @@ def test_learns_state_reward_signals_end_and_inverse_dynamics():
                 "idm": float(np.abs(idm[..., 0] - actions[:, :-1, 0]).mean())}
 
     before = errors()
-    for step in range(300):
-        frames, actions, states, targets, tasks = toy_windows(32, step)
-        targets = Targets(**{f.name: getattr(targets, f.name)[:, :K] for f in dataclasses.fields(Targets)})
-        losses = model.loss(frames[:, :K], actions[:, :K], states[:, :K], targets, tasks)
-        opt.zero_grad()
-        losses["loss"].backward()
-        opt.step()
+    losses = fit(model, 300)
     after = errors()
     assert set(losses) == {"reward", "done", "signals", "state", "idm", "loss"}
     assert after["state"] < 0.35 < before["state"], (before, after)
     assert after["reward"] < 0.35 < before["reward"], (before, after)
     assert after["edge"] < 0.1, (before, after)
     assert after["idm"] < 0.3 < before["idm"], (before, after)
+
+
+def test_state_noise_teaches_it_to_correct_a_state_that_is_off():
+    """Fed its own slightly wrong state (as in a neural-simulator rollout), the model trained with
+    noisy input states reads the frame and pulls the state back; without the noise it trusts the
+    state. Evaluation itself is noise-free."""
+    K, errors = CFG.history, {}
+    frames, actions, states, targets, tasks = toy_windows(64, 99)
+    off = states[:, :K].copy()
+    off[:, -1, 0] += 2.0  # the column is 2 px from where the state says
+    for noise in (0.0, 0.5):
+        torch.manual_seed(0)
+        model = Dynamics(dataclasses.replace(CFG, state_noise=noise))
+        fit(model, 300)
+        model.eval()
+        once = model.predict(frames[:, :K], actions[:, :K], off, tasks).next_state
+        torch.testing.assert_close(once, model.predict(frames[:, :K], actions[:, :K], off, tasks).next_state)
+        errors[noise] = float((once[:, 0] - targets.next_state_BKS[:, K - 1, 0]).abs().mean())
+    assert errors[0.5] < 0.6 * errors[0.0], errors
 
 
 def test_unknown_states_are_masked_and_unread():
