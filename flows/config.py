@@ -95,12 +95,18 @@ class TrainConfig:
     # batches a background thread makes ahead of each step (0: none). On a GPU the step no longer
     # waits on data; on 2 CPU cores the thread competes with the step (arm policy 226 s against 216 s)
     prefetch: int = 0
+    # "bf16": each step's forward under bfloat16 autocast (weights and optimizer in fp32); "fp32"
+    precision: str = "fp32"
     # a checkpoint (weights + optimizer + step) every this many steps; a run killed mid-way and
     # started again with the same inputs resumes from the latest one (0: only at the end)
     checkpoint_every: int = 200
     # the generator reads the dynamics model's conditioning vector (the reasoner instructs the
     # generator); the world model then trains after the dynamics model, on its vectors
     condition_generator: bool = True
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"train.precision must be fp32 or bf16, got {self.precision!r}")
 
 
 @dataclass(frozen=True)
@@ -225,7 +231,8 @@ def _gpu() -> FlywheelConfig:
         world_model=world_model.preset("gpu"),
         dynamics=dynamics.preset("gpu"),
         policy=policy_model.preset("gpu"),
-        train=replace(base.train, num_workers=1, use_gpu=True, cpus_per_worker=4.0, prefetch=2),
+        train=replace(base.train, num_workers=1, use_gpu=True, cpus_per_worker=4.0, prefetch=2,
+                      precision="bf16"),
         eval=replace(base.eval, parallelism=8),
     )
 

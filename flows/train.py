@@ -83,7 +83,7 @@ def run_training(ctx: Context, kind: str, turn: int, init_dir: str | None, run_n
         clips_uri=ctx.lake.table_uri("clips") if weighted else None, duplicate_weight=t.duplicate_weight,
         world=spec.name, prefetch=t.prefetch, checkpoint_every=t.checkpoint_every,
         data_version=json.dumps({n: ctx.lake.version(n) for n in ("frames", "clips") if ctx.lake.exists(n)}),
-        condition_dir=condition_dir)
+        condition_dir=condition_dir, precision=t.precision)
 
 
 def conditioning(ctx: Context, kind: str):

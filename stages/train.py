@@ -34,6 +34,7 @@ from stages.schemas import of_world
 REPORT_MIN_STEPS = 25
 PROGRESS_EVERY_S = 1.0  # rank 0 tells the driver's step bar where it is at most this often
 TRAINER_STATE = "trainer_state.pt"  # optimizer, schedule and step beside the weights of a mid-run checkpoint
+PRECISIONS = ("fp32", "bf16")  # bf16: the forward under bfloat16 autocast, weights and optimizer in fp32
 # kind -> (module path, model class, what the sampler adds to a window: "next" frame or the "sequence")
 MODEL_KINDS = {"policy": ("models.policy", "Policy", ""), "world_model": ("models.world_model", "WorldModel", "next"),
                "dynamics": ("models.dynamics", "Dynamics", "sequence")}
@@ -140,6 +141,11 @@ def _where(cfg: dict[str, Any], split: str, base: str | None) -> str:
     return " AND ".join(c for c in clauses if c)
 
 
+def _autocast(precision: str, device: torch.device):
+    """Mixed precision: matrix products and convolutions in bfloat16 under ``bf16``, else nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def _step_seed(seed: int, rank: int, step: int) -> int:
     """The torch seed of one step on one rank: the step's noise does not depend on what ran before."""
     return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
@@ -221,7 +227,8 @@ def train_loop(cfg: dict[str, Any]) -> None:
     with contextlib.closing(batches):
         for step, drawn in enumerate(batches, start=first):
             torch.manual_seed(_step_seed(cfg["seed"], rank, step))
-            loss = wrapped(_to_torch(drawn, device))
+            with _autocast(cfg["precision"], device):
+                loss = wrapped(_to_torch(drawn, device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(wrapped.parameters(), 1.0)
@@ -266,7 +273,8 @@ def _validate(model: nn.Module, cfg: dict, device: torch.device, teacher: nn.Mod
     # the behaviour-cloning loss alone: comparable across configs with and without auxiliary targets
     wrapped, losses = _LossModule(model, cfg["kind"], cfg["state_index"], aux=False, teacher=teacher).eval(), []
     for _ in range(batches):
-        losses.append(float(wrapped(_to_torch(sampler.batch(cfg["model_config"]["batch_size"]), device))))
+        with _autocast(cfg["precision"], device):
+            losses.append(float(wrapped(_to_torch(sampler.batch(cfg["model_config"]["batch_size"]), device))))
     model.train()
     return sum(losses) / len(losses)
 
@@ -277,7 +285,8 @@ def train_model(kind: str, *, frames_uri: str, model_config, storage_path: str, 
                 filter: str | None = None, seed: int = 0, run_name: str | None = None,
                 clips_uri: str | None = None, duplicate_weight: float = 0.0,
                 state_index: list[int] | None = None, world: str = "", prefetch: int = 0,
-                checkpoint_every: int = 0, data_version: str = "", condition_dir: str | None = None) -> dict:
+                checkpoint_every: int = 0, data_version: str = "", condition_dir: str | None = None,
+                precision: str = "fp32") -> dict:
     """Train `kind` on the frames table with a TorchTrainer; returns metrics and the checkpoint dir.
 
     With ``clips_uri`` training windows are drawn by the clips' weights (event clips oversampled,
@@ -286,6 +295,8 @@ def train_model(kind: str, *, frames_uri: str, model_config, storage_path: str, 
     (the world's ``policy_state``). ``world``: only rows of that world (a lake's frames table also
     holds the foreign logs curated into it); frames are resized to the model's ``image_size``.
     ``prefetch``: batches a background thread makes ahead of the step that will use them.
+    ``precision``: "fp32", or "bf16" (the forward and loss under bfloat16 autocast; the weights, the
+    gradients and the optimizer stay fp32, so checkpoints are the same either way).
 
     Resumable: the run is named ``{run_name or kind}-{digest}``, the digest of every input (config,
     data, ``data_version``: the tables' versions, seed, ...), and checkpoints every
@@ -300,6 +311,8 @@ def train_model(kind: str, *, frames_uri: str, model_config, storage_path: str, 
     from ray.train.torch import TorchTrainer
 
     _model_module(kind)  # validates the kind
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     adds = MODEL_KINDS[kind][2]
     config = dataclasses.asdict(model_config)
     window = config["history"]
@@ -323,7 +336,7 @@ def train_model(kind: str, *, frames_uri: str, model_config, storage_path: str, 
         "clips_uri": clips_uri, "duplicate_weight": duplicate_weight, "state_index": list(state_index or []),
         "world": world, "prefetch": int(prefetch), "checkpoint_every": int(checkpoint_every),
         "data_version": data_version, "window": window,
-        "condition_dir": condition_dir if config.get("condition_dim") else None,
+        "condition_dir": condition_dir if config.get("condition_dim") else None, "precision": precision,
     }
     digest = hashlib.sha256(json.dumps(loop_config, sort_keys=True, default=str).encode()).hexdigest()[:12]
     progress = _Steps.remote()  # not part of the digest: a resumed run is the same run

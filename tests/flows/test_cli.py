@@ -104,6 +104,9 @@ def test_overrides_and_config_file_resolve_in_order(tmp_path):
         resolve("tiny", overrides=["train.num_workers=many"])
     with pytest.raises(ValueError, match="unknown world"):
         resolve("tiny", world="no-such-world")
+    with pytest.raises(ValueError, match="train.precision must be fp32 or bf16"):
+        resolve("tiny", overrides=["train.precision=fp16"])
+    assert resolve("gpu").train.precision == "bf16" and resolve("default").train.precision == "fp32"
     for text in ("push,reach", "('push', 'reach')", '["push", "reach"]'):  # a list as text, never its characters
         assert resolve("tiny", world="metaworld-mt10", overrides=[f"eval.tasks={text}"]).eval.tasks == ("push", "reach")
     assert resolve("tiny", overrides=["eval.seeds=1000, 1001"]).eval_seeds == (1000, 1001)

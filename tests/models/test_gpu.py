@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from models import policy, reasoner, world_model
+from models import dynamics, policy, reasoner, world_model
 from models.text import build_vocab
 
 TAGS = {"speed": ("slow", "medium", "fast"), "side": ("left", "right")}  # a vocabulary for the test
@@ -21,13 +21,15 @@ CUDA = "cuda"
 
 
 def fit(model: torch.nn.Module, loss_fn, steps: int, lr: float) -> tuple[float, float]:
-    """(first, last) loss of ``steps`` AdamW steps on one fixed batch."""
+    """(first, last) loss of ``steps`` AdamW steps on one fixed batch, the gradient norm clipped to 1 as
+    ``stages.train`` does (unclipped, the world model's loss on these flat frames spikes and can end NaN)."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     losses = []
     for _ in range(steps):
         loss = loss_fn()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(loss.item())
     return losses[0], float(np.mean(losses[-5:]))
@@ -77,7 +79,7 @@ def test_world_model_gpu_preset_fits_and_rolls_out_on_cuda(tmp_path):
             return model.loss(history, action, target).item()
 
     before = seeded_loss()
-    fit(model, lambda: model.loss(history, action, target), steps=100, lr=1e-3)
+    fit(model, lambda: model.loss(history, action, target), steps=200, lr=1e-3)
     assert seeded_loss() < 0.5 * before
     frames = model.rollout(history[:2], torch.rand(2, 3, 3, device=CUDA, generator=g))
     assert frames.shape == (2, 3, size, size, 3) and frames.dtype == torch.uint8 and frames.is_cuda
@@ -94,6 +96,34 @@ def test_world_model_gpu_preset_fits_and_rolls_out_on_cuda(tmp_path):
         gpu_out = model.denoise(x, sigma, context, action[:2]).cpu()
         cpu_out = on_cpu.denoise(x.cpu(), sigma.cpu(), context.cpu(), action[:2].cpu())
     np.testing.assert_allclose(cpu_out.numpy(), gpu_out.numpy(), atol=2e-2)
+
+
+def test_dynamics_gpu_preset_fits_in_bf16_on_cuda_and_loads_on_cpu(tmp_path):
+    """The world model's reasoner learns next state = state + action under bf16 autocast."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(dynamics.preset("gpu"), action_dim=2, state_dim=2, signals=("success",))
+    model = dynamics.Dynamics(cfg).to(CUDA)
+    g = torch.Generator(device=CUDA).manual_seed(2)
+    b, k, s = 64, cfg.history, cfg.image_size
+    frames = torch.randint(0, 256, (b, k, s, s, 3), device=CUDA, dtype=torch.uint8, generator=g)
+    actions = torch.rand(b, k, 2, device=CUDA, generator=g) - 0.5
+    states = torch.randn(b, k, 2, device=CUDA, generator=g)
+    targets = dynamics.Targets(next_state_BKS=states + actions, reward_BK=actions.sum(-1),
+                               next_signals_BKG=(actions[..., :1] > 0).float(), done_BK=torch.zeros(b, k, device=CUDA),
+                               has_next_BK=torch.ones(b, k, dtype=torch.bool, device=CUDA))
+
+    def bf16_loss() -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return model.loss(frames, actions, states, targets)["loss"]
+
+    first, last = fit(model, bf16_loss, steps=150, lr=1e-3)
+    assert last < 0.3 * first
+    dynamics.save(model, tmp_path)
+    on_cpu = dynamics.load(tmp_path, device="cpu")
+    model.eval()
+    got = model.predict(frames[:8], actions[:8], states[:8]).next_state.cpu()
+    np.testing.assert_allclose(on_cpu.predict(frames[:8].cpu(), actions[:8].cpu(), states[:8].cpu()).next_state.numpy(),
+                               got.numpy(), atol=2e-2)
 
 
 def test_reasoner_gpu_preset_trains_on_cuda():
