@@ -47,14 +47,20 @@ def weights(result: dict) -> dict[str, np.ndarray]:
     return load_file(os.path.join(result["checkpoint_dir"], "model.safetensors"))
 
 
-def test_a_killed_run_resumes_to_the_same_weights(ray_cluster, frames_uri, tmp_path, capfd):
-    common = {"frames_uri": frames_uri, "num_workers": 2, "cpus_per_worker": 0.5, "checkpoint_every": 5,
-              "seed": 7, "run_name": "resume-test"}
-    whole = train_model("world_model", model_config=CONFIG, storage_path=str(tmp_path / "whole"), **common)
-    assert "resumed_from" not in whole["metrics"] and whole["metrics"]["step"] == CONFIG.steps
-    bar = capfd.readouterr().err  # the driver's step bar, fed by rank 0, ends at the last step
-    assert "train resume-test: 100%" in bar and f"{CONFIG.steps}/{CONFIG.steps}" in bar and "loss=" in bar
+COMMON = {"num_workers": 2, "cpus_per_worker": 0.5, "checkpoint_every": 5, "seed": 7, "run_name": "resume-test"}
 
+
+@pytest.fixture(scope="module")
+def whole(ray_cluster, frames_uri, tmp_path_factory) -> dict:
+    """An uninterrupted fp32 run."""
+    result = train_model("world_model", frames_uri=frames_uri, model_config=CONFIG,
+                         storage_path=str(tmp_path_factory.mktemp("whole")), **COMMON)
+    assert "resumed_from" not in result["metrics"] and result["metrics"]["step"] == CONFIG.steps
+    return result
+
+
+def test_a_killed_run_resumes_to_the_same_weights(ray_cluster, frames_uri, whole, tmp_path):
+    common = {"frames_uri": frames_uri, **COMMON}
     killed = tmp_path / "killed"
     script = tmp_path / "train.py"
     script.write_text(
@@ -85,18 +91,19 @@ def test_a_killed_run_resumes_to_the_same_weights(ray_cluster, frames_uri, tmp_p
     assert not os.path.exists(os.path.join(resumed["checkpoint_dir"], TRAINER_STATE))  # the result is weights only
 
 
-def test_bf16_mixed_precision_trains_fp32_weights(ray_cluster, frames_uri, tmp_path):
-    """The forward runs under bfloat16 autocast; weights, optimizer and checkpoint stay fp32."""
+def test_bf16_mixed_precision_trains_fp32_weights(frames_uri, whole, tmp_path, capfd):
+    """The forward runs under bfloat16 autocast; weights, optimizer and checkpoint stay fp32. The
+    same seed, batches and noise as the fp32 run: only the arithmetic differs, a little."""
     with pytest.raises(ValueError, match="precision must be one of"):
         train_model("world_model", frames_uri=frames_uri, model_config=CONFIG, storage_path=str(tmp_path),
                     precision="fp16")
-    config = dataclasses.replace(CONFIG, steps=6)
-    runs = {p: train_model("world_model", frames_uri=frames_uri, model_config=config, storage_path=str(tmp_path),
-                           num_workers=1, precision=p, seed=3) for p in ("bf16", "fp32")}
-    assert runs["bf16"]["checkpoint_dir"] != runs["fp32"]["checkpoint_dir"]  # another run, not a resumed one
-    bf16, fp32 = weights(runs["bf16"]), weights(runs["fp32"])
-    assert runs["bf16"]["metrics"]["step"] == 6 and np.isfinite(runs["bf16"]["metrics"]["loss"])
-    assert all(w.dtype == np.float32 and np.isfinite(w).all() for w in bf16.values())
-    # the same seed, batches and noise: only the arithmetic differs, a little
-    gaps = [np.abs(bf16[k] - fp32[k]).max() for k in fp32]
+    bf16 = train_model("world_model", frames_uri=frames_uri, model_config=CONFIG, storage_path=str(tmp_path),
+                       precision="bf16", **COMMON)
+    bar = capfd.readouterr().err  # the driver's step bar, fed by rank 0, ends at the last step
+    assert "train resume-test: 100%" in bar and f"{CONFIG.steps}/{CONFIG.steps}" in bar and "loss=" in bar
+    assert bf16["metrics"]["step"] == CONFIG.steps and np.isfinite(bf16["metrics"]["loss"])
+    assert bf16["checkpoint_dir"] != whole["checkpoint_dir"]  # its own run, not the fp32 one resumed
+    a, b = weights(whole), weights(bf16)
+    assert all(w.dtype == np.float32 and np.isfinite(w).all() for w in b.values())
+    gaps = [np.abs(a[k] - b[k]).max() for k in a]
     assert 0 < max(gaps) < 0.05
