@@ -34,6 +34,7 @@ from stages.schemas import of_world
 REPORT_MIN_STEPS = 25
 PROGRESS_EVERY_S = 1.0  # rank 0 tells the driver's step bar where it is at most this often
 TRAINER_STATE = "trainer_state.pt"  # optimizer, schedule and step beside the weights of a mid-run checkpoint
+MAX_SKIPPED_IN_A_ROW = 10  # steps in a row with a non-finite gradient before the run stops as diverged
 PRECISIONS = ("fp32", "bf16")  # bf16: the forward under bfloat16 autocast, weights and optimizer in fp32
 # kind -> (module path, model class, what the sampler adds to a window: "next" frame or the "sequence")
 MODEL_KINDS = {"policy": ("models.policy", "Policy", ""), "world_model": ("models.world_model", "WorldModel", "next"),
@@ -146,6 +147,17 @@ def _autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
+def apply_gradients(opt: torch.optim.Optimizer, parameters, max_norm: float = 1.0) -> bool:
+    """Clip the gradients' norm to ``max_norm`` and step, unless the norm is not finite (an overflow or
+    a NaN somewhere in the batch's backward): then leave the weights as they are and return False.
+    Under DDP every rank holds the same reduced gradients, so every rank decides alike."""
+    norm = nn.utils.clip_grad_norm_(list(parameters), max_norm)
+    if not torch.isfinite(norm):
+        return False
+    opt.step()
+    return True
+
+
 def _step_seed(seed: int, rank: int, step: int) -> int:
     """The torch seed of one step on one rank: the step's noise does not depend on what ran before."""
     return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
@@ -222,7 +234,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
     batches = Prefetcher(draw, depth=cfg["prefetch"], count=count) if cfg["prefetch"] else \
         (draw() for _ in range(count))
     report_every, start, running = max(REPORT_MIN_STEPS, steps // 10), time.perf_counter(), []
-    every, shown = cfg["checkpoint_every"], 0.0
+    every, shown, skipped, in_a_row = cfg["checkpoint_every"], 0.0, 0, 0
     progress = cfg.get("progress") if rank == 0 else None
     with contextlib.closing(batches):
         for step, drawn in enumerate(batches, start=first):
@@ -231,18 +243,26 @@ def train_loop(cfg: dict[str, Any]) -> None:
                 loss = wrapped(_to_torch(drawn, device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_(wrapped.parameters(), 1.0)
-            opt.step()
+            if apply_gradients(opt, wrapped.parameters()):
+                in_a_row = 0
+                running.append(float(loss.detach()))
+            else:
+                skipped, in_a_row = skipped + 1, in_a_row + 1
+                if in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                    raise FloatingPointError(f"training diverged: {in_a_row} steps in a row up to step {step + 1} had "
+                                             f"a non-finite gradient ({skipped} skipped in all); lower the lr or "
+                                             "use precision fp32")
             sched.step()
-            running.append(float(loss.detach()))
-            if progress is not None and (step == steps - 1 or time.perf_counter() - shown > PROGRESS_EVERY_S):
+            due = step == steps - 1 or time.perf_counter() - shown > PROGRESS_EVERY_S
+            if progress is not None and running and due:
                 progress.set.remote(step + 1, running[-1])  # fire and forget: the driver's step bar
                 shown = time.perf_counter()
             last, keep = step == steps - 1, every > 0 and (step + 1) % every == 0
             if (step + 1) % report_every and not last and not keep:
                 continue
             elapsed = time.perf_counter() - start
-            metrics = {"step": step + 1, "loss": sum(running) / len(running),
+            metrics = {"step": step + 1, "loss": sum(running) / len(running) if running else None,
+                       "skipped_steps": skipped,
                        "samples_per_s": (step + 1 - first) * per_worker * world / elapsed, "wall_s": elapsed}
             if first:
                 metrics["resumed_from"] = first
