@@ -1,10 +1,11 @@
-"""A step whose gradient is not finite leaves the weights alone (``stages.train.apply_gradients``)."""
+"""One training step's pieces in ``stages.train``: a gradient that is not finite leaves the weights
+alone (``apply_gradients``); ``precision`` bf16 runs the forward in bfloat16 (``_autocast``)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from stages.train import apply_gradients
+from stages.train import _autocast, apply_gradients
 
 
 def test_a_finite_gradient_is_clipped_and_applied_and_an_overflow_is_skipped():
@@ -25,3 +26,14 @@ def test_a_finite_gradient_is_clipped_and_applied_and_an_overflow_is_skipped():
         assert not apply_gradients(opt, layer.parameters(), max_norm=1.0)
         for kept, p in zip(after_good, layer.parameters()):
             torch.testing.assert_close(p.detach(), kept)  # untouched: not NaN, not moved
+
+
+def test_bf16_precision_runs_matrix_products_in_bfloat16_and_keeps_fp32_weights():
+    layer = nn.Linear(4, 2)
+    x = torch.randn(3, 4)
+    with _autocast("bf16", torch.device("cpu")):
+        out = layer(x)
+    with _autocast("fp32", torch.device("cpu")):
+        full = layer(x)
+    assert out.dtype == torch.bfloat16 and full.dtype == torch.float32 and layer.weight.dtype == torch.float32
+    torch.testing.assert_close(out.float(), full, atol=0.05, rtol=0.05)

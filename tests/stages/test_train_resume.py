@@ -91,6 +91,7 @@ def test_a_killed_run_resumes_to_the_same_weights(ray_cluster, frames_uri, whole
     assert not os.path.exists(os.path.join(resumed["checkpoint_dir"], TRAINER_STATE))  # the result is weights only
 
 
+@pytest.mark.slow  # a fourth Ray Train run (~35 s); the default suite checks _autocast alone
 def test_bf16_mixed_precision_trains_fp32_weights(frames_uri, whole, tmp_path, capfd):
     """The forward runs under bfloat16 autocast; weights, optimizer and checkpoint stay fp32. The
     same seed, batches and noise as the fp32 run: only the arithmetic differs, a little."""
