@@ -21,12 +21,22 @@ from stages.schemas import of_world
 from stages.train import train_model
 
 
-def _same(a: dict, b: dict) -> bool:
-    return json.loads(json.dumps(a)) == json.loads(json.dumps(b))
+# a model config's training recipe: changing these between turns changes how the next fit runs,
+# not what the weights mean, so the next turn still continues from the latest version
+RECIPE_FIELDS = ("lr", "weight_decay", "batch_size", "steps")
+
+
+def continues(previous: dict, config: dict) -> bool:
+    """Whether weights trained under model config ``previous`` can continue under ``config``: the two
+    agree on every field but the recipe's (``RECIPE_FIELDS``), compared in their JSON form."""
+    def model(c: dict) -> dict:
+        return {k: v for k, v in json.loads(json.dumps(c)).items() if k not in RECIPE_FIELDS}
+    return model(previous) == model(config)
 
 
 def warm_start(ctx: Context, kind: str, config: dict):
-    """The registry version to continue from: the latest of `kind`, if its config matches `config`.
+    """The registry version to continue from: the latest of `kind`, if its weights can continue under
+    `config` (``continues``: the same model, whatever the recipe).
 
     Training is cumulative across turns; the gate decides only what is served. A policy candidate
     the gate kept out still carries its turn's fit: restarting from the champion would throw that
@@ -37,7 +47,7 @@ def warm_start(ctx: Context, kind: str, config: dict):
         return None
     versions = ctx.registry.versions(kind)
     mv = versions[-1] if versions else None
-    return mv if mv is not None and _same(mv.config, config) else None
+    return mv if mv is not None and continues(mv.config, config) else None
 
 
 def recipe_digest(ctx: Context) -> str:

@@ -67,3 +67,21 @@ def test_cli_models_commands(lake, capsys):
     assert main(["models", "show", *args]) == 0
     text = capsys.readouterr().out
     assert text.startswith("policy v2 (policy, carracing)") and "champion   <- v2" in text and "by hand" in text
+
+
+def test_the_next_fit_continues_from_the_latest_version_unless_the_model_changed(lake):
+    import dataclasses
+
+    from flows.train import warm_start
+
+    ctx, _ = lake
+    cfg = ctx.config.policy
+    same = dataclasses.asdict(cfg)
+    assert warm_start(ctx, POLICY, same).version == 3
+    recipe = dataclasses.asdict(dataclasses.replace(cfg, steps=cfg.steps * 2, lr=cfg.lr / 2, batch_size=7))
+    assert warm_start(ctx, POLICY, recipe).version == 3  # a new recipe goes on from the same weights
+    for change in ({"hidden": cfg.hidden * 2}, {"history": cfg.history + 1}, {"dropout": 0.5}):
+        assert warm_start(ctx, POLICY, dataclasses.asdict(dataclasses.replace(cfg, **change))) is None, change
+    off = dataclasses.replace(ctx, config=dataclasses.replace(
+        ctx.config, train=dataclasses.replace(ctx.config.train, warm_start=False)))
+    assert warm_start(off, POLICY, same) is None
