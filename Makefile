@@ -19,7 +19,7 @@ export PYOPENGL_PLATFORM := osmesa
 export HF_HUB_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup demo test test-all bench-curate bench-curate-scale bench-world-model bench-serve ablate-oversampling serve prefect-server deploy worker clean
+.PHONY: setup demo test test-all bench-curate bench-curate-scale bench-world-model bench-train-step bench-serve ablate-oversampling serve prefect-server deploy worker clean
 
 setup: $(STAMP)
 
@@ -57,6 +57,9 @@ bench-world-model: $(STAMP)  ## world model fidelity, speed, neural-sim ranking 
 
 ablate-oversampling: $(STAMP)  ## uniform vs clip-weighted policy windows on a copy of LAKE (after make demo)
 	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.ablate_oversampling --lake $(LAKE) --config $(CONFIG) $(ARGS)
+
+bench-train-step: $(STAMP)  ## training-step throughput, FLOPs and MFU of each model, fp32 vs bf16 (ARGS="--preset gpu --device cuda --ceiling 8192" on a GPU; last line: JSON)
+	$(BIN)/python -m benchmarks.bench_train_step --dtype float32 bfloat16 $(ARGS)
 
 bench-serve: $(STAMP)  ## /act on Ray Serve vs FastAPI+uvicorn: p50/p99 at 1 client, rps at 16, failures during a rollout (last line: JSON)
 	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.bench_serve $(ARGS)

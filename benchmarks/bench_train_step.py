@@ -191,8 +191,8 @@ def main(argv: list[str] | None = None) -> dict:
             r["of_matmul"] = r["tflops"] / ceiling if ceiling else None
             mfu = f"  MFU {r['mfu']:6.2%}" if peak else ""
             print(f"{model:12s} {dtype:8s} batch {r['batch']:4d}  {r['ms_per_step']:9.1f} ms/step  "
-                  f"{r['samples_per_s']:10.0f} samples/s  {r['gflop_per_step']:8.1f} GFLOP/step  "
-                  f"{r['tflops']:7.2f} TFLOP/s{mfu}  ({r['parameters'] / 1e6:.1f} M parameters)", flush=True)
+                  f"{r['samples_per_s']:10.0f} samples/s  {r['gflop_per_step']:8.3g} GFLOP/step  "
+                  f"{r['tflops']:7.3g} TFLOP/s{mfu}  ({r['parameters'] / 1e6:.1f} M parameters)", flush=True)
             out["results"].append(r)
     for model in args.models:  # bf16 against fp32, both measured in this run
         rates = {r["dtype"]: r["samples_per_s"] for r in out["results"] if r["model"] == model}
