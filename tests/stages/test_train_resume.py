@@ -59,7 +59,7 @@ def whole(ray_cluster, frames_uri, tmp_path_factory) -> dict:
     return result
 
 
-def test_a_killed_run_resumes_to_the_same_weights(ray_cluster, frames_uri, whole, tmp_path):
+def test_a_killed_run_resumes_to_the_same_weights(ray_cluster, frames_uri, whole, tmp_path, capfd):
     common = {"frames_uri": frames_uri, **COMMON}
     killed = tmp_path / "killed"
     script = tmp_path / "train.py"
@@ -82,8 +82,11 @@ def test_a_killed_run_resumes_to_the_same_weights(ray_cluster, frames_uri, whole
         proc.kill()
         proc.wait()
 
+    capfd.readouterr()
     resumed = train_model("world_model", model_config=CONFIG, storage_path=str(killed), **common)
     assert 0 < resumed["metrics"]["resumed_from"] < CONFIG.steps
+    bar = capfd.readouterr().err  # the driver's step bar, fed by rank 0, ends at the last step
+    assert "train resume-test: 100%" in bar and f"{CONFIG.steps}/{CONFIG.steps}" in bar and "loss=" in bar
     a, b = weights(whole), weights(resumed)
     assert a.keys() == b.keys()
     for name in a:
