@@ -139,6 +139,7 @@ def commit(ctx: Context, units: list[dict], results: list[IngestResult], verdict
                                    key="reject_id") if rejects else 0
     if manifest:
         lake.append("sources", pa.Table.from_pylist(manifest, schema=SOURCES), key="source_key")
+    lake.compact("frames")  # a fragment per log: the samplers' random reads slow with their count
     return {"added": added, "manifest": manifest, "rejects": rejects, "clips": clips}
 
 

@@ -22,6 +22,8 @@ _SECRET_KEYS = ("secret", "password", "token", "access_key", "credential")
 # frames its random takes are ~25% slower (3.8 against 3.1 ms for 128 rows), which costs the CPU
 # demo's policy training ~10% (the sampler is ~45% of a step there)
 STORAGE_VERSION = "2.0"
+COMPACT_MIN_FRAGMENTS = 16  # Lake.compact leaves a table with at most this many small fragments alone
+COMPACT_TARGET_ROWS = 65_536  # and rewrites only fragments under this many rows (not the whole lake each time)
 
 
 def _redact(value: Any) -> Any:
@@ -140,6 +142,20 @@ class Lake:
             operation, read_version = lance.LanceOperation.Overwrite(schema, fragments), None
         return lance.LanceDataset.commit(self.table_uri(name), operation, read_version=read_version,
                                          storage_options=self.storage_options).version
+
+    def compact(self, name: str, *, min_fragments: int = COMPACT_MIN_FRAGMENTS,
+                target_rows: int = COMPACT_TARGET_ROWS) -> int:
+        """Merge the small fragments of ``name`` (under ``target_rows`` rows) into fewer files once
+        there are more than ``min_fragments`` of them, in a new version with the same rows in the same order;
+        returns the fragments removed (0: nothing to do). Curate commits a fragment per log, and a
+        random-access ``take`` slows with their count: 250 rows of a 25,841-frame table took 90 ms
+        over 301 fragments and 13 ms over one (the samplers' every batch is such a take)."""
+        if not self.exists(name):
+            return 0
+        ds = self.dataset(name)
+        if sum(f.metadata.physical_rows < target_rows for f in ds.get_fragments()) <= min_fragments:
+            return 0
+        return int(ds.optimize.compact_files(target_rows_per_fragment=target_rows).fragments_removed)
 
     def keys(self, name: str, column: str) -> set:
         """The distinct values of ``column`` (empty for a table that does not exist yet)."""

@@ -114,6 +114,23 @@ def test_fragments_travel_as_json_and_commit_as_one_version(tmp_path):
         lake.commit_fragments("frames", lake.write_fragments("frames", tables[1]), older.schema)
 
 
+def test_compact_merges_a_fragment_per_log_into_one_with_the_same_rows(root):
+    uri, options = root
+    lake = Lake(storage.join(uri, "lake"), options)
+    tables = [curated(seed, length=4)["frames"] for seed in range(18)]
+    lake.commit_fragments("frames", [f for t in tables for f in lake.write_fragments("frames", t)], tables[0].schema)
+    before, version = lake.read("frames"), lake.version("frames")
+    assert len(lake.dataset("frames").get_fragments()) == 18
+    assert lake.compact("frames", min_fragments=20) == 0 and lake.version("frames") == version  # few enough
+    assert lake.compact("frames") == 18  # over the default 16: merged, in a later version
+    ds = lake.dataset("frames")
+    assert len(ds.get_fragments()) == 1 and lake.version("frames") > version
+    assert ds.data_storage_version == lake.dataset("frames", version).data_storage_version
+    assert lake.read("frames").equals(before)  # the same rows, in the same order
+    assert lake.compact("frames") == 0 and lake.compact("episodes") == 0  # nothing left to do; no table
+    assert lake.compact("frames", min_fragments=0, target_rows=10) == 0  # its one fragment is not small
+
+
 def test_repr_hides_credentials(s3_server):
     _, options = s3_server
     assert "testing" not in repr(Lake("s3://lake/x", options))
