@@ -235,12 +235,20 @@ def _render_curate(c: dict) -> str:
     return "\n".join(lines)
 
 
+def _render_tasks(tasks: dict[str, int]) -> list[str]:
+    """The fleet's episodes per task, when they were not spread evenly (`fleet.focus`)."""
+    if len(tasks) < 2 or max(tasks.values()) - min(tasks.values()) <= 1:
+        return []
+    return [" " * 14 + "episodes per task  " + "  ".join(f"{t} {n}" for t, n in tasks.items())]
+
+
 def _render_turn(turn: dict) -> str:
     s = turn["stages"]
     ev, pr = s["evaluate"].get("results", {}), s["promote"]  # a screened-out candidate has no real results
     lines = [f"turn {turn['turn']}",
              f"  fleet       {s['fleet']['episodes']} episodes by {s['fleet']['driver']}, mean score "
              f"{s['fleet']['mean_score']:.3g}, {s['fleet']['interventions']} interventions  ({s['fleet']['wall_s']} s)",
+             *_render_tasks(s["fleet"].get("tasks", {})),
              f"  curate      seen {s['curate']['seen']} = kept {s['curate']['kept']} + rejected "
              f"{s['curate']['rejected']}, +{s['curate']['rows_added']['frames']} frames  ({s['curate']['wall_s']} s)",
              *_render_clips(s["curate"]),

@@ -29,6 +29,8 @@ class FleetConfig:
     episodes: int = 12  # behaviour cloning from 12 noisy-expert episodes drives near expert level
     champion_episodes: int = 0  # episodes of the turns the champion drives (over HTTP); 0 = episodes
     seed_base: int = 100_000  # fleet seeds are seed_base + 1000 * turn + i; never the eval seeds
+    focus: float = 0.0  # share of the champion's episodes sent to the tasks where it falls short of the
+    #                     expert on the held-out scenes, in proportion to the gap (the rest go round-robin)
     parallelism: int = 2
 
 

@@ -3,9 +3,13 @@
 Turn 0 is driven by the world's privileged expert with its exploration noise (so recoveries are
 in the data); later turns by the current champion through its served endpoint, with the
 privileged expert as safety driver (its takeovers are flagged as interventions in the logs).
-Episodes go round-robin over the world's tasks; logs land in ``<landing>/<world>/turn-NNNN/``.
+Episodes go round-robin over the world's tasks; when the champion drives, `fleet.focus` of them go
+to the tasks where it fell short of the expert on the held-out scenes, in proportion to the gap
+(`stages.evaluate.focus_tasks`). Logs land in ``<landing>/<world>/turn-NNNN/``.
 """
 from __future__ import annotations
+
+from collections import Counter
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -13,15 +17,28 @@ from prefect.cache_policies import NO_CACHE
 from flows.runtime import POLICY, Context, ensure_ray
 from sim import worlds
 from stages import adapters, storage
+from stages.evaluate import focus_tasks, task_gaps
 
 
-def fleet_scenes(ctx: Context, turn: int, *, champion: bool = False) -> list[tuple[int, str]]:
-    """(seed, task) of each episode of the turn; the seeds never meet the held-out ones."""
+def fleet_scenes(ctx: Context, turn: int, *, champion: bool = False,
+                 gaps: dict[str, float] | None = None) -> list[tuple[int, str]]:
+    """(seed, task) of each episode of the turn; the seeds never meet the held-out ones. With the
+    champion's per-task ``gaps`` to the expert, `fleet.focus` of the episodes follow the gaps."""
     f = ctx.config.fleet
     seeds = [f.seed_base + 1000 * turn + i for i in range((champion and f.champion_episodes) or f.episodes)]
     if set(seeds) & set(ctx.config.eval_seeds):
         raise ValueError("fleet seeds overlap the held-out evaluation seeds; change fleet.seed_base")
+    if champion and gaps and f.focus:
+        return list(zip(seeds, focus_tasks(ctx.world.spec.task_names, len(seeds), gaps=gaps, focus=f.focus)))
     return list(zip(seeds, ctx.world.scene_tasks(len(seeds))))
+
+
+def champion_gaps(ctx: Context, version: int) -> dict[str, float]:
+    """Per task, how far the champion fell short of the expert on this run's held-out scenes (from
+    the evaluations table; empty when either was not evaluated on them)."""
+    from flows.promote import evaluation_rows
+
+    return task_gaps(evaluation_rows(ctx, POLICY, str(version)), evaluation_rows(ctx, "expert", "privileged"))
 
 
 def driver_spec(ctx: Context, endpoint: str | None) -> dict:
@@ -30,13 +47,14 @@ def driver_spec(ctx: Context, endpoint: str | None) -> dict:
     if champion is None or endpoint is None:
         return {"kind": "expert", "noisy": True}
     return {"kind": "endpoint", "url": endpoint, "history": champion.config["history"],
-            "version": f"{POLICY}:v{champion.version}"}
+            "version": f"{POLICY}:v{champion.version}", "champion": champion.version}
 
 
 @task(name="drive-episodes", cache_policy=NO_CACHE)
 def drive(ctx: Context, turn: int, spec: dict) -> list[dict]:
     who = "expert" if spec["kind"] == "expert" else "champion"
-    scenes = fleet_scenes(ctx, turn, champion=who == "champion")
+    gaps = champion_gaps(ctx, spec["champion"]) if who == "champion" and ctx.config.fleet.focus else None
+    scenes = fleet_scenes(ctx, turn, champion=who == "champion", gaps=gaps)
     uris = [storage.join(ctx.fleet_landing_uri, f"turn-{turn:04d}", f"{who}-{task}-seed-{s}.mcap")
             for s, task in scenes]
     return adapters.run_rollouts(scenes, spec=spec, world=ctx.config.world, safety="active",
@@ -64,6 +82,7 @@ def fleet_flow(config: str = "default", lake: str = "./lake", landing: str = "./
             "interventions": sum(s["interventions"] for s in summaries),
             "frames": sum(s["steps"] for s in summaries),
             "success_rate": sum(s["success"] for s in summaries) / n,
+            "tasks": dict(sorted(Counter(s["task"] for s in summaries).items())),
             "landing": storage.join(ctx.fleet_landing_uri, f"turn-{turn:04d}"),
         }
         get_run_logger().info("fleet: %s", summary)

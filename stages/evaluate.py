@@ -60,3 +60,41 @@ def paired(candidate: dict, reference: dict, *, resamples: int = 10_000) -> dict
     lo, hi = bootstrap_ci(diff, resamples=resamples)
     return {"seeds": seeds, "mean_diff": float(diff.mean()), "ci95": [lo, hi],
             "wins": int((diff > 0).sum()), "losses": int((diff < 0).sum()), "n": len(seeds)}
+
+
+def task_gaps(driver: Sequence[dict], reference: Sequence[dict]) -> dict[str, float]:
+    """Per task, how far ``driver``'s mean score falls short of ``reference``'s on the same scenes
+    (rows with task, seed and score; typically the champion against the expert), never below 0.
+    A task counts only where both drove the same scenes of it."""
+    mine = {(r["task"], r["seed"]): r["score"] for r in driver}
+    ref = {(r["task"], r["seed"]): r["score"] for r in reference}
+    common = sorted(set(mine) & set(ref))
+    return {t: max(0.0, float(np.mean([ref[k] - mine[k] for k in common if k[0] == t])))
+            for t in sorted({k[0] for k in common})}
+
+
+def focus_tasks(tasks: Sequence[str], n: int, *, gaps: dict[str, float], focus: float) -> list[str]:
+    """The task of each of ``n`` episodes: a share ``1 - focus`` spread evenly over ``tasks``, the
+    share ``focus`` in proportion to each task's ``gaps`` (largest remainders), as a fleet data
+    engine sends its cars where the model fails. With no gap anywhere, all of them evenly. The
+    order interleaves the tasks (stride scheduling), so any prefix of the list is spread too."""
+    if not 0.0 <= focus <= 1.0:
+        raise ValueError(f"focus must be in [0, 1], got {focus}")
+    gap = np.array([max(0.0, float(gaps.get(t, 0.0))) for t in tasks])
+    if not len(tasks) or n <= 0:
+        return []
+    focused = int(round(focus * n)) if gap.sum() > 0 else 0
+    even = n - focused
+    counts = np.full(len(tasks), even // len(tasks))
+    counts[: even % len(tasks)] += 1
+    if focused:
+        share = focused * gap / gap.sum()
+        extra = np.floor(share).astype(int)
+        extra[np.argsort(-(share - extra), kind="stable")[: focused - extra.sum()]] += 1
+        counts += extra
+    order, emitted = [], np.zeros(len(tasks))
+    for _ in range(n):
+        i = int(np.argmin(np.where(counts > emitted, (emitted + 0.5) / np.maximum(counts, 1), np.inf)))
+        order.append(tasks[i])
+        emitted[i] += 1
+    return order

@@ -194,6 +194,30 @@ def test_served_champion_answers_a_real_frame(turn):
     assert report.status_code == 200 and report.json()["report"]["recommendations"], report.text
 
 
+def test_the_served_champion_drives_the_next_fleet_toward_its_gaps(turns, tmp_path):
+    """Turn 1's fleet: the champion drives over HTTP with the expert as safety driver, and with
+    `fleet.focus` 1 every episode goes to a task where it fell short of the expert on the held-out
+    scenes (round-robin when it fell short nowhere)."""
+    from flows.fleet import champion_gaps, fleet_flow
+
+    turn = turns["metaworld-mt10"]
+    promote = turn["stages"]["promote"]
+    if not promote["promote"]:
+        pytest.fail(f"tiny candidate was not promoted, so nothing is served: {promote['reason']}")
+    overrides = [*turn["overrides"], "fleet.focus=1.0", "fleet.champion_episodes=3"]
+    common = {k: turn[k] for k in ("config", "lake", "world")} | {"landing": str(tmp_path / "landing")}
+    out = fleet_flow(**common, overrides=overrides, turn=1, endpoint=promote["endpoint"]["url"])
+    champion = turn["ctx"].registry.get("policy", alias="champion")
+    assert out["driver"] == f"policy:v{champion.version}" and out["episodes"] == 3
+    gaps = champion_gaps(Context.create(**common, overrides=overrides), champion.version)
+    assert set(gaps) == set(turn["ctx"].config.eval_tasks)  # from the evaluations rows of both drivers
+    short = {t for t, g in gaps.items() if g > 0}
+    tasks = turn["ctx"].config.spec.task_names
+    assert set(out["tasks"]) <= (short or set(tasks)) and sum(out["tasks"].values()) == 3
+    logs = sorted(os.listdir(tmp_path / "landing" / "metaworld-mt10" / "turn-0001"))
+    assert len(logs) == 3 and all(name.startswith("champion-") and name.endswith(".mcap") for name in logs)
+
+
 def test_status_reports_tables_models_and_turn_tags(turn):
     from flows import cli
 

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
 
-from stages.evaluate import bootstrap_ci, paired, summarize
+from stages.evaluate import bootstrap_ci, focus_tasks, paired, summarize, task_gaps
 
 
 def test_bootstrap_ci_brackets_the_mean_and_is_deterministic():
@@ -58,3 +59,28 @@ def test_paired_keys_may_be_task_seed_scenes():
     out = paired(candidate, reference, resamples=500)
     assert out["seeds"] == [("push", 1), ("reach", 1), ("reach", 2)] and out["n"] == 3
     assert out["mean_diff"] == 0.0 and out["wins"] == 1
+
+
+def test_task_gaps_are_the_shortfall_to_the_reference_on_common_scenes():
+    expert = [{"task": t, "seed": s, "score": 1.0} for t in ("push", "reach", "door") for s in (1, 2)]
+    champion = [{"task": "push", "seed": 1, "score": 0.0}, {"task": "push", "seed": 2, "score": 1.0},
+                {"task": "reach", "seed": 1, "score": 1.0}, {"task": "reach", "seed": 2, "score": 1.0},
+                {"task": "peg", "seed": 1, "score": 0.0}]  # no expert row for peg: not compared
+    gaps = task_gaps(champion, expert)
+    assert gaps == {"push": 0.5, "reach": 0.0}
+    assert task_gaps(expert, champion)["push"] == 0.0 and task_gaps(champion, []) == {}  # never below 0
+
+
+def test_focus_tasks_follows_the_gaps_and_keeps_a_floor():
+    tasks = [f"t{i}" for i in range(10)]
+    order = focus_tasks(tasks, 80, gaps={"t0": 0.8, "t1": 0.6, "t2": 0.5, "t3": 0.3, "t9": 0.0}, focus=0.7)
+    counts = Counter(order)
+    assert len(order) == 80 and set(counts) == set(tasks)  # every task keeps a share
+    # 24 spread evenly (3 each to the first four, 2 to the rest), 56 by the gaps' largest remainders
+    assert [counts[t] for t in tasks] == [3 + 20, 3 + 15, 3 + 13, 3 + 8, 2, 2, 2, 2, 2, 2]
+    assert set(order[:10]) >= {"t0", "t1", "t2"}  # interleaved: a prefix is spread too
+    assert focus_tasks(tasks, 20, gaps={}, focus=0.7) == tasks * 2  # no gap anywhere: round-robin
+    assert Counter(focus_tasks(tasks, 20, gaps={"t5": 0.1}, focus=1.0)) == {"t5": 20}
+    assert focus_tasks(tasks, 0, gaps={"t5": 0.1}, focus=1.0) == []
+    with pytest.raises(ValueError, match="focus"):
+        focus_tasks(tasks, 5, gaps={}, focus=1.5)
