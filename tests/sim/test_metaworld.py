@@ -140,6 +140,18 @@ def test_clean_expert_succeeds(world, make, task):
     assert (np.abs(out["actions"]) <= 1).all() and out["actions"].dtype == np.float32
 
 
+def test_reach_expert_brings_the_fingertips_to_the_goal(world, make):
+    """Success is the TCP (between the finger pads, 4.5 cm below the hand) within 5 cm of the goal:
+    the expert aims the TCP there, leaving a policy that imitates it the whole radius of slack."""
+    env, expert = make(1004, "reach"), world.expert()  # a high goal: aiming the hand left the TCP 4.5 cm short
+    env.reset()
+    for _ in range(100):  # on past the success that ends an episode, to where the expert settles
+        env.step(expert.act(env))
+    tcp_to_goal = np.linalg.norm(env.gym.tcp_center - env.state()[4:7])
+    hand_to_goal = np.linalg.norm(env.state()[:3] - env.state()[4:7])
+    assert env.success() and tcp_to_goal < 0.01 and 0.04 < hand_to_goal < 0.05
+
+
 def test_noisy_expert_is_deterministic_given_the_seed(world, make):
     env = make(1001, "reach")  # a re-reset env replays its scene
     runs = [run(world, env, world.expert(noisy=True, seed=3), max_steps=40) for _ in range(2)]
