@@ -14,21 +14,24 @@ from collections import Counter
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from flows.promote import scores
 from flows.runtime import POLICY, Context, ensure_ray
 from sim import worlds
 from stages import adapters, storage
 from stages.evaluate import focus_tasks, task_gaps
 
 
-def fleet_scenes(ctx: Context, turn: int, *, champion: bool = False,
-                 gaps: dict[str, float] | None = None) -> list[tuple[int, str]]:
-    """(seed, task) of each episode of the turn; the seeds never meet the held-out ones. With the
-    champion's per-task ``gaps`` to the expert, `fleet.focus` of the episodes follow the gaps."""
+def fleet_scenes(ctx: Context, turn: int, *, champion: int | None = None) -> list[tuple[int, str]]:
+    """(seed, task) of each episode of the turn; the seeds never meet the held-out ones. ``champion``:
+    the version of the policy that drives (None: the expert); `fleet.focus` of its episodes follow
+    its per-task gaps to the expert."""
     f = ctx.config.fleet
-    seeds = [f.seed_base + 1000 * turn + i for i in range((champion and f.champion_episodes) or f.episodes)]
+    seeds = [f.seed_base + 1000 * turn + i
+             for i in range((champion is not None and f.champion_episodes) or f.episodes)]
     if set(seeds) & set(ctx.config.eval_seeds):
         raise ValueError("fleet seeds overlap the held-out evaluation seeds; change fleet.seed_base")
-    if champion and gaps and f.focus:
+    gaps = champion_gaps(ctx, champion) if champion is not None and f.focus else {}
+    if gaps:
         return list(zip(seeds, focus_tasks(ctx.world.spec.task_names, len(seeds), gaps=gaps, focus=f.focus)))
     return list(zip(seeds, ctx.world.scene_tasks(len(seeds))))
 
@@ -36,9 +39,7 @@ def fleet_scenes(ctx: Context, turn: int, *, champion: bool = False,
 def champion_gaps(ctx: Context, version: int) -> dict[str, float]:
     """Per task, how far the champion fell short of the expert on this run's held-out scenes (from
     the evaluations table; empty when either was not evaluated on them)."""
-    from flows.promote import evaluation_rows
-
-    return task_gaps(evaluation_rows(ctx, POLICY, str(version)), evaluation_rows(ctx, "expert", "privileged"))
+    return task_gaps(scores(ctx, POLICY, str(version)), scores(ctx, "expert", "privileged"))
 
 
 def driver_spec(ctx: Context, endpoint: str | None) -> dict:
@@ -53,8 +54,7 @@ def driver_spec(ctx: Context, endpoint: str | None) -> dict:
 @task(name="drive-episodes", cache_policy=NO_CACHE)
 def drive(ctx: Context, turn: int, spec: dict) -> list[dict]:
     who = "expert" if spec["kind"] == "expert" else "champion"
-    gaps = champion_gaps(ctx, spec["champion"]) if who == "champion" and ctx.config.fleet.focus else None
-    scenes = fleet_scenes(ctx, turn, champion=who == "champion", gaps=gaps)
+    scenes = fleet_scenes(ctx, turn, champion=spec.get("champion"))
     uris = [storage.join(ctx.fleet_landing_uri, f"turn-{turn:04d}", f"{who}-{task}-seed-{s}.mcap")
             for s, task in scenes]
     return adapters.run_rollouts(scenes, spec=spec, world=ctx.config.world, safety="active",

@@ -62,14 +62,12 @@ def paired(candidate: dict, reference: dict, *, resamples: int = 10_000) -> dict
             "wins": int((diff > 0).sum()), "losses": int((diff < 0).sum()), "n": len(seeds)}
 
 
-def task_gaps(driver: Sequence[dict], reference: Sequence[dict]) -> dict[str, float]:
-    """Per task, how far ``driver``'s mean score falls short of ``reference``'s on the same scenes
-    (rows with task, seed and score; typically the champion against the expert), never below 0.
-    A task counts only where both drove the same scenes of it."""
-    mine = {(r["task"], r["seed"]): r["score"] for r in driver}
-    ref = {(r["task"], r["seed"]): r["score"] for r in reference}
-    common = sorted(set(mine) & set(ref))
-    return {t: max(0.0, float(np.mean([ref[k] - mine[k] for k in common if k[0] == t])))
+def task_gaps(driver: dict, reference: dict) -> dict[str, float]:
+    """Per task, how far ``driver``'s mean score falls short of ``reference``'s on the scenes both
+    were driven on (score per (task, seed), as ``paired`` takes them; typically the champion against
+    the expert), never below 0."""
+    common = sorted(set(driver) & set(reference))
+    return {t: max(0.0, float(np.mean([reference[k] - driver[k] for k in common if k[0] == t])))
             for t in sorted({k[0] for k in common})}
 
 

@@ -44,8 +44,8 @@ class SafetyConfig:
 
 
 # tasks whose success is the fingertips' centre (TCP) near the goal: Meta-World's scripted policy
-# brings the hand there, which leaves the TCP 4.5 cm below the goal, inside the 5 cm success radius
-# by 0.5 cm, so a policy imitating it fails when it stops a centimetre short (README, the arm)
+# brings the hand there, which leaves the TCP 4.6 cm from the goal, 0.4 cm inside the 5 cm success
+# radius, so a policy imitating it fails when it stops a centimetre short (README, the arm)
 AIM_TCP = ("reach",)
 
 

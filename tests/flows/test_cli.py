@@ -141,12 +141,12 @@ def test_fleet_scenes_per_driver(tmp_path):
 
     ctx = Context.create(config="default", lake=str(tmp_path / "lake"), landing=str(tmp_path / "landing"),
                          world="metaworld-mt10")
-    expert, champion = fleet_scenes(ctx, 0), fleet_scenes(ctx, 1, champion=True)
+    expert, champion = fleet_scenes(ctx, 0), fleet_scenes(ctx, 1, champion=1)
     assert (len(expert), len(champion)) == (300, 60)
     assert {t for _, t in champion} == set(ctx.world.spec.task_names)  # round-robin over the ten tasks
     assert not {s for s, _ in expert} & {s for s, _ in champion} and len({s for s, _ in expert}) == 300
     car = Context.create(config="default", lake=str(tmp_path / "lake"), landing=str(tmp_path / "landing"))
-    assert len(fleet_scenes(car, 1, champion=True)) == car.config.fleet.episodes  # 0: same as the expert's
+    assert len(fleet_scenes(car, 1, champion=1)) == car.config.fleet.episodes  # 0: same as the expert's
 
 
 def test_up_says_why_the_cluster_did_not_start(tmp_path, monkeypatch, capsys):

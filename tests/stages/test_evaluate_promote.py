@@ -62,13 +62,12 @@ def test_paired_keys_may_be_task_seed_scenes():
 
 
 def test_task_gaps_are_the_shortfall_to_the_reference_on_common_scenes():
-    expert = [{"task": t, "seed": s, "score": 1.0} for t in ("push", "reach", "door") for s in (1, 2)]
-    champion = [{"task": "push", "seed": 1, "score": 0.0}, {"task": "push", "seed": 2, "score": 1.0},
-                {"task": "reach", "seed": 1, "score": 1.0}, {"task": "reach", "seed": 2, "score": 1.0},
-                {"task": "peg", "seed": 1, "score": 0.0}]  # no expert row for peg: not compared
+    expert = {(t, s): 1.0 for t in ("push", "reach", "door") for s in (1, 2)}
+    champion = {("push", 1): 0.0, ("push", 2): 1.0, ("reach", 1): 1.0, ("reach", 2): 1.0,
+                ("peg", 1): 0.0}  # no expert score for peg: not compared
     gaps = task_gaps(champion, expert)
     assert gaps == {"push": 0.5, "reach": 0.0}
-    assert task_gaps(expert, champion)["push"] == 0.0 and task_gaps(champion, []) == {}  # never below 0
+    assert task_gaps(expert, champion)["push"] == 0.0 and task_gaps(champion, {}) == {}  # never below 0
 
 
 def test_focus_tasks_follows_the_gaps_and_keeps_a_floor():
