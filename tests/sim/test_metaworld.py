@@ -152,6 +152,15 @@ def test_reach_expert_brings_the_fingertips_to_the_goal(world, make):
     assert env.success() and tcp_to_goal < 0.01 and 0.04 < hand_to_goal < 0.05
 
 
+def test_peg_expert_carries_a_lifted_peg_to_the_hole(world, make):
+    """Meta-World's scripted peg policy put a peg hanging 2.5 cm under the hand back on the table
+    (scene 1001, to-go 0.31 m at the end); the expert carries a lifted peg on into the hole."""
+    out = run(world, make(1001, "peg-insert-side"), world.expert())
+    assert out["solved"] and out["takeovers"] == 0
+    lifted = out["states"][:, 9] > 0.06
+    assert lifted.any() and lifted[np.argmax(lifted):].all()  # once off the table, never put back
+
+
 def test_noisy_expert_is_deterministic_given_the_seed(world, make):
     env = make(1001, "reach")  # a re-reset env replays its scene
     runs = [run(world, env, world.expert(noisy=True, seed=3), max_steps=40) for _ in range(2)]
