@@ -315,11 +315,14 @@ def _conditioned(train: dict) -> str:
 
 
 def _event_share(train: dict) -> str:
-    """How often training drew windows in oversampled event clips, against their share of windows."""
-    m = train["metrics"]
-    if "train_event_share" not in m:
-        return ""
-    return f", event clips {m['train_event_share']:.0%} of draws ({m['train_event_share_natural']:.0%} of windows)"
+    """How often training drew windows in oversampled event clips, against their share of windows,
+    and (with ``train.focus``) from the tasks where the champion fell short."""
+    m, out = train["metrics"], ""
+    if "train_event_share" in m:
+        out += f", event clips {m['train_event_share']:.0%} of draws ({m['train_event_share_natural']:.0%} of windows)"
+    if "train_focus_share" in m:
+        out += f", tasks short of the expert {m['train_focus_share']:.0%} of draws"
+    return out
 
 
 def _render_clips(curate: dict) -> list[str]:

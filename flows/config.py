@@ -30,7 +30,9 @@ class FleetConfig:
     champion_episodes: int = 0  # episodes of the turns the champion drives (over HTTP); 0 = episodes
     seed_base: int = 100_000  # fleet seeds are seed_base + 1000 * turn + i; never the eval seeds
     focus: float = 0.0  # share of the champion's episodes sent to the tasks where it falls short of the
-    #                     expert on the held-out scenes, in proportion to the gap (the rest go round-robin)
+    #                     expert on the held-out scenes, in proportion to the gap (the rest by task_weights)
+    task_weights: dict[str, float] = field(default_factory=dict)  # task -> relative share of the episodes
+    #                     (a task not named weighs 1; {}: round-robin over the world's tasks)
     parallelism: int = 2
 
 
@@ -93,6 +95,8 @@ class TrainConfig:
     synthetic_fraction: float = 0.1  # share of each policy batch drawn from synthetic frames
     oversample_events: bool = True  # policy windows drawn by clip weight (stages.sampler.window_weights)
     duplicate_weight: float = 0.0  # weight of windows only near-duplicate clips cover
+    focus: float = 0.0  # share of the policy's training windows drawn from the tasks where the champion
+    #                     falls short of the expert on the held-out scenes, in proportion to the gap
     warm_start: bool = True  # start from the registry's latest version when there is one
     # batches a background thread makes ahead of each step (0: none). On a GPU the step no longer
     # waits on data; on 2 CPU cores the thread competes with the step (arm policy 226 s against 216 s)

@@ -14,32 +14,30 @@ from collections import Counter
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.promote import scores
+from flows.promote import champion_gaps
 from flows.runtime import POLICY, Context, ensure_ray
 from sim import worlds
 from stages import adapters, storage
-from stages.evaluate import focus_tasks, task_gaps
+from stages.evaluate import focus_tasks
 
 
 def fleet_scenes(ctx: Context, turn: int, *, champion: int | None = None) -> list[tuple[int, str]]:
     """(seed, task) of each episode of the turn; the seeds never meet the held-out ones. ``champion``:
     the version of the policy that drives (None: the expert); `fleet.focus` of its episodes follow
-    its per-task gaps to the expert."""
+    its per-task gaps to the expert, the rest `fleet.task_weights`."""
     f = ctx.config.fleet
     seeds = [f.seed_base + 1000 * turn + i
              for i in range((champion is not None and f.champion_episodes) or f.episodes)]
     if set(seeds) & set(ctx.config.eval_seeds):
         raise ValueError("fleet seeds overlap the held-out evaluation seeds; change fleet.seed_base")
+    tasks = ctx.world.spec.task_names
+    if unknown := sorted(set(f.task_weights) - set(tasks)):
+        raise ValueError(f"fleet.task_weights names tasks {unknown} that world {ctx.world_name!r} does not have; "
+                         f"its tasks: {list(tasks)}")
     gaps = champion_gaps(ctx, champion) if champion is not None and f.focus else {}
-    if gaps:
-        return list(zip(seeds, focus_tasks(ctx.world.spec.task_names, len(seeds), gaps=gaps, focus=f.focus)))
+    if gaps or f.task_weights:
+        return list(zip(seeds, focus_tasks(tasks, len(seeds), gaps=gaps, focus=f.focus, weights=f.task_weights)))
     return list(zip(seeds, ctx.world.scene_tasks(len(seeds))))
-
-
-def champion_gaps(ctx: Context, version: int) -> dict[str, float]:
-    """Per task, how far the champion fell short of the expert on this run's held-out scenes (from
-    the evaluations table; empty when either was not evaluated on them)."""
-    return task_gaps(scores(ctx, POLICY, str(version)), scores(ctx, "expert", "privileged"))
 
 
 def driver_spec(ctx: Context, endpoint: str | None) -> dict:

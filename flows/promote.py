@@ -23,6 +23,7 @@ from flows.evaluate import eval_id, scenes
 from flows.runtime import POLICY, Context, ensure_ray
 from sim import worlds
 from stages import images
+from stages.evaluate import task_gaps
 from stages.promote import gate
 from stages.registry import AliasEvent, ModelVersion
 from stages.schemas import of_world, vectors
@@ -52,6 +53,12 @@ def evaluation_rows(ctx: Context, name: str, version: str) -> list[dict]:
 def scores(ctx: Context, name: str, version: str) -> dict[tuple[str, int], float]:
     """Score per held-out (task, seed) scene of a model version, from the evaluations table."""
     return {(r["task"], r["seed"]): r["score"] for r in evaluation_rows(ctx, name, version)}
+
+
+def champion_gaps(ctx: Context, version: int) -> dict[str, float]:
+    """Per task, how far the champion fell short of the expert on this run's held-out scenes (from
+    the evaluations table; empty when either was not evaluated on them)."""
+    return task_gaps(scores(ctx, POLICY, str(version)), scores(ctx, "expert", "privileged"))
 
 
 def decide(ctx: Context, candidate: ModelVersion, reference: ModelVersion | tuple[str, str]) -> dict:

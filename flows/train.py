@@ -14,6 +14,7 @@ import os
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from flows.promote import champion_gaps
 from flows.runtime import DYNAMICS, MODELS, POLICY, WORLD_MODEL, Context, ensure_ray
 from sim import worlds
 from stages.registry import git_commit
@@ -76,6 +77,16 @@ def synthetic_verdict(ctx: Context) -> dict:
     return {"use": False, "reason": f"left out: the latest ablation shows no lift, {shown}", "ablation": last}
 
 
+def training_gaps(ctx: Context) -> dict[str, float]:
+    """The champion's shortfall to the expert per task, keyed by the task's text as the frames hold
+    it (what ``train.focus`` spends the policy's steps on); empty without a champion or evaluations."""
+    champion = ctx.registry.get(POLICY, alias="champion")
+    if champion is None or ctx.config.train.focus <= 0:
+        return {}
+    spec = ctx.config.spec
+    return {spec.instruction(task): gap for task, gap in champion_gaps(ctx, champion.version).items()}
+
+
 @task(name="ray-train", cache_policy=NO_CACHE)
 def run_training(ctx: Context, kind: str, turn: int, init_dir: str | None, run_name: str | None = None,
                  condition_dir: str | None = None) -> dict:
@@ -93,7 +104,8 @@ def run_training(ctx: Context, kind: str, turn: int, init_dir: str | None, run_n
         clips_uri=ctx.lake.table_uri("clips") if weighted else None, duplicate_weight=t.duplicate_weight,
         world=spec.name, prefetch=t.prefetch, checkpoint_every=t.checkpoint_every,
         data_version=json.dumps({n: ctx.lake.version(n) for n in ("frames", "clips") if ctx.lake.exists(n)}),
-        condition_dir=condition_dir, precision=t.precision)
+        condition_dir=condition_dir, precision=t.precision,
+        task_gaps=training_gaps(ctx) if kind == POLICY else None, focus=t.focus if kind == POLICY else 0.0)
 
 
 def conditioning(ctx: Context, kind: str):

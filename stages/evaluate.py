@@ -71,25 +71,33 @@ def task_gaps(driver: dict, reference: dict) -> dict[str, float]:
             for t in sorted({k[0] for k in common})}
 
 
-def focus_tasks(tasks: Sequence[str], n: int, *, gaps: dict[str, float], focus: float) -> list[str]:
-    """The task of each of ``n`` episodes: a share ``1 - focus`` spread evenly over ``tasks``, the
-    share ``focus`` in proportion to each task's ``gaps`` (largest remainders), as a fleet data
-    engine sends its cars where the model fails. With no gap anywhere, all of them evenly. The
-    order interleaves the tasks (stride scheduling), so any prefix of the list is spread too."""
+def _apportion(n: int, weight: np.ndarray) -> np.ndarray:
+    """``n`` split in proportion to ``weight`` (largest remainders; ties to the earlier entries)."""
+    share = n * weight / weight.sum()
+    counts = np.floor(share).astype(int)
+    counts[np.argsort(-(share - counts), kind="stable")[: n - counts.sum()]] += 1
+    return counts
+
+
+def focus_tasks(tasks: Sequence[str], n: int, *, gaps: dict[str, float], focus: float,
+                weights: dict[str, float] | None = None) -> list[str]:
+    """The task of each of ``n`` episodes: a share ``1 - focus`` spread over ``tasks`` by their
+    ``weights`` (a task not named weighs 1: evenly when there are none), the share ``focus`` in
+    proportion to each task's ``gaps`` (largest remainders), as a fleet data engine sends its cars
+    where the model fails. With no gap anywhere, all of them by the weights. The order interleaves
+    the tasks (stride scheduling), so any prefix of the list is spread too."""
     if not 0.0 <= focus <= 1.0:
         raise ValueError(f"focus must be in [0, 1], got {focus}")
     gap = np.array([max(0.0, float(gaps.get(t, 0.0))) for t in tasks])
+    weight = np.array([float((weights or {}).get(t, 1.0)) for t in tasks])
+    if (weight < 0).any() or not np.isfinite(weight).all() or (len(tasks) and not weight.sum() > 0):
+        raise ValueError(f"task weights must be finite, >= 0 and not all 0, got {weights}")
     if not len(tasks) or n <= 0:
         return []
     focused = int(round(focus * n)) if gap.sum() > 0 else 0
-    even = n - focused
-    counts = np.full(len(tasks), even // len(tasks))
-    counts[: even % len(tasks)] += 1
+    counts = _apportion(n - focused, weight)
     if focused:
-        share = focused * gap / gap.sum()
-        extra = np.floor(share).astype(int)
-        extra[np.argsort(-(share - extra), kind="stable")[: focused - extra.sum()]] += 1
-        counts += extra
+        counts += _apportion(focused, gap)
     order, emitted = [], np.zeros(len(tasks))
     for _ in range(n):
         i = int(np.argmin(np.where(counts > emitted, (emitted + 0.5) / np.maximum(counts, 1), np.inf)))

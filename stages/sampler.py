@@ -18,7 +18,7 @@ import pyarrow as pa
 from stages import images, storage
 from stages.schemas import vectors
 
-_LIGHT = ["episode_id", "step", "origin"]
+_LIGHT = ["episode_id", "step", "origin", "task"]
 _CLIP_COLUMNS = ["episode_id", "start_step", "end_step", "weight", "duplicate_of"]
 
 
@@ -50,6 +50,28 @@ def window_weights(episode: np.ndarray, step: np.ndarray, clips: pa.Table, *,
         a, b = lo + np.searchsorted(step[lo:hi], [start, end])
         weight[a:b] = np.fmax(weight[a:b], v)
     return np.where(np.isnan(weight), 1.0, weight)
+
+
+def focus_weights(tasks: np.ndarray, weights: np.ndarray, *, gaps: dict[str, float], focus: float) -> np.ndarray:
+    """``weights`` (float64[N], one per window) rescaled so that a share ``1 - focus`` of the draws
+    falls on each task as before and the share ``focus`` on the tasks with a gap, in proportion to
+    it (``gaps``: task text -> how far the champion falls short; tasks absent or at 0 get no extra
+    share), as a fleet data engine spends its training steps where the model fails. Within a task
+    windows keep their relative weights. Unchanged when no task of ``tasks`` has a gap."""
+    if not 0.0 <= focus <= 1.0:
+        raise ValueError(f"focus must be in [0, 1], got {focus}")
+    total = weights.sum()
+    names = np.unique(tasks)
+    gap = np.array([max(0.0, float(gaps.get(t, 0.0))) for t in names])
+    if focus == 0.0 or not total > 0 or not gap.sum() > 0:
+        return weights
+    out = weights.astype(np.float64, copy=True)
+    for name, g in zip(names, gap):
+        mine = tasks == name
+        natural = weights[mine].sum() / total
+        if natural > 0:
+            out[mine] *= ((1.0 - focus) * natural + focus * g / gap.sum()) / natural
+    return out
 
 
 class _Pool:
@@ -123,7 +145,9 @@ class HistorySampler:
     With ``clips_uri`` (the lake's clips table) windows are drawn by ``window_weights``, with
     replacement; ``event_share`` is then the expected share of draws (from all windows) whose
     last step lies in an oversampled clip (weight > 1), ``event_share_natural`` their share of
-    windows.
+    windows. With ``task_gaps`` and ``focus`` > 0 the weights are then rescaled by task
+    (``focus_weights``; the frames' ``task`` text), drawn with replacement, and ``focus_share`` is the
+    expected share of draws from the tasks with a gap.
 
     With ``sequence`` only whole windows are kept (no repeated first frame) and batches carry
     every slot's reward and signals (``reward_BK``, ``signals_BK`` lists of names), ``done_BK`` (the slot is its episode's last row) and the row
@@ -134,7 +158,8 @@ class HistorySampler:
     def __init__(self, frames_uri: str, *, history: int, storage_options: dict[str, str] | None = None,
                  filter: str | None = None, rank: int = 0, world_size: int = 1, seed: int = 0,
                  require_next: bool = False, clips_uri: str | None = None,
-                 duplicate_weight: float = 0.0, image_size: int | None = None, sequence: bool = False) -> None:
+                 duplicate_weight: float = 0.0, image_size: int | None = None, sequence: bool = False,
+                 task_gaps: dict[str, float] | None = None, focus: float = 0.0) -> None:
         if history < 1:
             raise ValueError(f"history must be >= 1, got {history}")
         if not 0 <= rank < world_size:
@@ -145,12 +170,13 @@ class HistorySampler:
             if clips_uri else None
         self.require_next, self.sequence = require_next, sequence
         self.image_size = image_size
-        positions, episode, step, origin = self._light_index(filter)
+        positions, episode, step, origin, task = self._light_index(filter)
         where = f"{frames_uri} (filter {filter!r}, history {history}, require_next {require_next})"
         if len(step) == 0:
             raise ValueError(f"no windows: no rows in {where}")
         order = np.lexsort((step, episode))
-        positions, episode, step, origin = positions[order], episode[order], step[order], origin[order]
+        positions, episode, step, origin, task = (positions[order], episode[order], step[order], origin[order],
+                                                  task[order])
         slots, valid = history_slots(episode, step, history)
         rows = np.arange(len(step))
         self.skipped_windows = int((~valid).sum())
@@ -169,17 +195,21 @@ class HistorySampler:
         last = (nxt == rows) | (episode[nxt] != episode)
         self._last = last[slots[ids]]  # [W, K]: the slot is its episode's last row
         synthetic = origin[ids] == "synthetic"
-        weights, self.event_share, self.event_share_natural = None, None, None
+        weights, self.event_share, self.event_share_natural, self.focus_share = None, None, None, None
         if clips is not None:
             weights = window_weights(episode, step, clips, duplicate_weight=duplicate_weight)[ids]
+            self.event_share_natural = float((weights > 1).mean())
+            self.event_share = float(weights[weights > 1].sum() / weights.sum())
+        if focus > 0 and task_gaps:
+            weights = focus_weights(task[ids], np.ones(len(ids)) if weights is None else weights,
+                                    gaps=task_gaps, focus=focus)
+            gapped = np.isin(task[ids], [t for t, g in task_gaps.items() if g > 0])
+            self.focus_share = float(weights[gapped].sum() / weights.sum())
         rng = np.random.default_rng([seed, rank])
         self._key = [seed, rank]
         self._all = _Pool(np.arange(len(ids)), rng, weights)
         self._real = _Pool(np.flatnonzero(~synthetic), rng, None if weights is None else weights[~synthetic])
         self._synthetic = _Pool(np.flatnonzero(synthetic), rng, None if weights is None else weights[synthetic])
-        if weights is not None:
-            self.event_share_natural = float((weights > 1).mean())
-            self.event_share = float(weights[weights > 1].sum() / weights.sum())
         self.n_synthetic, self.n_real = int(synthetic.sum()), int((~synthetic).sum())
         by_offset = np.argsort(positions)
         self._offsets, self._offset_keys = positions[by_offset], (episode[by_offset], step[by_offset])
@@ -197,7 +227,8 @@ class HistorySampler:
                                              sorter=sorter)]
         return (offsets.astype(np.int64), np.asarray(table.column("episode_id").to_pylist(), object),
                 table.column("step").to_numpy().astype(np.int64),
-                np.asarray(table.column("origin").to_pylist(), object))
+                np.asarray(table.column("origin").to_pylist(), object),
+                np.asarray(table.column("task").to_pylist(), object))
 
     def __len__(self) -> int:
         return len(self._rows)

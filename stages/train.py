@@ -213,7 +213,8 @@ def train_loop(cfg: dict[str, Any]) -> None:
         cfg["frames_uri"], history=cfg["window"], storage_options=cfg["storage_options"],
         filter=_where(cfg, "train", cfg["filter"]), rank=rank, world_size=world,
         seed=cfg["seed"], require_next=cfg["require_next"], clips_uri=cfg["clips_uri"],
-        duplicate_weight=cfg["duplicate_weight"], image_size=hp["image_size"], sequence=cfg["sequence"])
+        duplicate_weight=cfg["duplicate_weight"], image_size=hp["image_size"], sequence=cfg["sequence"],
+        task_gaps=cfg["task_gaps"], focus=cfg["focus"])
     opt = torch.optim.AdamW(wrapped.parameters(), lr=hp["lr"], weight_decay=hp.get("weight_decay", 0.0))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp["lr"], total_steps=steps, pct_start=0.1)
     if state is not None:
@@ -268,6 +269,8 @@ def train_loop(cfg: dict[str, Any]) -> None:
                 metrics["resumed_from"] = first
             if sampler.event_share is not None:
                 metrics.update(event_share=sampler.event_share, event_share_natural=sampler.event_share_natural)
+            if sampler.focus_share is not None:
+                metrics["focus_share"] = sampler.focus_share
             running = []
             if not last:
                 _report(metrics, rank, functools.partial(save, done=step + 1) if keep else None)
@@ -306,7 +309,7 @@ def train_model(kind: str, *, frames_uri: str, model_config, storage_path: str, 
                 clips_uri: str | None = None, duplicate_weight: float = 0.0,
                 state_index: list[int] | None = None, world: str = "", prefetch: int = 0,
                 checkpoint_every: int = 0, data_version: str = "", condition_dir: str | None = None,
-                precision: str = "fp32") -> dict:
+                precision: str = "fp32", task_gaps: dict[str, float] | None = None, focus: float = 0.0) -> dict:
     """Train `kind` on the frames table with a TorchTrainer; returns metrics and the checkpoint dir.
 
     With ``clips_uri`` training windows are drawn by the clips' weights (event clips oversampled,
@@ -315,6 +318,8 @@ def train_model(kind: str, *, frames_uri: str, model_config, storage_path: str, 
     (the world's ``policy_state``). ``world``: only rows of that world (a lake's frames table also
     holds the foreign logs curated into it); frames are resized to the model's ``image_size``.
     ``prefetch``: batches a background thread makes ahead of the step that will use them.
+    ``task_gaps`` (task text -> the champion's shortfall) and ``focus``: that share of the training
+    windows is drawn from the tasks with a gap, in proportion to it (``stages.sampler.focus_weights``).
     ``precision``: "fp32", or "bf16" (the forward and loss under bfloat16 autocast; the weights, the
     gradients and the optimizer stay fp32, so checkpoints are the same either way).
 
@@ -357,6 +362,7 @@ def train_model(kind: str, *, frames_uri: str, model_config, storage_path: str, 
         "world": world, "prefetch": int(prefetch), "checkpoint_every": int(checkpoint_every),
         "data_version": data_version, "window": window,
         "condition_dir": condition_dir if config.get("condition_dim") else None, "precision": precision,
+        "task_gaps": dict(task_gaps or {}) if focus > 0 else {}, "focus": float(focus),
     }
     digest = hashlib.sha256(json.dumps(loop_config, sort_keys=True, default=str).encode()).hexdigest()[:12]
     progress = _Steps.remote()  # not part of the digest: a resumed run is the same run

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import psutil
 import pytest
@@ -118,7 +119,7 @@ def test_models_take_the_worlds_shapes():
     assert arm.policy.state_dim == 7 and {"drawer", "window", "door"} <= set(arm.policy.task_vocab)
     assert arm.world_model.action_dim == 4 and arm.world_model.task_vocab == arm.policy.task_vocab
     demo = resolve("default", world="metaworld-mt10")  # the world's own preset overrides
-    assert (demo.fleet.episodes, demo.fleet.champion_episodes, len(demo.eval_seeds)) == (300, 60, 10)
+    assert (demo.fleet.episodes, demo.fleet.champion_episodes, len(demo.eval_seeds)) == (390, 60, 10)
     assert (demo.curate.min_length, demo.policy.shift, arm.policy.shift) == (20, 4, 4)
     assert demo.policy.aux_input and demo.policy.aux_dim == 4 and not arm.policy.aux_input  # obj x, y, z, to goal
     assert resolve("gpu", world="metaworld-mt10").curate.min_length == 20  # "all" applies to every preset
@@ -142,9 +143,15 @@ def test_fleet_scenes_per_driver(tmp_path):
     ctx = Context.create(config="default", lake=str(tmp_path / "lake"), landing=str(tmp_path / "landing"),
                          world="metaworld-mt10")
     expert, champion = fleet_scenes(ctx, 0), fleet_scenes(ctx, 1, champion=1)
-    assert (len(expert), len(champion)) == (300, 60)
-    assert {t for _, t in champion} == set(ctx.world.spec.task_names)  # round-robin over the ten tasks
-    assert not {s for s, _ in expert} & {s for s, _ in champion} and len({s for s, _ in expert}) == 300
+    assert (len(expert), len(champion)) == (390, 60)
+    weights = ctx.config.fleet.task_weights  # the arm's preset: the grasp tasks twice as often
+    assert Counter(t for _, t in expert) == {t: 30 * weights.get(t, 1) for t in ctx.world.spec.task_names}
+    assert {t for _, t in champion} == set(ctx.world.spec.task_names) and expert[:10] != expert[10:20]  # interleaved
+    assert not {s for s, _ in expert} & {s for s, _ in champion} and len({s for s, _ in expert}) == 390
+    typo = Context.create(config="default", lake=str(tmp_path / "lake"), landing=str(tmp_path / "landing"),
+                          world="metaworld-mt10", overrides=["fleet.task_weights.pick_place=2"])
+    with pytest.raises(ValueError, match=r"task_weights names tasks \['pick_place'\].*pick-place"):
+        fleet_scenes(typo, 0)
     car = Context.create(config="default", lake=str(tmp_path / "lake"), landing=str(tmp_path / "landing"))
     assert len(fleet_scenes(car, 1, champion=1)) == car.config.fleet.episodes  # 0: same as the expert's
 

@@ -197,8 +197,11 @@ def test_served_champion_answers_a_real_frame(turn):
 def test_the_served_champion_drives_the_next_fleet_toward_its_gaps(turns, tmp_path):
     """Turn 1's fleet: the champion drives over HTTP with the expert as safety driver, and with
     `fleet.focus` 1 every episode goes to a task where it fell short of the expert on the held-out
-    scenes (round-robin when it fell short nowhere)."""
-    from flows.fleet import champion_gaps, fleet_flow
+    scenes (round-robin when it fell short nowhere). `train.focus` reads the same gaps, keyed by the
+    task text the frames hold."""
+    from flows.fleet import fleet_flow
+    from flows.promote import champion_gaps
+    from flows.train import training_gaps
 
     turn = turns["metaworld-mt10"]
     promote = turn["stages"]["promote"]
@@ -216,6 +219,10 @@ def test_the_served_champion_drives_the_next_fleet_toward_its_gaps(turns, tmp_pa
     assert set(out["tasks"]) <= (short or set(tasks)) and sum(out["tasks"].values()) == 3
     logs = sorted(os.listdir(tmp_path / "landing" / "metaworld-mt10" / "turn-0001"))
     assert len(logs) == 3 and all(name.startswith("champion-") and name.endswith(".mcap") for name in logs)
+    spec = turn["ctx"].config.spec
+    focused = Context.create(**common, overrides=[*overrides, "train.focus=0.5"])
+    assert training_gaps(focused) == {spec.instruction(t): g for t, g in gaps.items()}
+    assert training_gaps(Context.create(**common, overrides=overrides)) == {}  # train.focus 0: none
 
 
 def test_status_reports_tables_models_and_turn_tags(turn):

@@ -83,3 +83,15 @@ def test_focus_tasks_follows_the_gaps_and_keeps_a_floor():
     assert focus_tasks(tasks, 0, gaps={"t5": 0.1}, focus=1.0) == []
     with pytest.raises(ValueError, match="focus"):
         focus_tasks(tasks, 5, gaps={}, focus=1.5)
+
+
+def test_focus_tasks_spreads_the_rest_by_the_task_weights():
+    tasks = ["reach", "push", "door", "peg"]
+    counts = Counter(focus_tasks(tasks, 50, gaps={}, focus=0.5, weights={"push": 2, "peg": 2}))
+    assert [counts[t] for t in tasks] == [8, 17, 8, 17]  # 50 by 1:2:1:2, largest remainders
+    counts = Counter(focus_tasks(tasks, 40, gaps={"door": 1.0}, focus=0.5, weights={"push": 3, "peg": 0}))
+    assert [counts[t] for t in tasks] == [4, 12, 4 + 20, 0]
+    assert focus_tasks(tasks, 8, gaps={}, focus=0.0, weights={}) == tasks * 2
+    for bad in ({"push": -1}, dict.fromkeys(tasks, 0), {"push": float("nan")}):
+        with pytest.raises(ValueError, match="weights"):
+            focus_tasks(tasks, 5, gaps={}, focus=0.0, weights=bad)

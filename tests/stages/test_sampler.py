@@ -8,7 +8,7 @@ import pytest
 
 from stages.curate import episode_to_tables
 from stages.lake import Lake
-from stages.sampler import HistorySampler, window_weights
+from stages.sampler import HistorySampler, focus_weights, window_weights
 from stages.schemas import clips_schema
 
 SIZE = 8
@@ -208,3 +208,30 @@ def test_event_clips_are_oversampled_and_duplicates_dropped(frames_uri, tmp_path
     assert (episode == 4).sum() == 250 and not (episode == 3).any()
     with pytest.raises(ValueError, match="weigh 0"):
         HistorySampler(frames_uri, history=2, filter="split = 'val'", clips_uri=lake.table_uri("clips"))
+
+
+def test_focus_weights_spend_the_focus_share_on_the_tasks_with_a_gap():
+    tasks = np.array(["a"] * 6 + ["b"] * 3 + ["c"] * 1, object)
+    weights = np.r_[np.ones(5), 3.0, np.ones(3), 2.0]  # natural shares: a 8/13, b 3/13, c 2/13
+    out = focus_weights(tasks, weights, gaps={"b": 0.3, "c": 0.1, "zz": 0.9}, focus=0.5)
+    share = {t: out[tasks == t].sum() / out.sum() for t in "abc"}
+    assert share["a"] == pytest.approx(0.5 * 8 / 13)
+    assert share["b"] == pytest.approx(0.5 * 3 / 13 + 0.5 * 0.75)
+    assert share["c"] == pytest.approx(0.5 * 2 / 13 + 0.5 * 0.25)
+    assert out[5] == pytest.approx(3 * out[0])  # within a task the windows keep their weights
+    np.testing.assert_array_equal(focus_weights(tasks, weights, gaps={"a": 0.0}, focus=0.5), weights)
+    np.testing.assert_array_equal(focus_weights(tasks, weights, gaps={"b": 1.0}, focus=0.0), weights)
+    with pytest.raises(ValueError, match="focus"):
+        focus_weights(tasks, weights, gaps={"b": 1.0}, focus=1.5)
+
+
+def test_focus_draws_the_gapped_tasks_more_often(frames_uri):
+    # frames' task text is "task {episode index}"; training rows: ep-1 7, ep-2 3, ep-4 10, ep-5 1
+    plain = HistorySampler(frames_uri, history=2, seed=5, filter="split = 'train'")
+    assert plain.focus_share is None
+    sampler = HistorySampler(frames_uri, history=2, seed=5, filter="split = 'train'",
+                             task_gaps={"task 2": 0.4, "task 9": 1.0}, focus=0.6)
+    assert sampler.focus_share == pytest.approx(0.4 * 3 / 21 + 0.6)
+    episode, _ = decode(sampler.batch(20_000)["frames_BKHWC"][:, -1])
+    assert (episode == 2).mean() == pytest.approx(0.4 * 3 / 21 + 0.6, abs=0.02)
+    assert (episode == 1).mean() == pytest.approx(0.4 * 7 / 21, abs=0.02)
