@@ -121,8 +121,8 @@ def _to_torch(batch: dict, device: torch.device) -> dict:
 
 def _build(kind: str, config: dict, init_dir: str | None) -> nn.Module:
     module = _model_module(kind)
-    if init_dir:
-        return module.load(init_dir)
+    if init_dir:  # `load` gives eval mode: without train() a warm start fit with no dropout or augmentation
+        return module.load(init_dir).train()
     return getattr(module, MODEL_KINDS[kind][1])(module.config_from_dict(config))
 
 

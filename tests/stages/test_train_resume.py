@@ -111,3 +111,15 @@ def test_bf16_mixed_precision_trains_fp32_weights(frames_uri, whole, tmp_path, c
     assert all(w.dtype == np.float32 and np.isfinite(w).all() for w in b.values())
     gaps = [np.abs(a[k] - b[k]).max() for k in a]
     assert 0 < max(gaps) < 0.05
+
+
+def test_a_warm_start_trains_in_train_mode(tmp_path):
+    """`load` gives a model in eval mode; a fit warm-started from it must run with its dropout and
+    augmentation on (they were off for every warm-started turn before this was caught)."""
+    from models import policy
+    from stages.train import _build
+
+    config = dataclasses.replace(policy.preset("tiny"), dropout=0.5, shift=2)
+    policy.save(policy.Policy(config), tmp_path)
+    model = _build("policy", dataclasses.asdict(config), str(tmp_path))
+    assert model.training and all(m.training for m in model.modules())
