@@ -197,7 +197,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
     state = None
     if resumed is not None:
         with resumed.as_directory() as directory:
-            model = module.load(directory).train()
+            model = _build(cfg["kind"], hp, directory)
             if os.path.exists(os.path.join(directory, TRAINER_STATE)):
                 state = torch.load(os.path.join(directory, TRAINER_STATE), weights_only=True)
         if state is None:  # the run had finished: its final weights are the result

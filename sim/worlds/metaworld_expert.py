@@ -88,7 +88,6 @@ class Expert:
             action = self._policies[env.task].get_action(obs)
         return np.clip(action, -1.0, 1.0).astype(np.float32)
 
-
     @staticmethod
     def _carry_peg(obs: np.ndarray) -> np.ndarray:
         """The carry and insert branches of Meta-World's ``SawyerPegInsertionSideV3Policy``: the hand
