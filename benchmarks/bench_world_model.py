@@ -14,7 +14,7 @@ For each world of ``--worlds`` (carracing, metaworld-mt10), in this one process:
 1. Data. ``--train-episodes`` (8) episodes, and more until they hold ``--train-frames`` (8000) frames
    (the arm's episodes are short: the same frame budget for both worlds), as the turn-0 fleet drives them (``sim.rollout.run_episode``
    with the world's noisy privileged expert, the expert as active safety driver, seeds
-   ``spec.fleet_seed_base + i``, tasks round-robin by ``world.scene_tasks``), and
+   ``spec.fleet_seed_base + i``, tasks round-robin over ``spec.task_names``), and
    ``--eval-episodes`` (10) the same way on the held-out ``spec.eval_seeds`` (seed i with task i
    round-robin: the arm's held-out scenes cover several tasks). Frames at the world's image size.
    With ``--play-frames N`` (default 0), also N frames of play data on the scenes after the
@@ -254,8 +254,9 @@ def drive_until(world, first_seed: int, episodes: int, frames: int, *, play: boo
     """Episodes on seeds ``first_seed``, ``first_seed + 1``, ... (tasks round-robin) until there are at
     least ``episodes`` of them holding at least ``frames`` frames (``benchmarks.windows.drive``)."""
     out: list[dict] = []
+    tasks = world.spec.task_names
     while len(out) < episodes or sum(len(e["frames"]) for e in out) < frames:
-        out += drive(world, [(first_seed + len(out), world.scene_tasks(len(out) + 1)[-1])], play=play)
+        out += drive(world, [(first_seed + len(out), tasks[len(out) % len(tasks)])], play=play)
     return out
 
 

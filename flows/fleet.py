@@ -35,9 +35,7 @@ def fleet_scenes(ctx: Context, turn: int, *, champion: int | None = None) -> lis
         raise ValueError(f"fleet.task_weights names tasks {unknown} that world {ctx.world_name!r} does not have; "
                          f"its tasks: {list(tasks)}")
     gaps = champion_gaps(ctx, champion) if champion is not None and f.focus else {}
-    if gaps or f.task_weights:
-        return list(zip(seeds, focus_tasks(tasks, len(seeds), gaps=gaps, focus=f.focus, weights=f.task_weights)))
-    return list(zip(seeds, ctx.world.scene_tasks(len(seeds))))
+    return list(zip(seeds, focus_tasks(tasks, len(seeds), gaps=gaps, focus=f.focus, weights=f.task_weights)))
 
 
 def driver_spec(ctx: Context, endpoint: str | None) -> dict:

@@ -288,11 +288,6 @@ class World(ABC):
         """Synthesis: (actions to drive the world model with, labels, label source) for a perturbation
         of size ``offset`` during the first ``drift_steps`` followed by a recovery."""
 
-    def scene_tasks(self, n: int) -> list[str]:
-        """The task of each of ``n`` fleet episodes: round-robin over the spec's tasks."""
-        names = self.spec.task_names
-        return [names[i % len(names)] for i in range(n)]
-
 
 def _build_options(cls: type, values: dict) -> Any:
     if cls is dict:
